@@ -1,0 +1,74 @@
+"""evefx: a declarative graph compiler for PyTorch models.
+
+``evefx.transform(model, spec)`` traces a plain ``nn.Module`` with torch.fx and lets the spec's
+passes insert spiking neurons, quantizers or pruners. Importing ``evefx`` is light: torch is
+imported only when a name that needs it is first used (so ``evefx validate`` stays instant).
+
+Example:
+    >>> import evefx
+    >>> gm = evefx.transform(model, "examples/specs/demo.yaml", torch.zeros(1, 1, 28, 28))
+    >>> evefx.set_mode(gm, quantized=False)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from evefx.errors import (
+    EvefxError,
+    ExportError,
+    PassError,
+    PlanError,
+    PruneError,
+    QuantizationError,
+    SearchError,
+    ShapeError,
+    SpecError,
+    TraceError,
+)
+from evefx.spec import Spec, dump_spec, load_spec
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first access (PEP 562)
+_LAZY = {
+    "transform": "evefx.pipeline",
+    "EveModule": "evefx.pipeline",
+    "TransformReport": "evefx.report",
+    "eve_parameters": "evefx.api",
+    "set_eve_parameter": "evefx.api",
+    "observe": "evefx.api",
+    "reset": "evefx.api",
+    "set_mode": "evefx.api",
+    "EveParameter": "evefx.api",
+    "Observations": "evefx.api",
+    "prune_step": "evefx.prune_ops",
+    "compact": "evefx.prune_ops",
+    "export_onnx": "evefx.export",
+}
+
+__all__ = [
+    "__version__",
+    "Spec",
+    "load_spec",
+    "dump_spec",
+    "EvefxError",
+    "SpecError",
+    "TraceError",
+    "ShapeError",
+    "PlanError",
+    "PassError",
+    "QuantizationError",
+    "PruneError",
+    "ExportError",
+    "SearchError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'evefx' has no attribute {name!r}")

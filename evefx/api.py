@@ -1,0 +1,240 @@
+"""The eve protocol as functions over a transformed model: parameters, observations, state, modes.
+
+Example:
+    >>> for p in evefx.eve_parameters(gm): print(p.name, p.low, p.high, p.value)
+    >>> obs = evefx.observe(gm, torch.rand(8, 1, 28, 28))
+    >>> evefx.set_mode(gm, quantized=False)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import fx, nn
+
+from evefx.graph import layer_nodes, module_of
+from evefx.modules.protocol import EveHooks, EveRange
+
+__all__ = [
+    "EveParameter",
+    "Observations",
+    "STATIC_COLUMNS",
+    "eve_parameters",
+    "set_eve_parameter",
+    "observe",
+    "reset",
+    "set_mode",
+    "eve_modules",
+]
+
+STATIC_COLUMNS = (
+    "is_conv", "is_linear", "is_depthwise", "in_channels", "out_channels", "kernel", "stride",
+    "groups", "params", "macs", "in_size", "weight_l1",
+)
+"""Observation columns every layer has, derived from the traced graph and its weights."""
+
+
+@dataclass
+class EveParameter:
+    """One eve parameter: a per-layer hyper-parameter the upgrader sets (not trained by gradients).
+
+    Example:
+        >>> p = evefx.eve_parameters(gm)[0]; p.set(4); p.value
+        4.0
+    """
+
+    name: str
+    layer: str
+    kind: str
+    role: str
+    spec_path: str
+    low: float
+    high: float
+    integer: bool
+    module: nn.Module = field(repr=False, compare=False)
+
+    @property
+    def range(self) -> EveRange:
+        return EveRange(self.low, self.high, self.integer)
+
+    @property
+    def value(self) -> float:
+        return self.module.get_eve(self.kind)
+
+    def set(self, value: float) -> None:
+        self.module.set_eve(self.kind, value)
+
+
+def eve_modules(gm: fx.GraphModule) -> Iterator[tuple[str, dict[str, str], nn.Module]]:
+    """``(qualified name, provenance, module)`` of every eve-protocol module evefx put in ``gm``."""
+    for node in gm.graph.nodes:
+        prov = node.meta.get("evefx")
+        if prov is None or node.op != "call_module":
+            continue
+        root = module_of(gm, node)
+        for sub_name, sub in root.named_modules():
+            if isinstance(sub, EveHooks):
+                yield ".".join(p for p in (str(node.target), sub_name) if p), prov, sub
+
+
+def eve_parameters(gm: fx.GraphModule) -> list[EveParameter]:
+    """Every eve parameter of ``gm`` in graph order, with its layer, range and current value."""
+    out = []
+    for name, prov, module in eve_modules(gm):
+        for kind, rng in module.eve_ranges().items():
+            out.append(
+                EveParameter(f"{name}.{kind}", prov["layer"], kind, prov["role"], prov["spec_path"],
+                             rng.low, rng.high, rng.integer, module)
+            )
+    return out
+
+
+def set_eve_parameter(gm: fx.GraphModule, name: str, value: float) -> None:
+    """Set eve parameter ``name`` (as listed by :func:`eve_parameters`) to ``value`` (clipped to its range)."""
+    for p in eve_parameters(gm):
+        if p.name == name:
+            p.set(value)
+            return
+    known = ", ".join(p.name for p in eve_parameters(gm)) or "(none: enable upgrade_bits/upgrade_ratio in the spec)"
+    raise KeyError(f"no eve parameter {name!r}; known: {known}")
+
+
+@dataclass(frozen=True)
+class Observations:
+    """One row of float32 features per conv/linear layer, with named columns.
+
+    Example:
+        >>> obs = evefx.observe(gm); obs.row("features.0")["macs"]
+    """
+
+    layers: tuple[str, ...]
+    columns: tuple[str, ...]
+    values: np.ndarray
+
+    def row(self, layer: str) -> dict[str, float]:
+        i = self.layers.index(layer)
+        return dict(zip(self.columns, self.values[i].tolist()))
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {layer: self.row(layer) for layer in self.layers}
+
+    def table(self) -> Table:
+        t = Table(title="evefx observations")
+        t.add_column("layer")
+        for c in self.columns:
+            t.add_column(c, justify="right")
+        for layer, row in zip(self.layers, self.values):
+            t.add_row(layer, *(f"{v:.4g}" for v in row))
+        return t
+
+
+def _static_features(gm: fx.GraphModule, node: fx.Node) -> dict[str, float]:
+    m = module_of(gm, node)
+    weight = getattr(m, "weight", None)
+    params = sum(p.numel() for p in m.parameters(recurse=False))
+    feats = dict.fromkeys(STATIC_COLUMNS, 0.0)
+    feats["params"] = float(params)
+    if isinstance(weight, torch.Tensor):
+        feats["weight_l1"] = float(weight.detach().abs().mean())
+    in_meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+    out_meta = node.meta.get("tensor_meta")
+    out_shape = tuple(out_meta.shape) if out_meta is not None and hasattr(out_meta, "shape") else None
+    in_shape = tuple(in_meta.shape) if in_meta is not None and hasattr(in_meta, "shape") else None
+    if isinstance(m, nn.modules.conv._ConvNd):
+        kernel = int(np.prod(m.kernel_size))
+        feats.update(is_conv=1.0, in_channels=m.in_channels, out_channels=m.out_channels, kernel=kernel,
+                     stride=m.stride[0], groups=m.groups,
+                     is_depthwise=float(m.groups == m.in_channels and m.groups > 1))
+        if out_shape is not None:
+            feats["macs"] = float(np.prod(out_shape[1:]) * (m.in_channels // m.groups) * kernel)
+        if in_shape is not None:
+            feats["in_size"] = float(np.prod(in_shape[2:]))
+    elif isinstance(m, nn.Linear):
+        feats.update(is_linear=1.0, in_channels=m.in_features, out_channels=m.out_features, kernel=1, stride=1, groups=1)
+        rows = float(np.prod(out_shape[1:-1])) if out_shape is not None and len(out_shape) > 2 else 1.0
+        feats["macs"] = rows * m.in_features * m.out_features
+        feats["in_size"] = 1.0
+    return feats
+
+
+@torch.no_grad()
+def _activation_stats(gm: fx.GraphModule, nodes: list[fx.Node], inputs: tuple[Any, ...]) -> dict[str, dict[str, float]]:
+    stats: dict[str, dict[str, float]] = {}
+    hooks = []
+    for node in nodes:
+        def hook(_m, _i, out, key=str(node.target)):
+            out = out.detach().float()
+            stats[key] = {"act_mean": float(out.mean()), "act_var": float(out.var()) if out.numel() > 1 else 0.0,
+                          "act_max": float(out.abs().max())}
+        hooks.append(module_of(gm, node).register_forward_hook(hook))
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        gm(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+        reset(gm)
+    return stats
+
+
+def observe(gm: fx.GraphModule, example_inputs: torch.Tensor | tuple[Any, ...] | None = None) -> Observations:
+    """Per-layer features: static ones from the graph (see ``STATIC_COLUMNS``), the statistics each
+    inserted module gathered (columns ``"{role}.{key}"``), and, when ``example_inputs`` are given,
+    activation mean/var/max of each layer's output from one eval forward (no state kept).
+
+    Example:
+        >>> obs = evefx.observe(gm, torch.rand(16, 1, 28, 28))
+        >>> obs.values.shape  # (layers, columns)
+    """
+    nodes = layer_nodes(gm)
+    rows: dict[str, dict[str, float]] = {str(n.target): _static_features(gm, n) for n in nodes}
+    if example_inputs is not None:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        for layer, s in _activation_stats(gm, nodes, inputs).items():
+            rows[layer].update(s)
+    for _name, prov, module in eve_modules(gm):
+        layer = prov["layer"]
+        if layer in rows:
+            for key, value in module.observations().items():
+                rows[layer][f"{prov['role']}.{key}"] = float(value)
+    columns = list(STATIC_COLUMNS)
+    for r in rows.values():
+        columns += [c for c in r if c not in columns]
+    values = np.array([[r.get(c, 0.0) for c in columns] for r in rows.values()], dtype=np.float32).reshape(len(rows), len(columns))
+    return Observations(tuple(rows), tuple(columns), values)
+
+
+def reset(gm: nn.Module) -> None:
+    """Clear the hidden state of every eve module (membrane potentials and the like)."""
+    for m in gm.modules():
+        if isinstance(m, EveHooks):
+            m.reset_state()
+
+
+def set_mode(
+    gm: nn.Module,
+    *,
+    spiking: bool | None = None,
+    quantized: bool | None = None,
+    pruned: bool | None = None,
+    step: str | None = None,
+) -> None:
+    """Switch behaviours without retracing: ``quantized=False`` makes quantizers the identity,
+    ``spiking=False`` makes neurons ReLU/LeakyReLU, ``pruned=False`` lifts masks,
+    ``step="single"|"multi"`` chooses how neurons take time. ``None`` leaves a flag as it is.
+
+    Example:
+        >>> evefx.set_mode(gm, quantized=False)   # now equals the float model
+    """
+    if step is not None and step not in ("single", "multi"):
+        raise ValueError(f"step must be 'single' or 'multi' (got {step!r})")
+    flags: dict[str, Any] = {k: v for k, v in dict(spiking=spiking, quantized=quantized, pruned=pruned, step=step).items() if v is not None}
+    for m in gm.modules():
+        if isinstance(m, EveHooks):
+            m.set_mode(**flags)

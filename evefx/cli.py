@@ -1,0 +1,179 @@
+"""The ``evefx`` command: a thin face over the library. Nothing imports this module.
+
+Commands that only read specs (``validate``, ``schema``) never import torch.
+
+Example:
+    $ evefx validate examples/specs/*.yaml
+    $ evefx transform --model torchvision:resnet18 --spec examples/specs/w8a8.yaml --input-shape 1,3,224,224
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from evefx.errors import EvefxError
+from evefx.spec import json_schema, load_spec
+
+app = typer.Typer(help="evefx: a declarative graph compiler for PyTorch models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(err: Exception, code: int = 1) -> None:
+    err_console.print(f"error: {err}", style="red", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(specs: list[Path] = typer.Argument(..., help="spec files (YAML or JSON)")) -> None:
+    """Validate spec files; exit 1 with one line per problem if any is invalid. Does not import torch."""
+    bad = 0
+    for path in specs:
+        try:
+            load_spec(path)
+            console.print(f"[green]ok[/] {path}")
+        except EvefxError as e:
+            bad += 1
+            err_console.print(str(e), style="red", highlight=False, markup=False, soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(out: Optional[Path] = typer.Option(None, help="write the schema here instead of stdout")) -> None:
+    """Print (or write) the JSON Schema of evefx spec files."""
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {out}")
+
+
+def load_model(ref: str) -> Any:
+    """``torchvision:resnet18`` (no weights) or ``package.module:attr`` (a class, factory or instance)."""
+    import torch
+
+    if ":" not in ref:
+        raise EvefxError(f"--model must look like 'package.module:attr' or 'torchvision:NAME' (got {ref!r})")
+    mod_name, attr = ref.split(":", 1)
+    if mod_name == "torchvision":
+        import torchvision
+
+        try:
+            return getattr(torchvision.models, attr)(weights=None)
+        except AttributeError:
+            raise EvefxError(f"torchvision has no model {attr!r}; see torchvision.models.list_models()") from None
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # so examples.models works from a checkout
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise EvefxError(f"cannot load model {ref!r}: {e}") from e
+    model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+    if not isinstance(model, torch.nn.Module):
+        raise EvefxError(f"{ref!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise EvefxError(f"--input-shape must be comma-separated integers like 1,3,224,224 (got {text!r})") from None
+    if not shape or min(shape) < 1:
+        raise EvefxError(f"--input-shape sizes must be positive (got {text!r})")
+    return shape
+
+
+def _transform(model: str, spec: Path, input_shape: str | None):
+    import torch
+
+    import evefx
+
+    shape = parse_shape(input_shape)
+    inputs = torch.zeros(shape) if shape else None
+    return evefx.transform(load_model(model), load_spec(spec), inputs)
+
+
+@app.command()
+def transform(
+    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    spec: Path = typer.Option(..., help="spec file"),
+    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+    out: Optional[Path] = typer.Option(None, help="save the transformed module's state_dict here (.pt)"),
+    report: Optional[Path] = typer.Option(None, help="write the change report here (JSON)"),
+) -> None:
+    """Transform a model with a spec and print the change table."""
+    try:
+        gm = _transform(model, spec, input_shape)
+    except EvefxError as e:
+        _fail(e)
+    console.print(gm.report)
+    if out is not None:
+        import torch
+
+        torch.save(gm.state_dict(), out)
+        console.print(f"wrote state_dict to {out}")
+    if report is not None:
+        report.write_text(json.dumps(gm.report.to_dict(), indent=2), encoding="utf-8")
+        console.print(f"wrote report to {report}")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    spec: Path = typer.Option(..., help="spec file"),
+    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+) -> None:
+    """List the layers of the transformed model with what each pass put there."""
+    from evefx.api import eve_modules
+    from evefx.graph import layer_nodes, module_of
+
+    try:
+        gm = _transform(model, spec, input_shape)
+    except EvefxError as e:
+        _fail(e)
+    attached: dict[str, list[str]] = {}
+    for name, prov, module in eve_modules(gm):
+        attached.setdefault(prov["layer"], []).append(f"{prov['spec_path']} {prov['role']}: {type(module).__name__} ({name})")
+    table = Table(title=f"{model} with {spec}")
+    table.add_column("layer")
+    table.add_column("module")
+    table.add_column("evefx modules")
+    for node in layer_nodes(gm):
+        table.add_row(str(node.target), type(module_of(gm, node)).__name__, "\n".join(attached.get(str(node.target), ["-"])))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    epochs: int = typer.Option(3, help="training epochs of each run"),
+    out: Path = typer.Option(Path("out/demo"), help="folder for the demo's files"),
+) -> None:
+    """The main job: transform, train and evaluate the demo network on the embedded MNIST."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        from examples.demo import main
+    except ImportError as e:
+        _fail(EvefxError(f"evefx demo runs from a checkout of evefx (it needs examples/): {e}"))
+    try:
+        main(epochs=epochs, out=out, console=console)
+    except EvefxError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

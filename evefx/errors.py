@@ -1,0 +1,91 @@
+"""The errors a user can cause. Every one is an :class:`EvefxError`.
+
+Messages name the spec path, the layer and what to do; the original exception is
+chained (``raise ... from e``). This module imports no torch.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "EvefxError",
+    "SpecError",
+    "TraceError",
+    "ShapeError",
+    "PlanError",
+    "PassError",
+    "ExportError",
+    "PruneError",
+    "QuantizationError",
+    "SearchError",
+]
+
+
+class EvefxError(Exception):
+    """Base class of every error evefx raises because of its input.
+
+    Example:
+        >>> try:
+        ...     evefx.load_spec("passes: [{kind: nope}]")
+        ... except evefx.EvefxError as err:
+        ...     print(err)
+    """
+
+
+class SpecError(EvefxError, ValueError):
+    """A spec failed validation. ``errors`` holds ``(path, message)`` pairs.
+
+    ``str(err)`` lists one problem a line, as ``passes[1].weight.bits: must be
+    between 1 and 16 (got 0)``, prefixed by the file name when loaded from a file.
+    """
+
+    def __init__(self, errors: list[tuple[tuple[str | int, ...], str]], source: str | None = None):
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(self._render())
+
+    @staticmethod
+    def format_path(path: tuple[str | int, ...]) -> str:
+        out = ""
+        for part in path:
+            if isinstance(part, int):
+                out += f"[{part}]"
+            else:
+                out += f".{part}" if out else str(part)
+        return out or "<spec>"
+
+    def _render(self) -> str:
+        prefix = f"{self.source}: " if self.source else ""
+        lines = [f"{prefix}{self.format_path(p)}: {m}" for p, m in self.errors]
+        head = f"invalid evefx spec ({len(lines)} problem{'s' if len(lines) != 1 else ''})"
+        return "\n".join([head, *lines])
+
+
+class TraceError(EvefxError):
+    """torch.fx could not trace the model. The message names the module and the source line."""
+
+
+class ShapeError(EvefxError):
+    """Example inputs do not fit the model (wrong count or shape)."""
+
+
+class PlanError(EvefxError):
+    """A selector or override matched no layer, or matched a layer it cannot apply to."""
+
+
+class PassError(EvefxError):
+    """A pass failed while editing the graph. Names the pass, the node and the spec path."""
+
+
+class QuantizationError(EvefxError, FloatingPointError):
+    """A quantizer met NaN/Inf or an impossible configuration. Names the layer."""
+
+
+class PruneError(EvefxError):
+    """Pruning cannot be done safely (unknown channel coupling, empty layer). Names the node."""
+
+
+class ExportError(EvefxError):
+    """ONNX export failed or the exported file disagrees with the PyTorch module."""
+
+
+class SearchError(EvefxError):
+    """The upgrade search was misconfigured or its run folder is unusable."""

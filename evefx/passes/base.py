@@ -1,0 +1,132 @@
+"""Pass infrastructure, after onnx-ir's: a pass is ``call(gm) -> PassResult``.
+
+``Pass.__call__`` checks preconditions (``requires``), runs ``call``, then checks
+postconditions on the result (``ensures``). ``Sequential`` composes passes, lints and
+recompiles after each, and wraps unexpected failures in :class:`evefx.PassError`.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from torch import fx, nn
+
+from evefx.errors import EvefxError, PassError
+from evefx.graph import LAYER_TYPES, describe_node
+from evefx.plan import PlannedLayer, plan_section
+from evefx.spec import Section
+
+__all__ = ["Change", "PassResult", "Pass", "Sequential", "SectionPass"]
+
+log = logging.getLogger(__name__)
+
+Action = Literal["inserted", "replaced", "folded", "removed"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit: what was done, at which node and module, for which layer and spec section."""
+
+    action: Action
+    node: str
+    target: str
+    layer: str
+    spec_path: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: the (edited in place) module, whether it changed, and the changes."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+    changes: tuple[Change, ...] = field(default_factory=tuple)
+
+
+class Pass(abc.ABC):
+    """A graph pass. Subclasses implement :meth:`call`; override ``requires``/``ensures`` to check.
+
+    Example:
+        >>> class Nothing(Pass):
+        ...     def call(self, gm): return PassResult(gm, False)
+        >>> Nothing()(gm).modified
+        False
+    """
+
+    name: str = "pass"
+    spec_path: str = ""
+    current_node: fx.Node | None = None
+    """The node being edited; failure messages name it."""
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Precondition on the input; raise :class:`PassError` when it does not hold."""
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        """Postcondition on the result; raise :class:`PassError` when it does not hold."""
+
+    @abc.abstractmethod
+    def call(self, gm: fx.GraphModule) -> PassResult: ...
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.requires(gm)
+        result = self.call(gm)
+        self.ensures(result.graph_module)
+        return result
+
+
+class Sequential(Pass):
+    """Run passes in order; lint and recompile after each one that modified the graph."""
+
+    name = "sequential"
+
+    def __init__(self, passes: list[Pass]):
+        self.passes = list(passes)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        changes: list[Change] = []
+        modified = False
+        for p in self.passes:
+            try:
+                result = p(gm)
+                gm = result.graph_module
+                if result.modified:
+                    gm.graph.lint()
+                    gm.recompile()
+            except EvefxError:
+                raise
+            except Exception as e:
+                where = f" at {describe_node(gm, p.current_node)}" if p.current_node is not None else ""
+                raise PassError(
+                    f"{p.spec_path or p.name}: the {p.name} pass failed{where}: {type(e).__name__}: {e}. "
+                    f"Exclude that layer from the section's select, or report a bug with this message."
+                ) from e
+            log.debug("%s (%s): %d changes", p.name, p.spec_path, len(result.changes))
+            changes += result.changes
+            modified |= result.modified
+        return PassResult(gm, modified, tuple(changes))
+
+
+class SectionPass(Pass):
+    """A pass driven by one spec section. Subclasses set ``name`` (and ``accepts``) and implement ``call``.
+
+    ``self.plan(gm)`` resolves the section's selection (see :mod:`evefx.plan`).
+    """
+
+    accepts: tuple[type[nn.Module], ...] = LAYER_TYPES
+
+    def __init__(self, section: Section, spec_path: str):
+        self.section = section
+        self.spec_path = spec_path
+
+    def plan(self, gm: fx.GraphModule) -> dict[str, PlannedLayer]:
+        return plan_section(gm, self.section, self.spec_path, self.accepts)
+
+    def change(self, action: Action, node: fx.Node, layer: str, detail: str = "") -> Change:
+        """A :class:`Change` of this pass's section."""
+        return Change(action, node.name, str(node.target), layer, self.spec_path, detail)

@@ -1,0 +1,97 @@
+"""``evefx.transform``: copy, trace, plan, run the spec's passes, return an :class:`EveModule`."""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from evefx.errors import EvefxError, ShapeError
+from evefx.passes import Sequential, pass_for
+from evefx.report import TransformReport
+from evefx.spec import Spec, load_spec
+from evefx.trace import propagate_shapes, trace
+
+__all__ = ["EveModule", "transform"]
+
+log = logging.getLogger(__name__)
+
+
+class EveModule(fx.GraphModule):
+    """A transformed model: a ``torch.fx.GraphModule`` with the same call signature as the original.
+
+    ``.spec`` is the validated spec it was made with, ``.report`` the changes (a
+    :class:`~evefx.report.TransformReport`). Both live in ``self.meta`` so that
+    ``copy.deepcopy`` keeps them.
+
+    Example:
+        >>> gm = evefx.transform(model, "examples/specs/demo.yaml")
+        >>> gm(x).shape == model(x).shape
+        True
+    """
+
+    @property
+    def spec(self) -> Spec:
+        return self.meta.get("evefx_spec", Spec())
+
+    @property
+    def report(self) -> TransformReport:
+        return self.meta.get("evefx_report", TransformReport())
+
+
+def _count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ShapeError(f"example_inputs must be a tensor or a tuple of inputs (got {type(example_inputs).__name__})")
+
+
+def transform(
+    model: nn.Module, spec: Spec | dict | str | Path, example_inputs: torch.Tensor | Sequence[Any] | None = None
+) -> EveModule:
+    """Trace a copy of ``model`` and apply ``spec``'s passes in order. ``model`` is never touched.
+
+    ``example_inputs`` (or ``trace.input_shape`` in the spec) lets evefx propagate shapes, which
+    observations and MAC counts use. Transforming an ``EveModule`` again with the same spec
+    changes nothing.
+
+    Example:
+        >>> gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize"}]}, torch.zeros(1, 1, 28, 28))
+        >>> rich.print(gm.report)
+    """
+    spec = load_spec(spec)
+    inputs = _as_inputs(example_inputs)
+    if inputs is None and spec.trace.input_shape is not None:
+        inputs = (torch.zeros(spec.trace.input_shape),)
+    if not isinstance(model, nn.Module):
+        raise EvefxError(f"evefx.transform needs a torch.nn.Module (got {type(model).__name__})")
+    try:
+        model_copy = copy.deepcopy(model)
+    except Exception as e:
+        raise EvefxError(
+            f"cannot copy {type(model).__name__} (evefx never edits your model, so it works on a deep copy): {e}"
+        ) from e
+    if isinstance(model_copy, EveModule):
+        gm = model_copy
+    else:
+        gm = trace(model_copy, spec.trace, cls=EveModule)
+    if inputs is not None and not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        propagate_shapes(gm, inputs)
+    params_before = _count_params(gm)
+    result = Sequential([pass_for(s, f"passes[{i}]") for i, s in enumerate(spec.passes)])(gm)
+    gm = result.graph_module
+    gm.recompile()
+    gm.meta["evefx_spec"] = spec
+    gm.meta["evefx_report"] = TransformReport(result.changes, params_before, _count_params(gm))
+    log.info("evefx.transform: %d changes", len(result.changes))
+    return gm

@@ -1,0 +1,119 @@
+"""Plan, then apply: resolve a section's ``select`` and ``overrides`` to ``{layer: section}``.
+
+Planning reads the graph and never edits it, so it gives dry runs (``evefx inspect``) and
+precise errors before anything changes.
+
+Precedence, in order:
+1. candidates are the conv/linear layers a pass can attach to (``accepts``), in graph order;
+2. ``select.types`` AND ``select.names`` AND ``select.regex`` (each only when given; within a
+   list any entry may match); with none given, every candidate is selected;
+3. ``select.exclude`` globs remove layers;
+4. ``exclude_last`` removes the network's last conv/linear layer (the classifier);
+5. ``overrides`` patch the options of the layers their ``names`` match (later ones win);
+   they never add or remove layers.
+An empty selection and an override that matches no selected layer are errors.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from evefx.errors import PlanError
+from evefx.graph import LAYER_TYPES, layer_nodes, module_of
+from evefx.spec import Section
+
+__all__ = ["PlannedLayer", "plan_section", "type_matches"]
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One layer a section will act on, with the section as it applies to that layer."""
+
+    name: str
+    node: fx.Node
+    module: nn.Module
+    section: Section
+
+
+def _resolve_dotted(path: str) -> type | None:
+    mod_name, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def type_matches(module: nn.Module, wanted: str) -> bool:
+    """``Conv2d`` matches by class name anywhere in the MRO; ``pkg.mod.Class`` by dotted path (subclasses too)."""
+    if "." in wanted:
+        cls = _resolve_dotted(wanted)
+        if cls is not None:
+            return isinstance(module, cls)
+        return any(f"{c.__module__}.{c.__qualname__}" == wanted for c in type(module).__mro__)
+    return any(c.__name__ == wanted for c in type(module).__mro__)
+
+
+def _describe(gm: fx.GraphModule, nodes: list[fx.Node]) -> str:
+    return ", ".join(f"{n.target} ({type(module_of(gm, n)).__name__})" for n in nodes) or "(none)"
+
+
+def plan_section(
+    gm: fx.GraphModule,
+    section: Section,
+    spec_path: str,
+    accepts: tuple[type[nn.Module], ...] = LAYER_TYPES,
+) -> dict[str, PlannedLayer]:
+    """Resolve ``section`` against ``gm``: ``{qualified layer name: PlannedLayer}`` in graph order.
+
+    Example:
+        >>> list(plan_section(gm, spec.passes[0], "passes[0]"))
+        ['features.0', 'features.3', 'features.6', 'classifier.1']
+    """
+    select = section.select
+    candidates = layer_nodes(gm, accepts)
+    chosen: list[fx.Node] = []
+    types = select.types
+    for node in candidates:
+        module = module_of(gm, node)
+        if types is not None and not any(type_matches(module, t) for t in types):
+            continue
+        if not select.matches_name(str(node.target)):
+            continue
+        chosen.append(node)
+    if types is not None:
+        # a named type the pass cannot attach to is a user error, not a silent skip
+        others = [n for n in gm.graph.nodes if n.op == "call_module" and n not in candidates]
+        wrong = [n for n in others if any(type_matches(module_of(gm, n), t) for t in types)]
+        if wrong and not chosen:
+            raise PlanError(
+                f"{spec_path}.select.types {list(types)} matched {_describe(gm, wrong)}, but a "
+                f"{section.kind} section attaches only to {', '.join(t.__name__ for t in accepts)} layers; "
+                f"candidates: {_describe(gm, candidates)}"
+            )
+    if section.exclude_last and candidates and chosen and chosen[-1] is candidates[-1]:
+        chosen = chosen[:-1]
+        if not chosen:
+            raise PlanError(
+                f"{spec_path}: the only selected layer is the last one ({candidates[-1].target}), which "
+                f"exclude_last leaves out; select more layers or set exclude_last: false"
+            )
+    if not chosen:
+        raise PlanError(
+            f"{spec_path}.select matches no layer; candidates: {_describe(gm, candidates)}. "
+            f"Fix types/names/regex/exclude."
+        )
+    names = [str(n.target) for n in chosen]
+    for i, patch in enumerate(section.overrides):
+        if not any(fnmatch.fnmatchcase(name, g) for g in patch["names"] for name in names):
+            raise PlanError(
+                f"{spec_path}.overrides[{i}].names {list(patch['names'])} match no selected layer; "
+                f"selected: {', '.join(names)}"
+            )
+    return {
+        str(n.target): PlannedLayer(str(n.target), n, module_of(gm, n), section.for_layer(str(n.target)))
+        for n in chosen
+    }

@@ -1,0 +1,67 @@
+"""``kind: quantize``: quantization-aware training of conv/linear layers."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from evefx.spec.base import Bounded, Section, StrictModel
+
+__all__ = ["QuantizerConfig", "QuantizeSection"]
+
+
+class QuantizerConfig(StrictModel):
+    """One quantizer (of the weights or of the activations)."""
+
+    bits: Bounded(int, 1, 16) = 8
+    """Bit width, 1 to 16. With ``upgrade_bits`` it is the starting value of the eve parameter."""
+    fn: Literal["round", "lsq", "llsq"] = "round"
+    """round: uniform rounding with the straight-through estimator; lsq: learned step size
+    (Esser et al. 2019); llsq: learned linear symmetric quantizer (Zhao et al. 2020)."""
+    granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
+    """One scale for the tensor, or one per output channel (the seed's neuron_wise)."""
+    symmetric: bool = True
+    """Symmetric range (zero point 0) or asymmetric range with a zero point."""
+    signed: bool = True
+    """Signed levels [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1]."""
+    tracker: Literal["average", "global"] = "average"
+    """Range tracker: exponential moving average of min/max, or running (global) min/max."""
+    momentum: Bounded(float, 0.0, 1.0, low_open=True) = 0.1
+    """EMA momentum of the ``average`` tracker."""
+    learnable_scale: bool = False
+    """Make the scale a trained parameter for ``round`` too (always true for lsq/llsq)."""
+    regularization: Literal["l1", "l2"] = "l2"
+    """Only for ``llsq``: the norm of the quantization-error regulariser."""
+
+
+class QuantizeSection(Section):
+    """Insert weight and/or activation quantizers at the selected conv/linear layers.
+
+    Example (YAML):
+        - kind: quantize
+          select: {types: [Conv2d, Linear]}
+          weight: {bits: 8, granularity: per_channel}
+          activation: {bits: 8, signed: false, symmetric: false}
+    """
+
+    kind: Literal["quantize"]
+    weight: QuantizerConfig | None = QuantizerConfig(granularity="per_channel", tracker="global")
+    """Weight quantizer; ``null`` leaves the weights in float."""
+    activation: QuantizerConfig | None = QuantizerConfig(symmetric=False, signed=False)
+    """Activation quantizer after the layer's output block; ``null`` leaves activations in float."""
+    fold_bn: bool = True
+    """Fold the BatchNorm that follows a conv into it during training (Jacob et al. 2018)."""
+    upgrade_bits: bool = False
+    """Expose the bit widths as eve parameters in [min_bits, max_bits] for the upgrader."""
+    min_bits: Bounded(int, 1, 16) = 2
+    """Lowest bit width the upgrader may choose."""
+    max_bits: Bounded(int, 1, 16) = 8
+    """Highest bit width the upgrader may choose."""
+
+    @model_validator(mode="after")
+    def _bits_range(self) -> QuantizeSection:
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"min_bits ({self.min_bits}) must not exceed max_bits ({self.max_bits})")
+        if self.weight is None and self.activation is None:
+            raise ValueError("weight and activation are both null: nothing to quantize (remove the section)")
+        return self

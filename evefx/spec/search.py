@@ -1,0 +1,58 @@
+"""``search:``: the reinforcement-learning upgrader's settings (stable-baselines3 algorithms)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from evefx.spec.base import Bounded, StrictModel
+
+__all__ = ["Budget", "Reward", "SearchSection"]
+
+
+class Budget(StrictModel):
+    """The cost the searched configuration must fit."""
+
+    kind: Literal["avg_bits", "weight_bytes", "macs", "sparsity", "latency"] = "avg_bits"
+    """avg_bits: mean bit width; weight_bytes: bytes of weights; macs: fraction of the dense MACs;
+    sparsity: fraction of pruned channels kept (1 - sparsity); latency: onnxruntime seconds per batch."""
+    max: Bounded(float, 0.0, 1e15, low_open=True) = 4.0
+    """Upper bound of the cost."""
+
+
+class Reward(StrictModel):
+    """How a finished episode is scored."""
+
+    mode: Literal["penalty", "constrained"] = "constrained"
+    """penalty: accuracy - lam * cost/max; constrained (as HAQ): configurations are lowered until they fit, reward = accuracy."""
+    lam: Bounded(float, 0.0, 1e6) = 0.1
+    """Weight of the cost in ``penalty`` mode."""
+
+
+class SearchSection(StrictModel):
+    """The search, in the rl-zoo3 style."""
+
+    algorithm: Literal["ddpg", "td3", "sac", "ppo", "a2c", "random"] = "ddpg"
+    """A stable-baselines3 algorithm, or ``random`` search as a baseline."""
+    episodes: Bounded(int, 1, 10**7) | None = None
+    """Number of episodes (one episode = one configuration evaluated)."""
+    timesteps: Bounded(int, 1, 10**9) | None = None
+    """Number of environment steps (alternative to ``episodes``)."""
+    budget: Budget = Budget()
+    reward: Reward = Reward()
+    hyperparams: dict[str, Any] = {}
+    """Passed to the algorithm: policy, learning_rate, noise_type, noise_std, net_arch, ..."""
+    seed: int = 0
+    n_envs: Bounded(int, 1, 1024) = 1
+    """Parallel environments (SubprocVecEnv when > 1)."""
+    finetune_steps: Bounded(int, 0, 10**7) = 0
+    """Training steps after applying a configuration, before it is evaluated."""
+    checkpoint_every: Bounded(int, 1, 10**7) = 10
+    """Save an SB3 checkpoint every N episodes."""
+    backend: Literal["local", "ray"] = "local"
+
+    @model_validator(mode="after")
+    def _one_length(self) -> SearchSection:
+        if self.episodes is not None and self.timesteps is not None:
+            raise ValueError("give episodes or timesteps, not both")
+        return self

@@ -1,0 +1,74 @@
+"""``kind: spike``: turn a network into a spiking neural network trained with surrogate gradients."""
+from __future__ import annotations
+
+from typing import Literal
+
+from evefx.spec.base import Bounded, Section, StrictModel
+
+__all__ = ["SurrogateConfig", "NeuronConfig", "SpikeSection", "SURROGATES"]
+
+SURROGATES = (
+    "sigmoid",
+    "piecewise_quadratic",
+    "soft_sign",
+    "atan",
+    "nonzero_sign_log_abs",
+    "erf",
+    "piecewise_leaky_relu",
+    "fast_sigmoid",
+    "triangle",
+)
+
+
+class SurrogateConfig(StrictModel):
+    """Heaviside forward, smooth derivative backward."""
+
+    name: Literal[SURROGATES] = "atan"  # type: ignore[valid-type]
+    """Which surrogate derivative (see ``evefx.modules.surrogate``)."""
+    alpha: Bounded(float, 0.0, 1000.0, low_open=True) = 2.0
+    """Sharpness of the surrogate: larger is closer to the true step."""
+
+
+class NeuronConfig(StrictModel):
+    """The spiking neuron that replaces the activation."""
+
+    type: Literal["if", "lif", "plif"] = "lif"
+    """if: integrate and fire; lif: leaky (time constant ``tau``); plif: leaky with a learned tau."""
+    threshold: Bounded(float, 0.0, 1e6, low_open=True) = 1.0
+    """Membrane potential at which the neuron fires."""
+    reset: float | None = 0.0
+    """Hard reset to this value after a spike; ``null`` for a soft reset (subtract the threshold)."""
+    tau: Bounded(float, 1.0, 1e6) = 2.0
+    """Membrane time constant of lif/plif (its initial value for plif)."""
+    learnable_threshold: bool = False
+    learnable_reset: bool = False
+    neuron_wise: bool = True
+    """One threshold/reset per channel instead of one per layer."""
+    time_dependent: bool = True
+    """False: the membrane is detached from the graph between steps (no BPTT through v)."""
+    binary: bool = True
+    """False: emit ``v - threshold`` where the neuron fires (an analog spike) instead of 1."""
+    surrogate: SurrogateConfig = SurrogateConfig()
+
+
+class SpikeSection(Section):
+    """Insert spiking neurons after the selected layers; encode inputs, decode outputs over time.
+
+    Example (YAML):
+        - kind: spike
+          timesteps: 8
+          neuron: {type: lif, surrogate: {name: atan, alpha: 2.0}}
+    """
+
+    kind: Literal["spike"]
+    exclude_last: bool = True
+    """The classifier layer stays analog: it reads the spikes out."""
+    timesteps: Bounded(int, 1, 4096) = 8
+    """Number of simulation steps T."""
+    encoder: Literal["poisson", "direct"] = "poisson"
+    """poisson: Bernoulli spikes with probability = input (inputs in [0, 1]); direct: the input repeated."""
+    decoder: Literal["mean"] = "mean"
+    """How the output sequence becomes one output: mean over the timesteps."""
+    neuron: NeuronConfig = NeuronConfig()
+    upgrade_threshold: bool = False
+    """Expose each layer's threshold as an eve parameter for the upgrader."""

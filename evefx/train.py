@@ -1,0 +1,132 @@
+"""A small, deterministic trainer for transformed (or plain) models, with a rich progress bar.
+
+Example:
+    >>> history = evefx.train.fit(gm, train, test, epochs=3, lr=1e-3)
+    >>> history[-1]["val_accuracy"]
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+__all__ = ["fit", "evaluate", "seed_everything", "extra_losses"]
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU runs are then deterministic)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def extra_losses(model: nn.Module) -> torch.Tensor | float:
+    """Sum of the regularisers modules declare through a ``regularization_loss()`` method (e.g. llsq)."""
+    total: torch.Tensor | float = 0.0
+    for m in model.modules():
+        fn = getattr(m, "regularization_loss", None)
+        if callable(fn):
+            total = total + fn()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean loss over ``data``; the model's train/eval mode is restored."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    try:
+        for x, y in data:
+            out = model(x)
+            loss_sum += float(loss_fn(out, y))
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+    finally:
+        model.train(was_training)
+    return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+
+def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd' or pass a torch.optim.Optimizer")
+
+
+def fit(
+    model: nn.Module,
+    train: Iterable,
+    val: Iterable | None = None,
+    epochs: int = 1,
+    *,
+    optimizer: str | torch.optim.Optimizer = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    loss_fn: Callable | None = None,
+    seed: int | None = 0,
+    progress: bool = True,
+    log_csv: str | Path | None = None,
+    max_steps: int | None = None,
+    description: str = "train",
+) -> list[dict[str, Any]]:
+    """Train ``model`` for ``epochs``; return one dict of metrics per epoch (also written to ``log_csv``).
+
+    ``max_steps`` stops early (for fine-tuning in a search). Seeded runs on CPU are deterministic.
+    """
+    if seed is not None:
+        seed_everything(seed)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else _optimizer(optimizer, model.parameters(), lr, weight_decay)
+    history: list[dict[str, Any]] = []
+    steps = 0
+    n_batches = len(train) if hasattr(train, "__len__") else None
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task(description, total=(n_batches or 0) * epochs, status="")
+        for epoch in range(1, epochs + 1):
+            model.train()
+            start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            for x, y in train:
+                opt.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = loss_fn(out, y) + extra_losses(model)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss) * len(y)
+                correct += int((out.argmax(1) == y).sum())
+                seen += len(y)
+                steps += 1
+                bar.update(task, advance=1, status=f"epoch {epoch} loss {loss_sum / seen:.4f}")
+                if max_steps is not None and steps >= max_steps:
+                    break
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                                   "train_accuracy": 100.0 * correct / max(seen, 1),
+                                   "seconds": time.perf_counter() - start}
+            if val is not None:
+                metrics = evaluate(model, val)
+                row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+            history.append(row)
+            log.info("epoch %d: %s", epoch, row)
+            if max_steps is not None and steps >= max_steps:
+                break
+    if log_csv is not None:
+        with open(log_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]) if history else ["epoch"])
+            writer.writeheader()
+            writer.writerows(history)
+    return history

@@ -1,0 +1,88 @@
+"""Tracing: leaves, concrete args, clear errors for untraceable models and wrong shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import evefx
+from evefx import ShapeError, TraceError
+from evefx.spec import TraceOptions
+from evefx.trace import trace
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return x
+        return -x
+
+
+class WithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.fc(x))
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, double: bool = False):
+        y = self.fc(x)
+        if double:
+            y = y * 2
+        return y
+
+
+def test_untraceable_module_named_with_source_line_and_hint():
+    with pytest.raises(TraceError) as info:
+        trace(WithGate())
+    msg = str(info.value)
+    assert "module 'gate' (Gate)" in msg
+    assert "test_trace.py" in msg and "if x.sum() > 0" in msg
+    assert "trace.leaf_modules" in msg
+
+
+def test_leaf_modules_by_class_name_and_glob():
+    for leaf in ("Gate", "gate", "tests.test_trace.Gate"):
+        gm = trace(WithGate(), TraceOptions(leaf_modules=(leaf,)))
+        assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
+
+
+def test_transform_with_leaf_keeps_outputs():
+    torch.manual_seed(0)
+    model = WithGate()
+    gm = evefx.transform(model, {"trace": {"leaf_modules": ["Gate"]}})
+    x = torch.randn(3, 4)
+    assert torch.allclose(gm(x), model(x))
+
+
+def test_concrete_args_pass_through():
+    gm = trace(Flagged(), TraceOptions(concrete_args={"double": True}))
+    assert any(n.target is getattr(__import__("operator"), "mul") for n in gm.graph.nodes)
+
+
+def test_wrong_input_shape_is_a_shape_error(demo_net):
+    with pytest.raises(ShapeError, match=r"example inputs of shape \[\(2, 3, 28, 28\)\] do not fit the model"):
+        evefx.transform(demo_net, {}, torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ShapeError, match="takes 1 to 1 inputs"):
+        evefx.transform(demo_net, {}, (torch.zeros(1, 1, 28, 28), torch.zeros(1)))
+
+
+def test_input_shape_from_spec_records_shapes(demo_net):
+    gm = evefx.transform(demo_net, {"trace": {"input_shape": [1, 1, 28, 28]}})
+    conv = next(n for n in gm.graph.nodes if n.target == "features.0")
+    assert tuple(conv.meta["tensor_meta"].shape) == (1, 4, 14, 14)
+
+
+def test_shape_propagation_changes_no_statistics(demo_net):
+    demo_net.train()
+    before = demo_net.features[1].running_mean.clone()
+    gm = evefx.transform(demo_net, {}, torch.rand(8, 1, 28, 28))
+    assert torch.equal(gm.get_submodule("features.1").running_mean, before) and gm.training and gm.get_submodule("features.1").training
