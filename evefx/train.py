@@ -107,7 +107,7 @@ def fit(
                 loss = loss_fn(out, y) + extra_losses(model)
                 loss.backward()
                 opt.step()
-                loss_sum += float(loss) * len(y)
+                loss_sum += float(loss.detach()) * len(y)
                 correct += int((out.argmax(1) == y).sum())
                 seen += len(y)
                 steps += 1

@@ -1,0 +1,22 @@
+"""Helpers shared by core tests (kept out of conftest so they can be imported explicitly)."""
+from __future__ import annotations
+
+import torch
+
+from evefx import load_spec
+from evefx.passes import Sequential
+from evefx.pipeline import EveModule
+from evefx.trace import propagate_shapes, trace
+from tests.probe import ProbePass
+
+
+def probe_model(model, section=None):
+    """``model`` traced, shapes propagated, with a Probe after every conv/linear output block."""
+    import copy
+
+    gm = trace(copy.deepcopy(model), cls=EveModule)
+    propagate_shapes(gm, (torch.zeros(1, 1, 28, 28),))
+    spec_section = load_spec({"passes": [section or {"kind": "quantize"}]}).passes[0]
+    gm = Sequential([ProbePass(spec_section, "passes[0]")])(gm).graph_module
+    gm.recompile()
+    return gm

@@ -1,0 +1,75 @@
+"""The eve protocol functions: parameters, observations, reset, modes; no state shared between models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import evefx
+from evefx.api import STATIC_COLUMNS
+from evefx.passes import Sequential
+from evefx.pipeline import EveModule
+from evefx.trace import propagate_shapes, trace
+from tests.probe import Probe
+from tests.helpers import probe_model
+
+
+def test_eve_parameters_list_layer_range_value(demo_net):
+    gm = probe_model(demo_net)
+    params = evefx.eve_parameters(gm)
+    assert [p.layer for p in params] == ["features.0", "features.3", "features.6", "classifier.1", "classifier.3"]
+    p = params[0]
+    assert (p.kind, p.low, p.high, p.integer, p.value, p.role, p.spec_path) == ("gain", 0.0, 2.0, False, 1.0, "probe", "passes[0]")
+    p.set(5.0)  # clipped to the range
+    assert p.value == 2.0
+    evefx.set_eve_parameter(gm, params[1].name, 0.5)
+    assert params[1].value == 0.5
+    with pytest.raises(KeyError, match="no eve parameter 'nope'; known: features_0_probe.gain"):
+        evefx.set_eve_parameter(gm, "nope", 1.0)
+
+
+def test_eve_parameter_changes_output_and_travels_with_state_dict(demo_net, mnist_batch):
+    gm = probe_model(demo_net)
+    evefx.set_eve_parameter(gm, evefx.eve_parameters(gm)[-1].name, 0.0)
+    assert torch.all(gm(mnist_batch) == 0)
+    fresh = probe_model(demo_net)
+    assert not torch.all(fresh(mnist_batch) == 0)
+    fresh.load_state_dict(gm.state_dict())
+    assert torch.equal(fresh(mnist_batch), gm(mnist_batch))
+
+
+def test_observe_static_features_and_module_columns(demo_net, mnist_batch):
+    gm = probe_model(demo_net)
+    obs = evefx.observe(gm, mnist_batch)
+    assert obs.layers == ("features.0", "features.3", "features.6", "classifier.1", "classifier.3")
+    assert obs.values.dtype == np.float32 and obs.values.shape == (5, len(obs.columns))
+    assert obs.columns[: len(STATIC_COLUMNS)] == STATIC_COLUMNS
+    row = obs.row("features.0")
+    # Conv2d(1, 4, 3, stride 2, pad 1) on 28x28: output 4x14x14, each output 1*3*3 MACs
+    assert row["macs"] == 4 * 14 * 14 * 9 and row["params"] == 40 and row["in_size"] == 784
+    assert row["kernel"] == 9 and row["stride"] == 2 and row["is_conv"] == 1 and row["is_depthwise"] == 0
+    assert obs.row("classifier.1")["macs"] == 256 * 16
+    assert "probe.calls" in obs.columns and row["act_max"] > 0
+    assert obs.row("classifier.3")["probe.calls"] == 0.0  # observe resets state after its forward
+
+
+def test_reset_and_set_mode_reach_every_module(demo_net, mnist_batch):
+    gm = probe_model(demo_net)
+    gm(mnist_batch)
+    probes = [m for m in gm.modules() if isinstance(m, Probe)]
+    assert all(p.calls == 1 for p in probes)
+    evefx.reset(gm)
+    assert all(p.calls == 0 for p in probes)
+    evefx.set_eve_parameter(gm, evefx.eve_parameters(gm)[0].name, 0.0)
+    evefx.set_mode(gm, pruned=False)
+    assert torch.allclose(gm(mnist_batch), demo_net(mnist_batch))
+    with pytest.raises(ValueError, match="step must be"):
+        evefx.set_mode(gm, step="double")
+
+
+def test_two_models_share_no_state(demo_net, mnist_batch):
+    a, b = probe_model(demo_net), probe_model(demo_net)
+    evefx.set_eve_parameter(a, evefx.eve_parameters(a)[0].name, 0.25)
+    a(mnist_batch)
+    assert evefx.eve_parameters(b)[0].value == 1.0
+    assert all(p.calls == 0 for p in b.modules() if isinstance(p, Probe))

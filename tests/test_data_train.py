@@ -1,0 +1,53 @@
+"""Embedded MNIST split and the trainer: deterministic, learns, logs."""
+from __future__ import annotations
+
+import csv
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from evefx import data
+from evefx.train import evaluate, fit
+from examples.models import DemoNet
+
+
+def test_mnist5k_split_is_fixed_and_disjoint():
+    train, test = data.mnist5k("train"), data.mnist5k("test")
+    assert len(train) == 4000 and len(test) == 1000
+    x, y = train.tensors
+    assert x.shape == (4000, 1, 28, 28) and x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    assert set(y.unique().tolist()) == set(range(10))
+    # same split every call, no image shared between the splits
+    assert torch.equal(data.mnist5k("train").tensors[1], y)
+    train_rows = {tuple(r) for r in x.view(4000, -1)[:, 200:260].tolist()}
+    assert not any(tuple(r) in train_rows for r in test.tensors[0].view(1000, -1)[:, 200:260].tolist() if any(r))
+
+
+def _small_loaders():
+    train = Subset(data.mnist5k("train"), range(1024))
+    test = Subset(data.mnist5k("test"), range(256))
+    return DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)), DataLoader(test, batch_size=256)
+
+
+def test_fit_is_deterministic_and_learns(tmp_path):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = DemoNet()
+        train, test = _small_loaders()
+        runs.append(fit(model, train, test, epochs=2, lr=3e-3, seed=0, progress=False, log_csv=tmp_path / "log.csv"))
+    a, b = runs
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert a[-1]["val_accuracy"] > 60.0 and a[-1]["train_loss"] < a[0]["train_loss"]
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[1]["val_accuracy"]) == a[1]["val_accuracy"]
+
+
+def test_max_steps_and_evaluate_restores_mode():
+    model = DemoNet()
+    train, test = _small_loaders()
+    hist = fit(model, train, None, epochs=5, max_steps=3, progress=False)
+    assert len(hist) == 1
+    model.train()
+    metrics = evaluate(model, test)
+    assert model.training and 0.0 <= metrics["accuracy"] <= 100.0 and metrics["loss"] > 0
