@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +25,7 @@ schema: $(STAMP)
 	$(BIN)/evefx schema --out schemas/evefx-spec.schema.json
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -128,6 +128,7 @@ def dump_spec(spec: Spec, path: str | Path | None = None) -> str:
         >>> print(dump_spec(load_spec("passes: [{kind: prune}]")))
     """
     data = json.loads(spec.model_dump_json())
+    data["passes"] = [{"kind": p.pop("kind"), **p} for p in data["passes"]]  # kind first: it names the section
     text = yaml.safe_dump(data, sort_keys=False)
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")

@@ -1,0 +1,106 @@
+"""The main job (``make demo``): DemoNet on the embedded MNIST, transformed by evefx specs.
+
+1. train the plain float network;
+2. quantization-aware training at W8A8 (``examples/specs/demo.yaml``): accuracy and weight size;
+3. export the quantized network to int8 ONNX and check it with onnxruntime;
+4. the same network as a spiking network (``examples/specs/spiking.yaml``): accuracy, firing rates;
+5. prune half of its channels (``examples/specs/prune.yaml``), fine-tune, compact: size before/after.
+
+Run: ``evefx demo`` (or ``python -m examples.demo``) from the repository root.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import evefx
+from evefx.data import loaders
+from evefx.train import evaluate, fit, seed_everything
+from examples.models import DemoNet
+
+SPECS = Path(__file__).parent / "specs"
+
+
+def _weight_bytes_fp32(model: torch.nn.Module) -> int:
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def main(epochs: int = 3, out: Path = Path("out/demo"), console: Console | None = None) -> dict[str, float]:
+    """Run every stage; return the headline figures."""
+    console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    seed_everything(0)
+    train, test = loaders(batch_size=128, seed=0)
+    example = torch.zeros(1, 1, 28, 28)
+    figures: dict[str, float] = {}
+
+    console.rule("1. float DemoNet")
+    float_model = DemoNet()
+    fit(float_model, train, test, epochs=epochs, lr=1e-3, description="float")
+    figures["float"] = evaluate(float_model, test)["accuracy"]
+    console.print(f"float accuracy: {figures['float']:.2f}%")
+
+    console.rule("2. quantization-aware training, W8A8 (examples/specs/demo.yaml)")
+    qat = evefx.transform(float_model, SPECS / "demo.yaml", example)
+    console.print(qat.report)
+    fit(qat, train, test, epochs=max(1, epochs - 1), lr=5e-4, description="QAT W8A8")
+    figures["w8a8"] = evaluate(qat, test)["accuracy"]
+    from evefx.passes.quantize import quant_summary
+
+    rows = quant_summary(qat)
+    q_bytes = sum(r["bytes"] for r in rows)
+    table = Table(title="float vs W8A8")
+    for col in ("model", "accuracy", "weight bytes"):
+        table.add_column(col, justify="right")
+    table.add_row("float", f"{figures['float']:.2f}%", f"{_weight_bytes_fp32(float_model):,}")
+    table.add_row("W8A8 (QAT)", f"{figures['w8a8']:.2f}%", f"{q_bytes:,}")
+    console.print(table)
+
+    console.rule("3. int8 ONNX export, checked with onnxruntime")
+    from evefx.export import export_onnx, onnx_accuracy
+
+    x_real = next(iter(test))[0][:256]
+    report = export_onnx(qat, example, out / "demo_w8a8.onnx", real_inputs=x_real)
+    console.print(report.table())
+    figures["onnx"] = onnx_accuracy(out / "demo_w8a8.onnx", test)
+    console.print(f"accuracy on the held-out split: PyTorch {figures['w8a8']:.2f}%  onnxruntime {figures['onnx']:.2f}%")
+
+    console.rule("4. spiking DemoNet (examples/specs/spiking.yaml)")
+    seed_everything(0)
+    snn = evefx.transform(DemoNet(), SPECS / "spiking.yaml", example)
+    console.print(snn.report)
+    fit(snn, train, test, epochs=epochs, lr=1e-3, description="spiking")
+    figures["spiking"] = evaluate(snn, test)["accuracy"]
+    obs = evefx.observe(snn, next(iter(test))[0][:256])
+    rates = Table(title=f"spiking accuracy {figures['spiking']:.2f}%: firing rates")
+    rates.add_column("layer")
+    rates.add_column("firing rate", justify="right")
+    for layer in obs.layers:
+        row = obs.row(layer)
+        if "neuron.firing_rate" in row and row.get("neuron.firing_rate", 0) or any(k.startswith("neuron.") for k in row):
+            rates.add_row(layer, f"{row.get('neuron.firing_rate', 0.0):.3f}")
+    console.print(rates)
+
+    console.rule("5. prune half the channels, fine-tune, compact (examples/specs/prune.yaml)")
+    pruned = evefx.transform(float_model, SPECS / "prune.yaml", example)
+    evefx.prune_step(pruned)
+    fit(pruned, train, test, epochs=1, lr=5e-4, description="fine-tune pruned")
+    figures["pruned"] = evaluate(pruned, test)["accuracy"]
+    small = evefx.compact(pruned)
+    figures["compact"] = evaluate(small, test)["accuracy"]
+    sizes = Table(title="pruning")
+    for col in ("model", "parameters", "accuracy"):
+        sizes.add_column(col, justify="right")
+    sizes.add_row("float", f"{sum(p.numel() for p in float_model.parameters()):,}", f"{figures['float']:.2f}%")
+    sizes.add_row("pruned 50% + compacted", f"{sum(p.numel() for p in small.parameters()):,}", f"{figures['compact']:.2f}%")
+    console.print(sizes)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
