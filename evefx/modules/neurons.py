@@ -1,0 +1,521 @@
+"""Spiking neurons: integrate-and-fire (IF), leaky IF (LIF) and LIF with a learned time constant (PLIF).
+
+Dynamics of one neuron at step ``t`` (input ``x_t``, membrane ``v``, threshold ``th``, reset ``r``)::
+
+    IF:        h_t = v_{t-1} + x_t
+    LIF/PLIF:  h_t = v_{t-1} + k (x_t - (v_{t-1} - r))      with k = 1/tau  (leak toward r)
+    spike:     s_t = H(h_t - th)                            (H(u) = 1 for u >= 0, surrogate gradient)
+    output:    o_t = s_t                (binary)  or  s_t * (h_t - th)  (binary=False: analog spike)
+    reset:     v_t = r where s_t else h_t    (hard reset, reset=r)
+               v_t = h_t - th * s_t          (soft reset, reset=None; then r = 0 in the leak)
+
+The membrane starts at ``r`` (0 for a soft reset). ``time_dependent=False`` detaches ``v`` between
+steps, so gradients do not flow back through time.
+
+Multi-step mode (the default) takes the time-folded batch ``[T*B, ...]`` (``T = timesteps``,
+step-major: rows ``t*B .. t*B+B-1`` are step ``t``) and runs the whole recurrence inside one
+autograd function whose backward is written by hand (BPTT): forward saves only the pre-spike
+membrane ``h`` (spikes are recomputed as ``h >= th``); the backward folds the time recurrence
+into one fused multiply-add per step and does everything else on all steps at once. It matches
+the step-by-step loop (forward exactly, gradients to rounding). The state is reset at every
+multi-step forward.
+
+Single-step mode (``set_mode(step="single")``) takes ``[B, ...]``, keeps the membrane between
+calls until :meth:`reset_state` and backpropagates through time with ordinary autograd.
+
+Non-spiking mode (``set_mode(spiking=False)``) makes IF a ReLU and LIF/PLIF a LeakyReLU with
+negative slope ``ann_slope`` (default 0.01, PyTorch's), so a model can be trained as an ANN first.
+
+Example:
+    >>> lif = LIFNeuron(timesteps=4, tau=2.0, channels=8, neuron_wise=True).eval()
+    >>> out = lif(torch.rand(4 * 2, 8, 5, 5) * 3)   # 4 steps of a batch of 2
+    >>> lif.observations()["firing_rate"]           # recorded in eval mode
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evefx.errors import ShapeError
+from evefx.modules.protocol import EveHooks, EveRange
+from evefx.modules.surrogate import SURROGATES, surrogate as surrogate_class
+
+__all__ = ["SpikingNeuron", "IFNeuron", "LIFNeuron", "PLIFNeuron", "multi_step"]
+
+
+@dataclass(frozen=True)
+class _Dynamics:
+    """The static part of a neuron's recurrence (what the fused function needs besides tensors)."""
+
+    derivative: Callable[[torch.Tensor, float], torch.Tensor]
+    alpha: float
+    hard: bool
+    binary: bool
+    time_dependent: bool
+    leaky: bool
+
+
+def _as_scalar(p: torch.Tensor | None) -> torch.Tensor | float | None:
+    """A float for a fixed one-element CPU value (cheaper broadcasting), else the tensor itself
+    (on an accelerator reading the value would synchronise)."""
+    if p is None or p.requires_grad or p.numel() != 1 or p.device.type != "cpu":
+        return p
+    return float(p)
+
+
+def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return g.sum_to_size(like.shape) if g.shape != like.shape else g
+
+
+def _leak_input(x: torch.Tensor, k: Any, r: Any, dyn: _Dynamics) -> torch.Tensor:
+    """``k x + k r`` (LIF, hard reset), ``k x`` (soft reset) or ``x`` (IF): the part of ``h_t``
+    that does not depend on the membrane."""
+    if not dyn.leaky:
+        return x
+    out = x * k
+    if dyn.hard:
+        out = out + k * r
+    return out
+
+
+def _integrate(X: torch.Tensor, v: Any, a: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``h = X + a v`` for the step-by-step path; the fused forward runs the same kernels in place
+    (``add_(v, alpha=a)`` / ``addcmul_(a, v)``), which is why the two agree bit for bit."""
+    kwargs = {} if out is None else {"out": out}
+    if isinstance(a, torch.Tensor):
+        return torch.addcmul(X, a, v, **kwargs)
+    if a == 1.0:
+        return torch.add(X, v, **kwargs)
+    return torch.add(X, v, alpha=a, **kwargs)
+
+
+class _MultiStep(torch.autograd.Function):
+    """The recurrence over ``T`` steps with a hand-written BPTT backward.
+
+    Inputs: ``x`` ``[T, B, ...]``; ``th`` and ``r`` broadcastable to one step (``r`` None for a
+    soft reset; tensors or floats); ``k`` the leak (tensor, float, or None for IF).
+    Returns ``(out, h)``; ``h`` (pre-spike membrane) is not differentiable.
+
+    The elementwise work is memory-bound, so both directions work in place on as few
+    ``[T, B, ...]`` buffers as possible and the per-step loop runs only what depends on the
+    previous step (three kernels forward, one backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, th, r, k, dyn: _Dynamics):  # type: ignore[override]
+        T = x.shape[0]
+        r0 = r if dyn.hard else 0.0
+        a = (1.0 - k) if dyn.leaky else 1.0
+        h = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if dyn.leaky:  # h starts as the membrane-independent part k x (+ k r), see _leak_input
+            torch.mul(x, k, out=h)
+            if dyn.hard:
+                h.add_(k * r0)
+        s = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        # the membrane between steps lives in one reused buffer
+        v = torch.empty_like(h[0])
+        if isinstance(r0, torch.Tensor):
+            v.copy_(r0.detach().expand_as(v))
+        else:
+            v.fill_(r0)
+        r_fill = r0.detach() if isinstance(r0, torch.Tensor) else torch.tensor(r0, dtype=x.dtype, device=x.device)
+        for t in range(T):
+            ht, st = h[t], s[t]
+            if not dyn.leaky:
+                torch.add(x[t], v, out=ht)
+            elif isinstance(a, torch.Tensor):
+                ht.addcmul_(a, v)
+            else:
+                ht.add_(v, alpha=a)
+            torch.ge(ht, th, out=st)
+            if dyn.hard:
+                torch.where(st, r_fill, ht, out=v)
+            else:
+                torch.sub(ht, th, out=v)
+                torch.where(st, v, ht, out=v)
+        out = s.to(x.dtype) if dyn.binary else torch.where(s, h - th, 0.0)
+        tensors = [t_ if isinstance(t_, torch.Tensor) else None for t_ in (th, r, k)]
+        ctx.save_for_backward(h, x if isinstance(k, torch.Tensor) and k.requires_grad else None, *tensors)
+        ctx.scalars = tuple(None if isinstance(t_, torch.Tensor) else t_ for t_ in (th, r, k))
+        ctx.dyn = dyn
+        ctx.mark_non_differentiable(h)
+        return out, h
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_h):  # type: ignore[override]
+        dyn: _Dynamics = ctx.dyn
+        h, x, th_t, r_t, k_t = ctx.saved_tensors
+        th = th_t if th_t is not None else ctx.scalars[0]
+        r = (r_t if r_t is not None else ctx.scalars[1]) if dyn.hard else 0.0
+        k = (k_t if k_t is not None else ctx.scalars[2]) if dyn.leaky else 1.0
+        a = 1.0 - k if dyn.leaky else 1.0
+        need_x, need_th, need_r, need_k = ctx.needs_input_grad[:4]
+        T = h.shape[0]
+
+        u = h - th
+        sg = dyn.derivative(u, dyn.alpha)
+        fired = h >= th
+        # D = do_t/dh_t; G starts as dL/dh_t through step t's own output
+        D = sg if dyn.binary else u.mul_(sg).add_(fired)
+        G = grad_out * D
+        g_th = -G if need_th else None
+        rh_sg = None  # (r - h) * sg, the hard reset's dependence on the spike
+        recurrent = dyn.time_dependent and T > 1
+        if recurrent:
+            # Q = dv_t/dh_t, through the reset and its spike; then G_t += a Q_t G_{t+1}
+            # fewest full passes: a (1 - s) + a (r - h) sg  ==  a (1 - s) - a (h - r) sg
+            if dyn.hard:
+                Q = (~fired).to(h.dtype)
+                if not (isinstance(a, float) and a == 1.0):
+                    Q.mul_(a)
+                hr = h if isinstance(r, float) and r == 0.0 else h - r
+                if need_th:
+                    rh_sg = -(hr * sg)
+                if isinstance(a, torch.Tensor):
+                    Q.sub_(hr * sg * a)
+                else:
+                    Q.addcmul_(hr, sg, value=-a)
+            else:
+                Q = torch.mul(sg, -th).add_(1.0)
+                if not (isinstance(a, float) and a == 1.0):
+                    Q.mul_(a)
+            for t in range(T - 2, -1, -1):
+                G[t].addcmul_(Q[t], G[t + 1])
+        gv = None  # dL/dv_t = a G_{t+1}
+        if recurrent and (need_th or need_r):
+            gv = torch.zeros_like(G)
+            torch.mul(G[1:], a, out=gv[:-1])
+        grad_x = grad_th = grad_r = grad_k = None
+        if need_th:
+            if gv is not None:
+                g_th = g_th - gv * rh_sg if dyn.hard else g_th + gv * (th * sg - fired.to(h.dtype))
+            grad_th = _sum_to(g_th, th_t)
+        if need_r and dyn.hard and (gv is not None or dyn.leaky):
+            # through the reset (v_t = r where it fired) and through the leak toward r
+            g = gv * fired if gv is not None else None
+            if dyn.leaky:
+                g = G * k if g is None else g + G * k
+            grad_r = _sum_to(g, r_t)
+        if need_k:
+            # dh_t/dk = x_t - v_{t-1} + r, with v_{t-1} rebuilt from h and the spikes
+            v_prev = torch.empty_like(h)
+            v_prev[0] = r if dyn.hard else 0.0
+            if T > 1:
+                v_prev[1:] = torch.where(fired[:-1], r, h[:-1]) if dyn.hard else h[:-1] - th * fired[:-1]
+            g = G * (x - v_prev + r) if dyn.hard else G * (x - v_prev)
+            grad_k = _sum_to(g, k_t)
+        if need_x:
+            grad_x = G.mul_(k) if dyn.leaky and not (isinstance(k, float) and k == 1.0) else G
+        return grad_x, grad_th, grad_r, grad_k, None
+
+
+def multi_step(
+    x: torch.Tensor,
+    threshold: torch.Tensor | float,
+    reset: torch.Tensor | float | None,
+    k: torch.Tensor | float | None,
+    *,
+    surrogate: str = "atan",
+    alpha: float = 2.0,
+    binary: bool = True,
+    time_dependent: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the neuron recurrence over ``x`` ``[T, B, ...]`` in one fused autograd function.
+
+    ``threshold``/``reset`` broadcast to one step (``reset=None``: soft reset); ``k = 1/tau``
+    (None: IF). Returns ``(output, pre-spike membrane h)``, both ``[T, B, ...]``.
+
+    Example:
+        >>> out, h = multi_step(torch.ones(3, 1), 1.0, 0.0, 0.5)
+        >>> out.flatten().tolist(), h.flatten().tolist()
+        ([0.0, 0.0, 0.0], [0.5, 0.75, 0.875])
+    """
+    dyn = _Dynamics(surrogate_class(surrogate).derivative, float(alpha), reset is not None, binary,
+                    time_dependent, k is not None)
+    return _MultiStep.apply(x, threshold, reset, k, dyn)
+
+
+class SpikingNeuron(EveHooks, nn.Module):
+    """Base of the neurons (see the module docstring for the dynamics).
+
+    Args:
+        timesteps: ``T``; multi-step inputs are ``[T*B, ...]``.
+        threshold: firing threshold (initial value when learnable).
+        reset: hard-reset value; ``None`` for a soft reset (subtract the threshold).
+        channels: number of channels (dim 1 of one step); needed with ``neuron_wise``.
+        neuron_wise: one threshold/reset per channel instead of one for the layer.
+        learnable_threshold / learnable_reset: train them by gradient (``nn.Parameter``).
+        time_dependent: False detaches the membrane between steps.
+        binary: False emits ``h - threshold`` where the neuron fires instead of 1.
+        surrogate / alpha: the surrogate gradient (see :mod:`evefx.modules.surrogate`).
+        upgrade: expose ``threshold`` (and LIF's ``tau``) as eve parameters for the upgrader.
+        ann_slope: negative slope of the LeakyReLU that LIF/PLIF become in non-spiking mode.
+        record_in_training: also gather observations in training mode (multi-step forwards
+            always record in eval mode; the statistics cost a few reductions per forward).
+    """
+
+    leaky = False
+
+    def __init__(
+        self,
+        timesteps: int = 8,
+        threshold: float = 1.0,
+        reset: float | None = 0.0,
+        *,
+        channels: int | None = None,
+        neuron_wise: bool = False,
+        learnable_threshold: bool = False,
+        learnable_reset: bool = False,
+        time_dependent: bool = True,
+        binary: bool = True,
+        surrogate: str = "atan",
+        alpha: float = 2.0,
+        upgrade: bool = False,
+        ann_slope: float = 0.01,
+        threshold_range: tuple[float, float] = (0.1, 4.0),
+        record_in_training: bool = False,
+    ):
+        super().__init__()
+        if timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1 (got {timesteps})")
+        if neuron_wise and not channels:
+            raise ValueError("neuron_wise=True needs channels=<number of channels> (dim 1 of the input)")
+        if surrogate not in SURROGATES:
+            raise ValueError(f"unknown surrogate {surrogate!r}; valid names: {', '.join(SURROGATES)}")
+        if learnable_reset and reset is None:
+            raise ValueError("learnable_reset needs a hard reset value (reset=None means soft reset)")
+        self.timesteps = int(timesteps)
+        self.channels = channels
+        self.neuron_wise = bool(neuron_wise)
+        self.time_dependent = bool(time_dependent)
+        self.binary = bool(binary)
+        self.surrogate = surrogate
+        self.alpha = float(alpha)
+        self.upgrade = bool(upgrade)
+        self.ann_slope = float(ann_slope)
+        self.threshold_range = threshold_range
+        self.record_in_training = bool(record_in_training)
+        shape = (channels,) if neuron_wise else ()
+        self._register("threshold", torch.full(shape, float(threshold)), learnable_threshold)
+        if reset is None:
+            self.reset = None
+        else:
+            self._register("reset", torch.full(shape, float(reset)), learnable_reset)
+        self.spiking = True
+        self.step_mode = "multi"
+        self._v: torch.Tensor | None = None
+        self._stats: dict[str, Any] | None = None
+        self._stats_stale = True
+
+    def _register(self, name: str, value: torch.Tensor, learnable: bool) -> None:
+        if learnable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    # -- the leak (overridden by LIF/PLIF) ------------------------------------------------------
+    def leak(self) -> torch.Tensor | float | None:
+        """``k = 1/tau`` (a float, or a tensor when learned); None for IF."""
+        return None
+
+    # -- eve protocol --------------------------------------------------------------------------------
+    def eve_ranges(self) -> dict[str, EveRange]:
+        return {"threshold": EveRange(*self.threshold_range)} if self.upgrade else {}
+
+    def set_mode(self, **flags: Any) -> None:
+        if flags.get("spiking") is not None:
+            self.spiking = bool(flags["spiking"])
+        if flags.get("step") is not None:
+            if flags["step"] not in ("single", "multi"):
+                raise ValueError(f"step must be 'single' or 'multi' (got {flags['step']!r})")
+            self.step_mode = flags["step"]
+            self._v = None
+
+    def reset_state(self) -> None:
+        """Forget the membrane (single-step mode). Statistics stay readable until the next forward."""
+        self._v = None
+        self._stats_stale = True
+
+    def observations(self) -> dict[str, float]:
+        """``firing_rate`` (spikes per neuron per step), ``membrane`` (mean pre-spike potential) and
+        ``silent_channels`` (fraction of channels that never fired), over the last multi-step
+        forward in eval mode (any mode with ``record_in_training``) or the single steps since the
+        last reset."""
+        if self._stats is None:
+            return {}
+        rates = self.channel_firing_rates()
+        return {
+            "firing_rate": float(self._stats["spikes"].sum() / max(self._stats["count"] * rates.numel(), 1)),
+            "membrane": float(self._stats["v_sum"] / max(self._stats["v_n"], 1)),
+            "silent_channels": float((rates == 0).double().mean()),
+        }
+
+    def channel_firing_rates(self) -> torch.Tensor:
+        """Firing rate of every channel (dim 1 of a step), as a float64 tensor ``[C]``.
+
+        Example:
+            >>> neuron.channel_firing_rates()[:3]
+            tensor([0.1250, 0.0000, 0.5000], dtype=torch.float64)
+        """
+        if self._stats is None:
+            return torch.zeros(0, dtype=torch.float64)
+        return self._stats["spikes"] / max(self._stats["count"], 1)
+
+    @torch.no_grad()
+    def _record(self, out: torch.Tensor, h: torch.Tensor, restart: bool) -> None:
+        """Accumulate spike counts per channel (channel = dim 2 of ``[T, B, C, ...]``)."""
+        fired = out if self.binary else (out != 0).to(out.dtype)
+        if fired.dim() > 2:
+            dims = [d for d in range(fired.dim()) if d != 2]
+            spikes = fired.sum(dim=dims).double()
+            count = fired.numel() // fired.shape[2]
+        else:
+            spikes = fired.sum().double().reshape(1)
+            count = fired.numel()
+        if restart or self._stats is None or self._stats["spikes"].shape != spikes.shape:
+            self._stats = {"spikes": spikes, "count": count, "v_sum": float(h.sum()), "v_n": h.numel()}
+        else:
+            self._stats["spikes"] = self._stats["spikes"] + spikes
+            self._stats["count"] += count
+            self._stats["v_sum"] += float(h.sum())
+            self._stats["v_n"] += h.numel()
+
+    # -- forward --------------------------------------------------------------------------------------
+    def _shaped(self, p: torch.Tensor | None, step_ndim: int) -> torch.Tensor | None:
+        """A per-channel ``[C]`` tensor viewed to broadcast over one step ``[B, C, ...]``."""
+        if p is None or p.dim() == 0:
+            return p
+        return p.view(p.shape[0], *([1] * (step_ndim - 2)))
+
+    def _dynamics(self) -> _Dynamics:
+        return _Dynamics(surrogate_class(self.surrogate).derivative, self.alpha, self.reset is not None,
+                         self.binary, self.time_dependent, self.leaky)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.spiking:
+            return F.leaky_relu(x, self.ann_slope) if self.leaky else F.relu(x)
+        if self.neuron_wise and (x.dim() < 2 or x.shape[1] != self.channels):
+            raise ShapeError(
+                f"{type(self).__name__} has {self.channels} per-channel thresholds but its input has shape "
+                f"{tuple(x.shape)} (channels are dim 1); build it with channels={x.shape[1] if x.dim() > 1 else 1}"
+            )
+        if self.step_mode == "single":
+            return self._single_step(x)
+        T = self.timesteps
+        if x.shape[0] % T:
+            raise ShapeError(
+                f"{type(self).__name__} runs {T} timesteps, so its input's first dim must be T*batch; got "
+                f"{tuple(x.shape)}. Feed the time-folded batch (an encoder does that) or use set_mode(step='single')."
+            )
+        xs = x.reshape(T, x.shape[0] // T, *x.shape[1:])
+        th = _as_scalar(self._shaped(self.threshold, x.dim()))
+        r = _as_scalar(self._shaped(self.reset, x.dim()))
+        k = self.leak()
+        out, h = _MultiStep.apply(xs, th, r, k, self._dynamics())
+        if self.record_in_training or not self.training:
+            self._record(out, h, restart=True)
+        return out.reshape(x.shape)
+
+    def _single_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One step with ordinary autograd: the reference the fused path is tested against."""
+        dyn = self._dynamics()
+        th = self._shaped(self.threshold, x.dim())
+        r = self._shaped(self.reset, x.dim()) if dyn.hard else 0.0
+        k = self.leak()
+        a = (1.0 - k) if dyn.leaky else 1.0
+        v = self._v
+        if v is None:
+            v = r.detach() if isinstance(r, torch.Tensor) else torch.zeros((), dtype=x.dtype, device=x.device) + r
+        h = _integrate(_leak_input(x, k, r, dyn), v, a)
+        u = h - th
+        spike = surrogate_class(self.surrogate).apply(u, self.alpha)
+        out = spike if dyn.binary else spike * u
+        v = h * (1.0 - spike) + r * spike if dyn.hard else h - th * spike
+        self._v = v if dyn.time_dependent else v.detach()
+        restart = self._stats_stale
+        self._stats_stale = False
+        self._record(out.detach().unsqueeze(0), h.detach(), restart=restart)
+        return out
+
+    def extra_repr(self) -> str:
+        reset = "soft" if self.reset is None else f"hard to {self.get_eve('reset'):g}"
+        return (f"timesteps={self.timesteps}, threshold={self.get_eve('threshold'):g}, reset={reset}, "
+                f"surrogate={self.surrogate}(alpha={self.alpha:g}), neuron_wise={self.neuron_wise}, "
+                f"mode={'spiking' if self.spiking else 'ann'}/{self.step_mode}")
+
+
+class IFNeuron(SpikingNeuron):
+    """Integrate-and-fire neuron: ``h_t = v_{t-1} + x_t``; ReLU in non-spiking mode.
+
+    Example:
+        >>> IFNeuron(timesteps=2)(torch.tensor([[0.6], [0.6]])).flatten().tolist()
+        [0.0, 1.0]
+    """
+
+
+class LIFNeuron(SpikingNeuron):
+    """Leaky integrate-and-fire: ``h_t = v + (x_t - (v - reset)) / tau``; LeakyReLU in non-spiking mode.
+
+    ``tau`` is a buffer (saved with the state dict); with ``upgrade=True`` it is an eve parameter
+    in ``tau_range``.
+
+    Example:
+        >>> LIFNeuron(timesteps=3, tau=2.0)(torch.ones(3, 1)).flatten().tolist()
+        [0.0, 0.0, 0.0]
+    """
+
+    leaky = True
+
+    def __init__(self, timesteps: int = 8, threshold: float = 1.0, reset: float | None = 0.0, *, tau: float = 2.0,
+                 tau_range: tuple[float, float] = (1.0, 16.0), **kwargs: Any):
+        super().__init__(timesteps, threshold, reset, **kwargs)
+        if tau < 1.0:
+            raise ValueError(f"tau must be >= 1 (got {tau}); tau = 1 means no memory")
+        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.tau_range = tau_range
+
+    def leak(self) -> float:
+        return 1.0 / float(self.tau)
+
+    def eve_ranges(self) -> dict[str, EveRange]:
+        ranges = super().eve_ranges()
+        if self.upgrade:
+            ranges["tau"] = EveRange(*self.tau_range)
+        return ranges
+
+    def extra_repr(self) -> str:
+        return f"tau={float(self.tau):g}, " + super().extra_repr()
+
+
+class PLIFNeuron(SpikingNeuron):
+    """LIF whose time constant is learned: ``1/tau = sigmoid(w)``, ``w`` a parameter initialised
+    from ``tau`` (Fang et al. 2021). LeakyReLU in non-spiking mode.
+
+    Example:
+        >>> n = PLIFNeuron(timesteps=4, tau=2.0); round(float(n.tau), 4)
+        2.0
+    """
+
+    leaky = True
+
+    def __init__(self, timesteps: int = 8, threshold: float = 1.0, reset: float | None = 0.0, *, tau: float = 2.0,
+                 **kwargs: Any):
+        super().__init__(timesteps, threshold, reset, **kwargs)
+        if tau <= 1.0:
+            raise ValueError(f"PLIF needs tau > 1 (got {tau}): 1/tau = sigmoid(w) lies in (0, 1)")
+        self.w = nn.Parameter(torch.tensor(-math.log(float(tau) - 1.0)))
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return 1.0 / torch.sigmoid(self.w.detach())
+
+    def leak(self) -> torch.Tensor:
+        return torch.sigmoid(self.w)
+
+    def extra_repr(self) -> str:
+        return f"tau={float(self.tau):.3g} (learned), " + super().extra_repr()

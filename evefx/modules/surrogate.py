@@ -1,0 +1,323 @@
+"""Surrogate spike functions: a Heaviside step forward, a smooth derivative backward.
+
+A spiking neuron emits ``H(u) = 1 if u >= 0 else 0`` where ``u = v - threshold``. The step has
+no useful gradient, so training replaces its derivative by the derivative ``g'(u)`` of a smooth
+primitive ``g`` that approaches the step as ``alpha`` grows. Each surrogate below is a
+``torch.autograd.Function`` (``Surrogate.apply(u, alpha)``) and also exposes, as plain static
+methods, ``primitive(u, alpha)`` (the smooth ``g``) and ``derivative(u, alpha)`` (``g'``), which
+the fused neuron backward calls directly.
+
+=====================  =========================================================  ============================
+name                   derivative ``g'(u)``                                       primitive ``g(u)``
+=====================  =========================================================  ============================
+sigmoid                ``a * sig(a u) * (1 - sig(a u))``                          ``sig(a u)``
+piecewise_quadratic    ``a - a^2 |u|`` for ``|u| < 1/a``, else 0                  piecewise quadratic, 0 to 1
+soft_sign              ``a / (2 (1 + a|u|)^2)``                                   ``(1 + a u / (1 + a|u|)) / 2``
+atan                   ``(a/2) / (1 + (pi/2 a u)^2)``                             ``1/2 + atan(pi/2 a u) / pi``
+nonzero_sign_log_abs   ``a / (1 + a|u|)``                                         ``sign(u) log(1 + a|u|)``
+erf                    ``a / sqrt(pi) * exp(-(a u)^2)``                           ``(1 + erf(a u)) / 2``
+piecewise_leaky_relu   ``a/2`` for ``|u| <= 1/a``, else ``0.01``                  leaky ramp, 0 to 1 inside
+fast_sigmoid           ``1 / (1 + a|u|)^2`` (SuperSpike, Zenke & Ganguli 2018)    ``u / (1 + a|u|)``
+triangle               ``max(0, 1 - a|u|)`` (peak 1, Bellec et al. 2018)          piecewise quadratic
+=====================  =========================================================  ============================
+
+(``a`` is ``alpha``, ``sig`` the logistic function.) ``erf`` uses the true derivative of its
+primitive: a Gaussian of width ``1/a`` that integrates to 1. Some families overlap: fast_sigmoid
+is soft_sign rescaled to peak 1 (equal at ``a = 2``), and triangle equals piecewise_quadratic at
+``a = 1``.
+
+Example:
+    >>> u = torch.tensor([-0.5, 0.0, 0.5], requires_grad=True)
+    >>> fn = spike_fn("atan", 2.0)
+    >>> fn(u)
+    tensor([0., 1., 1.], grad_fn=<ATanBackward>)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "Surrogate",
+    "Sigmoid",
+    "PiecewiseQuadratic",
+    "SoftSign",
+    "ATan",
+    "NonzeroSignLogAbs",
+    "Erf",
+    "PiecewiseLeakyReLU",
+    "FastSigmoid",
+    "Triangle",
+    "SURROGATES",
+    "surrogate",
+    "spike_fn",
+    "heaviside",
+]
+
+_LEAK = 0.01  # slope of piecewise_leaky_relu outside its window
+
+
+def heaviside(u: torch.Tensor) -> torch.Tensor:
+    """``1`` where ``u >= 0`` else ``0``, in ``u``'s dtype (the forward of every surrogate).
+
+    Example:
+        >>> heaviside(torch.tensor([-1.0, 0.0, 2.0]))
+        tensor([0., 1., 1.])
+    """
+    return (u >= 0).to(u.dtype)
+
+
+class Surrogate(torch.autograd.Function):
+    """Base of the surrogate functions: Heaviside forward, ``derivative(u, alpha)`` backward.
+
+    Subclasses define ``derivative`` and ``primitive`` as static methods; ``alpha`` is a float
+    and gets no gradient.
+
+    Example:
+        >>> ATan.apply(torch.zeros(2, requires_grad=True), 2.0)
+    """
+
+    @staticmethod
+    def derivative(u: torch.Tensor, alpha: float) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def primitive(u: torch.Tensor, alpha: float) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def forward(ctx, u, alpha):  # type: ignore[override]
+        ctx.save_for_backward(u)
+        ctx.alpha = alpha
+        return heaviside(u)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        # the subclass's derivative: autograd gives ctx the class it was applied from
+        return grad * ctx._forward_cls.derivative(u, ctx.alpha), None
+
+
+class Sigmoid(Surrogate):
+    """``g(u) = sigmoid(alpha u)``; ``g'(u) = alpha s (1 - s)`` with ``s = g(u)``.
+
+    Example:
+        >>> Sigmoid.derivative(torch.tensor(0.0), 4.0)
+        tensor(1.)
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        return torch.sigmoid(alpha * u)
+
+    @staticmethod
+    def derivative(u, alpha):
+        s = torch.sigmoid(alpha * u)
+        return s.mul_(1 - s).mul_(alpha)
+
+
+class PiecewiseQuadratic(Surrogate):
+    """``g'(u) = alpha - alpha^2 |u|`` inside ``|u| < 1/alpha``, 0 outside (a triangle of area 1).
+
+    ``g`` is 0 below ``-1/alpha``, 1 above ``1/alpha`` and two parabolas in between.
+
+    Example:
+        >>> PiecewiseQuadratic.derivative(torch.tensor([0.0, 0.25, 1.0]), 2.0)
+        tensor([2., 1., 0.])
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        w = 1.0 / alpha
+        inner = torch.where(u < 0, 0.5 * (alpha * u + 1) ** 2, 1 - 0.5 * (alpha * u - 1) ** 2)
+        return torch.where(u <= -w, torch.zeros_like(u), torch.where(u >= w, torch.ones_like(u), inner))
+
+    @staticmethod
+    def derivative(u, alpha):
+        return u.abs().mul_(-alpha * alpha).add_(alpha).clamp_min_(0.0)
+
+
+class SoftSign(Surrogate):
+    """``g(u) = (1 + alpha u / (1 + alpha |u|)) / 2``; ``g'(u) = alpha / (2 (1 + alpha|u|)^2)``.
+
+    Example:
+        >>> SoftSign.derivative(torch.tensor(0.0), 2.0)
+        tensor(1.)
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        au = alpha * u
+        return 0.5 * (1 + au / (1 + au.abs()))
+
+    @staticmethod
+    def derivative(u, alpha):
+        d = u.abs().mul_(alpha).add_(1.0)
+        return d.mul_(d).reciprocal_().mul_(alpha / 2)
+
+
+class ATan(Surrogate):
+    """``g(u) = 1/2 + atan(pi/2 alpha u) / pi``; ``g'(u) = (alpha/2) / (1 + (pi/2 alpha u)^2)``.
+
+    Example:
+        >>> ATan.derivative(torch.tensor(0.0), 2.0)
+        tensor(1.)
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        return 0.5 + torch.atan((math.pi / 2 * alpha) * u) / math.pi
+
+    @staticmethod
+    def derivative(u, alpha):
+        # in-place on one temporary: the fused neuron backward calls this on [T, B, ...] tensors
+        z = u * (math.pi / 2 * alpha)
+        return z.mul_(z).add_(1.0).reciprocal_().mul_(alpha / 2)
+
+
+class NonzeroSignLogAbs(Surrogate):
+    """``g(u) = sign(u) log(1 + alpha |u|)`` (sign(0) = 1); ``g'(u) = alpha / (1 + alpha |u|)``.
+
+    Example:
+        >>> NonzeroSignLogAbs.derivative(torch.tensor(0.5), 2.0)
+        tensor(1.)
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        sign = torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
+        return sign * torch.log1p(alpha * u.abs())
+
+    @staticmethod
+    def derivative(u, alpha):
+        return u.abs().mul_(alpha).add_(1.0).reciprocal_().mul_(alpha)
+
+
+class Erf(Surrogate):
+    """``g(u) = (1 + erf(alpha u)) / 2``; ``g'(u) = alpha / sqrt(pi) * exp(-(alpha u)^2)``.
+
+    This is the exact derivative of ``g`` (a Gaussian integrating to 1).
+
+    Example:
+        >>> Erf.derivative(torch.tensor(0.0), 2.0)
+        tensor(1.1284)
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        return 0.5 * (1 + torch.erf(alpha * u))
+
+    @staticmethod
+    def derivative(u, alpha):
+        au = u * alpha
+        return au.mul_(au).neg_().exp_().mul_(alpha / math.sqrt(math.pi))
+
+
+class PiecewiseLeakyReLU(Surrogate):
+    """``g'(u) = alpha / 2`` for ``|u| <= 1/alpha``, ``0.01`` outside; ``g`` rises from 0 to 1
+    across the window and leaks with slope 0.01 beyond it.
+
+    Example:
+        >>> PiecewiseLeakyReLU.derivative(torch.tensor([0.0, 2.0]), 2.0)
+        tensor([1.0000, 0.0100])
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        w = 1.0 / alpha
+        inside = 0.5 * alpha * u + 0.5
+        below = _LEAK * (u + w)
+        above = 1 + _LEAK * (u - w)
+        return torch.where(u < -w, below, torch.where(u > w, above, inside))
+
+    @staticmethod
+    def derivative(u, alpha):
+        return torch.full_like(u, _LEAK).masked_fill_(u.abs() <= 1.0 / alpha, alpha / 2)
+
+
+class FastSigmoid(Surrogate):
+    """SuperSpike's ``g'(u) = 1 / (1 + alpha |u|)^2`` (peak 1); ``g(u) = u / (1 + alpha |u|)``.
+
+    Example:
+        >>> FastSigmoid.derivative(torch.tensor(0.5), 2.0)
+        tensor(0.2500)
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        return u / (1 + alpha * u.abs())
+
+    @staticmethod
+    def derivative(u, alpha):
+        d = u.abs().mul_(alpha).add_(1.0)
+        return d.mul_(d).reciprocal_()
+
+
+class Triangle(Surrogate):
+    """``g'(u) = max(0, 1 - alpha |u|)``: a triangle of height 1 and half-width ``1/alpha``
+    (Bellec et al.'s pseudo-derivative, undamped). Unlike ``piecewise_quadratic`` its peak stays
+    1 whatever ``alpha``; its area is ``1/alpha``.
+
+    Example:
+        >>> Triangle.derivative(torch.tensor([0.0, 0.25, 1.0]), 2.0)
+        tensor([1.0000, 0.5000, 0.0000])
+    """
+
+    @staticmethod
+    def primitive(u, alpha):
+        w = 1.0 / alpha
+        inner = torch.where(u < 0, 0.5 * w * (alpha * u + 1) ** 2, w - 0.5 * w * (alpha * u - 1) ** 2)
+        return torch.where(u <= -w, torch.zeros_like(u), torch.where(u >= w, torch.full_like(u, w), inner))
+
+    @staticmethod
+    def derivative(u, alpha):
+        return u.abs().mul_(-alpha).add_(1.0).clamp_min_(0.0)
+
+
+SURROGATES: dict[str, type[Surrogate]] = {
+    "sigmoid": Sigmoid,
+    "piecewise_quadratic": PiecewiseQuadratic,
+    "soft_sign": SoftSign,
+    "atan": ATan,
+    "nonzero_sign_log_abs": NonzeroSignLogAbs,
+    "erf": Erf,
+    "piecewise_leaky_relu": PiecewiseLeakyReLU,
+    "fast_sigmoid": FastSigmoid,
+    "triangle": Triangle,
+}
+"""Surrogate name (as in the spec) -> its autograd function."""
+
+
+def surrogate(name: str) -> type[Surrogate]:
+    """The surrogate class called ``name``; an unknown name lists the valid ones.
+
+    Example:
+        >>> surrogate("erf").derivative(torch.tensor(0.0), 1.0)
+        tensor(0.5642)
+    """
+    try:
+        return SURROGATES[name]
+    except KeyError:
+        raise ValueError(f"unknown surrogate {name!r}; valid names: {', '.join(SURROGATES)}") from None
+
+
+def spike_fn(name: str, alpha: float = 2.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable ``u -> H(u)`` whose backward is surrogate ``name`` with sharpness ``alpha``.
+
+    Example:
+        >>> spike_fn("sigmoid", 4.0)(torch.tensor([0.3]))
+        tensor([1.])
+    """
+    cls = surrogate(name)
+    if not alpha > 0:
+        raise ValueError(f"surrogate alpha must be > 0 (got {alpha})")
+    alpha = float(alpha)
+
+    def fn(u: torch.Tensor) -> torch.Tensor:
+        return cls.apply(u, alpha)
+
+    fn.__name__ = f"{name}_spike"
+    fn.__doc__ = f"Heaviside forward, {name} surrogate (alpha={alpha}) backward."
+    return fn

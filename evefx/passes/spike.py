@@ -1,0 +1,220 @@
+"""The ``spike`` pass: turn the selected layers' activations into spiking neurons.
+
+For every planned layer (``exclude_last`` leaves the classifier analog), in graph order:
+
+* the activation that ends its output block (``layer -> [bn] -> act``) is **replaced** by a
+  neuron (its node is erased: the neuron is the non-linearity); without an activation the neuron
+  is **inserted** after ``layer -> [bn]``;
+* every tensor input of the graph gets an encoder (``poisson`` or ``direct``) that makes ``T``
+  time-folded steps ``[T*B, ...]``, and every output a :class:`~evefx.modules.encoding.MeanDecoder`,
+  so the model is still called with ``[B, ...]`` and returns ``[B, ...]``.
+
+Layers between encoder and decoder run once on the time-folded batch. With ``encoder: direct``
+every step sees the same input, so the deterministic stateless layers fed only by the inputs
+(``conv -> bn`` before the first neurons) are hoisted out of time: they run once on ``[B, ...]`` and
+the ``DirectEncoder`` repeats their output (same forward; BatchNorm's running variance differs
+only by its ``n/(n-1)`` correction). Nodes are marked with
+roles ``neuron``, ``encoder`` and ``decoder``; a layer already given a neuron is skipped and the
+encoder/decoder are added once, so running the pass twice changes nothing.
+
+Example:
+    >>> gm = evefx.transform(DemoNet(), {"passes": [{"kind": "spike", "timesteps": 4}]})
+    >>> [c.action for c in gm.report.changes][:2]
+    ['replaced', 'replaced']
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from evefx.errors import PassError
+from evefx.graph import ACTIVATION_MODULES, insert_after, insert_before_output, mark, marked, module_of, output_block, remove_node, unique_name
+from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
+from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron, SpikingNeuron
+from evefx.passes.base import Change, PassResult, SectionPass
+from evefx.spec import SpikeSection
+
+__all__ = ["SpikePass", "make_neuron", "firing_rates"]
+
+log = logging.getLogger(__name__)
+
+_NEURON = {"if": IFNeuron, "lif": LIFNeuron, "plif": PLIFNeuron}
+# deterministic, stateless per sample: safe to compute once when every step sees the same input
+_TIME_INVARIANT = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.ZeroPad2d, *ACTIVATION_MODULES,
+})
+
+
+def _out_channels(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return getattr(module, "out_channels", None)
+
+
+def make_neuron(section: SpikeSection, channels: int | None) -> SpikingNeuron:
+    """The neuron a ``kind: spike`` section asks for (one layer's section, overrides applied).
+
+    Example:
+        >>> make_neuron(SpikeSection(kind="spike"), channels=16)
+        LIFNeuron(tau=2, timesteps=8, threshold=1, ...)
+    """
+    cfg = section.neuron
+    kwargs = dict(
+        channels=channels, neuron_wise=cfg.neuron_wise and channels is not None,
+        learnable_threshold=cfg.learnable_threshold, learnable_reset=cfg.learnable_reset,
+        time_dependent=cfg.time_dependent, binary=cfg.binary, surrogate=cfg.surrogate.name,
+        alpha=cfg.surrogate.alpha, upgrade=section.upgrade_threshold,
+    )
+    if cfg.type != "if":
+        kwargs["tau"] = cfg.tau
+    return _NEURON[cfg.type](section.timesteps, cfg.threshold, cfg.reset, **kwargs)
+
+
+def _is_tensor_input(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    if meta is not None:
+        return isinstance(meta, TensorMetadata)
+    return not node.args  # a placeholder with a default value is a non-tensor option
+
+
+class SpikePass(SectionPass):
+    """Runs one ``kind: spike`` section (see the module docstring for what it does).
+
+    Example:
+        >>> result = SpikePass(spec.passes[0], "passes[0]")(gm)
+        >>> result.changes[-1].detail
+        'MeanDecoder(T=8) on output classifier_3'
+    """
+
+    name = "spike"
+    section: SpikeSection
+
+    def __init__(self, section: SpikeSection, spec_path: str, *, hoist: bool = True):
+        super().__init__(section, spec_path)
+        self.hoist = hoist
+        """With direct encoding, run the layers before the first neurons once instead of T times."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        changes: list[Change] = []
+        timesteps = self.section.timesteps
+        for layer, planned in self.plan(gm).items():
+            if marked(gm, self.name, layer, role="neuron"):
+                log.debug("%s: %s already has a neuron; skipped", self.spec_path, layer)
+                continue
+            section: SpikeSection = planned.section  # type: ignore[assignment]
+            if section.timesteps != timesteps:
+                raise PassError(f"{self.spec_path}.overrides: timesteps cannot differ per layer ({layer})")
+            self.current_node = planned.node
+            neuron = make_neuron(section, _out_channels(planned.module))
+            neuron.train(planned.module.training)
+            block = output_block(gm, planned.node)
+            before = block.bn or block.layer
+            new = insert_after(gm, before, neuron, f"{layer}.neuron")
+            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="neuron")
+            kind = type(neuron).__name__
+            if block.act is not None:
+                act_name = block.act.target if block.act.op == "call_module" else getattr(block.act.target, "__name__", block.act.target)
+                act_desc = type(module_of(gm, block.act)).__name__ if block.act.op == "call_module" else str(act_name)
+                remove_node(gm, block.act)
+                changes.append(self.change("replaced", new, layer, f"{act_desc} ({block.act.name}) -> {kind}"))
+            else:
+                changes.append(self.change("inserted", new, layer, f"{kind} after {before.name}"))
+        self.current_node = None
+        changes += self._encode(gm, timesteps)
+        changes += self._decode(gm, timesteps)
+        return PassResult(gm, bool(changes), tuple(changes))
+
+    def _existing_timesteps(self, gm: fx.GraphModule, role: str) -> list[int]:
+        return [module_of(gm, n).timesteps for n in marked(gm, self.name, role=role)]
+
+    def _check_same_t(self, gm: fx.GraphModule, role: str, timesteps: int) -> bool:
+        found = self._existing_timesteps(gm, role)
+        if found and any(t != timesteps for t in found):
+            raise PassError(
+                f"{self.spec_path}: the model already runs {found[0]} timesteps (an earlier spike section) but this "
+                f"section asks for {timesteps}; use one timesteps value for the whole model"
+            )
+        return bool(found)
+
+    def _invariant_region(self, gm: fx.GraphModule) -> list[fx.Node]:
+        """The tensor inputs, plus (with direct encoding) the deterministic stateless layers fed
+        only by them: with the same input at every step these compute the same thing T times."""
+        region = [n for n in gm.graph.nodes if n.op == "placeholder" and _is_tensor_input(n)]
+        if self.section.encoder != "direct" or not self.hoist:
+            return region
+        inside = set(region)
+        for n in gm.graph.nodes:
+            if (n.op == "call_module" and "evefx" not in n.meta and not n.kwargs and n.all_input_nodes
+                    and all(a in inside for a in n.all_input_nodes)
+                    and type(module_of(gm, n)) in _TIME_INVARIANT):
+                region.append(n)
+                inside.add(n)
+        return region
+
+    def _encode(self, gm: fx.GraphModule, timesteps: int) -> list[Change]:
+        if self._check_same_t(gm, "encoder", timesteps):
+            return []
+        region = self._invariant_region(gm)
+        if not region:
+            raise PassError(f"{self.spec_path}: the model has no tensor input to encode into spikes")
+        inside = set(region)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        changes = []
+        anchor = placeholders[-1]  # encoders of inputs go after all placeholders (fx keeps those first)
+        hoisted = [n.target for n in region if n.op == "call_module"]
+        for src in region:
+            outside = [u for u in src.users if u not in inside]
+            if not outside:
+                continue
+            enc = PoissonEncoder(timesteps) if self.section.encoder == "poisson" else DirectEncoder(timesteps)
+            name = unique_name(gm, f"spike_encoder_{src.name}")
+            gm.add_submodule(name, enc)
+            after = anchor if src.op == "placeholder" else src
+            with gm.graph.inserting_after(after):
+                new = gm.graph.call_module(name, (src,))
+            if src.op == "placeholder":
+                anchor = new
+            for user in outside:
+                user.replace_input_with(src, new)
+            if "tensor_meta" in src.meta:
+                new.meta["tensor_meta"] = src.meta["tensor_meta"]
+            mark(new, pass_name=self.name, layer=src.name, spec_path=self.spec_path, role="encoder")
+            where = f"input {src.name}" if src.op == "placeholder" else f"{src.name} ({src.target})"
+            detail = f"{type(enc).__name__}(T={timesteps}) on {where}"
+            if src.op != "placeholder":
+                detail += f"; {', '.join(map(str, hoisted))} run once, not once per step (same input every step)"
+            changes.append(self.change("inserted", new, src.name, detail))
+        return changes
+
+    def _decode(self, gm: fx.GraphModule, timesteps: int) -> list[Change]:
+        if self._check_same_t(gm, "decoder", timesteps):
+            return []
+        changes = []
+        for new in insert_before_output(gm, lambda: MeanDecoder(timesteps), "spike_decoder"):
+            src = new.args[0]
+            if "tensor_meta" in src.meta:
+                new.meta["tensor_meta"] = src.meta["tensor_meta"]
+            mark(new, pass_name=self.name, layer="output", spec_path=self.spec_path, role="decoder")
+            changes.append(self.change("inserted", new, "output", f"MeanDecoder(T={timesteps}) on output {src.name}"))
+        return changes
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node in marked(gm, self.name, role="neuron"):
+            if not isinstance(module_of(gm, node), SpikingNeuron):
+                raise PassError(f"{self.spec_path}: {node.target} is marked as a neuron but is a "
+                                f"{type(module_of(gm, node)).__name__}; report a bug with this message")
+
+
+def firing_rates(gm: fx.GraphModule) -> dict[str, float]:
+    """Firing rate of every neuron, by layer, from the last forward.
+
+    Example:
+        >>> gm(x); firing_rates(gm)
+        {'features.0': 0.21, 'features.3': 0.14, ...}
+    """
+    return {node.meta["evefx"]["layer"]: module_of(gm, node).observations().get("firing_rate", 0.0)
+            for node in marked(gm, "spike", role="neuron")}

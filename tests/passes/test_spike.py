@@ -1,0 +1,208 @@
+"""The spike pass on DemoNet and small hand-built models: graph edits, signature, training, modes,
+idempotency, nothing-to-do and error cases."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import evefx
+from evefx.errors import PassError, PlanError
+from evefx.graph import marked, module_of
+from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
+from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron
+from evefx.passes import Sequential
+from evefx.passes.spike import SpikePass, firing_rates
+from evefx.pipeline import EveModule
+from evefx.spec import load_spec
+from evefx.trace import trace
+
+LIF8 = {"passes": [{"kind": "spike", "timesteps": 8, "encoder": "direct"}]}
+NEURON_LAYERS = ["features.0", "features.3", "features.6", "classifier.1"]
+
+
+def spec(**kw):
+    return {"passes": [{"kind": "spike", **kw}]}
+
+
+def test_demo_net_graph_and_changes(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, LIF8, mnist_batch)
+    neurons = marked(gm, "spike", role="neuron")
+    assert [n.meta["evefx"]["layer"] for n in neurons] == NEURON_LAYERS  # exclude_last keeps classifier.3 analog
+    assert all(isinstance(module_of(gm, n), LIFNeuron) for n in neurons)
+    # every ReLU is gone (replaced by neurons); BN stays, and the neuron reads it
+    assert not any(isinstance(m, nn.ReLU) for m in gm.modules())
+    assert neurons[1].args[0].target == "features.4"
+    assert gm.report.counts() == {"replaced": 4, "inserted": 2}
+    (enc,) = marked(gm, "spike", role="encoder")
+    (dec,) = marked(gm, "spike", role="decoder")
+    assert isinstance(module_of(gm, enc), DirectEncoder) and isinstance(module_of(gm, dec), MeanDecoder)
+    # direct encoding: conv -> bn before the first neuron see the same input every step, so they
+    # run once and the repeat goes right before the neuron
+    assert enc.args[0].target == "features.1" and next(iter(enc.users)) is neurons[0]
+    assert next(iter(dec.users)).op == "output" and dec.args[0].target == "classifier.3"
+    neuron = module_of(gm, neurons[0])
+    assert neuron.timesteps == 8 and neuron.neuron_wise and neuron.threshold.shape == (4,)
+    assert module_of(gm, neurons[-1]).threshold.shape == (16,)
+
+
+def test_hoisting_the_invariant_prefix_preserves_computation(demo_net, mnist_batch):
+    section = load_spec(LIF8).passes[0]
+    plain = trace(copy.deepcopy(demo_net), cls=EveModule)
+    plain = Sequential([SpikePass(section, "passes[0]", hoist=False)])(plain).graph_module
+    (enc,) = marked(plain, "spike", role="encoder")
+    assert enc.args[0].op == "placeholder"
+    hoisted = evefx.transform(demo_net, LIF8, mnist_batch)
+    assert torch.equal(hoisted(mnist_batch), plain(mnist_batch))  # eval mode
+    hoisted.train()
+    plain.train()
+    x = mnist_batch * 3
+    out_h, out_p = hoisted(x), plain(x)
+    torch.testing.assert_close(out_h, out_p, rtol=1e-4, atol=1e-5)
+    out_h.square().sum().backward()
+    out_p.square().sum().backward()
+    for (name, p), (_, q) in zip(hoisted.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    bn_h, bn_p = hoisted.get_submodule("features.1"), plain.get_submodule("features.1")
+    torch.testing.assert_close(bn_h.running_mean, bn_p.running_mean)
+
+
+def test_signature_and_shapes_kept(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, spec(timesteps=4), mnist_batch)
+    out = gm(mnist_batch)
+    assert out.shape == demo_net(mnist_batch).shape == (4, 10)
+    (enc,) = marked(gm, "spike", role="encoder")
+    assert isinstance(module_of(gm, enc), PoissonEncoder) and enc.args[0].op == "placeholder"
+    # time-folded inside: the first neuron saw [T*B, 4, 14, 14] and fired in {0, 1}
+    rates = firing_rates(gm)
+    assert list(rates) == NEURON_LAYERS and all(0.0 <= r <= 1.0 for r in rates.values())
+    assert demo_net.features[2].__class__ is nn.ReLU, "the user's model is untouched"
+
+
+def test_training_step_changes_weights_and_loss_goes_down(demo_net):
+    torch.manual_seed(0)
+    gm = evefx.transform(demo_net, spec(timesteps=4, encoder="direct", neuron={"type": "lif", "learnable_threshold": True}))
+    gm.train()
+    x = torch.rand(8, 1, 28, 28)
+    y = torch.randint(0, 10, (8,))
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    w0 = gm.get_submodule("features.0").weight.detach().clone()
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(gm(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert not torch.equal(gm.get_submodule("features.0").weight, w0)
+    assert gm.get_submodule("features_0_neuron").threshold.grad is not None
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_non_spiking_mode_equals_original_with_if(demo_net, mnist_batch):
+    """IF in non-spiking mode is ReLU and encoder/decoder are the identity: the original network."""
+    gm = evefx.transform(demo_net, spec(neuron={"type": "if"}), mnist_batch)
+    assert not torch.allclose(gm(mnist_batch), demo_net(mnist_batch), atol=1e-3)
+    evefx.set_mode(gm, spiking=False)
+    assert torch.allclose(gm(mnist_batch), demo_net(mnist_batch), atol=1e-6)
+    ref = copy.deepcopy(demo_net).train()
+    gm.train()
+    assert torch.allclose(gm(mnist_batch), ref(mnist_batch), atol=1e-5)
+
+
+def test_hybrid_ann_then_snn(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, spec(timesteps=2, encoder="direct", neuron={"type": "lif"}), mnist_batch)
+    evefx.set_mode(gm, spiking=False)
+    ann = gm(mnist_batch)
+    expected = copy.deepcopy(demo_net)
+    for i in (2, 5, 8):
+        expected.features[i] = nn.LeakyReLU(0.01)
+    expected.classifier[2] = nn.LeakyReLU(0.01)
+    assert torch.allclose(ann, expected(mnist_batch), atol=1e-6)
+    evefx.set_mode(gm, spiking=True)
+    assert gm(mnist_batch).shape == (4, 10)
+
+
+def test_single_step_mode_matches_multi_step(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, spec(timesteps=3, encoder="direct"), mnist_batch)
+    multi = gm(mnist_batch)
+    evefx.set_mode(gm, step="single")
+    steps = [gm(mnist_batch) for _ in range(3)]
+    assert torch.allclose(torch.stack(steps).mean(0), multi, atol=1e-5)
+    evefx.reset(gm)
+    assert torch.allclose(gm(mnist_batch), steps[0], atol=1e-6), "reset starts a new sequence"
+
+
+def test_idempotent_and_nothing_to_do(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, LIF8, mnist_batch)
+    again = evefx.transform(gm, LIF8, mnist_batch)
+    assert again.report.changes == ()
+    assert len(marked(again, "spike", role="neuron")) == 4
+    assert len(marked(again, "spike", role="encoder")) == 1 and len(marked(again, "spike", role="decoder")) == 1
+    assert torch.allclose(again(mnist_batch), gm(mnist_batch))
+    with pytest.raises(PassError, match="already runs 8 timesteps"):
+        evefx.transform(gm, spec(timesteps=4, encoder="direct"), mnist_batch)
+
+
+def test_selection_errors_and_layer_without_activation():
+    with pytest.raises(PlanError, match="matches no layer"):
+        evefx.transform(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)),
+                        spec(select={"names": ["nope"]}))
+
+    class NoAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    gm = evefx.transform(NoAct(), spec(timesteps=2, neuron={"type": "plif", "neuron_wise": False}))
+    (change,) = [c for c in gm.report.changes if c.layer == "fc1"]
+    assert change.action == "inserted" and "PLIFNeuron after fc1" in change.detail
+    assert isinstance(gm.get_submodule("fc1_neuron"), PLIFNeuron)
+    assert gm(torch.rand(7, 5)).shape == (7, 3)
+
+
+def test_functional_activation_and_overrides():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(F.relu(self.a(x)))))
+
+    gm = evefx.transform(Functional(), spec(timesteps=2, neuron={"type": "lif", "reset": None},
+                                            overrides=[{"names": ["b"], "neuron": {"type": "if", "threshold": 0.5}}]))
+    assert not any(n.op == "call_function" and n.target in (F.relu, torch.relu) for n in gm.graph.nodes)
+    a, b = gm.get_submodule("a_neuron"), gm.get_submodule("b_neuron")
+    assert isinstance(a, LIFNeuron) and a.reset is None
+    assert isinstance(b, IFNeuron) and b.get_eve("threshold") == 0.5
+    assert gm(torch.rand(3, 4)).shape == (3, 2)
+
+
+def test_observe_reports_firing_rates_and_eve_thresholds(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, spec(timesteps=4, encoder="direct", upgrade_threshold=True), mnist_batch)
+    obs = evefx.observe(gm, mnist_batch)
+    row = obs.row("features.0")
+    assert {"neuron.firing_rate", "neuron.membrane", "neuron.silent_channels"} <= set(row)
+    assert 0.0 <= row["neuron.firing_rate"] <= 1.0
+    params = evefx.eve_parameters(gm)
+    assert {p.kind for p in params} == {"threshold", "tau"}
+    assert [p.layer for p in params if p.kind == "threshold"] == NEURON_LAYERS
+    evefx.set_eve_parameter(gm, params[0].name, 2.0)
+    assert gm.get_submodule("features_0_neuron").get_eve("threshold") == 2.0
+
+
+def test_two_models_do_not_share_state(demo_net, mnist_batch):
+    a = evefx.transform(demo_net, spec(timesteps=2, encoder="direct"), mnist_batch)
+    b = evefx.transform(demo_net, spec(timesteps=2, encoder="direct"), mnist_batch)
+    evefx.set_mode(a, step="single")
+    a(mnist_batch)
+    assert b(mnist_batch).shape == (4, 10)
+    assert a.get_submodule("features_0_neuron")._v is not None
+    assert b.get_submodule("features_0_neuron")._v is None
