@@ -1,0 +1,212 @@
+"""The ``quantize`` pass: quantization-aware training of the selected conv/linear layers.
+
+For every planned layer, in graph order:
+
+* ``weight`` set: the layer becomes a :class:`~evefx.modules.quant.QuantConv2d` (1d/3d) or
+  :class:`~evefx.modules.quant.QuantLinear` whose weights pass through a quantizer; with
+  ``fold_bn`` the BatchNorm fed only by the layer is folded into it and its node removed;
+* ``activation`` set: a :class:`~evefx.modules.quant.Quantizer` is inserted after the layer's
+  output block (``layer -> [bn] -> [activation] -> quantizer``);
+* ``upgrade_bits``: every quantizer's bits become an eve parameter in ``[min_bits, max_bits]``.
+
+Nodes are marked with roles ``weight`` and ``activation``; a layer already marked is skipped,
+so running the pass twice changes nothing.
+
+Example:
+    >>> gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize", "weight": {"bits": 4}}]})
+    >>> quant_summary(gm)[0]
+    {'layer': 'features.0', 'w_bits': 4, 'a_bits': 8, 'params': 40, 'bytes': 34}
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from torch import fx, nn
+
+from evefx.errors import PassError, QuantizationError
+from evefx.graph import layer_nodes, mark, marked, module_of, output_block, remove_node, replace_module, insert_after
+from evefx.modules.quant import (
+    QUANT_LAYER_TYPES,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    Quantizer,
+    QuantLinear,
+)
+from evefx.passes.base import Change, PassResult, SectionPass
+from evefx.spec import QuantizeSection, QuantizerConfig
+
+__all__ = ["QuantizePass", "quant_summary", "make_quantizer"]
+
+log = logging.getLogger(__name__)
+
+_QUANT_CLASS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}
+_BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+
+
+def make_quantizer(
+    cfg: QuantizerConfig,
+    *,
+    name: str,
+    num_channels: int,
+    ch_axis: int,
+    bit_range: tuple[int, int] | None = None,
+) -> Quantizer:
+    """A :class:`Quantizer` built from a spec's ``weight``/``activation`` block.
+
+    Example:
+        >>> make_quantizer(QuantizerConfig(bits=4), name="fc", num_channels=10, ch_axis=0)
+    """
+    per_channel = cfg.granularity == "per_channel"
+    return Quantizer(
+        cfg.bits, cfg.fn, cfg.granularity, ch_axis=ch_axis, num_channels=num_channels if per_channel else None,
+        symmetric=cfg.symmetric, signed=cfg.signed, tracker=cfg.tracker, momentum=cfg.momentum,
+        learnable_scale=cfg.learnable_scale, regularization=cfg.regularization, bit_range=bit_range, name=name,
+    )
+
+
+def _base_type(module: nn.Module) -> type[nn.Module] | None:
+    for base in _QUANT_CLASS:
+        if isinstance(module, base):
+            return base
+    return None
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+class QuantizePass(SectionPass):
+    """Runs one ``kind: quantize`` section (see the module docstring for what it does).
+
+    Example:
+        >>> result = QuantizePass(spec.passes[0], "passes[0]")(gm)
+        >>> [c.action for c in result.changes][:3]
+        ['replaced', 'folded', 'inserted']
+    """
+
+    name = "quantize"
+    section: QuantizeSection
+
+    def _bit_range(self, section: QuantizeSection, cfg: QuantizerConfig, layer: str, role: str) -> tuple[int, int] | None:
+        if not section.upgrade_bits:
+            return None
+        if not section.min_bits <= cfg.bits <= section.max_bits:
+            raise QuantizationError(
+                f"{self.spec_path}: layer {layer} has {role}.bits={cfg.bits}, outside "
+                f"[min_bits, max_bits] = [{section.min_bits}, {section.max_bits}] that upgrade_bits searches; "
+                f"make the bits fit the range or widen it"
+            )
+        return (section.min_bits, section.max_bits)
+
+    def _foldable_bn(self, gm: fx.GraphModule, layer_node: fx.Node, bn_node: fx.Node | None, module: nn.Module) -> nn.Module | None:
+        if bn_node is None:
+            return None
+        bn = module_of(gm, bn_node)
+        base = _base_type(module)
+        if not isinstance(bn, _BN_FOR[base]) or bn.num_features != _out_channels(module):
+            return None
+        if not bn.track_running_stats or bn.running_var is None:
+            log.info("%s: %s keeps its BatchNorm %s (no running statistics to fold)", self.spec_path, layer_node.target, bn_node.target)
+            return None
+        calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        if calls.count(bn_node.target) > 1 or calls.count(layer_node.target) > 1:
+            return None  # the BatchNorm or the layer is applied elsewhere too: folding would change that call
+        return bn
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        changes: list[Change] = []
+        for layer, planned in self.plan(gm).items():
+            node, module, section = planned.node, planned.module, planned.section
+            if marked(gm, self.name, layer) or isinstance(module, QUANT_LAYER_TYPES):
+                log.debug("%s: %s is already quantized; skipped", self.spec_path, layer)
+                continue
+            base = _base_type(module)
+            if base is None:
+                raise PassError(
+                    f"{self.spec_path}: layer {layer} is a {type(module).__name__}; quantize supports "
+                    f"Conv1d/Conv2d/Conv3d/Linear. Remove it from select."
+                )
+            self.current_node = node
+            channels = _out_channels(module)
+            if section.weight is not None:
+                cfg = section.weight
+                wq = make_quantizer(cfg, name=f"{layer} (weight)", num_channels=channels, ch_axis=0,
+                                    bit_range=self._bit_range(section, cfg, layer, "weight"))
+                block = output_block(gm, node)
+                bn = self._foldable_bn(gm, node, block.bn, module) if section.fold_bn else None
+                new = _QUANT_CLASS[base].from_float(module, wq, bn)
+                new.train(module.training)
+                wq.train(module.training)
+                replace_module(gm, node, new)
+                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight")
+                changes.append(self.change("replaced", node, layer,
+                                           f"{type(module).__name__} -> {type(new).__name__} ({_describe(cfg)})"))
+                if bn is not None:
+                    bn_node = block.bn
+                    assert bn_node is not None
+                    changes.append(Change("folded", bn_node.name, str(bn_node.target), layer, self.spec_path,
+                                          f"{type(bn).__name__} folded into {layer}"))
+                    remove_node(gm, bn_node)
+            if section.activation is not None:
+                cfg = section.activation
+                axis = -1 if base is nn.Linear else 1
+                aq = make_quantizer(cfg, name=f"{layer} (activation)", num_channels=channels, ch_axis=axis,
+                                    bit_range=self._bit_range(section, cfg, layer, "activation"))
+                aq.train(module.training)
+                last = output_block(gm, node).last
+                new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
+                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation")
+                changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
+        self.current_node = None
+        return PassResult(gm, bool(changes), tuple(changes))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for node in marked(gm, self.name, role="weight"):
+            if not isinstance(module_of(gm, node), QUANT_LAYER_TYPES):
+                raise PassError(f"{self.spec_path}: {node.target} is marked as weight-quantized but is a "
+                                f"{type(module_of(gm, node)).__name__}; report a bug with this message")
+
+
+def _describe(cfg: QuantizerConfig) -> str:
+    sym = "sym" if cfg.symmetric else "asym"
+    sign = "signed" if cfg.signed else "unsigned"
+    return f"{cfg.bits} bits, {cfg.fn}, {cfg.granularity}, {sym}, {sign}, {cfg.tracker}"
+
+
+def quant_summary(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """Per conv/linear layer: weight and activation bits and the weight size in bytes at those bits.
+
+    ``w_bits`` is 32 for a layer left in float and ``a_bits`` None without an activation
+    quantizer. ``params`` counts weights and biases (a folded BatchNorm contributes the bias);
+    ``bytes`` stores the weights at ``w_bits`` and biases as 32-bit values (scales not counted).
+
+    Example:
+        >>> sum(r["bytes"] for r in quant_summary(gm))  # the model's weight size
+    """
+    a_bits: dict[str, int] = {}
+    for n in marked(gm, "quantize", role="activation"):
+        q = module_of(gm, n)
+        if isinstance(q, Quantizer):
+            a_bits[n.meta["evefx"]["layer"]] = int(q.bits)
+    rows = []
+    for node in layer_nodes(gm):
+        layer = str(node.target)
+        m = module_of(gm, node)
+        weights = m.weight.numel()
+        biases = m.bias.numel() if m.bias is not None else 0
+        w_bits = 32
+        if isinstance(m, QUANT_LAYER_TYPES):
+            w_bits = int(m.weight_quantizer.bits)
+            if m.bn is not None and m.bias is None:
+                biases = _out_channels(m)
+        rows.append({
+            "layer": layer,
+            "w_bits": w_bits,
+            "a_bits": a_bits.get(layer),
+            "params": weights + biases,
+            "bytes": math.ceil(weights * w_bits / 8) + 4 * biases,
+        })
+    return rows

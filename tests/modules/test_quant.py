@@ -1,0 +1,477 @@
+"""evefx.modules.quant: reference values computed by hand, gradients, trackers, errors, BN folding."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from evefx.errors import QuantizationError
+from evefx.modules.protocol import EveRange
+from evefx.modules.quant import (
+    QuantConv2d,
+    Quantizer,
+    QuantLinear,
+    affine_from_range,
+    levels,
+    lsq_quantize,
+)
+
+
+def quantize_once(x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One training-mode forward: the range is taken from ``x`` itself."""
+    return Quantizer(**kwargs).train()(x)
+
+
+def manual(x: torch.Tensor, q: Quantizer) -> torch.Tensor:
+    """The affine mapping written out from ``qparams()`` (what an exporter reproduces)."""
+    scale, zp, qmin, qmax, axis = q.qparams()
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+# ------------------------------------------------------------------ hand-computed values
+def test_levels():
+    assert levels(8, True) == (-128, 127)
+    assert levels(8, False) == (0, 255)
+    assert levels(2, True) == (-2, 1)
+    assert levels(1, True) == (-1, 0) and levels(1, False) == (0, 1)
+    assert levels(16, True) == (-32768, 32767)
+
+
+def test_8bit_symmetric_per_channel():
+    w = torch.tensor([[0.49, -1.0, 0.25], [2.0, 1.1, -0.3]])
+    q = Quantizer(8, "round", "per_channel", num_channels=2, tracker="global").train()
+    out = q(w)
+    # channel 0: s = 1/127 -> codes 62.23->62, -127, 31.75->32; channel 1: s = 2/127 -> 127, 69.85->70, -19.05->-19
+    expected = torch.tensor([[62 / 127, -1.0, 32 / 127], [2.0, 140 / 127, -38 / 127]])
+    assert torch.allclose(out, expected, atol=1e-6)
+    scale, zp, qmin, qmax, axis = q.qparams()
+    assert torch.allclose(scale, torch.tensor([1 / 127, 2 / 127]))
+    assert zp.dtype == torch.int64 and zp.tolist() == [0, 0]
+    assert (qmin, qmax, axis) == (-128, 127, 0)
+
+
+def test_4bit_asymmetric_unsigned():
+    x = torch.tensor([-0.3, 0.0, 0.7, 1.2, 0.46, 0.04])
+    q = Quantizer(4, symmetric=False, signed=False).train()
+    out = q(x)
+    # s = (1.2 + 0.3) / 15 = 0.1, z = 0 - round(-0.3 / 0.1) = 3
+    assert torch.allclose(out, torch.tensor([-0.3, 0.0, 0.7, 1.2, 0.5, 0.0]), atol=1e-6)
+    scale, zp, qmin, qmax, axis = q.qparams()
+    assert math.isclose(float(scale), 0.1, rel_tol=1e-6) and int(zp) == 3 and (qmin, qmax, axis) == (0, 15, None)
+
+
+def test_2bit_signed_symmetric_is_ternary():
+    x = torch.tensor([-1.0, -0.4, 0.2, 0.6, 0.9])
+    # levels [-2, 1], s = amax / max(qmax, 1) = 1.0
+    assert quantize_once(x, bits=2).tolist() == [-1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_2bit_unsigned_asymmetric():
+    x = torch.tensor([0.0, 0.6, 1.4, 3.0])
+    # s = 3 / 3 = 1, z = 0
+    assert quantize_once(x, bits=2, signed=False, symmetric=False).tolist() == [0.0, 1.0, 1.0, 3.0]
+
+
+def test_1bit():
+    # unsigned symmetric: levels {0, 1}, s = max = 1.0; negatives clip to 0
+    assert quantize_once(torch.tensor([0.2, 0.7, 1.0, -0.5]), bits=1, signed=False).tolist() == [0.0, 1.0, 1.0, 0.0]
+    # signed symmetric: levels {-1, 0}, s = amax = 0.8; 0.6 / 0.8 = 0.75 rounds to 1 and clips to 0
+    out = quantize_once(torch.tensor([-0.8, -0.3, 0.6]), bits=1)
+    assert torch.allclose(out, torch.tensor([-0.8, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("signed,symmetric", [(True, True), (False, False), (True, False), (False, True)])
+def test_constant_tensor_is_exact(signed, symmetric):
+    x = torch.full((3, 4), 3.0)
+    assert torch.allclose(quantize_once(x, bits=8, signed=signed, symmetric=symmetric), x, atol=1e-6)
+
+
+def test_negative_constant_asymmetric_unsigned():
+    # lo = -2, hi = 0 -> s = 2/15, z = 15: the single value maps to code 0 -> (0 - 15) * s = -2
+    x = torch.full((5,), -2.0)
+    q = Quantizer(4, symmetric=False, signed=False).train()
+    assert torch.allclose(q(x), x, atol=1e-6)
+    assert int(q.qparams()[1]) == 15
+
+
+@pytest.mark.parametrize("fn", ["round", "lsq", "llsq"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_all_zero_tensor(fn, granularity):
+    x = torch.zeros(2, 3)
+    q = Quantizer(4, fn, granularity, num_channels=2, symmetric=False).train()
+    out = q(x)
+    assert torch.equal(out, x)
+    assert torch.isfinite(q.scale).all() and (q.scale > 0).all()
+
+
+def test_one_huge_outlier():
+    x = torch.tensor([0.1, -0.2, 0.3, 1000.0])
+    q = Quantizer(8).train()
+    q(x)
+    q.eval()
+    out = q(x)
+    # s = 1000 / 127 = 7.87: every small value rounds to 0, the outlier is kept
+    assert torch.allclose(out, torch.tensor([0.0, 0.0, 0.0, 1000.0]))
+    obs = q.observations()
+    assert math.isclose(obs["quant_error"], 0.15, rel_tol=1e-5)
+    assert obs["clipped"] == 0.0 and obs["max"] == 1000.0 and obs["bits"] == 8.0
+
+
+def test_16_bits_is_nearly_float():
+    x = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(quantize_once(x, bits=16), x, atol=float(x.abs().max()) / 32767)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(bits=8),
+        dict(bits=4, symmetric=False, signed=False),
+        dict(bits=3, symmetric=False),
+        dict(bits=6, granularity="per_channel", num_channels=3, ch_axis=1),
+        dict(bits=4, fn="lsq"),
+        dict(bits=5, fn="llsq", granularity="per_channel", num_channels=3, ch_axis=1, symmetric=False),
+        dict(bits=4, fn="round", learnable_scale=True, signed=False, symmetric=False),
+    ],
+)
+def test_eval_forward_matches_qparams(kwargs):
+    g = torch.Generator().manual_seed(2)
+    q = Quantizer(**kwargs).train()
+    q(torch.randn(8, 3, 5, generator=g))
+    q.eval()
+    x = torch.randn(8, 3, 5, generator=g) * 1.5
+    assert torch.allclose(q(x), manual(x, q), atol=1e-6)
+
+
+# ------------------------------------------------------------------ gradients
+def test_ste_passes_inside_and_zeroes_outside():
+    q = Quantizer(4).train()
+    q(torch.tensor([-1.0, 1.0]))  # s = 1/7, codes [-8, 7]
+    q.eval()
+    x = torch.tensor([-2.0, -1.2, 0.3, 1.05, 1.1, 3.0], requires_grad=True)
+    q(x).sum().backward()
+    # -1.2*7 = -8.4 -> -8 (inside); 1.05*7 = 7.35 -> 7 (inside); 1.1*7 = 7.7 -> 8 (outside)
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def lsq_reference(x, s, qn, qp):
+    """Esser et al. 2019, eq. 3: d x̂ / d s."""
+    v = x / s
+    return torch.where(v <= -qn, -qn, torch.where(v >= qp, qp, torch.round(v) - v))
+
+
+def test_lsq_scale_gradient_matches_paper_per_tensor():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g, requires_grad=True)
+    q = Quantizer(3, "lsq").train()
+    upstream = torch.randn(4, 6, generator=g)
+    (q(x) * upstream).sum().backward()
+    s = q.scale.detach()
+    qmin, qmax = levels(3, True)
+    # init: s = 2 mean|x| / sqrt(Qp)
+    assert torch.allclose(s, 2 * x.detach().abs().mean() / math.sqrt(qmax))
+    grad_factor = 1 / math.sqrt(x.numel() * qmax)
+    expected = (upstream * lsq_reference(x.detach(), s, -qmin, qmax)).sum() * grad_factor
+    assert torch.allclose(q.scale.grad, expected, atol=1e-6)
+    v = x.detach() / s
+    assert torch.equal(x.grad, upstream * ((v > qmin) & (v < qmax)))
+
+
+def test_lsq_scale_gradient_matches_paper_per_channel():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 2, 3, 3, generator=g, requires_grad=True)
+    q = Quantizer(4, "lsq", "per_channel", num_channels=3).train()
+    upstream = torch.randn(3, 2, 3, 3, generator=g)
+    (q(w) * upstream).sum().backward()
+    s = q.scale.detach().reshape(3, 1, 1, 1)
+    qmin, qmax = levels(4, True)
+    grad_factor = 1 / math.sqrt(18 * qmax)
+    expected = (upstream * lsq_reference(w.detach(), s, -qmin, qmax)).sum(dim=(1, 2, 3)) * grad_factor
+    assert torch.allclose(q.scale.grad, expected, atol=1e-6)
+
+
+def test_lsq_gradcheck_where_it_applies():
+    # in the clipped regime x̂ = s * bound is smooth in s, so finite differences must agree
+    x = torch.tensor([-9.0, -5.0, 4.0, 7.5], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: lsq_quantize(a, b, -4, 3), (x, s))
+    # and per channel with a broadcast scale
+    xc = torch.tensor([[-9.0, 8.0], [6.0, -7.0]], dtype=torch.float64, requires_grad=True)
+    sc = torch.tensor([[0.5], [0.25]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: lsq_quantize(a, b, -4, 3), (xc, sc))
+
+
+def test_learnable_round_uses_unscaled_gradient():
+    x = torch.tensor([0.2, 0.9, -3.0], requires_grad=True)
+    q = Quantizer(4, "round", learnable_scale=True).train()
+    q(x).sum().backward()
+    s = q.scale.detach()
+    assert isinstance(q.scale, nn.Parameter)
+    assert torch.allclose(q.scale.grad, lsq_reference(x.detach(), s, 8, 7).sum())
+
+
+def test_llsq_init_beats_range_scale_and_regulariser():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2000, generator=g)
+    x[0] = 40.0
+    rnd, llsq = Quantizer(4).train(), Quantizer(4, "llsq", regularization="l2").train()
+    err_round = (rnd(x) - x).square().mean()
+    out = llsq(x)
+    err_llsq = (out - x).square().mean()
+    assert float(llsq.scale.detach()) < float(rnd.scale)  # clips the outlier
+    assert err_llsq < 0.7 * err_round
+    reg = llsq.regularization_loss()
+    assert torch.allclose(reg, err_llsq.detach())
+    reg.backward()
+    assert llsq.scale.grad is not None and float(llsq.scale.grad.abs()) > 0
+    l1 = Quantizer(4, "llsq", regularization="l1", reg_weight=0.5).train()
+    o1 = l1(x)
+    assert torch.allclose(l1.regularization_loss(), 0.5 * (o1 - x).abs().mean())
+    assert float(l1.eval().regularization_loss()) == 0.0
+    # a model holding the last regulariser (an autograd graph) still deep-copies and pickles
+    l1.train()(x)
+    clone = copy.deepcopy(l1)
+    assert clone._reg is None and torch.equal(clone.scale, l1.scale)
+
+
+# ------------------------------------------------------------------ trackers, modes, eve
+def test_average_and_global_trackers():
+    a = Quantizer(8, tracker="average", momentum=0.1, symmetric=False).train()
+    g = Quantizer(8, tracker="global", symmetric=False).train()
+    for q in (a, g):
+        q(torch.tensor([-1.0, 1.0]))
+        q(torch.tensor([-3.0, 2.0]))
+    assert torch.allclose(a.range_min, torch.tensor(-1.2)) and torch.allclose(a.range_max, torch.tensor(1.1))
+    assert float(g.range_min) == -3.0 and float(g.range_max) == 2.0
+    # asymmetric scale follows the range: (1.1 + 1.2) / 255
+    assert math.isclose(float(a.scale), 2.3 / 255, rel_tol=1e-6)
+    a.eval()
+    a(torch.tensor([-100.0, 100.0]))
+    assert torch.allclose(a.range_max, torch.tensor(1.1))  # frozen in eval
+
+
+def test_uninitialised_quantizer_calibrates_in_eval():
+    q = Quantizer(8).eval()
+    out = q(torch.tensor([0.5, -2.0]))
+    assert bool(q.initialized) and torch.allclose(out, torch.tensor([32 * 2 / 127, -2.0]))  # s = 2/127: 31.75 -> 32
+
+
+def test_disabled_is_exact_identity():
+    q = Quantizer(2).train()
+    x = torch.randn(5)
+    q.set_mode(quantized=False, spiking=True)  # unknown flags are ignored
+    assert q(x) is x and not q.enabled
+    q.set_mode(quantized=True)
+    assert q.enabled and not torch.equal(q(x), x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_names_the_layer(bad):
+    q = Quantizer(8, name="features.3").train()
+    q(torch.tensor([1.0, -1.0]))
+    before = q.scale.clone()
+    with pytest.raises(QuantizationError, match=r"features\.3.*NaN or Inf"):
+        q(torch.tensor([0.5, bad]))
+    assert torch.equal(q.scale, before)
+
+
+def test_bits_are_an_eve_parameter_with_bit_range():
+    q = Quantizer(4, bit_range=(2, 8)).train()
+    assert q.eve_ranges() == {"bits": EveRange(2, 8, integer=True)}
+    assert Quantizer(4).eve_ranges() == {}
+    q(torch.tensor([-2.0, 2.0]))
+    q.set_eve("bits", 9.4)  # clipped to the range
+    assert int(q.bits) == 8 and q.get_eve("bits") == 8.0
+    assert math.isclose(float(q.scale), 2.0 / 127, rel_tol=1e-6)
+    assert "bits" in q.state_dict() and int(q.state_dict()["bits"]) == 8
+    with pytest.raises(QuantizationError, match="outside bit_range"):
+        Quantizer(9, bit_range=(2, 8))
+
+
+def test_learned_scale_keeps_clipping_range_when_bits_change():
+    q = Quantizer(8, "lsq").train()
+    q(torch.randn(100, generator=torch.Generator().manual_seed(6)))
+    hi_before = float(q.scale.detach()) * 127
+    q.set_bits(4)
+    assert math.isclose(float(q.scale.detach()) * 7, 128 / 127 * hi_before, rel_tol=1e-5)
+
+
+def test_state_dict_round_trip():
+    q = Quantizer(4, "lsq", "per_channel", num_channels=3, symmetric=False).train()
+    q(torch.randn(3, 10, generator=torch.Generator().manual_seed(7)))
+    fresh = Quantizer(4, "lsq", "per_channel", num_channels=3, symmetric=False)
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(3, 10)
+    assert torch.equal(fresh.eval()(x), q.eval()(x))
+
+
+def test_configuration_errors_are_quantization_errors():
+    with pytest.raises(QuantizationError, match="num_channels"):
+        Quantizer(8, granularity="per_channel")
+    with pytest.raises(QuantizationError, match="between 1 and 16"):
+        Quantizer(17)
+    q = Quantizer(8, granularity="per_channel", num_channels=4, name="fc")
+    with pytest.raises(QuantizationError, match="fc.*4 channels"):
+        q(torch.zeros(3, 2))
+
+
+def test_affine_from_range_includes_zero():
+    scale, zp = affine_from_range(torch.tensor(1.0), torch.tensor(3.0), 0, 255, False, False)
+    assert math.isclose(float(scale), 3 / 255, rel_tol=1e-6) and int(zp) == 0
+
+
+# ------------------------------------------------------------------ BN folding
+def _conv_bn(seed: int = 0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    return conv, bn
+
+
+def _folded(conv, bn, **qkw):
+    wq = Quantizer(8, "round", "per_channel", num_channels=conv.out_channels, tracker="global", **qkw)
+    return QuantConv2d.from_float(copy.deepcopy(conv), wq, copy.deepcopy(bn))
+
+
+def test_folded_bn_equals_conv_bn_with_quantization_off_train_and_eval():
+    conv, bn = _conv_bn()
+    ref = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn)).train()
+    q = _folded(conv, bn).train()
+    q.weight_quantizer.set_mode(quantized=False)
+    g = torch.Generator().manual_seed(8)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_q = torch.optim.SGD(q.parameters(), lr=0.1)
+    for _ in range(3):  # running statistics and parameters evolve identically
+        x = torch.randn(6, 3, 8, 8, generator=g)
+        target = torch.randn(6, 4, 8, 8, generator=g)
+        out_ref, out_q = ref(x), q(x)
+        assert torch.allclose(out_q, out_ref, atol=1e-5)
+        for opt, out in ((opt_ref, out_ref), (opt_q, out_q)):
+            opt.zero_grad()
+            (out - target).square().mean().backward()
+        assert torch.allclose(q.weight.grad, ref[0].weight.grad, atol=1e-5)
+        assert torch.allclose(q.bn.weight.grad, ref[1].weight.grad, atol=1e-5)
+        opt_ref.step()
+        opt_q.step()
+    assert torch.allclose(q.bn.running_mean, ref[1].running_mean, atol=1e-6)
+    assert torch.allclose(q.bn.running_var, ref[1].running_var, atol=1e-5)
+    assert int(q.bn.num_batches_tracked) == 3
+    ref.eval(), q.eval()
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    assert torch.allclose(q(x), ref(x), atol=1e-5)
+
+
+def test_folded_bn_gradcheck_in_double_with_quantization_off():
+    conv, bn = _conv_bn(1)
+    q = _folded(conv, bn).double().train()
+    q.weight_quantizer.set_mode(quantized=False)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: q(t), (x,))
+
+
+def test_folded_eval_is_the_deployed_conv():
+    conv, bn = _conv_bn(2)
+    q = _folded(conv, bn).train()
+    q(torch.randn(4, 3, 8, 8))
+    q.eval()
+    x = torch.randn(2, 3, 8, 8)
+    w, b = q.folded_weight_bias()
+    f = bn.weight / torch.sqrt(q.bn.running_var + bn.eps)
+    assert torch.allclose(w, conv.weight * f.reshape(-1, 1, 1, 1))
+    assert torch.allclose(b, bn.bias + (conv.bias - q.bn.running_mean) * f)
+    deployed = nn.functional.conv2d(x, manual(w.detach(), q.weight_quantizer), b, padding=1)
+    assert torch.allclose(q(x), deployed, atol=1e-5)
+
+
+FOLD_QUANTIZERS = {
+    "round per-channel": dict(bits=8, fn="round", granularity="per_channel", num_channels=4, tracker="global"),
+    "lsq per-tensor asymmetric": dict(bits=4, fn="lsq", symmetric=False),
+    "llsq per-channel": dict(bits=3, fn="llsq", granularity="per_channel", num_channels=4),
+}
+
+
+@pytest.mark.parametrize("config", list(FOLD_QUANTIZERS))
+@pytest.mark.parametrize("negative_gamma", [False, True])
+def test_folded_train_forward_matches_the_formula(config, negative_gamma):
+    conv, bn = _conv_bn(5)
+    if negative_gamma:
+        with torch.no_grad():
+            bn.weight[1] = -0.7  # takes the route that materialises W * f
+    q = QuantConv2d.from_float(copy.deepcopy(conv), Quantizer(**FOLD_QUANTIZERS[config]), copy.deepcopy(bn)).train()
+    x = torch.randn(4, 3, 8, 8)
+    out = q(x)
+    f = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)  # running stats before the step
+    w = manual((conv.weight * f).detach(), q.weight_quantizer) / f
+    ref_bn = copy.deepcopy(bn).train()
+    expected = ref_bn(nn.functional.conv2d(x, w, conv.bias, padding=1))
+    assert torch.allclose(out, expected, atol=1e-5)
+    # the tracked range is that of the folded weight
+    wf = (conv.weight * f).detach().reshape(4, -1)
+    rmin, rmax = q.weight_quantizer.range_min, q.weight_quantizer.range_max
+    if rmin.dim() == 0:
+        wf = wf.reshape(1, -1)
+    assert torch.allclose(rmax, wf.amax(1).reshape(rmax.shape)) and torch.allclose(rmin, wf.amin(1).reshape(rmin.shape))
+
+
+def test_folded_train_with_16_bits_is_close_to_float():
+    conv, bn = _conv_bn(3)
+    ref = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn)).train()
+    q = QuantConv2d.from_float(copy.deepcopy(conv), Quantizer(16, "round", "per_channel", num_channels=4), copy.deepcopy(bn))
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(q.train()(x), ref(x), atol=1e-3)
+
+
+def test_quant_linear_with_bn1d_and_without_bn():
+    torch.manual_seed(9)
+    fc, bn = nn.Linear(5, 3), nn.BatchNorm1d(3)
+    ref = nn.Sequential(copy.deepcopy(fc), copy.deepcopy(bn)).train()
+    q = QuantLinear.from_float(copy.deepcopy(fc), Quantizer(8, "round", "per_channel", num_channels=3), copy.deepcopy(bn))
+    q.weight_quantizer.set_mode(quantized=False)
+    x = torch.randn(7, 5)
+    assert torch.allclose(q.train()(x), ref(x), atol=1e-5)
+    assert torch.allclose(q.eval()(x), ref.eval()(x), atol=1e-5)
+    plain = QuantLinear.from_float(copy.deepcopy(fc), Quantizer(8, "round", "per_channel", num_channels=3)).train()
+    out = plain(x)
+    assert plain.weight is not fc.weight  # from the deep copy
+    wq = plain.weight_quantizer
+    assert torch.allclose(out, nn.functional.linear(x, manual(plain.weight.detach(), wq), fc.bias), atol=1e-6)
+    assert plain.folded_weight_bias()[0] is plain.weight
+
+
+def test_from_float_shares_parameters_and_rejects_bad_bn():
+    conv, bn = _conv_bn(4)
+    q = QuantConv2d.from_float(conv, Quantizer(8, "round", "per_channel", num_channels=4))
+    assert q.weight is conv.weight and q.weight.device.type == "cpu"
+    with pytest.raises(QuantizationError, match="running statistics"):
+        QuantConv2d.from_float(conv, Quantizer(8, name="c"), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(QuantizationError, match="3 features"):
+        QuantConv2d.from_float(conv, Quantizer(8, name="c"), nn.BatchNorm2d(3))
+
+
+def test_ste_fast_path_when_nothing_can_clip():
+    from evefx.modules.quant import ste_quantize
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(50, generator=g)
+    s, z = torch.tensor(float(x.abs().max()) / 7), torch.tensor(2)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    slow, fast = ste_quantize(xs[0], s, z, -8 + 2, 7 + 2), ste_quantize(xs[1], s, z, -8 + 2, 7 + 2, may_clip=False)
+    assert torch.allclose(slow, fast)
+    slow.sum().backward(), fast.sum().backward()
+    assert torch.equal(xs[0].grad, xs[1].grad) and bool((xs[1].grad == 1).all())
+    # a training step with the global tracker covers the batch: every gradient passes
+    w = torch.randn(4, 9, generator=g, requires_grad=True)
+    Quantizer(4, "round", "per_channel", num_channels=4, tracker="global").train()(w).sum().backward()
+    assert bool((w.grad == 1).all())

@@ -1,0 +1,197 @@
+"""The quantize pass on the demo net and on torchvision resnet18: changes, folding, idempotency,
+computation preserved with quantization off, mixed precision, eve parameters, errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import evefx
+from evefx.errors import PlanError, QuantizationError
+from evefx.graph import marked, module_of
+from evefx.modules.quant import QuantConv2d, Quantizer, QuantLinear
+from evefx.passes.quantize import QuantizePass, quant_summary
+from evefx.train import extra_losses
+
+W8A8 = {"passes": [{"kind": "quantize"}]}
+DEMO_LAYERS = ["features.0", "features.3", "features.6", "classifier.1", "classifier.3"]
+
+
+def _bn_modules(gm):
+    return [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_demo_net_changes_and_graph(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, W8A8, mnist_batch)
+    assert gm.report.counts() == {"replaced": 5, "folded": 3, "inserted": 5}
+    folded = [c.target for c in gm.report.changes if c.action == "folded"]
+    assert folded == ["features.1", "features.4", "features.7"]
+    # BN nodes are gone from the graph; the BN modules now live inside the quantized convs
+    assert not any(n.op == "call_module" and isinstance(module_of(gm, n), nn.BatchNorm2d) for n in gm.graph.nodes)
+    assert all(isinstance(gm.get_submodule(f"features.{i}").bn, nn.BatchNorm2d) for i in (0, 3, 6))
+    assert isinstance(gm.get_submodule("classifier.1"), QuantLinear)
+    assert [n.meta["evefx"]["layer"] for n in marked(gm, "quantize", role="weight")] == DEMO_LAYERS
+    acts = marked(gm, "quantize", role="activation")
+    assert [n.meta["evefx"]["layer"] for n in acts] == DEMO_LAYERS
+    # the activation quantizer sits after conv -> relu (BN folded away)
+    first = acts[0]
+    assert first.args[0].target == "features.2" and first.args[0].args[0].target == "features.0"
+    assert all(n.meta["evefx"]["spec_path"] == "passes[0]" for n in acts)
+    out = gm(mnist_batch)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_quantization_off_equals_original_eval_and_train(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, W8A8, mnist_batch)
+    quantized = gm(mnist_batch)
+    assert not torch.allclose(quantized, demo_net(mnist_batch), atol=1e-6)
+    evefx.set_mode(gm, quantized=False)
+    assert torch.allclose(gm(mnist_batch), demo_net(mnist_batch), atol=1e-5)
+    ref = copy.deepcopy(demo_net).train()
+    gm.train()
+    assert torch.allclose(gm(mnist_batch), ref(mnist_batch), atol=1e-5)
+    assert torch.allclose(gm.get_submodule("features.0").bn.running_mean, ref.features[1].running_mean, atol=1e-6)
+    evefx.set_mode(gm, quantized=True)
+    assert all(q.enabled for q in gm.modules() if isinstance(q, Quantizer))
+
+
+def test_eight_bit_model_is_close_to_float(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, W8A8, mnist_batch)
+    # eval mode: the ranges calibrate on this first batch (a train step would also move BN statistics)
+    ref = demo_net(mnist_batch).detach()
+    err = (gm(mnist_batch) - ref).abs().max().detach()
+    assert float(err) < 0.05 * float(ref.abs().max())
+
+
+def test_idempotent_and_nothing_to_do(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, W8A8, mnist_batch)
+    again = evefx.transform(gm, W8A8, mnist_batch)
+    assert not again.report.modified and again.report.changes == ()
+    assert torch.equal(again(mnist_batch), gm(mnist_batch))
+    result = QuantizePass(evefx.load_spec(W8A8).passes[0], "passes[0]")(gm)
+    assert not result.modified and result.changes == ()
+
+
+def test_selection_matching_nothing_is_an_error(demo_net):
+    spec = {"passes": [{"kind": "quantize", "select": {"names": ["nope.*"]}}]}
+    with pytest.raises(PlanError, match=r"passes\[0\]\.select matches no layer"):
+        evefx.transform(demo_net, spec)
+
+
+def test_weight_only_and_activation_only(demo_net, mnist_batch):
+    w_only = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "activation": None}]}, mnist_batch)
+    assert w_only.report.counts() == {"replaced": 5, "folded": 3}
+    assert not any(isinstance(m, Quantizer) for n, m in w_only.named_children())
+    a_only = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "weight": None}]}, mnist_batch)
+    assert a_only.report.counts() == {"inserted": 5}
+    assert len(_bn_modules(a_only)) == 3 and not any(isinstance(m, QuantConv2d) for m in a_only.modules())
+    # the activation quantizer goes after conv -> bn -> relu
+    first = marked(a_only, "quantize", role="activation")[0]
+    assert first.args[0].target == "features.2" and first.args[0].args[0].target == "features.1"
+
+
+def test_fold_bn_false_keeps_batchnorm(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "fold_bn": False}]}, mnist_batch)
+    assert "folded" not in gm.report.counts()
+    assert gm.get_submodule("features.0").bn is None
+    assert any(n.target == "features.1" for n in gm.graph.nodes)
+    evefx.set_mode(gm, quantized=False)
+    assert torch.allclose(gm(mnist_batch), demo_net(mnist_batch), atol=1e-6)
+
+
+def test_mixed_precision_overrides_and_summary(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize", "weight": {"bits": 4, "granularity": "per_channel"},
+                        "overrides": [{"names": ["features.0", "classifier.*"], "weight": {"bits": 8}}]}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch)
+    rows = {r["layer"]: r for r in quant_summary(gm)}
+    assert [rows[k]["w_bits"] for k in DEMO_LAYERS] == [8, 4, 4, 8, 8]
+    assert all(rows[k]["a_bits"] == 8 for k in DEMO_LAYERS)
+    # features.3: 8*4*3*3 = 288 weights at 4 bits = 144 bytes, + 8 folded biases * 4 bytes
+    assert rows["features.3"] == {"layer": "features.3", "w_bits": 4, "a_bits": 8, "params": 296, "bytes": 176}
+    # classifier.1: 256*16 weights at 8 bits + 16 biases
+    assert rows["classifier.1"]["bytes"] == 4096 + 64
+    float_rows = quant_summary(evefx.transform(demo_net, {}, mnist_batch))
+    assert all(r["w_bits"] == 32 and r["a_bits"] is None for r in float_rows)
+    assert sum(r["bytes"] for r in float_rows) == 4 * sum(p.numel() for n, p in demo_net.named_parameters()
+                                                          if not n.startswith(("features.1", "features.4", "features.7")))
+
+
+def test_upgrade_bits_are_eve_parameters(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize", "upgrade_bits": True, "min_bits": 2, "max_bits": 8,
+                        "weight": {"bits": 6, "granularity": "per_channel"}}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch)
+    params = evefx.eve_parameters(gm)
+    assert len(params) == 10
+    assert {p.role for p in params} == {"weight", "activation"}
+    assert all((p.low, p.high, p.integer, p.kind) == (2, 8, True, "bits") for p in params)
+    assert params[0].name == "features.0.weight_quantizer.bits" and params[0].value == 6.0
+    evefx.set_eve_parameter(gm, "features.0.weight_quantizer.bits", 3)
+    assert int(gm.get_submodule("features.0").weight_quantizer.bits) == 3
+    assert quant_summary(gm)[0]["w_bits"] == 3
+    bad = {"passes": [{"kind": "quantize", "upgrade_bits": True, "max_bits": 4}]}
+    with pytest.raises(QuantizationError, match=r"passes\[0\].*weight\.bits=8.*\[2, 4\]"):
+        evefx.transform(demo_net, bad)
+
+
+def test_nan_input_names_the_layer(demo_net):
+    gm = evefx.transform(demo_net, W8A8)
+    x = torch.rand(2, 1, 28, 28)
+    x[0, 0, 5, 5] = float("nan")
+    with pytest.raises(QuantizationError, match=r"features\.0 \(activation\)"):
+        gm(x)
+
+
+def test_training_steps_reach_every_learned_scale(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize", "weight": {"fn": "lsq", "granularity": "per_channel"},
+                        "activation": {"fn": "llsq", "signed": False}}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch).train()
+    scales = [m.scale for m in gm.modules() if isinstance(m, Quantizer)]
+    assert len(scales) == 10 and all(isinstance(s, nn.Parameter) for s in scales)
+    ids = {id(p) for p in gm.parameters()}
+    assert all(id(s) in ids for s in scales)
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    y = torch.tensor([0, 1, 2, 3])
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(gm(mnist_batch), y) + extra_losses(gm)
+        loss.backward()
+        assert all(s.grad is not None for s in scales)
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_state_dict_round_trip(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, W8A8, mnist_batch).train()
+    gm(mnist_batch)
+    fresh = evefx.transform(demo_net, W8A8, mnist_batch)
+    fresh.load_state_dict(gm.state_dict())
+    gm.eval(), fresh.eval()
+    assert torch.equal(fresh(mnist_batch), gm(mnist_batch))
+
+
+def test_resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.rand(2, 3, 64, 64)
+    gm = evefx.transform(model, W8A8, x)
+    counts = gm.report.counts()
+    assert counts == {"replaced": 21, "folded": 20, "inserted": 21}
+    assert not any(n.op == "call_module" and isinstance(module_of(gm, n), nn.BatchNorm2d) for n in gm.graph.nodes)
+    # the quantizer of conv2 of a residual block sits after its BN (folded), before the addition
+    node = next(n for n in marked(gm, "quantize", role="activation") if n.meta["evefx"]["layer"] == "layer1.0.conv2")
+    assert node.args[0].target == "layer1.0.conv2" and any("add" in str(u.target) for u in node.users)
+    evefx.set_mode(gm, quantized=False)
+    assert torch.allclose(gm(x), model(x), atol=1e-4)
+    evefx.set_mode(gm, quantized=True)  # uninitialised quantizers calibrate on this first eval batch
+    ref = model(x).detach()
+    assert float((gm(x) - ref).abs().max().detach()) < 0.2 * float(ref.abs().max())
+    again = evefx.transform(gm, W8A8, x)
+    assert not again.report.modified
+    # 8-bit weights take one byte each, every layer keeps a 32-bit bias (folded from BN or the fc's own)
+    expected = sum(m.weight.numel() + 4 * m.weight.shape[0] for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    assert sum(r["bytes"] for r in quant_summary(gm)) == expected
