@@ -1,0 +1,30 @@
+"""ONNX export of evefx models: int8 QDQ for quantized models, plain ONNX otherwise, checked with onnxruntime.
+
+Example:
+    >>> from evefx.export import export_onnx
+    >>> report = export_onnx(gm, torch.zeros(1, 1, 28, 28), "model.onnx")
+    >>> report.parity.passed
+    True
+"""
+from __future__ import annotations
+
+from evefx.export.onnx import MIN_QDQ_OPSET, export_onnx, layer_bits, onnx_accuracy
+from evefx.export.parity import Parity, check_parity, first_divergence
+from evefx.export.qdq import QDQ, QParams, QuantizedWeightLayer, calibrate, deployable
+from evefx.export.report import ExportReport
+
+__all__ = [
+    "export_onnx",
+    "onnx_accuracy",
+    "layer_bits",
+    "ExportReport",
+    "Parity",
+    "check_parity",
+    "first_divergence",
+    "deployable",
+    "calibrate",
+    "QParams",
+    "QDQ",
+    "QuantizedWeightLayer",
+    "MIN_QDQ_OPSET",
+]

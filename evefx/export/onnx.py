@@ -1,0 +1,351 @@
+"""``export_onnx``: write an evefx model (or any ``nn.Module``) to ONNX and check it with onnxruntime.
+
+The steps:
+
+1. :func:`~evefx.export.qdq.deployable` copies the model and swaps quantizers for stand-ins that
+   the TorchScript exporter writes as ``QuantizeLinear``/``DequantizeLinear`` (BatchNorm folded,
+   weights as int8/uint8 codes, per channel on axis 0);
+2. ``torch.onnx.export`` (TorchScript exporter; stateful spiking modules are unrolled by their own
+   forward over the timesteps, so the file keeps the module's call signature);
+3. :mod:`~evefx.export.rewrite` names the constants, stores biases of fusable Conv/Gemm nodes as
+   int32 and re-quantizes after Flatten/MaxPool/Reshape, so onnxruntime fuses into integer kernels;
+4. metadata (evefx version, spec, per-layer bits), ``onnx.checker.check_model(full_check=True)``;
+5. parity with the PyTorch module (see :mod:`~evefx.export.parity`); a failure raises
+   :class:`~evefx.errors.ExportError` with the figures and the first diverging node.
+
+Example:
+    >>> report = evefx.export_onnx(gm, torch.zeros(1, 1, 28, 28), "demo.onnx", real_inputs=x_test)
+    >>> rich.print(report.table())
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import onnx
+import torch
+from torch import fx, nn
+
+from evefx.errors import ExportError
+from evefx.export.parity import TOP1_MIN, Parity, check_parity, first_divergence, flatten_outputs, ort_session
+from evefx.export.qdq import QDQ, deployable
+from evefx.export.report import ExportReport, count_parameters
+from evefx.export.spiking import is_stochastic
+from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
+from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
+
+__all__ = ["export_onnx", "onnx_accuracy", "layer_bits", "MIN_QDQ_OPSET"]
+
+log = logging.getLogger(__name__)
+
+MIN_QDQ_OPSET = 13
+"""Per-channel ``DequantizeLinear`` (the ``axis`` attribute) needs opset 13."""
+
+_REAL_CHUNK = 256
+
+
+def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(inputs)
+    raise ExportError(f"example_inputs must be a tensor or a tuple of tensors (got {type(inputs).__name__})")
+
+
+def _input_names(model: nn.Module, count: int) -> list[str]:
+    if isinstance(model, fx.GraphModule):
+        names = [str(n.target) for n in model.graph.nodes if n.op == "placeholder"]
+    else:
+        params = inspect.signature(model.forward).parameters.values()
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [n.lstrip("*") for n in names][:count]
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def _layer_of(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Module path -> (layer, role) for every module the quantize pass marked."""
+    out: dict[str, tuple[str, str]] = {}
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            prov = node.meta.get("evefx")
+            if node.op == "call_module" and prov:
+                out[str(node.target)] = (prov["layer"], prov["role"])
+    return out
+
+
+def layer_bits(model: nn.Module) -> dict[str, dict[str, int | None]]:
+    """Per layer, the true bit widths of its weight and activation quantizers (None: float).
+
+    Example:
+        >>> layer_bits(gm)["features.0"]
+        {'weight': 8, 'activation': 8}
+    """
+    marks = _layer_of(model)
+    bits: dict[str, dict[str, int | None]] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_LAYER_TYPES):
+            wq = module.weight_quantizer
+            bits.setdefault(name, {"weight": None, "activation": None})["weight"] = int(wq.bits) if wq.enabled else None
+            inside.append(name + ".")
+        elif isinstance(module, Quantizer) and not any(name.startswith(p) for p in inside):
+            layer = marks.get(name, (name, "activation"))[0]
+            bits.setdefault(layer, {"weight": None, "activation": None})["activation"] = (
+                int(module.bits) if module.enabled else None
+            )
+    return bits
+
+
+def _spec_text(model: nn.Module) -> str | None:
+    spec = getattr(model, "spec", None)
+    if spec is None or not getattr(spec, "passes", None):
+        return None
+    from evefx.spec import dump_spec
+
+    return dump_spec(spec)
+
+
+def _explain_failure(model: nn.Module, err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else type(err).__name__
+    match = re.search(r"aten::(\w+)", str(err))
+    where = ""
+    if match and isinstance(model, fx.GraphModule):
+        op = match.group(1).rstrip("_")
+        hits = []
+        for node in model.graph.nodes:
+            target = node.target
+            name = target if isinstance(target, str) else getattr(target, "__name__", "")
+            if node.op in ("call_function", "call_method") and name.rstrip("_") == op:
+                hits.append(node)
+        if hits:
+            from evefx.graph import describe_node
+
+            where = "; it comes from " + ", ".join(describe_node(model, n) for n in hits)
+    elif match:
+        where = f" (operator aten::{match.group(1)})"
+    return (f"ONNX export failed: {first}{where}. Replace that operation with ONNX-exportable ones, "
+            f"or keep it outside the exported module.")
+
+
+def _export(deploy: nn.Module, original: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, opset: int,
+            input_names: list[str], output_names: list[str], dynamic_batch: bool) -> None:
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    try:
+        # the TorchScript exporter prints its IR (from C++) on failure and warns about its deprecation
+        with warnings.catch_warnings(), _quiet_output() as captured:
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                deploy, inputs, str(path), dynamo=False, autograd_inlining=True, opset_version=opset,
+                input_names=input_names, output_names=output_names, dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+    except ExportError:
+        raise
+    except Exception as e:
+        log.debug("exporter output:\n%s", captured.get("text", ""))
+        raise ExportError(_explain_failure(original, e)) from e
+
+
+@contextlib.contextmanager
+def _quiet_output() -> Iterator[dict[str, str]]:
+    """Capture what is written to the process's stdout/stderr (file descriptors 1 and 2)."""
+    captured: dict[str, str] = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield captured
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            captured["text"] = tmp.read().decode(errors="replace")
+
+
+def _metadata(model: onnx.ModelProto, original: nn.Module, bits: dict[str, Any], quantized: bool) -> None:
+    import evefx
+
+    model.producer_name = "evefx"
+    model.producer_version = evefx.__version__
+    model.doc_string = "exported by evefx.export_onnx" + (" (int8 QDQ)" if quantized else "")
+    props = {
+        "evefx.version": evefx.__version__,
+        "evefx.format": "qdq" if quantized else "float",
+        "evefx.bits": json.dumps(bits, sort_keys=True),
+    }
+    spec = _spec_text(original)
+    if spec is not None:
+        props["evefx.spec"] = spec
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _kernel_histogram(path: Path) -> dict[str, int] | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        try:
+            ort_session(str(path), 1, str(opt))
+            optimized = onnx.load(str(opt))
+        except Exception as e:  # noqa: BLE001 - the histogram is informative only
+            log.info("could not read onnxruntime's optimized graph: %s", e)
+            return None
+    return dict(Counter(n.op_type for n in optimized.graph.node))
+
+
+def _chunks(real_inputs: Any) -> list[tuple[torch.Tensor, ...]]:
+    if real_inputs is None:
+        return []
+    data = _as_tuple(real_inputs)
+    n = int(data[0].shape[0])
+    return [tuple(t[i:i + _REAL_CHUNK] for t in data) for i in range(0, n, _REAL_CHUNK)]
+
+
+def export_onnx(
+    gm: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    path: str | Path,
+    *,
+    opset: int = 17,
+    check: bool = True,
+    real_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    tolerance: float | None = None,
+    top1_min: float = TOP1_MIN,
+    dynamic_batch: bool = True,
+    int32_bias: bool = True,
+    kernels: bool = True,
+) -> ExportReport:
+    """Write ``gm`` to ``path`` as ONNX (int8 QDQ when it has quantizers, float otherwise).
+
+    Args:
+        gm: an ``EveModule`` from :func:`evefx.transform` or any ``nn.Module``; it is not modified.
+        example_inputs: inputs of one call (a tensor or a tuple); they fix the traced shapes, and the
+            batch dimension stays dynamic with ``dynamic_batch``.
+        opset: ONNX opset (at least 13 for quantized models).
+        check: compare PyTorch (eval) and onnxruntime on ``example_inputs`` and ``real_inputs``;
+            raise :class:`~evefx.errors.ExportError` with the figures and the first diverging node
+            when they disagree beyond the tolerance (see :mod:`evefx.export.parity`).
+        tolerance: absolute tolerance overriding the default rules; ``top1_min``: the required top-1
+            agreement in percent. Deep networks amplify the one-step differences of ties (each
+            runtime orders its float sums differently), so a deep model may need a stated budget.
+        int32_bias: store biases of fusable Conv/Gemm as int32 codes at scale ``s_x * s_w``, as
+            onnxruntime's integer kernels need (a rounding of at most half that scale).
+        kernels: record the op histogram of onnxruntime's optimized graph in the report.
+
+    Example:
+        >>> report = export_onnx(gm, torch.zeros(1, 1, 28, 28), "demo.onnx", real_inputs=x_test)
+        >>> report.parity.top1_agreement
+        100.0
+    """
+    if not isinstance(gm, nn.Module):
+        raise ExportError(f"export_onnx needs a torch.nn.Module (got {type(gm).__name__})")
+    inputs = _as_tuple(example_inputs)
+    path = Path(path)
+    quantized = any(isinstance(m, Quantizer) and m.enabled for m in gm.modules())
+    if quantized and opset < MIN_QDQ_OPSET:
+        raise ExportError(f"quantized models need opset >= {MIN_QDQ_OPSET} for per-channel DequantizeLinear (got {opset})")
+    deploy = deployable(gm)
+    with torch.no_grad():
+        try:
+            outputs = flatten_outputs(deploy(*inputs))
+        except Exception as e:
+            raise ExportError(f"the model does not run on the example inputs: {e}") from e
+    if not outputs:
+        raise ExportError("the model returns no tensor; nothing to export")
+    input_names = _input_names(gm, len(inputs))
+    output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _export(deploy, gm, inputs, path, opset, input_names, output_names, dynamic_batch)
+
+    model = onnx.load(str(path))
+    rewrites = {"constants_to_initializers": constants_to_initializers(model)}
+    rewrites["requantized_data_movement"] = requantize_data_movement(model)
+    rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
+    bits = layer_bits(gm)
+    _metadata(model, gm, bits, quantized)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
+    onnx.save(model, str(path))
+
+    kernel_ops = _kernel_histogram(path) if kernels else None
+    report = ExportReport(
+        path=str(path), opset=opset, file_bytes=path.stat().st_size, quantized=quantized,
+        params=count_parameters(model), ops=dict(Counter(n.op_type for n in model.graph.node)),
+        bits=bits, kernels=kernel_ops, parity=None, rewrites=rewrites,
+    )
+    if not check:
+        return report
+    if is_stochastic(gm):
+        log.warning("%s: the model draws random spikes (Poisson encoder); PyTorch and onnxruntime cannot be "
+                    "compared sample by sample, so parity was not checked", path)
+        return _replace(report, Parity(0, 0.0, 0.0, "not checked: random Poisson encoder", 1.0, None, None, True, False))
+    batches = [inputs, *_chunks(real_inputs)]
+    parity = check_parity(gm, str(path), batches, tolerance=tolerance, top1_min=top1_min)
+    if not parity.passed:
+        steps = {name: m.qp.step for name, m in deploy.named_modules() if isinstance(m, QDQ)} or None
+        where = None
+        for batch in batches:
+            # quantizer outputs first (each may differ by one step); then every module's output
+            where = first_divergence(gm, str(path), batch, steps) if steps else None
+            where = where or first_divergence(gm, str(path), batch, None)
+            if where:
+                break
+        parity = Parity(**{**parity.to_dict(), "first_divergence": where})
+        report = _replace(report, parity)
+        top1 = f", top-1 agreement {parity.top1_agreement:.2f}%" if parity.top1_agreement is not None else ""
+        err = ExportError(
+            f"{path}: onnxruntime disagrees with PyTorch: max |diff| {parity.max_abs_diff:.4g} > tolerance "
+            f"{parity.tolerance:.4g} ({parity.rule}); {100 * parity.within_tolerance:.3f}% of the elements "
+            f"within tolerance{top1}; first diverging node: {where or 'not found'}"
+        )
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+    return _replace(report, parity)
+
+
+def _replace(report: ExportReport, parity: Parity) -> ExportReport:
+    from dataclasses import replace
+
+    return replace(report, parity=parity)
+
+
+def onnx_accuracy(path: str | Path, loader: Iterable[Any], threads: int = 1) -> float:
+    """Top-1 accuracy (percent) of an exported classifier on ``(x, y)`` batches, with onnxruntime.
+
+    Example:
+        >>> onnx_accuracy("demo.onnx", test_loader)
+        97.6
+    """
+    session = ort_session(str(path), threads)
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in loader:
+        logits = session.run(None, {name: x.numpy()})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
+        total += int(y.shape[0])
+    if total == 0:
+        raise ExportError("onnx_accuracy got an empty loader")
+    return 100.0 * correct / total

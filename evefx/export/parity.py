@@ -1,0 +1,277 @@
+"""Parity of an exported ONNX file with the PyTorch module it came from (eval mode, CPU onnxruntime).
+
+Tolerances (also in the README):
+
+* an output written by a quantizer (``DequantizeLinear``): every element within **one quantization
+  step** of that quantizer (its largest scale). Integer kernels round intermediate results once
+  where PyTorch rounds in float; a code that lands on the other side of a tie moves by one step;
+* any other output of a quantized model: ``0.05 * max|y|``: the last float op amplifies step-sized
+  differences of the codes it reads;
+* a float model: ``1e-4 + 1e-3 * max|y|``.
+
+For classifier-shaped outputs (``[N, K]``, ``K > 1``) top-1 decisions must agree on at least 99.5%
+of the rows; a row agrees when onnxruntime's top class is one of PyTorch's top classes (quantized
+logits often tie, and a tie has no single PyTorch decision). Models with quantizers below 8 bits are
+held to the element-wise rule only (top-1 agreement is reported): onnxruntime rounds each bias to the
+grid ``s_x * s_w`` of its integer accumulator, which at 2-4 bits moves a few percent of the codes by
+one step, and one step of a 4-bit logit reorders near-ties. When a check fails, :func:`first_divergence` re-runs both sides with every module's
+output exposed and names the first one (in graph order) that disagrees.
+
+Example:
+    >>> result = check_parity(reference, "model.onnx", [x])
+    >>> result.passed, result.top1_agreement
+    (True, 100.0)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from evefx.export.qdq import safe_deepcopy
+from evefx.export.rewrite import scope_of
+from evefx.modules.quant import Quantizer
+
+__all__ = ["Parity", "check_parity", "first_divergence", "ort_session", "flatten_outputs", "TOP1_MIN"]
+
+TOP1_MIN = 99.5
+"""Minimum top-1 agreement (percent) between PyTorch and onnxruntime."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Figures of one parity check. ``max_steps`` is the largest difference in quantization steps
+    (quantized outputs only); ``top1_agreement`` is in percent (classifier outputs only)."""
+
+    samples: int
+    max_abs_diff: float
+    tolerance: float
+    rule: str
+    within_tolerance: float
+    max_steps: float | None
+    top1_agreement: float | None
+    passed: bool
+    top1_required: bool = True
+    first_divergence: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ort_session(path_or_bytes: Any, threads: int = 1, optimized_path: str | None = None) -> Any:
+    """A CPU onnxruntime session with all graph optimizations (what deployment runs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        opts.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """Tensors of a module's output in the order ``torch.onnx.export`` writes them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in flatten_outputs(o)]
+    return []
+
+
+def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    with torch.no_grad():
+        _reset(model)
+        return [t.detach().float().numpy() for t in flatten_outputs(model(*inputs))]
+
+
+def _reset(model: nn.Module) -> None:
+    # stateful (spiking) modules start every sample batch from rest, as the exported graph does
+    for m in model.modules():
+        fn = getattr(m, "reset_state", None)
+        if callable(fn):
+            fn()
+
+
+def _run_ort(session: Any, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: t.detach().numpy() for n, t in zip(names, inputs)})
+
+
+def output_steps(model: onnx.ModelProto) -> list[float | None]:
+    """Per graph output: the quantization step of the ``DequantizeLinear`` that writes it, else None."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    steps: list[float | None] = []
+    for out in model.graph.output:
+        node = prod.get(out.name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in inits:
+            steps.append(float(np.max(numpy_helper.to_array(inits[node.input[1]]))))
+        else:
+            steps.append(None)
+    return steps
+
+
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def check_parity(
+    reference: nn.Module,
+    onnx_path: str,
+    batches: Sequence[Any],
+    *,
+    tolerance: float | None = None,
+    top1_min: float = TOP1_MIN,
+    threads: int = 1,
+) -> Parity:
+    """Compare ``reference`` (run in eval mode on a copy) with onnxruntime on every batch in ``batches``.
+
+    ``tolerance`` overrides the absolute tolerance of the rules in the module docstring and
+    ``top1_min`` the required top-1 agreement (percent).
+
+    Example:
+        >>> check_parity(gm, "model.onnx", [torch.rand(8, 1, 28, 28)]).passed
+        True
+    """
+    model = onnx.load(onnx_path)
+    steps = output_steps(model)
+    quantized = _has_qdq(model)
+    ref = safe_deepcopy(reference).eval()
+    session = ort_session(onnx_path, threads)
+    samples, worst, worst_tol, worst_steps = 0, 0.0, None, None
+    within_num = within_den = 0
+    agree = rows = 0
+    rule = ""
+    for batch in batches:
+        inputs = _as_tuple(batch)
+        expected = _run_torch(ref, inputs)
+        got = _run_ort(session, inputs)
+        samples += int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+        for i, (e, g) in enumerate(zip(expected, got)):
+            g = np.asarray(g, dtype=np.float32).reshape(e.shape)
+            diff = np.abs(e - g)
+            scale = float(np.max(np.abs(e))) if e.size else 0.0
+            step = steps[i] if i < len(steps) else None
+            if tolerance is not None:
+                tol, rule = tolerance, f"given tolerance {tolerance:g}"
+            elif step is not None:
+                tol, rule = step * (1 + 1e-4) + 1e-7, "one quantization step of the output quantizer"
+            elif quantized:
+                tol, rule = 0.05 * scale + 1e-6, "0.05 * max|y| (float output of a quantized model)"
+            else:
+                tol, rule = 1e-4 + 1e-3 * scale, "1e-4 + 1e-3 * max|y| (float model)"
+            d = float(diff.max()) if diff.size else 0.0
+            if worst_tol is None or d - tol > worst - worst_tol:
+                worst, worst_tol = d, tol
+            within_num += int((diff <= tol).sum())
+            within_den += diff.size
+            if step is not None:
+                worst_steps = max(worst_steps or 0.0, d / step)
+            if i == 0 and e.ndim == 2 and e.shape[1] > 1:
+                agree += _top1_agree(e, g)
+                rows += e.shape[0]
+    top1 = 100.0 * agree / rows if rows else None
+    within = within_num / within_den if within_den else 1.0
+    # below 8 bits a one-step difference is the deployment's own resolution and reorders near-tied
+    # logits, so top-1 agreement is reported but only required of models quantized at 8 bits or more
+    required = not any(isinstance(m, Quantizer) and m.enabled and int(m.bits) < 8 for m in ref.modules())
+    passed = within == 1.0 and (top1 is None or not required or top1 >= top1_min)
+    return Parity(samples, worst, float(worst_tol or 0.0), rule, within, worst_steps, top1, passed, required)
+
+
+def _top1_agree(expected: np.ndarray, got: np.ndarray) -> int:
+    """Rows where onnxruntime's top class is one of PyTorch's top classes (quantized logits tie often)."""
+    best = expected.max(axis=1, keepdims=True)
+    picked = np.take_along_axis(expected, got.argmax(axis=1)[:, None], axis=1)
+    return int((picked == best).sum())
+
+
+def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: set[str]) -> dict[str, np.ndarray]:
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name in names:
+            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+                if isinstance(out, torch.Tensor):
+                    captured[name] = out.detach().float().numpy()
+            handles.append(module.register_forward_hook(hook))
+    try:
+        _run_torch(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def first_divergence(
+    reference: nn.Module, onnx_path: str, inputs: Any, quantizer_steps: dict[str, float] | None = None
+) -> str | None:
+    """Name the first module (in the ONNX graph's order) whose output differs between PyTorch and
+    onnxruntime, with the size of the difference.
+
+    With ``quantizer_steps`` (module path -> step) only quantizer outputs are compared, each within one
+    step; otherwise every module's last output is compared within ``1e-4 + 1e-3 * max|y|``.
+
+    Example:
+        >>> first_divergence(gm, "model.onnx", x, {"features_0_act_quant": 0.02})
+        'features_3_act_quant (node /features_3_act_quant/DequantizeLinear): ...'
+    """
+    inputs = _as_tuple(inputs)
+    model = onnx.load(onnx_path)
+    value_of: dict[str, tuple[str, str]] = {}  # module path -> (tensor, node name) of its last output
+    order: list[str] = []
+    graph_inputs = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        scope = scope_of(node)
+        if not scope or not node.output or node.op_type in ("Constant",) or node.name.endswith(("_requant_q", "_requant_dq", "_bias_dq")):
+            continue
+        if quantizer_steps is not None and (scope not in quantizer_steps or node.op_type != "DequantizeLinear"):
+            continue
+        if scope not in value_of:
+            order.append(scope)
+        value_of[scope] = (node.output[0], node.name)
+    if not order:
+        return None
+    existing = {o.name for o in model.graph.output}
+    for scope in order:
+        name = value_of[scope][0]
+        if name not in existing and name not in graph_inputs:
+            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            existing.add(name)
+    session = ort_session(model.SerializeToString())
+    out_names = [o.name for o in session.get_outputs()]
+    names = [i.name for i in session.get_inputs()]
+    got = dict(zip(out_names, session.run(None, {n: t.detach().numpy() for n, t in zip(names, inputs)})))
+    expected = _module_outputs(safe_deepcopy(reference).eval(), inputs, set(order))
+    for scope in order:
+        tensor, node_name = value_of[scope]
+        if scope not in expected or tensor not in got:
+            continue
+        e = expected[scope]
+        g = np.asarray(got[tensor], dtype=np.float32)
+        if g.size != e.size:
+            continue
+        diff = float(np.max(np.abs(e - g.reshape(e.shape)))) if e.size else 0.0
+        if quantizer_steps is not None:
+            step = quantizer_steps[scope]
+            if diff > step * (1 + 1e-4) + 1e-7:
+                return f"{scope} (ONNX node {node_name}): max difference {diff:.4g} = {diff / step:.2f} quantization steps"
+        else:
+            tol = 1e-4 + 1e-3 * float(np.max(np.abs(e)) if e.size else 0.0)
+            if diff > tol:
+                return f"{scope} (ONNX node {node_name}): max difference {diff:.4g} (tolerance {tol:.3g})"
+    return None

@@ -1,0 +1,132 @@
+"""``ExportReport``: what an ONNX export wrote, as data and as a rich table."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from rich.table import Table
+
+from evefx.export.parity import Parity
+
+__all__ = ["ExportReport", "count_parameters", "INTEGER_KERNELS"]
+
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "MatMulInteger",
+    "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearSoftmax", "QLinearReduceMean",
+})
+"""Operators of an onnxruntime-optimized graph that compute on integer codes."""
+
+
+def count_parameters(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer elements by kind: ``int8`` (8-bit codes), ``int32`` (bias codes), ``float``
+    (float weights and biases), ``qparams`` (scales and zero points of Q/DQ nodes).
+
+    Example:
+        >>> count_parameters(onnx.load("model.onnx"))["int8"]
+    """
+    qparam_names = {
+        name
+        for n in model.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        for name in n.input[1:]
+    }
+    out = Counter({"int8": 0, "int32": 0, "float": 0, "qparams": 0})
+    for init in model.graph.initializer:
+        size = int(np.prod(init.dims)) if init.dims else 1
+        if init.name in qparam_names:
+            out["qparams"] += size
+        elif init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            out["int8"] += size
+        elif init.data_type == onnx.TensorProto.INT32:
+            out["int32"] += size
+        elif init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            out["float"] += size
+    return dict(out)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """The result of :func:`evefx.export_onnx`.
+
+    * ``file_bytes``: size of the ``.onnx`` file;
+    * ``params``: initializer elements by kind (see :func:`count_parameters`);
+    * ``ops``: op histogram of the file; ``kernels``: op histogram after onnxruntime's graph
+      optimizations (``QLinearConv``... show that Q/DQ were fused into integer kernels), or None;
+    * ``bits``: per layer, the true weight/activation bit widths (also in the file's metadata);
+    * ``parity``: the PyTorch vs onnxruntime figures, or None with ``check=False``.
+
+    Example:
+        >>> report = evefx.export_onnx(gm, x, "model.onnx")
+        >>> rich.print(report.table())
+        >>> report.to_dict()["params"]["int8"]
+    """
+
+    path: str
+    opset: int
+    file_bytes: int
+    quantized: bool
+    params: dict[str, int]
+    ops: dict[str, int]
+    bits: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    kernels: dict[str, int] | None = None
+    parity: Parity | None = None
+    rewrites: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def integer_kernels(self) -> int | None:
+        """Nodes onnxruntime runs on integer codes after fusing Q/DQ (None when not measured)."""
+        if self.kernels is None:
+            return None
+        return sum(v for k, v in self.kernels.items() if k in INTEGER_KERNELS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "opset": self.opset,
+            "file_bytes": self.file_bytes,
+            "quantized": self.quantized,
+            "params": dict(self.params),
+            "ops": dict(self.ops),
+            "kernels": None if self.kernels is None else dict(self.kernels),
+            "integer_kernels": self.integer_kernels,
+            "bits": {k: dict(v) for k, v in self.bits.items()},
+            "parity": None if self.parity is None else self.parity.to_dict(),
+            "rewrites": dict(self.rewrites),
+        }
+
+    def table(self) -> Table:
+        """A two-column rich table of the figures."""
+        t = Table(title=f"ONNX export: {self.path}", show_header=False)
+        t.add_column("what")
+        t.add_column("value", justify="right")
+        t.add_row("format", ("int8 QDQ" if self.quantized else "float") + f", opset {self.opset}")
+        t.add_row("file size", f"{self.file_bytes:,} bytes")
+        p = self.params
+        t.add_row("parameters", f"{p.get('int8', 0):,} int8, {p.get('int32', 0):,} int32, {p.get('float', 0):,} float"
+                  f" (+{p.get('qparams', 0):,} scales/zero points)")
+        t.add_row("ops in file", ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items(), key=lambda kv: -kv[1])))
+        if self.kernels is not None:
+            top = ", ".join(f"{k} {v}" for k, v in sorted(self.kernels.items(), key=lambda kv: -kv[1]))
+            t.add_row("ops after onnxruntime fusion", top)
+            t.add_row("integer kernels", str(self.integer_kernels))
+        if self.bits:
+            t.add_row("bits (weight/activation)", ", ".join(
+                f"{layer} {b.get('weight') or 'f'}/{b.get('activation') or 'f'}" for layer, b in self.bits.items()))
+        if self.parity is not None:
+            par = self.parity
+            t.add_row("parity samples", str(par.samples))
+            steps = f" ({par.max_steps:.2f} steps)" if par.max_steps is not None else ""
+            t.add_row("max |PyTorch - onnxruntime|", f"{par.max_abs_diff:.3g}{steps}, tolerance {par.tolerance:.3g}")
+            t.add_row("tolerance rule", par.rule)
+            t.add_row("elements within tolerance", f"{100 * par.within_tolerance:.3f}%")
+            if par.top1_agreement is not None:
+                t.add_row("top-1 agreement", f"{par.top1_agreement:.2f}%")
+            t.add_row("parity", "[green]passed[/]" if par.passed else "[red]FAILED[/]")
+        return t
+
+    def __rich__(self) -> Table:
+        return self.table()

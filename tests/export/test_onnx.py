@@ -1,0 +1,326 @@
+"""ONNX export: QDQ round trips for every quantizer variant, parity, metadata, errors, float/spiking/pruned."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import evefx
+from evefx.export import check_parity, export_onnx, first_divergence, onnx_accuracy
+from evefx.export import onnx as onnx_module
+from evefx.export.parity import ort_session
+from evefx.modules.quant import QuantConv2d, Quantizer, levels
+from examples.models import DemoNet
+
+X0 = torch.zeros(1, 1, 28, 28)
+
+
+def _data(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def _qat(weight: dict | None, activation: dict | None, seed: int = 0) -> evefx.EveModule:
+    """DemoNet with quantizers, calibrated by three training-mode batches, in eval mode."""
+    torch.manual_seed(seed)
+    gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize", "weight": weight, "activation": activation}]}, X0)
+    gm.train()
+    with torch.no_grad():
+        for i in range(3):
+            gm(_data(32, seed + i))
+    return gm.eval()
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    s = ort_session(str(path))
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+VARIANTS = {
+    "round-pc-sym-s8/a-asym-u8": (dict(bits=8, fn="round", granularity="per_channel", tracker="global"),
+                                  dict(bits=8, symmetric=False, signed=False)),
+    "lsq-pt-sym-s4/a-lsq-sym-s4": (dict(bits=4, fn="lsq", granularity="per_tensor"),
+                                   dict(bits=4, fn="lsq", symmetric=True, signed=True)),
+    "llsq-pc-sym-s2/a-llsq-asym-u2": (dict(bits=2, fn="llsq", granularity="per_channel"),
+                                      dict(bits=2, fn="llsq", symmetric=False, signed=False)),
+    "round-pc-asym-u8/a-asym-s8": (dict(bits=8, granularity="per_channel", symmetric=False, signed=False),
+                                   dict(bits=8, symmetric=False, signed=True)),
+    "round-pt-asym-s4/a-pc-asym-u8": (dict(bits=4, granularity="per_tensor", symmetric=False, signed=True),
+                                      dict(bits=8, granularity="per_channel", symmetric=False, signed=False)),
+    "lsq-pc-s8/a-lsq-asym-u8": (dict(bits=8, fn="lsq", granularity="per_channel"),
+                                dict(bits=8, fn="lsq", symmetric=False, signed=False)),
+    "llsq-pt-asym-u4/a-sym-u4": (dict(bits=4, fn="llsq", granularity="per_tensor", symmetric=False, signed=False),
+                                 dict(bits=4, symmetric=True, signed=False)),
+    "weights-only-s8": (dict(bits=8, granularity="per_channel"), None),
+    "activations-only-u8": (None, dict(bits=8, symmetric=False, signed=False)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_quantizer_variants_round_trip(variant, tmp_path):
+    wcfg, acfg = VARIANTS[variant]
+    gm = _qat(wcfg, acfg)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(gm, X0, path, real_inputs=_data(256, 7), kernels=False)
+
+    par = report.parity
+    assert par.passed and par.within_tolerance == 1.0 and par.samples == 257
+    if acfg is not None:  # the output is written by the last activation quantizer
+        assert par.max_steps is not None and par.max_steps <= 1.0 + 1e-3
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert report.ops.get("QuantizeLinear", 0) == (5 + report.rewrites["requantized_data_movement"] if acfg else 0)
+
+    bits = json.loads(_metadata(path)["evefx.bits"])
+    inits = _inits(path)
+    for layer in ("features.0", "features.3", "features.6", "classifier.1", "classifier.3"):
+        assert bits[layer] == {"weight": wcfg["bits"] if wcfg else None, "activation": acfg["bits"] if acfg else None}
+        if wcfg is None:
+            continue
+        codes = inits[f"{layer}.weight_quantized"]
+        signed = wcfg.get("signed", True)
+        qmin, qmax = levels(wcfg["bits"], signed)
+        assert codes.dtype == (np.int8 if signed else np.uint8)
+        assert qmin <= codes.min() and codes.max() <= qmax
+        # the stored codes dequantize to exactly the weights PyTorch computes with
+        layer_module = gm.get_submodule(layer)
+        with torch.no_grad():
+            w_torch = layer_module.weight_quantizer(layer_module.folded_weight_bias()[0])
+        scale = inits[f"{layer}.weight_scale"]
+        zero = inits[f"{layer}.weight_zero_point"].astype(np.float32)
+        shape = (-1,) + (1,) * (codes.ndim - 1)
+        w_onnx = (codes.astype(np.float32) - zero.reshape(shape if zero.ndim else ())) * scale.reshape(shape if scale.ndim else ())
+        np.testing.assert_array_equal(w_onnx, w_torch.numpy())
+
+
+def test_w8a8_runs_integer_kernels_and_requantizes_flatten(tmp_path):
+    gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
+    report = export_onnx(gm, X0, tmp_path / "m.onnx", real_inputs=_data(256, 3))
+    # the first conv reads the float input; the other two convs and both linears become integer kernels
+    assert report.kernels["QLinearConv"] == 2 and report.kernels["QGemm"] == 2
+    assert report.integer_kernels == 4
+    assert report.rewrites["requantized_data_movement"] == 1  # Q/DQ after the Flatten feeding the Gemm
+    assert report.rewrites["int32_biases"] == 4
+    assert report.params["int8"] == sum(gm.get_submodule(n).weight.numel() for n in
+                                        ("features.0", "features.3", "features.6", "classifier.1", "classifier.3"))
+    assert report.parity.top1_agreement == 100.0
+    # the file is at least 3x smaller than the float export of the same network
+    float_report = export_onnx(DemoNet().eval(), X0, tmp_path / "f.onnx", kernels=False)
+    assert report.file_bytes < float_report.file_bytes / 1.5
+
+
+def test_dynamic_batch(tmp_path):
+    gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
+    path = tmp_path / "m.onnx"
+    export_onnx(gm, X0, path, kernels=False)
+    x = _data(5, 11)
+    got = _ort(path, x)
+    assert got.shape == (5, 10)
+    step = float(gm.classifier_3_act_quant.qparams()[0])
+    assert np.abs(got - gm(x).detach().numpy()).max() <= step * 1.001
+
+
+class _Residual(nn.Module):
+    """Hand-built evefx modules (no tracing): an input quantizer, conv-relu, a residual add, max pooling."""
+
+    def __init__(self):
+        super().__init__()
+        q = lambda: Quantizer(8, symmetric=False, signed=False, tracker="global")  # noqa: E731
+        self.inq = q()
+        c1, c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.conv1 = QuantConv2d.from_float(c1, Quantizer(8, granularity="per_channel", num_channels=8, tracker="global"))
+        self.q1 = q()
+        self.conv2 = QuantConv2d.from_float(c2, Quantizer(8, granularity="per_channel", num_channels=8, tracker="global"))
+        self.q2 = q()
+        self.qadd = q()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 14 * 14, 10)
+
+    def forward(self, x):
+        a = self.q1(torch.relu(self.conv1(self.inq(x))))
+        b = self.q2(self.conv2(a))
+        y = self.qadd(torch.relu(a + b))
+        return self.fc(self.pool(y).flatten(1))
+
+
+def test_residual_add_and_pool_fuse_into_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    model = _Residual().train()
+    with torch.no_grad():
+        for i in range(3):
+            model(_data(16, i))
+    model.eval()
+    report = export_onnx(model, X0, tmp_path / "r.onnx", real_inputs=_data(128, 5))
+    assert report.parity.passed
+    assert report.parity.rule.startswith("0.05")  # float output (the Linear has no output quantizer)
+    assert report.kernels["QLinearConv"] == 2
+    assert report.kernels.get("QLinearAdd", 0) == 1
+    assert report.rewrites["requantized_data_movement"] == 2  # after the MaxPool and after the Flatten
+    assert {"inq", "conv1", "q1", "qadd"} <= set(report.bits)
+
+
+def test_float_model_exports_plain_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = DemoNet().eval()
+    path = tmp_path / "f.onnx"
+    report = export_onnx(model, X0, path, real_inputs=_data(64, 1), kernels=False)
+    assert not report.quantized
+    assert "QuantizeLinear" not in report.ops and "DequantizeLinear" not in report.ops
+    # BatchNorm is folded into the convs by the exporter: its affine parameters disappear
+    not_bn = [p for m in model.modules() if not isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)]
+    assert report.params["int8"] == 0 and report.params["float"] == sum(p.numel() for p in not_bn)
+    assert "BatchNormalization" not in report.ops
+    x = _data(8, 2)
+    np.testing.assert_allclose(_ort(path, x), model(x).detach().numpy(), atol=1e-5, rtol=1e-4)
+    assert _metadata(path)["evefx.format"] == "float"
+
+
+def test_quantizers_switched_off_export_float_with_bn_folded(tmp_path):
+    gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
+    evefx.set_mode(gm, quantized=False)
+    path = tmp_path / "off.onnx"
+    report = export_onnx(gm, X0, path, real_inputs=_data(64, 1), kernels=False)
+    assert "QuantizeLinear" not in report.ops and "BatchNormalization" not in report.ops
+    x = _data(8, 4)
+    np.testing.assert_allclose(_ort(path, x), gm(x).detach().numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_metadata_carries_version_spec_and_bits(tmp_path):
+    gm = _qat(*VARIANTS["lsq-pt-sym-s4/a-lsq-sym-s4"])
+    path = tmp_path / "m.onnx"
+    export_onnx(gm, X0, path, check=False, kernels=False)
+    meta = _metadata(path)
+    model = onnx.load(str(path))
+    assert meta["evefx.version"] == evefx.__version__ == model.producer_version
+    assert model.producer_name == "evefx" and meta["evefx.format"] == "qdq"
+    assert evefx.load_spec(meta["evefx.spec"]) == gm.spec
+    assert json.loads(meta["evefx.bits"])["classifier.3"] == {"weight": 4, "activation": 4}
+
+
+def test_export_leaves_the_model_untouched(tmp_path):
+    gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    export_onnx(gm, X0, tmp_path / "m.onnx", real_inputs=_data(32, 1), kernels=False)
+    after = gm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(gm.get_submodule("features.0"), QuantConv2d) and gm.training is False
+
+
+def test_unsupported_construct_names_the_node(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.erfinv(self.fc(x).tanh() * 0.5)
+
+    gm = evefx.transform(Odd(), {"passes": []}, torch.zeros(1, 4))
+    with pytest.raises(evefx.ExportError, match=r"aten::erfinv.*node 'erfinv' \(call_function erfinv\)"):
+        export_onnx(gm, torch.zeros(2, 4), tmp_path / "odd.onnx")
+
+
+def test_uncalibrated_quantizer_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    gm = evefx.transform(DemoNet(), "examples/specs/demo.yaml").eval()
+    with pytest.raises(evefx.ExportError, match=r"features\.0.*never calibrated"):
+        export_onnx(gm, X0, tmp_path / "m.onnx")
+
+
+def test_more_than_8_bits_is_an_error(tmp_path):
+    gm = _qat(dict(bits=10, granularity="per_channel"), None)
+    with pytest.raises(evefx.ExportError, match=r"features\.0.*10 bits.*at most 8"):
+        export_onnx(gm, X0, tmp_path / "m.onnx")
+
+
+def test_parity_failure_names_the_first_diverging_node(tmp_path, monkeypatch):
+    gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
+    original = onnx_module.requantize_data_movement
+
+    def corrupt(model):  # wrong weights in the middle of the network: features.3 writes features_3_act_quant
+        for init in model.graph.initializer:
+            if init.name == "features.3.weight_quantized":
+                codes = numpy_helper.to_array(init).astype(np.int32)
+                init.CopyFrom(numpy_helper.from_array(np.clip(-codes, -127, 127).astype(np.int8), init.name))
+        return original(model)
+
+    monkeypatch.setattr(onnx_module, "requantize_data_movement", corrupt)
+    with pytest.raises(evefx.ExportError, match=r"disagrees.*first diverging node: features_3_act_quant") as info:
+        export_onnx(gm, X0, tmp_path / "bad.onnx", real_inputs=_data(64, 2), kernels=False)
+    assert info.value.report.parity.passed is False
+    par = check_parity(gm, str(tmp_path / "bad.onnx"), [_data(64, 2)])
+    assert not par.passed and par.max_steps > 1
+    # comparing every module's output (not only quantizers) pins it on the conv itself
+    assert first_divergence(gm, str(tmp_path / "bad.onnx"), _data(8, 3)).startswith("features.3 (ONNX node /features.3/Conv)")
+
+
+def test_spiking_model_exports_unrolled_with_same_signature(tmp_path):
+    torch.manual_seed(0)
+    spec = {"passes": [{"kind": "spike", "timesteps": 4, "encoder": "direct", "neuron": {"type": "lif", "threshold": 0.05}}]}
+    snn = evefx.transform(DemoNet(), spec, X0).eval()
+    x = _data(32, 1) * 3
+    out = snn(x)
+    rates = [n.observations()["firing_rate"] for n in snn.modules() if hasattr(n, "channel_firing_rates")]
+    assert len(rates) == 4 and all(r > 0 for r in rates)  # neurons fire: the comparison is not vacuous
+    path = tmp_path / "snn.onnx"
+    report = export_onnx(snn, torch.zeros(2, 1, 28, 28), path, real_inputs=x, kernels=False)
+    assert report.ops["GreaterOrEqual"] == 4 * 4  # one threshold test per neuron layer and step
+    assert report.parity.passed and report.parity.max_abs_diff < 1e-5
+    assert _ort(path, x).shape == tuple(out.shape) == (32, 10)
+
+
+def test_poisson_encoder_exports_random_and_is_documented(tmp_path):
+    torch.manual_seed(0)
+    spec = {"passes": [{"kind": "spike", "timesteps": 4, "encoder": "poisson"}]}
+    snn = evefx.transform(DemoNet(), spec, X0).eval()
+    report = export_onnx(snn, X0, tmp_path / "p.onnx", kernels=False)
+    assert report.ops["RandomUniformLike"] == 1
+    assert report.parity.rule.startswith("not checked") and report.parity.samples == 0
+
+
+def test_pruned_model_exports_masks_then_compacts(tmp_path):
+    torch.manual_seed(0)
+    pruned = evefx.transform(DemoNet(), "examples/specs/prune.yaml", X0)
+    evefx.prune_step(pruned)
+    pruned.eval()
+    masked = export_onnx(pruned, X0, tmp_path / "masked.onnx", real_inputs=_data(64, 1), kernels=False)
+    assert masked.parity.passed and masked.ops.get("Mul", 0) > 0
+    small = export_onnx(evefx.compact(pruned), X0, tmp_path / "small.onnx", real_inputs=_data(64, 1), kernels=False)
+    assert small.parity.passed and small.params["float"] < masked.params["float"] / 2
+
+
+def test_report_table_dict_and_onnx_accuracy(tmp_path):
+    gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
+    path = tmp_path / "m.onnx"
+    report = export_onnx(gm, X0, path, real_inputs=_data(64, 1))
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["parity"]["passed"] and d["file_bytes"] == path.stat().st_size and d["integer_kernels"] == 4
+    table = report.table()
+    assert "top-1 agreement" in [str(c) for c in table.columns[0]._cells]
+    x = _data(40, 9)
+    y = gm(x).argmax(1)
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]
+    assert onnx_accuracy(path, loader) == 100.0  # labels are PyTorch's own decisions
+
+
+def test_calibrate_then_export_leaves_batchnorm_statistics_alone(tmp_path):
+    from evefx.export import calibrate
+
+    torch.manual_seed(0)
+    gm = evefx.transform(DemoNet(), "examples/specs/demo.yaml", X0)
+    bn_before = gm.get_submodule("features.0").bn.running_mean.clone()
+    calibrate(gm, [_data(16, i) for i in range(2)])
+    assert not gm.training and torch.equal(gm.get_submodule("features.0").bn.running_mean, bn_before)
+    report = export_onnx(gm, X0, tmp_path / "c.onnx", real_inputs=_data(64, 5), kernels=False)
+    assert report.parity.passed and report.quantized
