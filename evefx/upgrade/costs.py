@@ -1,0 +1,247 @@
+"""What a configuration of eve parameters costs: average bits, weight bytes, MACs, kept channels, latency.
+
+The static costs are computed from the layer table of the traced graph and the chosen values
+alone, so the upgrader can price thousands of configurations without running the model.
+Latency is measured: the configuration is applied, the model exported to ONNX and timed with
+onnxruntime.
+
+Example:
+    >>> model = CostModel(gm, "avg_bits")
+    >>> model({p.name: 3 for p in evefx.eve_parameters(gm)})
+    3.0
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from evefx.api import EveParameter, eve_parameters
+from evefx.errors import SearchError
+from evefx.graph import layer_nodes, module_of
+
+__all__ = ["COST_KINDS", "CHEAP_AT_HIGH", "LayerCost", "CostModel", "cheap_end", "measure_latency"]
+
+log = logging.getLogger(__name__)
+
+COST_KINDS = ("avg_bits", "weight_bytes", "macs", "sparsity", "latency")
+"""Budget kinds the upgrader understands (the ``search.budget.kind`` of a spec)."""
+
+CHEAP_AT_HIGH = frozenset({"ratio"})
+"""Eve parameter kinds whose cost falls as the value rises (a higher pruning ratio is cheaper);
+every other kind (bits, ...) is cheaper when lower."""
+
+
+def cheap_end(p: EveParameter) -> float:
+    """The end of ``p``'s range where it costs least (``low`` for bits, ``high`` for ratios).
+
+    Example:
+        >>> [cheap_end(p) for p in evefx.eve_parameters(gm)]
+        [2, 2, 0.9]
+    """
+    return p.high if p.kind in CHEAP_AT_HIGH else p.low
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Static facts about one conv/linear layer that the costs need."""
+
+    name: str
+    weights: int
+    biases: int
+    channels: int
+    macs: float
+    producer: str | None
+    """The conv/linear layer whose output channels feed this one (pruning it shrinks our input)."""
+    fixed_weight_bits: int
+    """Bit width of the weights when no eve parameter sets it (32 for a float layer)."""
+
+
+def _macs(module: nn.Module, node: fx.Node) -> float:
+    meta = node.meta.get("tensor_meta")
+    shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if shape is None:
+            return float(module.weight.numel())  # no shapes propagated: count one output position
+        return float(np.prod(shape[1:]) * module.weight[0].numel())
+    rows = float(np.prod(shape[1:-1])) if shape is not None and len(shape) > 2 else 1.0
+    return rows * module.weight.numel()
+
+
+def _producer(gm: fx.GraphModule, node: fx.Node, layers: dict[str, fx.Node]) -> str | None:
+    """Walk back through single-input nodes (bn, activation, quantizer, flatten...) to a layer."""
+    layer_targets = {n: name for name, n in layers.items()}
+    current = node.args[0] if node.args else None
+    for _ in range(64):
+        if not isinstance(current, fx.Node) or current.op == "placeholder":
+            return None
+        if current in layer_targets:
+            return layer_targets[current]
+        inputs = [a for a in current.all_input_nodes]
+        if len(inputs) != 1:
+            return None  # a join (add, cat): channels are shared, leave them alone
+        current = inputs[0]
+    return None
+
+
+def _fixed_weight_bits(module: nn.Module) -> int:
+    wq = getattr(module, "weight_quantizer", None)
+    bits = getattr(wq, "bits", None)
+    return int(bits) if bits is not None else 32
+
+
+def _table(gm: fx.GraphModule) -> dict[str, LayerCost]:
+    nodes = {str(n.target): n for n in layer_nodes(gm)}
+    out = {}
+    for name, node in nodes.items():
+        m = module_of(gm, node)
+        bias = getattr(m, "bias", None)
+        channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        out[name] = LayerCost(name, int(m.weight.numel()), int(bias.numel()) if bias is not None else 0, int(channels),
+                              _macs(m, node), _producer(gm, node, nodes), _fixed_weight_bits(m))
+    return out
+
+
+def measure_latency(gm: nn.Module, inputs: Sequence[torch.Tensor], *, repeats: int = 20) -> float:
+    """Median onnxruntime seconds per call of ``gm`` on ``inputs`` (exported to a temporary ONNX file).
+
+    Uses ``evefx.export.export_onnx`` when it is available (so quantizers become real ONNX
+    quantization), ``torch.onnx.export`` otherwise; a model with pruning masks is compacted first
+    when ``evefx.compact`` exists, since masked channels cost as much as kept ones.
+
+    Example:
+        >>> measure_latency(gm, (torch.zeros(1, 1, 28, 28),))
+        0.00012
+    """
+    import onnxruntime as ort
+
+    model = copy.deepcopy(gm).eval()
+    try:
+        from evefx.prune_ops import compact  # type: ignore[import-not-found]
+
+        model = compact(model) or model
+    except (ImportError, AttributeError):
+        pass
+    except Exception as e:  # noqa: BLE001 - nothing to compact is not an error for timing
+        log.debug("compact before latency failed: %s", e)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            from evefx.export import export_onnx  # type: ignore[attr-defined]
+
+            export_onnx(model, tuple(inputs), path, check=False, kernels=False)
+        except ImportError:
+            torch.onnx.export(model, tuple(inputs), str(path), dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+        sess.run(None, feed)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class CostModel:
+    """Prices a configuration ``{eve parameter name: value}`` under one budget kind.
+
+    * ``avg_bits``: mean of the chosen bit widths (every ``bits`` eve parameter counts once);
+    * ``weight_bytes``: bytes of the conv/linear weights at their bit widths, kept channels only;
+    * ``macs``: fraction of the dense model's multiply-accumulates left after pruning (a layer
+      loses its pruned output channels and the input channels its producer pruned);
+    * ``sparsity``: fraction of output channels kept (1 - sparsity);
+    * ``latency``: onnxruntime seconds per call on ``latency_inputs`` (measured, so the
+      configuration must be applied to ``gm`` first: :meth:`measure`).
+
+    Parameters missing from a configuration take their current value.
+
+    Example:
+        >>> CostModel(gm, "macs")({"features.0.pruner.ratio": 0.5})
+        0.83
+    """
+
+    def __init__(self, gm: fx.GraphModule, kind: str, *, latency_inputs: Sequence[torch.Tensor] | None = None,
+                 parameters: Sequence[EveParameter] | None = None):
+        if kind not in COST_KINDS:
+            raise SearchError(f"search.budget.kind: unknown cost {kind!r}; use one of {', '.join(COST_KINDS)}")
+        self.gm = gm
+        self.kind = kind
+        self.parameters = list(parameters) if parameters is not None else eve_parameters(gm)
+        self.layers = _table(gm)
+        self.latency_inputs = tuple(latency_inputs) if latency_inputs is not None else None
+        if kind == "latency" and self.latency_inputs is None:
+            raise SearchError("search.budget.kind: latency needs example inputs to time the model; "
+                              "pass example_inputs= (or set trace.input_shape in the spec)")
+        bits = [p for p in self.parameters if p.kind == "bits"]
+        ratios = [p for p in self.parameters if p.kind == "ratio"]
+        if kind == "avg_bits" and not bits:
+            raise SearchError("search.budget.kind: avg_bits needs bit widths to search; "
+                              "set upgrade_bits: true in a quantize section")
+        if kind in ("macs", "sparsity") and not ratios:
+            raise SearchError(f"search.budget.kind: {kind} needs pruning ratios to search; "
+                              "set upgrade_ratio: true in a prune section")
+        self._dense_macs = sum(lc.macs for lc in self.layers.values()) or 1.0
+        self._dense_channels = sum(lc.channels for lc in self.layers.values()) or 1
+
+    @property
+    def static(self) -> bool:
+        """True when the cost follows from the values alone (everything but latency)."""
+        return self.kind != "latency"
+
+    def _resolve(self, values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float], list[float]]:
+        w_bits = {name: float(lc.fixed_weight_bits) for name, lc in self.layers.items()}
+        keep = dict.fromkeys(self.layers, 1.0)
+        bits = []
+        for p in self.parameters:
+            v = float(values[p.name]) if p.name in values else p.value
+            if p.kind == "bits":
+                bits.append(v)
+                if p.role == "weight" and p.layer in w_bits:
+                    w_bits[p.layer] = v
+            elif p.kind == "ratio" and p.layer in keep:
+                # channel counts are integers: round as a pruner would, never below one channel
+                ch = self.layers[p.layer].channels
+                keep[p.layer] = max(1, ch - int(math.floor(v * ch))) / ch
+        return w_bits, keep, bits
+
+    def __call__(self, values: Mapping[str, float]) -> float:
+        """The static cost of ``values`` (raises for ``latency``: use :meth:`measure`)."""
+        if self.kind == "latency":
+            raise SearchError("latency is measured, not computed: call CostModel.measure(gm) after applying the values")
+        w_bits, keep, bits = self._resolve(values)
+        if self.kind == "avg_bits":
+            return float(np.mean(bits)) if bits else 32.0
+        if self.kind == "sparsity":
+            return sum(lc.channels * keep[n] for n, lc in self.layers.items()) / self._dense_channels
+        total = 0.0
+        for name, lc in self.layers.items():
+            k_in = keep[lc.producer] if lc.producer is not None else 1.0
+            if self.kind == "macs":
+                total += lc.macs * keep[name] * k_in
+            else:  # weight_bytes: weights at their bits, biases in float32
+                total += lc.weights * keep[name] * k_in * w_bits[name] / 8.0 + 4.0 * lc.biases * keep[name]
+        return total / self._dense_macs if self.kind == "macs" else total
+
+    def measure(self, gm: nn.Module | None = None) -> float:
+        """Cost of the configuration currently applied to ``gm`` (the only way to price latency)."""
+        if self.kind != "latency":
+            return self({p.name: p.value for p in self.parameters})
+        return measure_latency(gm if gm is not None else self.gm, self.latency_inputs or ())
+
+    def layer_values(self, values: Mapping[str, float]) -> dict[str, Any]:
+        """Per layer ``{w_bits, keep}`` for reports."""
+        w_bits, keep, _ = self._resolve(values)
+        return {n: {"w_bits": w_bits[n], "keep": keep[n]} for n in self.layers}
+

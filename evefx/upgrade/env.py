@@ -1,0 +1,380 @@
+"""``UpgradeEnv``: choosing a model's eve parameters one at a time, as a gymnasium environment.
+
+An episode walks the model's eve parameters (``evefx.eve_parameters(gm)``, in graph order). At
+step ``i`` the agent sees the row of ``evefx.observe(gm)`` for the layer of parameter ``i``
+(min-max normalised over the layers), what kind of parameter it is, and the episode's progress
+(cost committed so far, budget left); it answers with a number in [-1, 1] that is mapped onto the
+parameter's range. After the last parameter the configuration is applied, optionally fine-tuned,
+evaluated and rewarded. Every episode starts from the same weights, restored exactly.
+
+Example:
+    >>> env = UpgradeEnv(gm, lambda m: evaluate(m, val)["accuracy"], budget=Budget(kind="avg_bits", max=3))
+    >>> obs, _ = env.reset(seed=0)
+    >>> obs, reward, done, _, info = env.step(env.action_space.sample())
+"""
+from __future__ import annotations
+
+import copy
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import fx, nn
+
+from evefx.api import EveParameter, eve_parameters, observe, reset
+from evefx.errors import SearchError
+from evefx.spec import Budget, Reward
+from evefx.upgrade.costs import CostModel, cheap_end
+
+__all__ = ["UpgradeEnv", "EpisodeResult", "PARAM_FEATURES", "accuracy_of", "Accuracy", "FineTune", "apply_pruning"]
+
+log = logging.getLogger(__name__)
+
+PARAM_FEATURES = ("is_bits", "is_ratio", "is_weight", "is_activation", "position", "initial", "previous",
+                  "cost_so_far", "budget_left")
+"""Features appended to the layer's row: what the parameter is, where the episode stands."""
+
+Evaluate = Callable[[nn.Module], Any]
+Finetune = Callable[[nn.Module, int], Any]
+
+
+def accuracy_of(result: Any) -> float:
+    """Accuracy in percent from what an ``evaluate`` callback returned (a number or ``{"accuracy": ...}``)."""
+    if isinstance(result, Mapping):
+        if "accuracy" not in result:
+            raise SearchError(f"evaluate(gm) returned a mapping without 'accuracy' (keys: {sorted(result)})")
+        result = result["accuracy"]
+    value = float(result)
+    if not math.isfinite(value):
+        raise SearchError(f"evaluate(gm) returned {value}; it must return a finite accuracy in percent")
+    return value
+
+
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """Run a callback without it touching the global RNGs the agent draws from: a fine-tuning
+    loop that seeds itself would otherwise replay the same exploration noise every episode."""
+    py, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+
+
+def apply_pruning(gm: nn.Module) -> None:
+    """Recompute the pruning masks from the ratios just set: ``evefx.prune_step`` run until every
+    pruner's schedule is complete, so an iterative schedule reaches its full ratio at once.
+
+    Example:
+        >>> UpgradeEnv(gm, evaluate, apply=apply_pruning)  # the default when ratios are searched
+    """
+    from evefx.modules.prune import ChannelPruner
+    from evefx.prune_ops import prune_step
+
+    pruners = [m for m in gm.modules() if isinstance(m, ChannelPruner)]
+    for _ in range(max([m.steps - int(m.steps_done) for m in pruners] + [1])):
+        prune_step(gm)
+
+
+class Accuracy:
+    """An ``evaluate`` callback: top-1 accuracy (percent) of the model on ``data`` (batches of ``(x, y)``).
+
+    A plain class (not a closure) so it pickles into ``SubprocVecEnv`` workers.
+
+    Example:
+        >>> env = UpgradeEnv(gm, Accuracy(val_loader))
+    """
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def __call__(self, gm: nn.Module) -> float:
+        from evefx.train import evaluate
+
+        return evaluate(gm, self.data)["accuracy"]
+
+
+class FineTune:
+    """A ``finetune(gm, steps)`` callback: ``steps`` Adam steps on ``dataset``, shuffled the same way
+    at every call (its own seeded generator), so an episode's result depends only on its values.
+
+    Example:
+        >>> env = UpgradeEnv(gm, Accuracy(val), finetune=FineTune(train_set), finetune_steps=20)
+    """
+
+    def __init__(self, dataset: Any, *, batch_size: int = 64, lr: float = 1e-3, seed: int = 0):
+        self.dataset, self.batch_size, self.lr, self.seed = dataset, batch_size, lr, seed
+
+    def __call__(self, gm: nn.Module, steps: int) -> None:
+        from torch.utils.data import DataLoader
+
+        from evefx.train import fit
+
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(self.seed))
+        epochs = max(1, math.ceil(steps / max(len(loader), 1)))
+        fit(gm, loader, None, epochs, lr=self.lr, seed=self.seed, progress=False, max_steps=steps)
+
+
+class EpisodeResult(dict):
+    """What one finished episode produced: ``reward``, ``accuracy`` (percent), ``cost``,
+    ``values`` (applied, after the budget wall), ``chosen`` (the agent's values), ``actions``,
+    ``lowered`` (whether the wall changed anything), ``seconds``. A plain dict, so it pickles
+    across processes and lands in ``info["episode_result"]``."""
+
+
+class UpgradeEnv(gym.Env):
+    """A gymnasium environment whose episodes choose every eve parameter of ``gm`` once.
+
+    Args:
+        gm: a transformed model whose spec exposes eve parameters (``upgrade_bits``, ``upgrade_ratio``),
+            already trained: its current weights are the starting point of every episode.
+        evaluate: ``evaluate(gm) -> accuracy`` in percent (or a dict with ``"accuracy"``).
+        finetune: ``finetune(gm, steps)``, run after applying a configuration when ``finetune_steps > 0``.
+        finetune_steps: training steps per episode (``search.finetune_steps``).
+        budget: the cost and its bound (``search.budget``).
+        reward: ``penalty`` (accuracy - lam * cost / max) or ``constrained`` (values lowered from the
+            last parameter back until the cost fits; reward = accuracy). Accuracy enters as a fraction.
+        example_inputs: a batch for activation statistics in the observations and for latency.
+        apply: called as ``apply(gm)`` after the values are set; by default :func:`apply_pruning`
+            when pruning ratios are searched (masks follow the new ratios), nothing otherwise.
+        names: restrict the episode to these eve parameter names (default: all of them).
+
+    Example:
+        >>> from stable_baselines3.common.env_checker import check_env
+        >>> check_env(UpgradeEnv(gm, evaluate))
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        evaluate: Evaluate,
+        *,
+        finetune: Finetune | None = None,
+        finetune_steps: int = 0,
+        budget: Budget = Budget(),
+        reward: Reward = Reward(),
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        apply: Callable[[nn.Module], Any] | None = None,
+        names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.gm = gm
+        self.evaluate_fn = evaluate
+        self.finetune_fn = finetune
+        self.finetune_steps = int(finetune_steps)
+        self.budget = budget
+        self.reward_cfg = reward
+        self.apply_fn = apply
+        params = eve_parameters(gm)
+        if names is not None:
+            unknown = sorted(set(names) - {p.name for p in params})
+            if unknown:
+                raise SearchError(f"UpgradeEnv(names=...): no eve parameters {unknown}; known: {[p.name for p in params]}")
+            params = [p for p in params if p.name in set(names)]
+        if not params:
+            raise SearchError("the model has no eve parameters to search: set upgrade_bits: true in a quantize "
+                              "section or upgrade_ratio: true in a prune section of its spec")
+        self.params: list[EveParameter] = params
+        if apply is None and any(p.kind == "ratio" for p in params):
+            self.apply_fn = apply_pruning
+        if self.finetune_steps > 0 and finetune is None:
+            raise SearchError("search.finetune_steps > 0 needs a finetune(gm, steps) callback")
+        if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        # the starting point of every episode: an exact copy of the weights, buffers and modes
+        self._state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=False).items()}
+        self._training = {name: m.training for name, m in gm.named_modules()}
+        self.initial_values = {p.name: p.value for p in params}
+        self.cost_model = CostModel(gm, budget.kind, latency_inputs=self.example_inputs, parameters=params)
+        self._rows = self._layer_rows()
+        self._check_feasible()
+        dim = self._rows.shape[1] + len(PARAM_FEATURES)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(dim,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self._i = 0
+        self._actions: list[float] = []
+        self._chosen: dict[str, float] = {}
+        self.episodes = 0
+
+    # ------------------------------------------------------------------ observations
+    def _layer_rows(self) -> np.ndarray:
+        obs = observe(self.gm, self.example_inputs)
+        self._restore()  # observing runs a forward in eval mode; leave nothing behind
+        vals = obs.values.astype(np.float64)
+        lo, hi = vals.min(axis=0), vals.max(axis=0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        norm = np.where(hi > lo, (vals - lo) / span, 0.0)
+        rows = np.zeros((len(self.params), vals.shape[1]), dtype=np.float32)
+        for i, p in enumerate(self.params):
+            if p.layer in obs.layers:
+                rows[i] = norm[obs.layers.index(p.layer)]
+        self.columns = tuple(obs.columns) + PARAM_FEATURES
+        return rows
+
+    def _progress(self, chosen: Mapping[str, float]) -> tuple[float, float]:
+        if not self.cost_model.static:
+            return 0.0, 1.0  # latency is only known once measured at the end
+        rest = {p.name: cheap_end(p) for p in self.params if p.name not in chosen}
+        committed = self.cost_model({**rest, **chosen})
+        limit = float(self.budget.max)
+        return min(committed / limit, 2.0) / 2.0, max(limit - committed, 0.0) / limit
+
+    def _observation(self, i: int, chosen: Mapping[str, float], previous: float) -> np.ndarray:
+        n = len(self.params)
+        p = self.params[min(i, n - 1)]
+        so_far, left = self._progress(chosen)
+        extra = [
+            float(p.kind == "bits"), float(p.kind == "ratio"), float(p.role == "weight"),
+            float(p.role == "activation"), i / n, (p.range.to_unit(self.initial_values[p.name]) + 1.0) / 2.0,
+            (previous + 1.0) / 2.0, so_far, left,
+        ]
+        out = np.concatenate([self._rows[min(i, n - 1)], np.asarray(extra, dtype=np.float32)]).astype(np.float32)
+        return np.clip(out, 0.0, 1.0)
+
+    # ------------------------------------------------------------------ state
+    def _restore(self) -> None:
+        self.gm.load_state_dict(self._state, strict=True)
+        for name, m in self.gm.named_modules():
+            if name in self._training:
+                m.training = self._training[name]
+        reset(self.gm)
+
+    def _check_feasible(self) -> None:
+        if self.reward_cfg.mode != "constrained" or not self.cost_model.static:
+            return
+        cheapest = self.cost_model({p.name: cheap_end(p) for p in self.params})
+        if cheapest > self.budget.max + 1e-9:
+            raise SearchError(
+                f"search.budget: even the cheapest configuration costs {cheapest:.4g} {self.budget.kind}, over "
+                f"the budget max={self.budget.max}; raise budget.max or widen the ranges (min_bits, max_ratio)"
+            )
+
+    # ------------------------------------------------------------------ gymnasium
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._restore()
+        self._i = 0
+        self._actions = []
+        self._chosen = {}
+        return self._observation(0, {}, 0.0), {}
+
+    def step(self, action):
+        if self._i >= len(self.params):
+            raise SearchError("UpgradeEnv.step after the episode ended: call reset() first")
+        # float32 like the action space, so a logged action replays to the very same observation
+        a = float(np.float32(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0)))
+        p = self.params[self._i]
+        self._actions.append(a)
+        self._chosen[p.name] = float(p.range.from_unit(a))
+        self._i += 1
+        if self._i < len(self.params):
+            return self._observation(self._i, self._chosen, a), 0.0, False, False, {}
+        result = self._finish(self._chosen, self._actions)
+        obs = self._observation(self._i, self._chosen, a)
+        return obs, float(result["reward"]), True, False, {"episode_result": result}
+
+    # ------------------------------------------------------------------ configurations
+    def values_from_actions(self, actions: Sequence[float]) -> dict[str, float]:
+        """The values the agent chose with ``actions`` (one per parameter, in [-1, 1])."""
+        if len(actions) != len(self.params):
+            raise SearchError(f"{len(actions)} actions for {len(self.params)} eve parameters")
+        return {p.name: float(p.range.from_unit(a)) for p, a in zip(self.params, actions)}
+
+    def set_values(self, values: Mapping[str, float]) -> None:
+        """Set the eve parameters of ``gm`` (missing ones keep their starting value) and run ``apply``."""
+        for p in self.params:
+            p.set(values.get(p.name, self.initial_values[p.name]))
+        if self.apply_fn is not None:
+            self.apply_fn(self.gm)
+
+    def cost(self, values: Mapping[str, float]) -> float:
+        """Cost of ``values`` under the budget's kind (latency is measured on ``gm`` with them applied)."""
+        if self.cost_model.static:
+            return self.cost_model(values)
+        self._restore()
+        self.set_values(values)
+        return self.cost_model.measure(self.gm)
+
+    def fit_budget(self, values: Mapping[str, float]) -> dict[str, float]:
+        """The budget wall (as in HAQ): lower the values one step at a time, from the last parameter
+        back and round again, until the cost fits. Raises when even the cheapest values do not fit."""
+        out = {p.name: float(values.get(p.name, self.initial_values[p.name])) for p in self.params}
+        limit = float(self.budget.max) + 1e-9
+        cost = self.cost(out)
+        while cost > limit:
+            moved = False
+            for p in reversed(self.params):
+                target = cheap_end(p)
+                if out[p.name] == target:
+                    continue
+                step = 1.0 if p.integer else (p.high - p.low) / 20.0
+                nxt = out[p.name] - step if target < out[p.name] else out[p.name] + step
+                out[p.name] = float(p.range.clip(min(max(nxt, p.low), p.high)))
+                moved = True
+                cost = self.cost(out)
+                if cost <= limit:
+                    break
+            if not moved:
+                raise SearchError(
+                    f"search.budget: the cheapest configuration still costs {cost:.4g} {self.budget.kind}, "
+                    f"over max={self.budget.max}; raise budget.max or widen the parameter ranges"
+                )
+        return out
+
+    def evaluate_values(self, values: Mapping[str, float], actions: Sequence[float] | None = None) -> EpisodeResult:
+        """Run one whole configuration (as an episode's end does) and return its result."""
+        return self._finish(values, actions)
+
+    def _finish(self, chosen: Mapping[str, float], actions: Sequence[float] | None) -> EpisodeResult:
+        start = time.perf_counter()
+        chosen = {p.name: float(chosen.get(p.name, self.initial_values[p.name])) for p in self.params}
+        values = self.fit_budget(chosen) if self.reward_cfg.mode == "constrained" else chosen
+        self._restore()
+        self.set_values(values)
+        cost = self.cost_model(values) if self.cost_model.static else self.cost_model.measure(self.gm)
+        with _global_rng_kept():
+            if self.finetune_steps > 0 and self.finetune_fn is not None:
+                self.finetune_fn(self.gm, self.finetune_steps)
+            accuracy = accuracy_of(self.evaluate_fn(self.gm))
+        if self.reward_cfg.mode == "constrained":
+            reward = accuracy / 100.0
+        else:
+            reward = accuracy / 100.0 - self.reward_cfg.lam * cost / float(self.budget.max)
+        self.episodes += 1
+        return EpisodeResult(
+            reward=float(reward), accuracy=accuracy, cost=float(cost), values=values, chosen=chosen,
+            actions=[float(a) for a in (actions or [])], lowered=values != chosen,
+            seconds=time.perf_counter() - start,
+        )
+
+    def transitions(self, actions: Sequence[float], reward: float) -> list[tuple[np.ndarray, np.ndarray, float, np.ndarray, bool]]:
+        """``(obs, action, reward, next_obs, done)`` of an episode played with ``actions`` that earned
+        ``reward``, without running the model: how a resumed search refills its replay buffer."""
+        chosen: dict[str, float] = {}
+        out = []
+        obs = self._observation(0, chosen, 0.0)
+        for i, (p, a) in enumerate(zip(self.params, actions)):
+            a = float(np.float32(np.clip(a, -1.0, 1.0)))
+            chosen[p.name] = float(p.range.from_unit(a))
+            nxt = self._observation(i + 1, chosen, float(a))
+            last = i == len(self.params) - 1
+            out.append((obs, np.asarray([a], dtype=np.float32), float(reward) if last else 0.0, nxt, last))
+            obs = nxt
+        return out
+
+    def state_dict_copy(self) -> dict[str, torch.Tensor]:
+        """A copy of ``gm``'s current state (after an episode: the configured, fine-tuned model)."""
+        return copy.deepcopy(self.gm.state_dict())

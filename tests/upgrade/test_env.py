@@ -1,0 +1,264 @@
+"""UpgradeEnv: the gymnasium contract, exact restoration, the budget wall, costs, spec write-back."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stable_baselines3.common.env_checker import check_env
+from torch import nn
+
+import evefx
+from evefx.errors import SearchError
+from evefx.graph import insert_after, layer_nodes, mark, output_block
+from evefx.modules.protocol import EveHooks, EveRange
+from evefx.pipeline import EveModule
+from evefx.spec import Budget, Reward, load_spec
+from evefx.trace import propagate_shapes, trace
+from evefx.upgrade import CostModel, FineTune, UpgradeEnv, override_for, spec_with_values
+
+QSPEC = {"passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8},
+                     "activation": {"bits": 8, "signed": False, "symmetric": False}}]}
+
+
+class Gate(EveHooks, nn.Module):
+    """A hand-made eve module: zeroes the first floor(ratio * C) channels; ratio is an eve parameter."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("ratio", torch.tensor(0.0))
+
+    def eve_ranges(self):
+        return {"ratio": EveRange(0.0, 0.75)}
+
+    def forward(self, x):
+        k = int(math.floor(float(self.ratio) * self.channels))
+        mask = torch.ones(self.channels)
+        mask[:k] = 0.0
+        return x * mask
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def data(n: int = 128):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = mlp()(x).argmax(1)
+    return x, y
+
+
+def quantized():
+    x, _ = data()
+    gm = evefx.transform(mlp(), QSPEC, torch.zeros(1, 8))
+    gm.train()
+    gm(x)  # calibrate the quantizer ranges
+    return gm.eval()
+
+
+def gated():
+    """The MLP with a Gate after the first two layers' output blocks (marked as a prune pass would)."""
+    gm = trace(mlp(), cls=EveModule)
+    propagate_shapes(gm, (torch.zeros(1, 8),))
+    for node in layer_nodes(gm)[:2]:
+        layer = str(node.target)
+        gate = insert_after(gm, output_block(gm, node).last, Gate(module_channels(gm, node)), f"{layer}.gate")
+        mark(gate, pass_name="prune", layer=layer, spec_path="passes[0]", role="pruner")
+    gm.recompile()
+    return gm.eval()
+
+
+def module_channels(gm, node):
+    return gm.get_submodule(str(node.target)).out_features
+
+
+def accuracy(gm) -> float:
+    x, y = data()
+    with torch.no_grad():
+        return 100.0 * float((gm(x).argmax(1) == y).float().mean())
+
+
+def test_check_env_quantized_and_hand_made():
+    check_env(UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=4.0)), warn=True)
+    check_env(UpgradeEnv(gated(), accuracy, budget=Budget(kind="macs", max=0.6)), warn=True)
+
+
+def test_observation_is_the_layer_row_plus_progress():
+    gm = quantized()
+    env = UpgradeEnv(gm, accuracy, budget=Budget(kind="avg_bits", max=4.0), example_inputs=data()[0])
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.float32 and env.observation_space.contains(obs)
+    col = dict(zip(env.columns, obs))
+    # first parameter: the weight bits of layer "0" (a Linear, the layer with the fewest parameters: params -> 0)
+    assert env.params[0].name == "0.weight_quantizer.bits"
+    assert col["is_linear"] == 0.0  # every layer is linear: a constant column normalises to 0
+    assert col["is_bits"] == 1.0 and col["is_weight"] == 1.0 and col["position"] == 0.0
+    # nothing chosen yet, all others at 2 bits: the committed cost is 2 bits out of a 4-bit budget
+    assert col["cost_so_far"] == pytest.approx(2.0 / 4.0 / 2.0) and col["budget_left"] == pytest.approx(0.5)
+    obs, *_ = env.step(np.array([1.0], dtype=np.float32))  # 8 bits for the first parameter
+    col = dict(zip(env.columns, obs))
+    assert col["previous"] == 1.0 and col["is_activation"] == 1.0
+    assert col["cost_so_far"] == pytest.approx((8 + 2 * 5) / 6 / 4 / 2)
+
+
+def test_episodes_are_deterministic_and_restore_weights_exactly():
+    gm = quantized()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    x, y = data()
+    tune = FineTune(torch.utils.data.TensorDataset(x, y), batch_size=32, lr=1e-2)
+    env = UpgradeEnv(gm, accuracy, finetune=tune, finetune_steps=3, budget=Budget(kind="avg_bits", max=5.0),
+                     reward=Reward(mode="penalty", lam=0.5))
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(2, len(env.params))).astype(np.float32)
+    results = []
+    for episode in (0, 1, 0):
+        env.reset(seed=0)
+        for a in actions[episode]:
+            obs, reward, done, truncated, info = env.step(a[None])
+        assert done and not truncated
+        results.append(info["episode_result"])
+        assert any(not torch.equal(v, before[k]) for k, v in gm.state_dict().items())  # fine-tuning changed weights
+        env.reset()
+        for k, v in gm.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert results[0] == {**results[2], "seconds": results[0]["seconds"]}
+    r = results[1]
+    assert r["reward"] == pytest.approx(r["accuracy"] / 100 - 0.5 * r["cost"] / 5.0)
+    assert r["values"] == r["chosen"] and not r["lowered"]  # penalty mode never lowers
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-1, 1), min_size=6, max_size=6), st.sampled_from([2.0, 2.5, 3.0, 4.5]))
+def test_budget_wall_never_lets_an_over_budget_configuration_through(actions, limit):
+    env = _WALL_ENVS.setdefault(limit, UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=limit)))
+    env.reset()
+    for a in actions:
+        *_, done, _, info = env.step(np.array([a], dtype=np.float32))
+    r = info["episode_result"]
+    assert r["cost"] <= limit + 1e-9
+    assert np.mean([r["values"][n] for n in r["values"]]) == pytest.approx(r["cost"])
+    assert all(r["values"][n] <= r["chosen"][n] for n in r["values"])  # only ever lowered
+    assert all(int(round(p.value)) == r["values"][p.name] for p in env.params)  # and really applied
+    assert r["lowered"] == (np.mean(list(r["chosen"].values())) > limit)
+
+
+_WALL_ENVS: dict[float, UpgradeEnv] = {}
+
+
+def test_budget_wall_raises_ratios_for_macs():
+    gm = gated()
+    env = UpgradeEnv(gm, accuracy, budget=Budget(kind="macs", max=0.5))
+    out = env.fit_budget({p.name: 0.0 for p in env.params})
+    assert env.cost(out) <= 0.5
+    assert all(v >= 0.0 for v in out.values()) and out[env.params[-1].name] > 0.0  # the last one moved first
+
+
+def test_costs_by_hand():
+    gm = gated()
+    names = [p.name for p in evefx.eve_parameters(gm)]
+    macs = CostModel(gm, "macs")
+    dense = 8 * 16 + 16 * 12 + 12 * 4
+    assert macs({n: 0.0 for n in names}) == pytest.approx(1.0)
+    # ratio 0.5 on layer 0 keeps 8 of 16 channels: layer 0 and the input of layer 2 halve
+    assert macs({names[0]: 0.5, names[1]: 0.0}) == pytest.approx((8 * 8 + 8 * 12 + 12 * 4) / dense)
+    # and ratio 0.25 on layer 2 keeps 9 of 12 channels
+    assert macs({names[0]: 0.5, names[1]: 0.25}) == pytest.approx((8 * 8 + 8 * 9 + 9 * 4) / dense)
+    assert CostModel(gm, "sparsity")({names[0]: 0.5, names[1]: 0.25}) == pytest.approx((8 + 9 + 4) / (16 + 12 + 4))
+    q = quantized()
+    qn = [p.name for p in evefx.eve_parameters(q)]
+    assert CostModel(q, "avg_bits")(dict(zip(qn, [2, 4, 6, 8, 3, 7]))) == pytest.approx(5.0)
+    wb = CostModel(q, "weight_bytes")(dict(zip(qn, [2, 8, 4, 8, 8, 8])))
+    assert wb == pytest.approx(8 * 16 * 2 / 8 + 16 * 12 * 4 / 8 + 12 * 4 * 8 / 8 + 4 * (16 + 12 + 4))
+
+
+def test_latency_is_measured_with_onnxruntime():
+    q = quantized()
+    cm = CostModel(q, "latency", latency_inputs=(torch.zeros(4, 8),))
+    seconds = cm.measure(q)
+    assert 0.0 < seconds < 0.1
+    # an episode under a latency budget measures the configured model once it is applied
+    env = UpgradeEnv(q, accuracy, budget=Budget(kind="latency", max=1.0), example_inputs=torch.zeros(4, 8))
+    env.reset()
+    for _ in env.params:
+        *_, info = env.step(np.array([0.0], dtype=np.float32))
+    r = info["episode_result"]
+    assert 0.0 < r["cost"] < 0.1 and not r["lowered"] and r["reward"] == r["accuracy"] / 100
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(SearchError, match="upgrade_bits"):
+        UpgradeEnv(evefx.transform(mlp(), {"passes": [{"kind": "quantize"}]}), accuracy)
+    with pytest.raises(SearchError, match="cheapest configuration costs 2 avg_bits"):
+        UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=1.5))
+    with pytest.raises(SearchError, match="upgrade_ratio"):
+        UpgradeEnv(quantized(), accuracy, budget=Budget(kind="macs", max=0.5))
+    with pytest.raises(SearchError, match="finetune"):
+        UpgradeEnv(quantized(), accuracy, finetune_steps=5)
+
+
+def test_transitions_replay_what_step_observed():
+    env = UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=3.0))
+    actions = [0.3, -0.9, 1.0, 0.1, -0.2, 0.7]
+    seen = [env.reset()[0]]
+    for a in actions:
+        obs, reward, *_ = env.step(np.array([a], dtype=np.float32))
+        seen.append(obs)
+    trans = env.transitions(actions, reward)
+    assert len(trans) == len(actions)
+    for i, (obs, act, rew, nxt, done) in enumerate(trans):
+        np.testing.assert_array_equal(obs, seen[i])
+        np.testing.assert_array_equal(nxt, seen[i + 1])
+        assert act[0] == np.float32(actions[i]) and done == (i == len(actions) - 1)
+        assert rew == (reward if done else 0.0)
+
+
+def test_spec_with_values_writes_overrides_the_pass_understands():
+    gm = quantized()
+    params = evefx.eve_parameters(gm)
+    values = dict(zip([p.name for p in params], [3, 5, 2, 4, 8, 6]))
+    spec = spec_with_values(gm.spec, params, values)
+    section = spec.passes[0]
+    assert section.for_layer("0").weight.bits == 3 and section.for_layer("0").activation.bits == 5
+    assert section.for_layer("4").weight.bits == 8 and section.for_layer("4").activation.bits == 6
+    assert load_spec(evefx.dump_spec(spec)) == spec
+    fresh = evefx.transform(mlp(), spec, torch.zeros(1, 8))
+    assert {p.name: p.value for p in evefx.eve_parameters(fresh)} == values
+    gate = gated()
+    assert override_for(evefx.eve_parameters(gate)[0], 0.25) == {"ratio": 0.25}
+
+
+def test_real_pruning_masks_follow_the_ratios_and_the_macs_wall():
+    from evefx.modules.prune import ChannelPruner
+
+    spec = {"passes": [{"kind": "prune", "upgrade_ratio": True, "ratio": 0.0, "max_ratio": 0.9}]}
+    gm = evefx.transform(mlp(), spec, torch.zeros(1, 8)).eval()
+    env = UpgradeEnv(gm, accuracy, budget=Budget(kind="macs", max=0.4))
+    check_env(env)
+    env.reset()
+    for _ in env.params:  # ask for no pruning at all: the wall must prune until 40% of the MACs remain
+        *_, info = env.step(np.array([-1.0], dtype=np.float32))
+    r = info["episode_result"]
+    assert r["lowered"] and r["cost"] <= 0.4
+    keep = env.cost_model.layer_values(r["values"])
+    masks = {p.layer: float(p.module.mask.mean()) for p in env.params if isinstance(p.module, ChannelPruner)}
+    assert masks == {layer: keep[layer]["keep"] for layer in masks}
+    env.reset()  # masks restored with the weights
+    assert all(float(p.module.mask.mean()) == 1.0 for p in env.params)
+
+
+def test_fine_tuning_does_not_reseed_the_agents_random_streams():
+    x, y = data()
+    env = UpgradeEnv(quantized(), accuracy, finetune=FineTune(torch.utils.data.TensorDataset(x, y)), finetune_steps=2,
+                     budget=Budget(kind="avg_bits", max=8.0))
+    draws = []
+    for _ in range(2):
+        env.reset()
+        for _ in env.params:
+            env.step(np.array([0.0], dtype=np.float32))
+        draws.append((np.random.normal(), float(torch.rand(1))))  # FineTune seeds fit(); the agent must not see it
+    assert draws[0] != draws[1]

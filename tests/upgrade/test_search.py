@@ -1,0 +1,150 @@
+"""search(): run folder, best.yaml that reproduces the searched model, resume after a kill, algorithms."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from stable_baselines3 import DDPG
+from stable_baselines3.common.save_util import load_from_pkl
+import torch
+from torch import nn
+
+import evefx
+from evefx.errors import SearchError
+from evefx.upgrade import Accuracy, read_episodes, search
+
+QSPEC = {"passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8},
+                     "activation": {"bits": 8, "signed": False, "symmetric": False}}]}
+SEARCH = {"algorithm": "random", "episodes": 6, "budget": {"kind": "avg_bits", "max": 4.0}, "seed": 3}
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=g)
+    return [(x, mlp()(x).argmax(1))]
+
+
+def quantized():
+    gm = evefx.transform(mlp(), QSPEC, torch.zeros(1, 8))
+    gm.train()
+    gm(batches()[0][0])  # calibrate quantizer ranges
+    return gm.eval()
+
+
+class KilledAfter(Accuracy):
+    """Evaluates like Accuracy, then dies (as a killed process would) at evaluation k + 1."""
+
+    def __init__(self, data, k):
+        super().__init__(data)
+        self.k, self.calls = k, 0
+
+    def __call__(self, gm):
+        self.calls += 1
+        if self.calls > self.k:
+            raise KeyboardInterrupt
+        return super().__call__(gm)
+
+
+def test_random_search_writes_a_spec_that_reproduces_the_searched_model(tmp_path):
+    gm = quantized()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = search(gm, Accuracy(batches()), SEARCH, run_dir=tmp_path, progress=False)
+    rows = read_episodes(tmp_path)
+    assert [r["episode"] for r in rows] == list(range(1, 7))
+    assert result.best == max(rows, key=lambda r: r["reward"])
+    assert json.loads((tmp_path / "best.json").read_text()) == result.best
+    assert all(r["cost"] <= 4.0 for r in rows)
+    assert result.replayed_accuracy == result.best["accuracy"]
+    assert result.plot_path.stat().st_size > 10_000 and (tmp_path / "tb").is_dir()
+    for k, v in gm.state_dict().items():  # the searched model is left as it was given
+        assert torch.equal(v, before[k])
+    # best.yaml validates, carries the values as overrides, and with best.pt gives the searched accuracy
+    spec = evefx.load_spec(result.spec_path)
+    assert spec.search.algorithm == "random"
+    fresh = evefx.transform(mlp(), spec, torch.zeros(1, 8))
+    assert {p.name: p.value for p in evefx.eve_parameters(fresh)} == result.best["values"]
+    fresh.load_state_dict(torch.load(result.state_path))
+    assert Accuracy(batches())(fresh) == result.best["accuracy"]
+    with pytest.raises(SearchError, match="resume"):
+        search(gm, Accuracy(batches()), SEARCH, run_dir=tmp_path, progress=False)
+
+
+def test_random_search_resumes_to_the_same_run(tmp_path):
+    whole = search(quantized(), Accuracy(batches()), SEARCH, run_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        search(quantized(), KilledAfter(batches(), 4), SEARCH, run_dir=tmp_path / "cut", progress=False)
+    assert len(read_episodes(tmp_path / "cut")) == 4
+    resumed = search(quantized(), Accuracy(batches()), SEARCH, run_dir=tmp_path / "cut", resume=True, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed.episodes) == strip(whole.episodes)
+    assert resumed.best["values"] == whole.best["values"]
+
+
+def test_ddpg_resume_after_a_kill_loses_only_the_episode_in_flight(tmp_path):
+    section = {**SEARCH, "algorithm": "ddpg", "episodes": 9, "checkpoint_every": 3,
+               "hyperparams": {"noise_type": "normal", "noise_std": 0.3, "noise_decay": 0.9, "learning_starts": 8}}
+    with pytest.raises(KeyboardInterrupt):
+        search(quantized(), KilledAfter(batches(), 5), section, run_dir=tmp_path, progress=False)
+    first = read_episodes(tmp_path)
+    assert len(first) == 5
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["episodes"] == 3
+    result = search(quantized(), Accuracy(batches()), section, run_dir=tmp_path, resume=True, progress=False)
+    assert [r["episode"] for r in result.episodes] == list(range(1, 10))
+    assert result.episodes[:5] == first
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["episodes"] == 9
+    # 3 checkpointed episodes + 2 put back from the CSV + 4 played (the very last step is not stored)
+    buffer = load_from_pkl(tmp_path / "checkpoint" / "replay_buffer.pkl")
+    assert buffer.size() == 9 * 4 - 1
+    # the exploration noise decays per finished episode, across the restart too
+    model = DDPG.load(tmp_path / "checkpoint" / "model.zip", device="cpu")
+    assert model.action_noise._sigma == pytest.approx([0.3 * 0.9**9])
+    assert all(r["cost"] <= 4.0 for r in result.episodes)
+
+
+@pytest.mark.parametrize("algorithm", ["td3", "sac", "ppo", "a2c"])
+def test_every_algorithm_runs_and_respects_the_budget(tmp_path, algorithm):
+    section = {**SEARCH, "algorithm": algorithm, "episodes": 4, "hyperparams": {"net_arch": [16, 16]}}
+    result = search(quantized(), Accuracy(batches()), section, run_dir=tmp_path, progress=False)
+    assert len(result.episodes) == 4 and all(r["cost"] <= 4.0 for r in result.episodes)
+    assert (tmp_path / "checkpoint" / "model.zip").exists()
+
+
+def test_parallel_environments_in_subprocesses(tmp_path):
+    section = {**SEARCH, "algorithm": "td3", "episodes": 4, "n_envs": 2, "hyperparams": {"learning_starts": 4}}
+    result = search(quantized(), Accuracy(batches()), section, run_dir=tmp_path, progress=False)
+    assert len(result.episodes) == 4 and result.replayed_accuracy == result.best["accuracy"]
+
+
+def test_search_settings_errors(tmp_path):
+    gm, acc = quantized(), Accuracy(batches())
+    with pytest.raises(SearchError, match="ppo does not take action noise"):
+        search(gm, acc, {**SEARCH, "algorithm": "ppo", "hyperparams": {"noise_type": "normal"}}, run_dir=tmp_path / "a")
+    with pytest.raises(SearchError, match="unknown 'pink'"):
+        search(gm, acc, {**SEARCH, "algorithm": "td3", "hyperparams": {"noise_type": "pink"}}, run_dir=tmp_path / "b")
+    with pytest.raises(SearchError, match="rejected"):
+        search(gm, acc, {**SEARCH, "algorithm": "a2c", "hyperparams": {"bogus": 1}}, run_dir=tmp_path / "c")
+    with pytest.raises(SearchError, match="ray"):
+        search(gm, acc, {**SEARCH, "backend": "ray"}, run_dir=tmp_path / "d")
+
+
+def test_search_from_spec_trains_once_and_resumes_from_the_saved_start(tmp_path):
+    from examples.models import DemoNet
+    from evefx.upgrade import search_from_spec
+
+    spec = {"trace": {"input_shape": [1, 1, 28, 28]},
+            "passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8}, "select": {"names": ["features.*"]}}],
+            "search": {"algorithm": "random", "episodes": 2, "budget": {"kind": "avg_bits", "max": 5.0}}}
+    torch.manual_seed(0)
+    first = search_from_spec(DemoNet(), spec, run_dir=tmp_path, epochs=0, qat_epochs=1, progress=False)
+    assert (tmp_path / "start.pt").exists() and len(first.episodes) == 2
+    with pytest.raises(SearchError, match="--resume"):
+        search_from_spec(DemoNet(), spec, run_dir=tmp_path, epochs=0, progress=False)
+    longer = {**spec, "search": {**spec["search"], "episodes": 3}}
+    again = search_from_spec(DemoNet(), longer, run_dir=tmp_path, epochs=0, resume=True, progress=False)
+    assert again.episodes[:2] == first.episodes and len(again.episodes) == 3
+    assert evefx.load_spec(again.spec_path).passes[0].overrides[-1]["names"] == ["features.6"]
