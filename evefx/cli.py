@@ -158,6 +158,61 @@ def inspect(
 
 
 @app.command()
+def export(
+    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    spec: Path = typer.Option(..., help="spec file"),
+    out: Path = typer.Option(..., help="the ONNX file to write"),
+    input_shape: Optional[str] = typer.Option(None, help="example input shape (default: trace.input_shape)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
+    calibrate_batches: int = typer.Option(8, help="random batches to calibrate quantizers when no checkpoint is given"),
+    opset: int = typer.Option(17, help="ONNX opset"),
+    check: bool = typer.Option(True, help="check parity with onnxruntime"),
+) -> None:
+    """Export a transformed model to ONNX (int8 QDQ when quantized) and print the size/parity table."""
+    import torch
+
+    from evefx.export import calibrate, export_onnx
+
+    try:
+        spec_obj = load_spec(spec)
+        shape = parse_shape(input_shape) or spec_obj.trace.input_shape
+        if shape is None:
+            raise EvefxError("give --input-shape or trace.input_shape in the spec: export needs example inputs")
+        gm = _transform(model, spec, ",".join(map(str, shape)))
+        if checkpoint is not None:
+            gm.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+        else:
+            gen = torch.Generator().manual_seed(0)
+            calibrate(gm, [torch.rand(shape, generator=gen) for _ in range(calibrate_batches)])
+        report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check)
+    except EvefxError as e:
+        _fail(e)
+    console.print(report.table())
+
+
+@app.command()
+def search(
+    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    spec: Path = typer.Option(..., help="spec file with a search: section"),
+    data: str = typer.Option("mnist5k", help="mnist5k (embedded) or mnist (torchvision, needs --data-root)"),
+    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
+    run_dir: Path = typer.Option(Path("out/search"), help="run folder (logs, checkpoints, best.yaml)"),
+    resume: Optional[Path] = typer.Option(None, help="resume the search in this run folder"),
+    weights: Optional[Path] = typer.Option(None, help="trained float weights of the model (else it is trained)"),
+    epochs: int = typer.Option(3, help="float training epochs when no weights are given"),
+) -> None:
+    """Search per-layer eve parameters (bits, ratios) with RL; write best.yaml and plots to the run folder."""
+    from evefx.upgrade import search_from_spec
+
+    try:
+        result = search_from_spec(load_model(model), spec, run_dir=resume or run_dir, data=data, data_root=data_root,
+                                  weights=weights, epochs=epochs, resume=resume is not None)
+    except EvefxError as e:
+        _fail(e)
+    console.print(f"best accuracy {result.best['accuracy']:.2f}% at cost {result.best['cost']:.4g}; wrote {result.spec_path}")
+
+
+@app.command()
 def demo(
     epochs: int = typer.Option(3, help="training epochs of each run"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the demo's files"),

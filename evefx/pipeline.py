@@ -33,6 +33,13 @@ class EveModule(fx.GraphModule):
         True
     """
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # torch pickles a GraphModule as code and re-traces it on load, which drops node.meta;
+        # carry evefx's provenance and shapes (and the spec/report) across by node name.
+        rebuild, args = super().__reduce__()
+        node_meta = {n.name: _portable(n.meta) for n in self.graph.nodes}
+        return (_rebuild_eve_module, (rebuild, args, node_meta, dict(self.meta)))
+
     @property
     def spec(self) -> Spec:
         return self.meta.get("evefx_spec", Spec())
@@ -40,6 +47,27 @@ class EveModule(fx.GraphModule):
     @property
     def report(self) -> TransformReport:
         return self.meta.get("evefx_report", TransformReport())
+
+
+_PORTABLE_META = ("evefx", "tensor_meta")
+
+
+def _portable(meta: dict[str, Any]) -> dict[str, Any]:
+    out = {k: meta[k] for k in _PORTABLE_META if k in meta}
+    tm = out.get("tensor_meta")
+    if hasattr(tm, "_replace") and hasattr(tm, "memory_format"):
+        out["tensor_meta"] = tm._replace(memory_format=None)  # memory formats do not pickle at protocol 2
+    return out
+
+
+def _rebuild_eve_module(rebuild: Any, args: tuple[Any, ...], node_meta: dict[str, dict], meta: dict) -> EveModule:
+    plain = rebuild(*args)
+    gm = EveModule(plain, plain.graph, type(plain).__name__)
+    gm.training = plain.training
+    for node in gm.graph.nodes:
+        node.meta.update(node_meta.get(node.name, {}))
+    gm.meta.update(meta)
+    return gm
 
 
 def _count_params(module: nn.Module) -> int:

@@ -60,3 +60,28 @@ def test_transform_user_errors_are_one_line(tmp_path):
     assert bad_shape.exit_code == 1 and "--input-shape must be comma-separated integers" in bad_shape.output
     wrong = runner.invoke(app, ["transform", "--model", "examples.models:DemoNet", "--spec", str(spec), "--input-shape", "1,3,28,28"])
     assert wrong.exit_code == 1 and "do not fit the model" in wrong.output
+
+
+def test_inspect_lists_what_each_pass_put_there():
+    result = runner.invoke(app, ["inspect", "--model", "examples.models:DemoNet", "--spec", str(ROOT / "examples/specs/demo.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "features.0" in result.output and "passes[0] activation" in result.output
+
+
+def test_export_writes_checked_int8_file(tmp_path):
+    import onnx
+
+    out = tmp_path / "demo.onnx"
+    result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(ROOT / "examples/specs/demo.yaml"),
+                                 "--out", str(out), "--calibrate-batches", "2"])
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output and "int8 QDQ" in result.output
+    model = onnx.load(out)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_export_without_shape_is_a_clear_error(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("passes: [{kind: quantize}]\n")
+    result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(spec), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "give --input-shape or trace.input_shape" in result.output

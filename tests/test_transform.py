@@ -78,3 +78,22 @@ def test_not_a_module():
 def test_bad_spec_is_spec_error_before_anything_else(demo_net):
     with pytest.raises(evefx.SpecError):
         evefx.transform(demo_net, {"passes": [{"kind": "quantize", "weight": {"bits": 99}}]})
+
+
+def test_pickle_round_trip_keeps_provenance_and_outputs(demo_net, mnist_batch):
+    import io
+    import pickle
+
+    from tests.helpers import probe_model
+
+    gm = probe_model(demo_net)
+    gm.meta["evefx_spec"] = evefx.load_spec({"passes": [{"kind": "prune"}]})
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert isinstance(back, EveModule) and back.spec == gm.spec
+    assert [p.name for p in evefx.eve_parameters(back)] == [p.name for p in evefx.eve_parameters(gm)]
+    assert torch.equal(back(mnist_batch), gm(mnist_batch))
+    clone = pickle.loads(pickle.dumps(gm))
+    assert evefx.observe(clone).row("features.0")["macs"] == 4 * 14 * 14 * 9
