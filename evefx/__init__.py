@@ -44,6 +44,7 @@ _LAZY = {
     "Observations": "evefx.api",
     "prune_step": "evefx.prune_ops",
     "compact": "evefx.prune_ops",
+    "compact_report": "evefx.prune_ops",
     "export_onnx": "evefx.export",
 }
 

@@ -1,0 +1,87 @@
+"""The ``prune`` pass: a :class:`~evefx.modules.prune.ChannelPruner` after each selected layer's output block.
+
+For every planned layer, in graph order, a pruner is inserted after ``layer -> [bn] -> [activation]``
+with the layer's criterion, ratio, ``min_channels``, scope and schedule (``iterative`` steps), and
+marked with role ``pruner``. With ``upgrade_ratio`` the ratio is an eve parameter in
+``[0, max_ratio]``. A layer already marked by this pass is skipped, so running it twice changes nothing.
+
+Nothing is masked yet: :func:`evefx.prune_step` sets the masks from the statistics the pruners
+gather while the model trains, and :func:`evefx.compact` removes the masked channels.
+
+Example:
+    >>> gm = evefx.transform(DemoNet(), {"passes": [{"kind": "prune", "ratio": 0.5}]}, torch.zeros(1, 1, 28, 28))
+    >>> [c.target for c in gm.report.changes]
+    ['features_2_pruner', 'features_5_pruner', 'features_8_pruner', 'classifier_2_pruner']
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import fx, nn
+
+from evefx.errors import PassError
+from evefx.graph import insert_after, mark, marked, output_block
+from evefx.modules.prune import ChannelPruner
+from evefx.passes.base import Change, PassResult, SectionPass
+from evefx.spec import PruneSection
+
+__all__ = ["PrunePass"]
+
+log = logging.getLogger(__name__)
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+class PrunePass(SectionPass):
+    """Runs one ``kind: prune`` section (see the module docstring).
+
+    Example:
+        >>> result = PrunePass(spec.passes[0], "passes[0]")(gm)
+        >>> {c.action for c in result.changes}
+        {'inserted'}
+    """
+
+    name = "prune"
+    section: PruneSection
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        changes: list[Change] = []
+        for layer, planned in self.plan(gm).items():
+            node, module, section = planned.node, planned.module, planned.section
+            if marked(gm, self.name, layer):
+                log.debug("%s: %s already has a pruner; skipped", self.spec_path, layer)
+                continue
+            self.current_node = node
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                raise PassError(
+                    f"{self.spec_path}: layer {layer} is a {type(module).__name__}; prune supports conv and Linear "
+                    f"layers. Remove it from select."
+                )
+            steps = section.schedule.steps if section.schedule.kind == "iterative" else 1
+            pruner = ChannelPruner(
+                _out_channels(module),
+                section.criterion,
+                section.ratio,
+                dim=-1 if isinstance(module, nn.Linear) else 1,
+                max_ratio=section.max_ratio if section.upgrade_ratio else None,
+                min_channels=section.min_channels,
+                steps=steps,
+                scope=section.scope,
+            )
+            pruner.train(module.training)
+            last = output_block(gm, node).last
+            new = insert_after(gm, last, pruner, f"{last.name}_pruner")
+            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="pruner")
+            changes.append(self.change(
+                "inserted", new, layer,
+                f"ChannelPruner({pruner.num_channels}, {section.criterion}, ratio={section.ratio:g}, {section.scope})",
+            ))
+        self.current_node = None
+        return PassResult(gm, bool(changes), tuple(changes))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        for layer in self.plan(gm):
+            if not marked(gm, self.name, layer, role="pruner"):
+                raise PassError(f"{self.spec_path}: layer {layer} got no pruner; please report this bug")
