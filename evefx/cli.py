@@ -214,7 +214,7 @@ def search(
 
 @app.command()
 def demo(
-    epochs: int = typer.Option(3, help="training epochs of each run"),
+    epochs: int = typer.Option(5, help="training epochs of each run"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the demo's files"),
 ) -> None:
     """The main job: transform, train and evaluate the demo network on the embedded MNIST."""
