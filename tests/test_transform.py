@@ -97,3 +97,28 @@ def test_pickle_round_trip_keeps_provenance_and_outputs(demo_net, mnist_batch):
     assert torch.equal(back(mnist_batch), gm(mnist_batch))
     clone = pickle.loads(pickle.dumps(gm))
     assert evefx.observe(clone).row("features.0")["macs"] == 4 * 14 * 14 * 9
+
+
+REAL_SPECS = {
+    "quantize": {"passes": [{"kind": "quantize"}]},
+    "spike": {"passes": [{"kind": "spike", "timesteps": 2, "encoder": "direct"}]},
+    "prune": {"passes": [{"kind": "prune", "ratio": 0.5}]},
+    "all": {"passes": [{"kind": "prune", "ratio": 0.25}, {"kind": "quantize", "weight": {"bits": 4}}]},
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_SPECS))
+def test_real_passes_are_idempotent_and_state_dicts_round_trip(name, demo_net):
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    gm = evefx.transform(demo_net, REAL_SPECS[name], x)
+    assert gm.report.modified
+    gm.train()
+    gm(x)  # let trackers and statistics move away from their initial values
+    gm.eval()
+    again = evefx.transform(gm, gm.spec)
+    assert not again.report.modified, again.report
+    assert torch.allclose(again(x), gm(x))
+    fresh = evefx.transform(demo_net, REAL_SPECS[name], x).eval()
+    fresh.load_state_dict(gm.state_dict())
+    assert torch.equal(fresh(x), gm(x))
