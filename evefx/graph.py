@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "Block",
@@ -136,22 +137,12 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, hint: str
     return new
 
 
-def _output_tensors(arg: Any) -> Iterable[fx.Node]:
-    if isinstance(arg, fx.Node):
-        yield arg
-    elif isinstance(arg, (tuple, list)):
-        for a in arg:
-            yield from _output_tensors(a)
-    elif isinstance(arg, dict):
-        for a in arg.values():
-            yield from _output_tensors(a)
-
-
 def insert_before_output(gm: fx.GraphModule, make_module: Any, hint: str) -> list[fx.Node]:
     """Wrap every node the graph returns with a fresh ``make_module()``; returns the new nodes."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     new_nodes = []
-    for src in dict.fromkeys(_output_tensors(output.args[0])):
+    leaves = [a for a in tree_leaves(output.args[0]) if isinstance(a, fx.Node)]
+    for src in dict.fromkeys(leaves):
         name = unique_name(gm, hint)
         gm.add_submodule(name, make_module())
         with gm.graph.inserting_before(output):
