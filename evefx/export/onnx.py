@@ -85,7 +85,8 @@ def _layer_of(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 
 def layer_bits(model: nn.Module) -> dict[str, dict[str, int | None]]:
-    """Per layer, the true bit widths of its weight and activation quantizers (None: float).
+    """Per layer, the true bit widths of its weight and activation quantizers (None: float), and
+    ``input`` for a layer whose input the quantize pass quantized (``quantize_inputs``).
 
     Example:
         >>> layer_bits(gm)["features.0"]
@@ -100,8 +101,10 @@ def layer_bits(model: nn.Module) -> dict[str, dict[str, int | None]]:
             bits.setdefault(name, {"weight": None, "activation": None})["weight"] = int(wq.bits) if wq.enabled else None
             inside.append(name + ".")
         elif isinstance(module, Quantizer) and not any(name.startswith(p) for p in inside):
-            layer = marks.get(name, (name, "activation"))[0]
-            bits.setdefault(layer, {"weight": None, "activation": None})["activation"] = (
+            layer, role = marks.get(name, (name, "activation"))
+            # an input quantizer (quantize_inputs) is listed under "input", not as the layer's activation
+            key = "input" if role == "input" else "activation"
+            bits.setdefault(layer, {"weight": None, "activation": None})[key] = (
                 int(module.bits) if module.enabled else None
             )
     return bits

@@ -277,7 +277,8 @@ def calibrate(model: nn.Module, batches: Any) -> nn.Module:
 
 def safe_deepcopy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copies modules holding non-leaf tensors from their last training
-    forward (a regularisation term, a membrane potential): those are copied detached."""
+    forward (a spiking neuron's membrane potential): those are copied detached. Quantizers need
+    none of this (they drop their llsq regulariser when copied), other stateful modules may."""
     memo: dict[int, Any] = {}
     for module in model.modules():
         for value in vars(module).values():

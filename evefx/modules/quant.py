@@ -186,10 +186,11 @@ class Quantizer(EveHooks, nn.Module):
               passes where ``round(x/s) + z`` falls in ``[qmin, qmax]`` and is zero elsewhere.
               ``learnable_scale=True`` instead initialises ``s`` from the first batch's range and
               trains it with the LSQ gradient (without LSQ's gradient scale).
-            * ``lsq`` (Esser et al. 2019): learned ``s``, initialised to ``2 mean|x| / sqrt(Qp)``;
+            * ``lsq`` (Esser et al. 2019): learned ``s``, initialised to ``2 mean|x| / sqrt(Qp)``
+              (asymmetric: ``2 mean|x - m| / sqrt(qmax - qmin)`` with ``m`` the observed minimum,
+              widened to contain 0, placed on ``qmin``: the zero point is ``qmin`` for non-negative inputs);
               ``ds`` as in the paper's eq. 3, times ``1 / sqrt(N Qp)`` with ``N`` the number of
-              elements one scale covers in a forward and ``Qp = max(qmax, 1)``. Asymmetric: the
-              zero point centres the initial grid on the observed range.
+              elements one scale covers in a forward and ``Qp = max(qmax, 1)``.
             * ``llsq`` (Zhao et al. 2020): learned ``s`` with the plain straight-through gradient,
               initialised by choosing, among 40 clipping ranges (fractions of the observed range),
               the one with the lowest l1/l2 quantization error; :meth:`regularization_loss` is that
@@ -295,6 +296,11 @@ class Quantizer(EveHooks, nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {**state, "_reg": None}
 
+    def train(self, mode: bool = True) -> "Quantizer":
+        if not mode:
+            self._reg = None  # the regulariser is a training-time loss; let its graph (and activations) go
+        return super().train(mode)
+
     # ----------------------------------------------------------------- export interface
     @property
     def enabled(self) -> bool:
@@ -330,8 +336,14 @@ class Quantizer(EveHooks, nn.Module):
         super().set_eve(name, value)
 
     def set_bits(self, bits: int) -> None:
-        """Change the bit width; the scale is recomputed (round) or rescaled to keep the clipping
-        range (lsq/llsq), so a quantizer stays usable without retraining."""
+        """Change the bit width; the scale is recomputed from the tracked range (round) or set so that
+        the new grid spans the old grid's clipping range cut to the tracked range (lsq/llsq), so a
+        quantizer stays usable without retraining. Asymmetric grids keep the range's minimum on
+        ``qmin`` (zero point ``qmin`` for non-negative inputs).
+
+        Example:
+            >>> q.set_bits(4)
+        """
         if not 1 <= int(bits) <= 16:
             raise QuantizationError(f"{self.name}: bits must be between 1 and 16 (got {bits})")
         old = self.quant_range()
@@ -341,9 +353,12 @@ class Quantizer(EveHooks, nn.Module):
                 return
             qmin, qmax = self.quant_range()
             if self.learnable_scale:
+                # the new grid covers what the old one represented (its learned clipping range),
+                # cut to the tracked range: a learned grid wider than the data (LSQ's 8-bit
+                # initialisation spans ~30x the mean) would otherwise waste most of the few levels
                 s = self._effective_scale()
-                lo = (old[0] - self.zero_point.to(s.dtype)) * s
-                hi = (old[1] - self.zero_point.to(s.dtype)) * s
+                lo = torch.maximum((old[0] - self.zero_point.to(s.dtype)) * s, self.range_min)
+                hi = torch.minimum((old[1] - self.zero_point.to(s.dtype)) * s, self.range_max)
                 scale, zero = affine_from_range(lo, hi, qmin, qmax, self.symmetric, self.signed)
                 self.scale.copy_(scale)
                 self.zero_point.copy_(zero)
@@ -449,13 +464,21 @@ class Quantizer(EveHooks, nn.Module):
         lo, hi = self.range_min, self.range_max
         if self.fn == "lsq":
             dims = self._reduce_dims(x)
-            mean_abs = x.detach().abs().mean() if dims is None else x.detach().abs().mean(dim=dims)
-            scale = (2.0 * mean_abs.float() / math.sqrt(max(qmax, 1))).clamp_min(_EPS)
-            zero = torch.zeros_like(scale, dtype=torch.int32)
-            if not self.symmetric:
-                # centre the grid on the observed range (which is wider than LSQ's initial grid)
-                mid = (lo.clamp_max(0.0) + hi.clamp_min(0.0)) / 2
-                zero = torch.round((qmin + qmax) / 2 - mid / scale).clamp(qmin, qmax).to(torch.int32)
+            xd = x.detach().float()
+            if self.symmetric:
+                mean_abs = xd.abs().mean() if dims is None else xd.abs().mean(dim=dims)
+                scale = (2.0 * mean_abs / math.sqrt(max(qmax, 1))).clamp_min(_EPS)
+                zero = torch.zeros_like(scale, dtype=torch.int32)
+            else:
+                # the minimum (widened to contain 0) sits on qmin, as in affine_from_range: for
+                # non-negative inputs (after a ReLU) z = qmin, so no code is spent on negative values
+                # and onnxruntime can fuse the ReLU. LSQ's rule applies to the distance from that
+                # minimum, which the qmax - qmin steps above qmin cover.
+                low = lo.clamp_max(0.0)
+                dist = (xd - self._view(low, xd)).abs()
+                mean_dist = dist.mean() if dims is None else dist.mean(dim=dims)
+                scale = (2.0 * mean_dist / math.sqrt(max(qmax - qmin, 1))).clamp_min(_EPS)
+                zero = (qmin - torch.round(low / scale)).clamp(qmin, qmax).to(torch.int32)
         elif self.fn == "llsq":
             scale, zero = self._llsq_search(x, qmin, qmax)
         else:

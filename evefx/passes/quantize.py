@@ -7,10 +7,16 @@ For every planned layer, in graph order:
   ``fold_bn`` the BatchNorm fed only by the layer is folded into it and its node removed;
 * ``activation`` set: a :class:`~evefx.modules.quant.Quantizer` is inserted after the layer's
   output block (``layer -> [bn] -> [activation] -> quantizer``);
-* ``upgrade_bits``: every quantizer's bits become an eve parameter in ``[min_bits, max_bits]``.
+* ``quantize_inputs`` (with ``activation``): a :class:`~evefx.modules.quant.Quantizer` is inserted
+  on the layer's input edge when that input does not already come from a quantizer (looking back
+  through flatten/reshape/dropout/max-pool, which keep a quantized tensor on its grid): the network
+  input, a residual sum, pooled features. Layers reading the same tensor share one input quantizer;
+  other readers of that tensor (a residual branch) keep the float value;
+* ``upgrade_bits``: every weight/activation quantizer's bits become an eve parameter in
+  ``[min_bits, max_bits]`` (input quantizers keep the activation's starting bits).
 
-Nodes are marked with roles ``weight`` and ``activation``; a layer already marked is skipped,
-so running the pass twice changes nothing.
+Nodes are marked with roles ``weight``, ``activation`` and ``input``; a layer already marked is
+skipped, so running the pass twice changes nothing.
 
 Example:
     >>> gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize", "weight": {"bits": 4}}]})
@@ -23,10 +29,22 @@ import logging
 import math
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from evefx.errors import PassError, QuantizationError
-from evefx.graph import layer_nodes, mark, marked, module_of, output_block, remove_node, replace_module, insert_after
+from evefx.graph import (
+    insert_after,
+    layer_nodes,
+    mark,
+    marked,
+    module_of,
+    output_block,
+    remove_node,
+    replace_module,
+    unique_name,
+)
 from evefx.modules.quant import (
     QUANT_LAYER_TYPES,
     QuantConv1d,
@@ -43,6 +61,14 @@ __all__ = ["QuantizePass", "quant_summary", "make_quantizer"]
 log = logging.getLogger(__name__)
 
 _QUANT_CLASS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}
+# ops that keep a quantized tensor on its grid: a quantizer before them quantizes the layer's input
+_PASS_THROUGH_MODULES = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_PASS_THROUGH_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d}
+_PASS_THROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
+# sources whose output is never negative (an unsigned symmetric grid loses nothing on them)
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
+_NON_NEGATIVE_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_NON_NEGATIVE_METHODS = {"relu", "relu_", "sigmoid"}
 _BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
 
 
@@ -160,8 +186,58 @@ class QuantizePass(SectionPass):
                 new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
                 mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation")
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
+            if section.quantize_inputs and section.activation is not None:
+                inserted = self._quantize_input(gm, node, layer, section.activation)
+                if inserted is not None:
+                    changes.append(inserted)
         self.current_node = None
         return PassResult(gm, bool(changes), tuple(changes))
+
+    def _source(self, gm: fx.GraphModule, node: fx.Node) -> Any:
+        """Follow ``node`` back through ops that keep values on a quantization grid."""
+        src: Any = node
+        while isinstance(src, fx.Node) and src.args and (
+            (src.op == "call_module" and isinstance(module_of(gm, src), _PASS_THROUGH_MODULES))
+            or (src.op == "call_function" and src.target in _PASS_THROUGH_FUNCTIONS)
+            or (src.op == "call_method" and src.target in _PASS_THROUGH_METHODS)
+        ):
+            src = src.args[0]
+        return src
+
+    def _quantize_input(self, gm: fx.GraphModule, node: fx.Node, layer: str, cfg: QuantizerConfig) -> Change | None:
+        inp = node.args[0] if node.args else None
+        if not isinstance(inp, fx.Node):
+            return None
+        src = self._source(gm, inp)
+        if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(module_of(gm, src), Quantizer):
+            return None  # already on an evefx grid (an activation quantizer, or a shared input quantizer)
+        for user in inp.users:  # another layer reading the same tensor already quantized it: share
+            prov = user.meta.get("evefx") or {}
+            if prov.get("pass") == self.name and prov.get("role") == "input":
+                node.replace_input_with(inp, user)
+                return None
+        non_negative = isinstance(src, fx.Node) and (
+            (src.op == "call_module" and isinstance(module_of(gm, src), _NON_NEGATIVE_MODULES))
+            or (src.op == "call_function" and src.target in _NON_NEGATIVE_FUNCTIONS)
+            or (src.op == "call_method" and src.target in _NON_NEGATIVE_METHODS)
+        )
+        # per tensor (integer kernels take one input scale); a symmetric unsigned grid would clip
+        # negative inputs to 0, so it becomes signed unless the input is known to be non-negative
+        update: dict[str, Any] = {"granularity": "per_tensor"}
+        if cfg.symmetric and not cfg.signed and not non_negative:
+            update["signed"] = True
+        in_cfg = cfg.model_copy(update=update)
+        q = make_quantizer(in_cfg, name=f"{layer} (input)", num_channels=1, ch_axis=1)
+        q.train(module_of(gm, node).training)
+        name = unique_name(gm, f"{layer}.input_quant")
+        gm.add_submodule(name, q)
+        with gm.graph.inserting_before(node):
+            new_node = gm.graph.call_module(name, (inp,))
+        if "tensor_meta" in inp.meta:
+            new_node.meta["tensor_meta"] = inp.meta["tensor_meta"]
+        node.replace_input_with(inp, new_node)
+        mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="input")
+        return self.change("inserted", new_node, layer, f"input quantizer before {layer} ({_describe(in_cfg)})")
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for node in marked(gm, self.name, role="weight"):

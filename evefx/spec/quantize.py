@@ -49,6 +49,13 @@ class QuantizeSection(Section):
     """Weight quantizer; ``null`` leaves the weights in float."""
     activation: QuantizerConfig | None = QuantizerConfig(symmetric=False, signed=False)
     """Activation quantizer after the layer's output block; ``null`` leaves activations in float."""
+    quantize_inputs: bool = True
+    """Also quantize each selected layer's input when it is not already the output of an evefx
+    activation quantizer (network inputs, residual sums, pooled features), so that onnxruntime
+    runs every selected layer as an integer kernel. The input quantizer takes the ``activation``
+    settings, per tensor; a symmetric unsigned ``activation`` becomes signed unless the input
+    comes straight from a ReLU (asymmetric grids cover negative inputs through the zero point).
+    Its bits stay fixed under ``upgrade_bits``. Needs ``activation``."""
     fold_bn: bool = True
     """Fold the BatchNorm that follows a conv into it during training (Jacob et al. 2018)."""
     upgrade_bits: bool = False

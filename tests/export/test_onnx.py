@@ -80,12 +80,16 @@ def test_quantizer_variants_round_trip(variant, tmp_path):
     if acfg is not None:  # the output is written by the last activation quantizer
         assert par.max_steps is not None and par.max_steps <= 1.0 + 1e-3
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    assert report.ops.get("QuantizeLinear", 0) == (5 + report.rewrites["requantized_data_movement"] if acfg else 0)
+    # one per activation quantizer, one for the network input (quantize_inputs), one per requantization
+    assert report.ops.get("QuantizeLinear", 0) == (6 + report.rewrites["requantized_data_movement"] if acfg else 0)
 
     bits = json.loads(_metadata(path)["evefx.bits"])
     inits = _inits(path)
     for layer in ("features.0", "features.3", "features.6", "classifier.1", "classifier.3"):
-        assert bits[layer] == {"weight": wcfg["bits"] if wcfg else None, "activation": acfg["bits"] if acfg else None}
+        expected = {"weight": wcfg["bits"] if wcfg else None, "activation": acfg["bits"] if acfg else None}
+        if acfg and layer == "features.0":
+            expected["input"] = acfg["bits"]
+        assert bits[layer] == expected
         if wcfg is None:
             continue
         codes = inits[f"{layer}.weight_quantized"]
@@ -107,11 +111,11 @@ def test_quantizer_variants_round_trip(variant, tmp_path):
 def test_w8a8_runs_integer_kernels_and_requantizes_flatten(tmp_path):
     gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
     report = export_onnx(gm, X0, tmp_path / "m.onnx", real_inputs=_data(256, 3))
-    # the first conv reads the float input; the other two convs and both linears become integer kernels
-    assert report.kernels["QLinearConv"] == 2 and report.kernels["QGemm"] == 2
-    assert report.integer_kernels == 4
+    # every conv (the first reads the quantized network input) and both linears are integer kernels
+    assert report.kernels["QLinearConv"] == 3 and report.kernels["QGemm"] == 2
+    assert report.integer_kernels == 5
     assert report.rewrites["requantized_data_movement"] == 1  # Q/DQ after the Flatten feeding the Gemm
-    assert report.rewrites["int32_biases"] == 4
+    assert report.rewrites["int32_biases"] == 5
     assert report.params["int8"] == sum(gm.get_submodule(n).weight.numel() for n in
                                         ("features.0", "features.3", "features.6", "classifier.1", "classifier.3"))
     assert report.parity.top1_agreement == 100.0
@@ -305,7 +309,7 @@ def test_report_table_dict_and_onnx_accuracy(tmp_path):
     path = tmp_path / "m.onnx"
     report = export_onnx(gm, X0, path, real_inputs=_data(64, 1))
     d = json.loads(json.dumps(report.to_dict()))
-    assert d["parity"]["passed"] and d["file_bytes"] == path.stat().st_size and d["integer_kernels"] == 4
+    assert d["parity"]["passed"] and d["file_bytes"] == path.stat().st_size and d["integer_kernels"] == 5
     table = report.table()
     assert "top-1 agreement" in [str(c) for c in table.columns[0]._cells]
     x = _data(40, 9)

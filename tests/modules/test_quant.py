@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -297,10 +298,77 @@ def test_bits_are_an_eve_parameter_with_bit_range():
 
 def test_learned_scale_keeps_clipping_range_when_bits_change():
     q = Quantizer(8, "lsq").train()
-    q(torch.randn(100, generator=torch.Generator().manual_seed(6)))
-    hi_before = float(q.scale.detach()) * 127
+    q(torch.randn(100, generator=torch.Generator().manual_seed(6)))  # range about [-2.4, 2.6]
+    with torch.no_grad():
+        q.scale.fill_(0.01)  # a learned grid [-1.28, 1.27] that clips inside the data's range
     q.set_bits(4)
-    assert math.isclose(float(q.scale.detach()) * 7, 128 / 127 * hi_before, rel_tol=1e-5)
+    assert math.isclose(float(q.scale.detach()) * 7, 1.28, rel_tol=1e-5) and int(q.zero_point) == 0
+
+
+def test_learned_grid_wider_than_the_data_is_cut_to_the_tracked_range():
+    q = Quantizer(8, "lsq").train()
+    q(torch.randn(100, generator=torch.Generator().manual_seed(6)))
+    assert float(q.scale.detach()) * 127 > 5 * float(q.range_max)  # LSQ's 8-bit grid spans far beyond the data
+    amax = max(-float(q.range_min), float(q.range_max))
+    q.set_bits(4)
+    assert math.isclose(float(q.scale.detach()) * 7, amax, rel_tol=1e-5)
+
+
+RELU_DATA = torch.relu(torch.randn(4096, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_lsq_asymmetric_zero_point_is_qmin_for_non_negative_inputs(signed):
+    q = Quantizer(8, "lsq", symmetric=False, signed=signed).train()
+    q(RELU_DATA)
+    qmin = levels(8, signed)[0]
+    assert int(q.zero_point) == qmin  # 0 unsigned: every code represents a value >= 0
+    # LSQ's initial step from the distance to the minimum (0 here): 2 mean|x| / sqrt(qmax - qmin)
+    assert math.isclose(float(q.scale.detach()), 2 * float(RELU_DATA.mean()) / math.sqrt(255), rel_tol=1e-5)
+
+
+def test_lsq_asymmetric_places_the_minimum_on_qmin():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    q = Quantizer(8, "lsq", symmetric=False, signed=False).train()
+    q(x)
+    scale, zp, qmin, _, _ = q.qparams()
+    assert 0 < int(zp) < 128 and abs(float(x.min()) / float(scale) + int(zp) - qmin) <= 0.5
+
+
+def test_lsq_unsigned_set_bits_8_to_3_matches_round():
+    lsq = Quantizer(8, "lsq", symmetric=False, signed=False).train()
+    rnd = Quantizer(8, "round", symmetric=False, signed=False).train()
+    lsq(RELU_DATA), rnd(RELU_DATA)
+    lsq.set_bits(3), rnd.set_bits(3)
+    assert int(lsq.zero_point) == 0 and int(rnd.zero_point) == 0
+    # the learned 8-bit grid covers the data, so the 3-bit grid spans the tracked range: max / 7
+    assert math.isclose(float(lsq.scale.detach()), float(RELU_DATA.max()) / 7, rel_tol=1e-5)
+    lsq.eval(), rnd.eval()
+    err_lsq = float((lsq(RELU_DATA) - RELU_DATA).abs().mean().detach())
+    err_rnd = float((rnd(RELU_DATA) - RELU_DATA).abs().mean())
+    assert err_lsq <= 1.05 * err_rnd and err_lsq < 0.1  # (a grid kept at 85 codes below zero gave 0.22)
+
+
+def test_llsq_model_deepcopies_and_pickles_after_a_training_forward():
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(nn.Conv2d(1, 3, 3), Quantizer(4, "llsq", "per_channel", num_channels=3),
+                                  nn.BatchNorm2d(3))
+    model = nn.Sequential(conv, nn.ReLU(), Quantizer(4, "llsq", symmetric=False, signed=False)).train()
+    x = torch.rand(4, 1, 8, 8)
+    model(x)
+    act = model[2]
+    assert act.regularization_loss().grad_fn is not None  # the regulariser is live for the loss
+    clone = copy.deepcopy(model)
+    assert clone[2]._reg is None and clone[0].weight_quantizer._reg is None
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    model.eval(), clone.eval()
+    assert act._reg is None  # eval releases the regulariser's graph
+    assert torch.equal(clone(x), model(x))
+    model.train()
+    model(x)
+    (act.regularization_loss() + model[0].weight_quantizer.regularization_loss()).backward()
+    assert act.scale.grad is not None
 
 
 def test_state_dict_round_trip():
