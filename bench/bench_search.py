@@ -8,11 +8,20 @@ Two searches, each side by side with its anchors, in one run:
 * pruning ratios in [0, 0.9] under 50% of the dense MACs (DDPG), against the float network,
   a uniform ratio that fits the same budget, and random search.
 
-Every configuration (searched or anchor) gets the same treatment: ``--finetune-steps`` steps
-while it is scored on a validation split, then ``--final-steps`` steps (``--final-seeds``
-shuffling orders, averaged) before the test accuracy is measured on the 1,000 held-out test
-images the search never saw. Activations use ``fn: round``: an ``lsq`` activation quantizer
-calibrated at 8 bits loses most of its accuracy when its bit width is lowered afterwards.
+The protocol is the standard one (HAQ, AMC): the search scores each configuration with a short
+fine-tuning (``--finetune-steps`` steps on 3,000 training images, accuracy on the other 1,000)
+as its proxy reward; then the configuration it picks, like every anchor, is trained properly:
+the float network with that configuration applied is trained ``--final-epochs`` epochs (Adam
+1e-3, batch 128, all 4,000 training images, as the quantization tables of
+docs/readme/quantization.md) for each of ``--final-seeds`` seeds (batch order), and scored on
+the 1,000 held-out test images the search never saw. The float network trains
+``--float-epochs`` epochs on the 3,000 search-training images; the references are that network
+and the same network trained ``--final-epochs`` more epochs exactly like the configured rows
+("float, N more epochs": the same total training). The bit-width rows are trained twice, with the
+weight quantizer the search used (``round``) and with ``--final-weight-fn`` (default ``llsq``, the
+best 4-bit row of the quantization tables); the bit widths stay those chosen. Activations use ``fn: round``: an ``lsq``
+activation quantizer calibrated at 8 bits loses most of its accuracy when its bit width is
+lowered afterwards.
 
     python bench/bench_search.py                 # the figures in docs/readme/search.md
     python bench/bench_search.py --quick         # a one-minute smoke run
@@ -20,7 +29,9 @@ calibrated at 8 bits loses most of its accuracy when its bit width is lowered af
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -35,11 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evefx  # noqa: E402
 from evefx.data import mnist5k  # noqa: E402
+from evefx.data import loaders  # noqa: E402
 from evefx.train import evaluate, fit  # noqa: E402
 from evefx.upgrade import Accuracy, FineTune, UpgradeEnv, search, spec_with_values  # noqa: E402
+from evefx.upgrade.env import apply_pruning  # noqa: E402
 from examples.models import DemoNet  # noqa: E402
 
-console = Console(width=140)
+console = Console(width=200)
 INPUT = [1, 1, 28, 28]
 
 
@@ -50,28 +63,48 @@ def data():
 
 
 def float_model(train, epochs: int) -> DemoNet:
+    """DemoNet trained as in docs/readme/quantization.md (Adam 1e-3, batch 128), on the search's
+    3,000 training images so that the validation images stay unseen until the final training."""
     torch.manual_seed(0)
     model = DemoNet()
-    fit(model, DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
-        None, epochs, lr=3e-3, progress=False)
+    fit(model, DataLoader(train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        None, epochs, lr=1e-3, progress=False)
     return model.eval()
 
 
-def test_accuracy(model, spec, state, train, test, final_steps: int, seeds: int) -> float:
-    """Rebuild from the spec, load the configured weights, fine-tune ``final_steps``, score on test;
-    the mean over ``seeds`` fine-tuning orders (a few points of run-to-run spread at 3 bits)."""
+def final_accuracy(model, spec, epochs: int, seeds: int, weight_fn: str | None = None) -> list[float]:
+    """The final training every row gets: ``model`` (the float network) transformed with ``spec``
+    (None: left float), pruning masks computed from its ratios, trained ``epochs`` epochs (Adam 1e-3,
+    batch 128, the 4,000 training images) per seed; test accuracy after the last epoch, per seed.
+    ``weight_fn`` swaps the weight quantizer of every quantize pass (the chosen bit widths stay)."""
+    if weight_fn is not None and spec is not None:
+        spec = copy.deepcopy(spec)
+        for section in spec["passes"]:
+            if section.get("kind") == "quantize":
+                section["weight"]["fn"] = weight_fn
     accs = []
-    for seed in range(1, seeds + 1):
-        fresh = evefx.transform(model, spec)
-        fresh.load_state_dict(state)
-        if final_steps:
-            FineTune(train, lr=3e-4, seed=seed)(fresh, final_steps)
-        accs.append(evaluate(fresh, DataLoader(test, batch_size=500))["accuracy"])
-    return sum(accs) / len(accs)
+    for seed in range(seeds):
+        net = copy.deepcopy(model) if spec is None else evefx.transform(model, spec)
+        if spec is not None and any(p.get("kind") == "prune" for p in spec["passes"]):
+            apply_pruning(net)
+        train, test = loaders(batch_size=128, seed=seed)
+        if epochs:
+            fit(net, train, None, epochs, lr=1e-3, optimizer="adam", seed=seed, progress=False)
+        accs.append(evaluate(net, test)["accuracy"])
+    return accs
+
+
+def searched_test_accuracy(model, spec, state, test) -> float:
+    """Test accuracy of the configuration as the search left it (proxy fine-tuning only)."""
+    fresh = evefx.transform(model, spec)
+    fresh.load_state_dict(state)
+    return evaluate(fresh, DataLoader(test, batch_size=500))["accuracy"]
 
 
 def run_case(name, model, spec, section, train, val, test, args, run_root: Path, uniform):
-    """Search with ``section`` and with random search; evaluate both and the uniform anchor."""
+    """Search with ``section`` and with random search, then train their best configurations and the
+    uniform anchor the same way (``final_accuracy``)."""
+    quant = any(p["kind"] == "quantize" for p in spec["passes"])
     gm = evefx.transform(model, spec)
     if args.qat_epochs:
         fit(gm, DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
@@ -84,19 +117,27 @@ def run_case(name, model, spec, section, train, val, test, args, run_root: Path,
         start = time.perf_counter()
         result = search(gm, score, sec, run_dir=run_root / f"{name}-{algorithm}", finetune=tune, progress=not args.quiet)
         seconds = time.perf_counter() - start
-        acc = test_accuracy(model, result.spec, torch.load(result.state_path), train, test, args.final_steps, args.final_seeds)
+        chosen = result.spec.model_dump(mode="json")
+        proxy = searched_test_accuracy(model, result.spec, torch.load(result.state_path), test)
+        accs = final_accuracy(model, chosen, args.final_epochs, args.final_seeds)
+        accs2 = final_accuracy(model, chosen, args.final_epochs, args.final_seeds, args.final_weight_fn) if quant else None
         tail = result.episodes[-min(50, len(result.episodes)):]
         late = sum(r["accuracy"] for r in tail) / len(tail)
-        rows.append((f"{algorithm} search", result.best["cost"], result.best["accuracy"], acc, seconds, result.best["values"], late))
+        rows.append((f"{algorithm} search", result.best["cost"], result.best["accuracy"], late, proxy, accs, accs2,
+                     seconds, result.best["values"]))
     env = UpgradeEnv(gm, score, finetune=tune, finetune_steps=section["finetune_steps"],
                      budget=evefx.spec.Budget(**section["budget"]), reward=evefx.spec.Reward(mode="constrained"))
     values = uniform(env)
     start = time.perf_counter()
     r = env.evaluate_values(values)
-    acc = test_accuracy(model, spec_with_values(evefx.load_spec(spec), env.params, r["values"]), env.state_dict_copy(),
-                        train, test, args.final_steps, args.final_seeds)
-    rows.append((f"uniform {next(iter(values.values())):g}", r["cost"], r["accuracy"], acc, time.perf_counter() - start,
-                 values, None))
+    uni_spec = spec_with_values(evefx.load_spec(spec), env.params, r["values"])
+    proxy = searched_test_accuracy(model, uni_spec, env.state_dict_copy(), test)
+    seconds = time.perf_counter() - start
+    uni = uni_spec.model_dump(mode="json")
+    accs = final_accuracy(model, uni, args.final_epochs, args.final_seeds)
+    accs2 = final_accuracy(model, uni, args.final_epochs, args.final_seeds, args.final_weight_fn) if quant else None
+    rows.append((f"uniform {next(iter(values.values())):g}", r["cost"], r["accuracy"], None, proxy, accs, accs2, seconds,
+                 values))
     env._restore()
     return rows
 
@@ -114,28 +155,39 @@ def uniform_ratio(env: UpgradeEnv) -> dict[str, float]:
     raise RuntimeError("no uniform ratio fits the budget")
 
 
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=200)
-    ap.add_argument("--finetune-steps", type=int, default=50)
-    ap.add_argument("--final-steps", type=int, default=300)
-    ap.add_argument("--final-seeds", type=int, default=3, help="fine-tuning runs averaged for the test accuracy")
-    ap.add_argument("--float-epochs", type=int, default=20)
-    ap.add_argument("--qat-epochs", type=int, default=1)
+    ap.add_argument("--finetune-steps", type=int, default=50, help="proxy fine-tuning steps per episode")
+    ap.add_argument("--final-epochs", type=int, default=10, help="training epochs of every row after the search")
+    ap.add_argument("--final-seeds", type=int, default=3, help="final trainings (batch orders) averaged per row")
+    ap.add_argument("--final-weight-fn", default="llsq", choices=["round", "lsq", "llsq"],
+                    help="weight quantizer of the second final training of the bit-width rows")
+    ap.add_argument("--float-epochs", type=int, default=10)
+    ap.add_argument("--qat-epochs", type=int, default=1, help="8-bit QAT epochs before the bit-width search")
     ap.add_argument("--run-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--only", choices=["bits", "prune"], default=None)
     args = ap.parse_args()
     if args.quick:
-        args.episodes, args.finetune_steps, args.final_steps, args.float_epochs, args.final_seeds = 8, 5, 20, 1, 1
+        args.episodes, args.finetune_steps, args.final_epochs, args.float_epochs, args.final_seeds = 8, 5, 1, 1, 1
     torch.set_num_threads(1)
     run_root = args.run_dir or Path(tempfile.mkdtemp(prefix="evefx-bench-search-"))
+    run_root.mkdir(parents=True, exist_ok=True)
     train, val, test = data()
     start = time.perf_counter()
     model = float_model(train, args.float_epochs)
     float_acc = evaluate(model, DataLoader(test, batch_size=500))["accuracy"]
-    console.print(f"float DemoNet: test {float_acc:.2f}% ({time.perf_counter() - start:.0f} s to train)")
+    more = final_accuracy(model, None, args.final_epochs, args.final_seeds)
+    more_acc, more_std = mean_std(more)
+    console.print(f"float DemoNet ({args.float_epochs} epochs): test {float_acc:.2f}%; "
+                  f"float, {args.final_epochs} more epochs: {more_acc:.2f} ± {more_std:.2f}% "
+                  f"({time.perf_counter() - start:.0f} s)")
     common = {"episodes": args.episodes, "finetune_steps": args.finetune_steps, "seed": 0,
               "reward": {"mode": "constrained"}, "checkpoint_every": 25}
     cases = []
@@ -158,23 +210,30 @@ def main() -> None:
         cases.append(("prune", "pruning ratios in [0, 0.9], MACs <= 50%",
                       run_case("prune", model, spec, section, train, val, test, args, run_root, uniform_ratio)))
         args.qat_epochs = saved
-    report = {"float_test_accuracy": float_acc, "args": {k: str(v) for k, v in vars(args).items()}, "cases": {}}
+    report = {"float_test_accuracy": float_acc, "float_more_epochs_test_accuracy": more,
+              "args": {k: str(v) for k, v in vars(args).items()}, "cases": {}}
+    ref = f"float {float_acc:.2f}%, float +{args.final_epochs} epochs {more_acc:.2f}%"
     for key, title, rows in cases:
-        table = Table(title=f"{title} (float: {float_acc:.2f}%)")
-        for col in ("configuration", "cost", "val acc %", "val acc % last 50 ep", "test acc %", "points below float",
-                    "seconds"):
+        table = Table(title=f"{title} ({ref}; final: {args.final_epochs} epochs x {args.final_seeds} seeds)")
+        second = rows[0][6] is not None
+        cols = ["configuration", "cost", "val acc % (best)", "val acc % last 50 ep", "test acc % searched state",
+                f"test acc % after {args.final_epochs} epochs", "vs float", f"vs float +{args.final_epochs}"]
+        if second:
+            cols += [f"test acc %, {args.final_weight_fn} weights", "vs float", f"vs float +{args.final_epochs}"]
+        for col in cols + ["search s"]:
             table.add_column(col, justify="right" if col != "configuration" else "left")
-        for label, cost, val_acc, acc, seconds, _, late in rows:
-            table.add_row(label, f"{cost:.3f}", f"{val_acc:.2f}", "-" if late is None else f"{late:.2f}", f"{acc:.2f}",
-                          f"{float_acc - acc:.2f}", f"{seconds:.0f}")
+        for label, cost, val_acc, late, proxy, accs, accs2, seconds, _ in rows:
+            cells = [label, f"{cost:.3f}", f"{val_acc:.2f}", "-" if late is None else f"{late:.2f}", f"{proxy:.2f}"]
+            for a in ([accs, accs2] if second else [accs]):
+                m, sd = mean_std(a)
+                cells += [f"{m:.2f} ± {sd:.2f}", f"{m - float_acc:+.2f}", f"{m - more_acc:+.2f}"]
+            table.add_row(*cells, f"{seconds:.0f}")
         console.print(table)
-        gap = {label: float_acc - acc for label, _, _, acc, _, _, _ in rows}
-        ddpg, rnd, uni = (gap[rows[0][0]], gap[rows[1][0]], gap[rows[2][0]])
-        console.print(f"  gap to float: ddpg {ddpg:.2f} pts, random {rnd:.2f} pts, {rows[2][0]} {uni:.2f} pts"
-                      + (f"; ddpg gap / uniform gap = {ddpg / uni:.2f}" if uni > 0 else ""))
-        console.print(f"  ddpg best values: {rows[0][5]}")
-        report["cases"][key] = [dict(zip(("configuration", "cost", "val_accuracy", "test_accuracy", "seconds", "values",
-                                          "val_accuracy_last_50"), r))
+        for label, *_, values in rows:
+            console.print(f"  {label} values: " + ", ".join(f"{k}={v:g}" for k, v in values.items()))
+        report["cases"][key] = [dict(zip(("configuration", "cost", "val_accuracy", "val_accuracy_last_50",
+                                          "test_accuracy_searched_state", "test_accuracy_final",
+                                          "test_accuracy_final_weight_fn", "seconds", "values"), r))
                                 for r in rows]
     (run_root / "bench_search.json").write_text(json.dumps(report, indent=2))
     console.print(f"runs and bench_search.json in {run_root}; total {time.perf_counter() - start:.0f} s")
