@@ -308,25 +308,14 @@ def _make_callback(runlog: _RunLog, run_dir: Path, every: int, off_policy: bool,
     return Recorder()
 
 
-_PORTABLE_META = ("evefx", "tensor_meta")
-
-
 class _EnvFactory:
-    """Builds an :class:`UpgradeEnv` in a ``SubprocVecEnv`` worker.
-
-    A pickled ``GraphModule`` is re-traced from its code and loses ``node.meta``, where evefx keeps
-    provenance (which eve parameter belongs to which layer) and shapes; the factory carries
-    those by node name and puts them back.
-    """
+    """Builds an :class:`UpgradeEnv` in a ``SubprocVecEnv`` worker (an ``EveModule`` pickles with
+    its provenance, so the worker's copy still knows which eve parameter belongs to which layer)."""
 
     def __init__(self, gm: fx.GraphModule, evaluate: Evaluate, env_kwargs: dict[str, Any]):
         self.gm, self.evaluate, self.env_kwargs = gm, evaluate, env_kwargs
-        self.meta = {n.name: {k: n.meta[k] for k in _PORTABLE_META if k in n.meta} for n in gm.graph.nodes}
 
     def __call__(self) -> UpgradeEnv:
-        for node in self.gm.graph.nodes:
-            for key, value in self.meta.get(node.name, {}).items():
-                node.meta.setdefault(key, value)
         return UpgradeEnv(self.gm, self.evaluate, **self.env_kwargs)
 
 
