@@ -9,7 +9,9 @@ blocks with 16/32/64 channels, 1x1-conv projection shortcuts), with l1-norm impo
 * torch-pruning: ``MetaPruner`` with ``MagnitudeImportance(p=1)``, the same ratio and scope, the
   classifier ignored (evefx's ``exclude_last``);
 
-and reports parameters and MACs (both counted by ``torch_pruning.utils.count_ops_and_params``)
+(with ``scope: global`` both remove half of all the channels, but they rank them differently:
+torch-pruning by group-normalised weight magnitude, evefx by importance per parameter and MAC
+removed), and reports parameters and MACs (both counted by ``torch_pruning.utils.count_ops_and_params``)
 and the median CPU latency of one forward (batch 1, one thread, interleaved rounds) of the
 unpruned, evefx-compacted and torch-pruning models, with ratios against the unpruned one.
 ``--zoo`` adds more torchvision architectures (concat, depthwise, squeeze-excite, shuffle) at

@@ -697,8 +697,10 @@ def prune_step(gm: fx.GraphModule, example_inputs: Any = None) -> dict[str, tupl
     and masked together: a class's importance is the mean, over the pruners that see it, of the
     pruner's statistic (``l1_norm``: the producing layers' weight magnitude), each normalised by
     its layer's mean. ``scope: layer`` prunes ``ratio`` of each coupled group; ``scope: global``
-    ranks every such channel in one list. Already masked channels go first, ``min_channels``
-    holds for every layer, and frozen channels (see :func:`analyze`) are never masked.
+    prunes as many channels in all (``ratio`` of each group, summed) from one list ranked by
+    importance per resource removed (parameters and MACs, each relative to the candidates' mean),
+    a group losing at most ``(1 + ratio) / 2`` of its channels. Already masked channels go first,
+    ``min_channels`` holds for every layer, and frozen channels (see :func:`analyze`) are never masked.
     Returns ``{layer: (kept, total)}`` per pruner.
 
     Example:
@@ -754,7 +756,7 @@ def prune_step(gm: fx.GraphModule, example_inputs: Any = None) -> dict[str, tupl
     g = dg.layer_graph()
     pruner_names = {_layer_name(s.node): s for s in dg.pruners}
     pruned: set[int] = set()
-    global_pool: list[tuple[list[int], int]] = []  # (candidate classes, target count)
+    global_pool: list[tuple[list[int], int, int]] = []  # (candidate classes, target count, cap)
     for comp in nx.connected_components(g):
         classes = sorted(n[1] for n in comp if n[0] == "class")
         sites = [pruner_names[n[1]] for n in comp if n[0] == "layer" and n[1] in pruner_names]
@@ -764,13 +766,12 @@ def prune_step(gm: fx.GraphModule, example_inputs: Any = None) -> dict[str, tupl
         target = int(ratio * len(classes) + 1e-9)
         candidates = [r for r in classes if r in importance and r not in frozen]
         if all(s.module.scope == "global" for s in sites):
-            global_pool.append((candidates, target))
+            # a group whose channels are frozen does not hand its share to the others
+            global_pool.append((candidates, min(target, len(candidates)), int((1 + ratio) / 2 * len(classes) + 1e-9)))
         else:
             _greedy(candidates, target, importance, masked_before, member_of, members, remaining, count_in, pruned)
     if global_pool:
-        candidates = [r for c, _ in global_pool for r in c]
-        target = sum(t for _, t in global_pool)
-        _greedy(candidates, target, importance, masked_before, member_of, members, remaining, count_in, pruned)
+        _global(dg, global_pool, importance, masked_before, member_of, members, remaining, count_in, pruned)
 
     out: dict[str, tuple[int, int]] = {}
     for site in dg.pruners:
@@ -787,26 +788,98 @@ def prune_step(gm: fx.GraphModule, example_inputs: Any = None) -> dict[str, tupl
     return out
 
 
+def _cost_per_class(dg: DependencyGraph) -> dict[int, tuple[float, float]]:
+    """``(parameters, MACs per sample)`` that removing each channel class deletes: its slices of the
+    producers' weights and biases, of depthwise convs and norms, and of the consumers' input weights
+    (a weight slice costs its size times the layer's output positions in MACs)."""
+    cost: dict[int, tuple[float, float]] = {}
+
+    def add(site: _Site, ids: np.ndarray, params: float, weights: float) -> None:
+        shape = _shape(dg.gm, site.node)
+        if shape is None:
+            positions = 0
+        elif isinstance(site.module, nn.Linear):
+            positions = int(np.prod(shape[1:-1]))
+        else:
+            positions = int(np.prod(shape[2:]))
+        for r in dg.root(ids).tolist():
+            p, m = cost.get(r, (0.0, 0.0))
+            cost[r] = (p + params, m + weights * positions)
+
+    for site in dg.producers + dg.depthwise:
+        m, n = site.module, len(site.ids)
+        add(site, site.ids, (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) / n, m.weight.numel() / n)
+    for site in dg.norms:
+        n = len(site.ids)
+        site_params = sum(p.numel() for p in site.module.parameters(recurse=False)) / n
+        for r in dg.root(site.ids).tolist():
+            p, m = cost.get(r, (0.0, 0.0))
+            cost[r] = (p + site_params, m)
+    for site in dg.consumers:
+        ids = site.ids[0]
+        per = site.module.weight.numel() / len(ids)
+        add(site, ids, per, per)
+    return cost
+
+
+def _global(dg, pool, importance, masked_before, member_of, members, remaining, count_in, pruned) -> None:
+    """``scope: global``: prune the sum of the groups' targets from one ranking of every group's
+    channels by importance per resource removed, ``importance / (params / mean + MACs / mean) * 2``
+    (means over the candidates): of two equally important channels the one whose removal saves more
+    goes first. No group loses more than its cap (half-way between its own ratio and all of it)."""
+    target = sum(t for _, t, _ in pool)
+    candidates = [r for c, _, _ in pool for r in c]
+    if target <= 0 or not candidates:
+        return
+    cost = _cost_per_class(dg)
+    params = np.array([cost.get(r, (1.0, 1.0))[0] for r in candidates])
+    macs = np.array([cost.get(r, (1.0, 1.0))[1] for r in candidates])
+    rel = params / max(params.mean(), 1e-12) + macs / max(macs.mean(), 1e-12)
+    score = {r: importance[r] * 2 / max(c, 1e-12) for r, c in zip(candidates, rel.tolist())}
+    group_of = {r: k for k, (c, _, _) in enumerate(pool) for r in c}
+    taken = [0] * len(pool)
+    caps = [cap for _, _, cap in pool]
+    done = 0
+    for r in _order(candidates, score, masked_before):
+        if done >= target:
+            break
+        k = group_of[r]
+        if taken[k] >= caps[k] or not _take(r, member_of, members, remaining, count_in, pruned):
+            continue
+        taken[k] += 1
+        done += 1
+
+
+def _order(candidates, importance, masked_before) -> list[int]:
+    """Candidates, already masked first, then by increasing importance (stable: ties keep order)."""
+    imp = torch.tensor([importance[r] for r in candidates], dtype=torch.float64)
+    before = torch.tensor([r in masked_before for r in candidates])
+    order = torch.sort(torch.where(before, torch.full_like(imp, -math.inf), imp), stable=True).indices.tolist()
+    return [candidates[i] for i in order]
+
+
+def _take(r, member_of, members, remaining, count_in, pruned) -> bool:
+    """Prune class ``r`` unless a layer that has it would drop below its ``min_channels``."""
+    ks = member_of.get(r, [])
+    if any(remaining[k] - count_in[k][r] < max(members[k][2], 1) for k in ks):
+        return False
+    for k in ks:
+        remaining[k] -= count_in[k][r]
+    pruned.add(r)
+    return True
+
+
 def _greedy(candidates, target, importance, masked_before, member_of, members, remaining, count_in, pruned) -> None:
     """Prune up to ``target`` of ``candidates``, least important (and already masked) first,
     skipping a class when a layer that has it would drop below its ``min_channels``."""
     if target <= 0 or not candidates:
         return
-    imp = torch.tensor([importance[r] for r in candidates], dtype=torch.float64)
-    before = torch.tensor([r in masked_before for r in candidates])
-    order = torch.sort(torch.where(before, torch.full_like(imp, -math.inf), imp), stable=True).indices.tolist()
     done = 0
-    for i in order:
+    for r in _order(candidates, importance, masked_before):
         if done >= target:
             break
-        r = candidates[i]
-        ks = member_of.get(r, [])
-        if any(remaining[k] - count_in[k][r] < max(members[k][2], 1) for k in ks):
-            continue
-        for k in ks:
-            remaining[k] -= count_in[k][r]
-        pruned.add(r)
-        done += 1
+        if _take(r, member_of, members, remaining, count_in, pruned):
+            done += 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ The unpruned row trains ``examples.models.DemoNet`` for 10 epochs (Adam 1e-3, ba
    Taylor score; l1_norm reads the weights),
 3. ``evefx.prune_step``: masks ``ratio`` of each layer's channels,
 4. fine-tunes ``--finetune`` epochs with the masks on (Adam, lr 1e-2 for the first three quarters,
-   then 1e-3: the pruned network has to re-learn, which a low learning rate does slowly),
+   then 1e-3: the pruned network has to re-learn, which a low learning rate does slowly); with
+   ``--steps k`` the ratio is reached in k ``prune_step`` calls spread over the lr 1e-2 epochs,
 5. ``evefx.compact``: removes the masked channels for real, and evaluates the compacted network.
 
 "vs unpruned" compares with the network that was pruned (10 epochs); "unpruned, same extra training"
@@ -51,27 +52,40 @@ RATIOS = (0.25, 0.5, 0.75)
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 
 
-def spec(criterion: str, ratio: float) -> dict[str, Any]:
-    return {"passes": [{"kind": "prune", "criterion": criterion, "ratio": ratio}]}
+def spec(criterion: str, ratio: float, steps: int = 1) -> dict[str, Any]:
+    schedule = {"kind": "iterative", "steps": steps} if steps > 1 else {"kind": "one_shot"}
+    return {"passes": [{"kind": "prune", "criterion": criterion, "ratio": ratio, "schedule": schedule}]}
 
 
-def fine_tune(model: torch.nn.Module, train: Any, test: Any, epochs: int, seed: int) -> None:
-    """``epochs`` of Adam: three quarters at lr 1e-2, the rest at 1e-3."""
+def fine_tune(model: torch.nn.Module, train: Any, test: Any, epochs: int, seed: int,
+              between: Any = None, steps: int = 1) -> None:
+    """``epochs`` of Adam: three quarters at lr 1e-2, the rest at 1e-3.
+
+    With ``steps`` > 1, ``between()`` (the next ``prune_step``) runs ``steps - 1`` times, evenly
+    spread over the lr 1e-2 epochs: the network re-learns after each cut before the next one.
+    """
     if epochs <= 0:
         return
     low = max(1, epochs // 4) if epochs > 1 else 0
-    fit(model, train, None, epochs=epochs - low, lr=1e-2, seed=seed, progress=False)
+    high = epochs - low
+    cuts = [round(high * k / steps) for k in range(steps + 1)]  # epoch boundaries of the steps
+    for k in range(steps):
+        if k and between is not None:
+            between()
+        if cuts[k + 1] > cuts[k]:
+            fit(model, train, None, epochs=cuts[k + 1] - cuts[k], lr=1e-2, seed=seed + k, progress=False)
     if low:
         fit(model, train, None, epochs=low, lr=1e-3, seed=seed + 100, progress=False)
 
 
-def prune_row(base: torch.nn.Module, criterion: str, ratio: float, epochs: int, seed: int) -> dict[str, Any]:
+def prune_row(base: torch.nn.Module, criterion: str, ratio: float, epochs: int, seed: int,
+              steps: int = 1) -> dict[str, Any]:
     train, test = loaders(batch_size=128, seed=seed)
-    gm = evefx.transform(base, spec(criterion, ratio), EXAMPLE)
+    gm = evefx.transform(base, spec(criterion, ratio, steps), EXAMPLE)
     fit(gm, train, None, epochs=1, seed=seed, progress=False)  # statistics gather while it trains
     evefx.prune_step(gm)
     after_mask = evaluate(gm, test)["accuracy"]
-    fine_tune(gm, train, test, epochs, seed + 1)
+    fine_tune(gm, train, test, epochs, seed + 1, between=lambda: evefx.prune_step(gm), steps=steps)
     small = evefx.compact(gm)
     masked_acc = evaluate(gm, test)["accuracy"]
     acc = evaluate(small, test)["accuracy"]
@@ -81,7 +95,8 @@ def prune_row(base: torch.nn.Module, criterion: str, ratio: float, epochs: int, 
     return {"accuracy": acc, "after_mask": after_mask, "params": report.params_after, "macs": report.macs_after}
 
 
-def run(criteria: list[str], ratios: list[float], epochs: int, finetune: int, seeds: list[int]) -> dict[str, Any]:
+def run(criteria: list[str], ratios: list[float], epochs: int, finetune: int, seeds: list[int],
+        steps: int = 1) -> dict[str, Any]:
     rows: dict[tuple[str, float], list[dict[str, Any]]] = {}
     base_rows: list[dict[str, Any]] = []
     for seed in seeds:
@@ -99,7 +114,7 @@ def run(criteria: list[str], ratios: list[float], epochs: int, finetune: int, se
                           "params": count_params(base), "macs": count_macs(gm)})
         for c in criteria:
             for r in ratios:
-                rows.setdefault((c, r), []).append(prune_row(base, c, r, finetune, seed))
+                rows.setdefault((c, r), []).append(prune_row(base, c, r, finetune, seed, steps))
         console.print(f"seed {seed}: {len(criteria) * len(ratios)} pruned rows in {time.perf_counter() - start:.0f} s")
 
     def mean(xs: list[float]) -> float:
@@ -146,6 +161,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the unpruned network (default 10)")
     parser.add_argument("--finetune", type=int, default=None, help="fine-tuning epochs after prune_step (default 8)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="prune in this many steps spread over the lr 1e-2 fine-tuning (default 1: one shot)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds averaged per row (default 2)")
     parser.add_argument("--out", type=Path, default=Path("runs/pruning"), help="folder for the PNG and JSON")
     parser.add_argument("--threads", type=int, default=2)
@@ -158,8 +175,9 @@ def main() -> None:
     epochs = args.epochs or (1 if quick else 10)
     finetune = args.finetune if args.finetune is not None else (1 if quick else 8)
     seeds = list(range(args.seeds or (1 if quick else 2)))
+    steps = args.steps or 1
     start = time.perf_counter()
-    results = run(criteria, ratios, epochs, finetune, seeds)
+    results = run(criteria, ratios, epochs, finetune, seeds, steps)
     u = results["unpruned"]
     table = Table(title=f"DemoNet, MNIST-5k test: {epochs} epochs (Adam 1e-3, batch 128), then 1 epoch gathering statistics, "
                         f"prune_step, {finetune} epochs fine-tuning, compact; mean of {len(seeds)} seed(s)")

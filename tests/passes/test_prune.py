@@ -257,7 +257,9 @@ class TwoConv(nn.Module):
 @pytest.mark.parametrize(
     "scope, min_channels, kept",
     [("layer", 1, {"c1": [0, 0, 1, 1], "c2": [0, 0, 0, 0, 1, 1, 1, 1]}),
-     # normalised by the layer mean: c1 = .5 .5 .5 2.5, c2 = (1..8)/4.5: the six lowest overall
+     # normalised by the layer mean: c1 = .5 .5 .5 2.5, c2 = (1..8)/4.5; global divides by the
+     # relative cost (c1's channel: 100 params, 25,344 MACs; c2's: 39, 9,218): c1 .29 .29 .29 1.46,
+     # c2 .34 .69 1.03 ...; the six lowest, c1 losing at most 3 of 4 (its cap)
      ("global", 1, {"c1": [0, 0, 0, 1], "c2": [0, 0, 0, 1, 1, 1, 1, 1]}),
      ("global", 2, {"c1": [0, 0, 1, 1], "c2": [0, 0, 0, 0, 1, 1, 1, 1]})],
 )
@@ -266,6 +268,24 @@ def test_scope_layer_and_global_with_min_channels(scope, min_channels, kept):
     gm = evefx.transform(TwoConv(), spec, X16)
     evefx.prune_step(gm)
     assert {k: v.int().tolist() for k, v in _masks(gm).items()} == kept
+
+
+def test_global_scope_prunes_the_costliest_of_equally_important_channels_up_to_a_cap():
+    model = TwoConv()
+    with torch.no_grad():
+        model.c1.weight.fill_(1.0)
+        model.c2.weight.fill_(1.0)
+    sizes = {}
+    for scope in ("layer", "global"):
+        gm = evefx.transform(model, {"passes": [{"kind": "prune", "ratio": 0.5, "scope": scope}]}, X16)
+        evefx.prune_step(gm)
+        sizes[scope] = {k: int(v.sum()) for k, v in _masks(gm).items()}
+        sizes[scope]["params"] = count_params(evefx.compact(gm))
+    # same 6 of 12 channels; a c1 channel costs 100 params (c2's 39): global takes c1's first,
+    # but at most (1 + 0.5) / 2 of its 4 channels
+    assert sizes["layer"] == {"c1": 2, "c2": 4, "params": 2 * 28 + 4 * (2 * 9 + 1) + 4 * 2 + 2}
+    assert sizes["global"] == {"c1": 1, "c2": 5, "params": 28 + 5 * (9 + 1) + 5 * 2 + 2}
+    assert sizes["global"]["params"] < sizes["layer"]["params"]
 
 
 # ---- dependency analysis and compact ------------------------------------------------------------
@@ -398,11 +418,18 @@ def test_missing_shapes_are_explained(demo_net):
 
 
 def test_with_quantization_masks_work_but_compact_refuses_quantized_layers(demo_net, caplog):
-    gm = evefx.transform(demo_net, {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X28)
+    spec = {"passes": [{"kind": "prune"}, {"kind": "quantize", "quantize_inputs": False}]}
+    gm = evefx.transform(demo_net, spec, X28)
     assert evefx.prune_step(gm)["features.3"] == (4, 8)
     with pytest.raises(PruneError, match=r"compact cannot slice node 'features_0' \(features.0: QuantConv2d\)"):
         evefx.compact(gm)
+    # prune then quantize with quantize_inputs (the default): the next layer's input quantizer is not
+    # needed (the mask keeps the previous quantizer's grid), so the masks still work
+    gm = evefx.transform(demo_net, {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X28)
+    assert not any(n.meta.get("evefx", {}).get("role") == "input" and n.meta["evefx"]["layer"] == "features.3" for n in gm.graph.nodes)
+    assert evefx.prune_step(gm)["features.3"] == (4, 8)
     # quantizers after the pruners would turn masked zeros into codes: nothing is prunable, and it says so
+    caplog.clear()
     gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize"}, {"kind": "prune"}]}, X28)
     assert evefx.prune_step(gm)["features.3"] == (8, 8)
     assert "no channel of layer features.3 can be pruned" in caplog.text
