@@ -45,6 +45,7 @@ from evefx.graph import (
     replace_module,
     unique_name,
 )
+from evefx.modules.prune import ChannelPruner
 from evefx.modules.quant import (
     QUANT_LAYER_TYPES,
     QuantConv1d,
@@ -62,7 +63,8 @@ log = logging.getLogger(__name__)
 
 _QUANT_CLASS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}
 # ops that keep a quantized tensor on its grid: a quantizer before them quantizes the layer's input
-_PASS_THROUGH_MODULES = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+# (a pruner's 0/1 mask too: zero is on every grid evefx builds, since ranges always include 0)
+_PASS_THROUGH_MODULES = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, ChannelPruner)
 _PASS_THROUGH_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d}
 _PASS_THROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
 # sources whose output is never negative (an unsigned symmetric grid loses nothing on them)
