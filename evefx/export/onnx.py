@@ -37,7 +37,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from evefx.errors import ExportError
+from evefx.errors import ExportError, PruneError
 from evefx.export.parity import TOP1_MIN, Parity, check_parity, first_divergence, flatten_outputs, ort_session
 from evefx.export.qdq import QDQ, deployable
 from evefx.export.report import ExportReport, count_parameters
@@ -265,10 +265,11 @@ def export_onnx(
         raise ExportError(f"export_onnx needs a torch.nn.Module (got {type(gm).__name__})")
     inputs = _as_tuple(example_inputs)
     path = Path(path)
+    source, removed = _remove_pruned_channels(gm)
     quantized = any(isinstance(m, Quantizer) and m.enabled for m in gm.modules())
     if quantized and opset < MIN_QDQ_OPSET:
         raise ExportError(f"quantized models need opset >= {MIN_QDQ_OPSET} for per-channel DequantizeLinear (got {opset})")
-    deploy = deployable(gm)
+    deploy = deployable(source)
     with torch.no_grad():
         try:
             outputs = flatten_outputs(deploy(*inputs))
@@ -285,6 +286,7 @@ def export_onnx(
     rewrites = {"constants_to_initializers": constants_to_initializers(model)}
     rewrites["requantized_data_movement"] = requantize_data_movement(model)
     rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
+    rewrites["pruned_channels_removed"] = removed
     bits = layer_bits(gm)
     _metadata(model, gm, bits, quantized)
     try:
@@ -327,6 +329,22 @@ def export_onnx(
         err.report = report  # type: ignore[attr-defined]
         raise err
     return _replace(report, parity)
+
+
+def _remove_pruned_channels(gm: nn.Module) -> tuple[nn.Module, int]:
+    """Deploy a pruned model without its masked channels (``evefx.compact``), so the file is smaller
+    for real; where compact cannot slice (quantized layers), the masks export as multiplications."""
+    from evefx.modules.prune import ChannelPruner
+    from evefx.prune_ops import compact
+
+    masked = sum(int((m.mask == 0).sum()) for m in gm.modules() if isinstance(m, ChannelPruner) and m.enabled)
+    if not masked or not isinstance(gm, fx.GraphModule):
+        return gm, 0
+    try:
+        return compact(gm), masked
+    except PruneError as e:
+        log.warning("masks export as multiplications: %s", e)
+        return gm, 0
 
 
 def _replace(report: ExportReport, parity: Parity) -> ExportReport:

@@ -293,15 +293,25 @@ def test_poisson_encoder_exports_random_and_is_documented(tmp_path):
     assert report.parity.rule.startswith("not checked") and report.parity.samples == 0
 
 
-def test_pruned_model_exports_masks_then_compacts(tmp_path):
+def test_pruned_model_exports_with_channels_removed(tmp_path):
     torch.manual_seed(0)
     pruned = evefx.transform(DemoNet(), "examples/specs/prune.yaml", X0)
     evefx.prune_step(pruned)
     pruned.eval()
-    masked = export_onnx(pruned, X0, tmp_path / "masked.onnx", real_inputs=_data(64, 1), kernels=False)
-    assert masked.parity.passed and masked.ops.get("Mul", 0) > 0
-    small = export_onnx(evefx.compact(pruned), X0, tmp_path / "small.onnx", real_inputs=_data(64, 1), kernels=False)
-    assert small.parity.passed and small.params["float"] < masked.params["float"] / 2
+    report = export_onnx(pruned, X0, tmp_path / "pruned.onnx", real_inputs=_data(64, 1), kernels=False)
+    dense = export_onnx(DemoNet().eval(), X0, tmp_path / "dense.onnx", kernels=False)
+    # the masked channels are gone from the file, not multiplied by zero
+    assert report.parity.passed and report.ops.get("Mul", 0) == 0
+    assert report.rewrites["pruned_channels_removed"] == sum(int((m.mask == 0).sum()) for m in pruned.modules() if hasattr(m, "mask"))
+    assert report.params["float"] < dense.params["float"] / 2  # BatchNorm folded in both files
+    # quantized layers cannot be sliced: the masks then export as multiplications
+    both = evefx.transform(DemoNet(), {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X0)
+    evefx.prune_step(both)
+    from evefx.export import calibrate
+
+    calibrate(both, [_data(32, 2)])
+    mixed = export_onnx(both, X0, tmp_path / "both.onnx", real_inputs=_data(64, 1), kernels=False)
+    assert mixed.parity.passed and mixed.ops.get("Mul", 0) > 0 and mixed.rewrites["pruned_channels_removed"] == 0
 
 
 def test_report_table_dict_and_onnx_accuracy(tmp_path):
