@@ -1,7 +1,7 @@
 """The seed's spiking tables, redone with evefx on the embedded MNIST split (4,000 train / 1,000 test).
 
 Every row trains DemoNet (``examples/models.py``) from the same initialisation with Adam
-(lr 3e-3, batch 128) for the same number of epochs, then reports held-out accuracy and the mean
+(lr 5e-3, batch 64) for the same number of epochs, then reports held-out accuracy and the mean
 firing rate of its neurons. The reference configuration is LIF, T=8, ATan (alpha 2), hard reset
 to 0, threshold 0.5, tau 2, per-channel thresholds, direct encoding, mean decoding; every other
 row changes one thing:
@@ -47,7 +47,13 @@ BASE: dict[str, Any] = {
     "neuron": {"type": "lif", "threshold": 0.5, "reset": 0.0, "tau": 2.0, "neuron_wise": True,
                "surrogate": {"name": "atan", "alpha": 2.0}},
 }
-LR = 3e-3
+LR = 5e-3
+BATCH = 64
+"""One recipe for every row, the float baseline included: Adam at a constant LR, batch 64. The
+spiking rows underfit (LIF T=8 ends 10 epochs at ~97% train accuracy, float at ~99%), so they
+need more optimizer steps at a higher rate; a decaying schedule (cosine) costs them ~5 points.
+With lr 3e-3 and batch 128, LIF T=8 was 2.1 points below float (3 seeds); with this recipe
+0.91 (8 seeds; docs/readme/spiking.md)."""
 SURROGATE_ALPHA = {"sigmoid": 4.0, "piecewise_quadratic": 1.0, "soft_sign": 2.0, "atan": 2.0,
                    "nonzero_sign_log_abs": 1.0, "erf": 2.0, "piecewise_leaky_relu": 1.0,
                    "fast_sigmoid": 10.0, "triangle": 2.0}
@@ -118,7 +124,7 @@ def run(row: dict, train, test, epochs: int, max_steps: int | None, seed: int = 
 def _run_named(name: str, epochs: int, max_steps: int | None, threads: int, seed: int) -> dict[str, Any]:
     """One row and seed in a worker process (``--jobs``)."""
     torch.set_num_threads(threads)
-    train, test = loaders(batch_size=128, seed=seed)
+    train, test = loaders(batch_size=BATCH, seed=seed)
     return run(rows()[name], train, test, epochs, max_steps, seed)
 
 
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     console = Console()
     names = args.rows or (["float", "lif_T2", "if", "sg_erf", "hybrid"] if args.quick else list(all_rows))
     epochs, max_steps = (1, 20) if args.quick else (args.epochs, None)
-    train, test = loaders(batch_size=128, seed=0)
+    train, test = loaders(batch_size=BATCH, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for name in names for seed in range(args.seeds)]
     if args.jobs > 1:
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
         runs = []
         for name, seed in jobs:
-            tr, te = (train, test) if seed == 0 else loaders(batch_size=128, seed=seed)
+            tr, te = (train, test) if seed == 0 else loaders(batch_size=BATCH, seed=seed)
             runs.append(run(all_rows[name], tr, te, epochs, max_steps, seed))
     for r in runs:
         console.print(f"{r['row']:<48} seed {r['seed']}  {r['accuracy']:6.2f}%  rate {r['firing_rate']:.3f}  ({r['seconds']:.0f} s)")

@@ -58,6 +58,8 @@ class _Dynamics:
     binary: bool
     time_dependent: bool
     leaky: bool
+    parts: Callable[[torch.Tensor, float], tuple[torch.Tensor, float]] | None = None
+    """The surrogate's ``derivative_parts`` (derivative = scale * tensor), for the fast backward."""
 
 
 def _as_scalar(p: torch.Tensor | None) -> torch.Tensor | float | None:
@@ -114,41 +116,63 @@ class _MultiStep(torch.autograd.Function):
         h = torch.empty_like(x, memory_format=torch.contiguous_format)
         if dyn.leaky:  # h starts as the membrane-independent part k x (+ k r), see _leak_input
             torch.mul(x, k, out=h)
-            if dyn.hard:
+            if dyn.hard and not (isinstance(r0, float) and r0 == 0.0):  # a full pass saved for reset 0
                 h.add_(k * r0)
-        s = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        # a membrane starting at 0 adds nothing at step 0: skip the fill and that step's add
+        zero_start = isinstance(r0, float) and r0 == 0.0
+        # binary spikes with a reset to 0 or a soft reset are written straight into the float
+        # output (the reset is then one multiply-add); other cases keep a bool mask for where()
+        float_spikes = dyn.binary and (zero_start or not dyn.hard)
+        s = torch.empty(x.shape, dtype=x.dtype if float_spikes else torch.bool, device=x.device)
         # the membrane between steps lives in one reused buffer
         v = torch.empty_like(h[0])
         if isinstance(r0, torch.Tensor):
             v.copy_(r0.detach().expand_as(v))
-        else:
+        elif not zero_start:
             v.fill_(r0)
         r_fill = r0.detach() if isinstance(r0, torch.Tensor) else torch.tensor(r0, dtype=x.dtype, device=x.device)
         for t in range(T):
             ht, st = h[t], s[t]
-            if not dyn.leaky:
+            if t == 0 and zero_start:
+                if not dyn.leaky:
+                    ht.copy_(x[0])
+            elif not dyn.leaky:
                 torch.add(x[t], v, out=ht)
             elif isinstance(a, torch.Tensor):
                 ht.addcmul_(a, v)
             else:
                 ht.add_(v, alpha=a)
             torch.ge(ht, th, out=st)
-            if dyn.hard:
+            if float_spikes:  # v = h - h s (reset to 0) or h - th s (soft): exact for s in {0, 1}
+                if dyn.hard:
+                    torch.addcmul(ht, ht, st, value=-1.0, out=v)
+                elif isinstance(th, torch.Tensor):
+                    torch.addcmul(ht, st, th, value=-1.0, out=v)
+                else:
+                    torch.add(ht, st, alpha=-th, out=v)
+            elif dyn.hard:
                 torch.where(st, r_fill, ht, out=v)
             else:
                 torch.sub(ht, th, out=v)
                 torch.where(st, v, ht, out=v)
-        out = s.to(x.dtype) if dyn.binary else torch.where(s, h - th, 0.0)
+        if float_spikes:
+            out = s
+        else:
+            out = s.to(x.dtype) if dyn.binary else torch.where(s, h - th, 0.0)
         tensors = [t_ if isinstance(t_, torch.Tensor) else None for t_ in (th, r, k)]
         ctx.save_for_backward(h, x if isinstance(k, torch.Tensor) and k.requires_grad else None, *tensors)
         ctx.scalars = tuple(None if isinstance(t_, torch.Tensor) else t_ for t_ in (th, r, k))
         ctx.dyn = dyn
         ctx.mark_non_differentiable(h)
+        # h has no gradient: without this autograd would fill a [T, B, ...] zero tensor for it
+        ctx.set_materialize_grads(False)
         return out, h
 
     @staticmethod
     def backward(ctx, grad_out, _grad_h):  # type: ignore[override]
         dyn: _Dynamics = ctx.dyn
+        if grad_out is None:  # the spikes did not reach the loss
+            return None, None, None, None, None
         h, x, th_t, r_t, k_t = ctx.saved_tensors
         th = th_t if th_t is not None else ctx.scalars[0]
         r = (r_t if r_t is not None else ctx.scalars[1]) if dyn.hard else 0.0
@@ -156,10 +180,15 @@ class _MultiStep(torch.autograd.Function):
         a = 1.0 - k if dyn.leaky else 1.0
         need_x, need_th, need_r, need_k = ctx.needs_input_grad[:4]
         T = h.shape[0]
+        if (dyn.parts is not None and dyn.binary and not (need_th or need_r or need_k)
+                and not isinstance(k, torch.Tensor)):
+            return _fast_input_grad(grad_out, h, th, r, k, a, dyn) if need_x else None, None, None, None, None
 
         u = h - th
         sg = dyn.derivative(u, dyn.alpha)
-        fired = h >= th
+        # the spikes are only needed where something reads them (full passes are the cost here)
+        need_fired = not dyn.binary or need_th or need_r or need_k
+        fired = h >= th if need_fired else None
         # D = do_t/dh_t; G starts as dL/dh_t through step t's own output
         D = sg if dyn.binary else u.mul_(sg).add_(fired)
         G = grad_out * D
@@ -167,25 +196,23 @@ class _MultiStep(torch.autograd.Function):
         rh_sg = None  # (r - h) * sg, the hard reset's dependence on the spike
         recurrent = dyn.time_dependent and T > 1
         if recurrent:
-            # Q = dv_t/dh_t, through the reset and its spike; then G_t += a Q_t G_{t+1}
-            # fewest full passes: a (1 - s) + a (r - h) sg  ==  a (1 - s) - a (h - r) sg
+            # Q = dv_t/dh_t / a, through the reset and its spike; then G_t += a Q_t G_{t+1}
+            # fewest full passes: (1 - s) + (r - h) sg  ==  (1 - s) - (h - r) sg; a scalar leak
+            # goes into the recurrence's addcmul instead of costing a pass over Q
+            scalar_a = not isinstance(a, torch.Tensor)
             if dyn.hard:
-                Q = (~fired).to(h.dtype)
-                if not (isinstance(a, float) and a == 1.0):
-                    Q.mul_(a)
+                Q = (~fired if fired is not None else h < th).to(h.dtype)
                 hr = h if isinstance(r, float) and r == 0.0 else h - r
                 if need_th:
                     rh_sg = -(hr * sg)
-                if isinstance(a, torch.Tensor):
-                    Q.sub_(hr * sg * a)
-                else:
-                    Q.addcmul_(hr, sg, value=-a)
+                Q.addcmul_(hr, sg, value=-1.0)
             else:
                 Q = torch.mul(sg, -th).add_(1.0)
-                if not (isinstance(a, float) and a == 1.0):
-                    Q.mul_(a)
+            if not scalar_a:
+                Q.mul_(a)
+            value = a if scalar_a else 1.0
             for t in range(T - 2, -1, -1):
-                G[t].addcmul_(Q[t], G[t + 1])
+                G[t].addcmul_(Q[t], G[t + 1], value=value)
         gv = None  # dL/dv_t = a G_{t+1}
         if recurrent and (need_th or need_r):
             gv = torch.zeros_like(G)
@@ -214,6 +241,28 @@ class _MultiStep(torch.autograd.Function):
         return grad_x, grad_th, grad_r, grad_k, None
 
 
+def _fast_input_grad(grad_out: torch.Tensor, h: torch.Tensor, th: Any, r: Any, k: float, a: float,
+                     dyn: _Dynamics) -> torch.Tensor:
+    """dL/dx of a binary neuron with fixed parameters (the common training case) in the fewest
+    full passes: with ``sg = scale * d``, the factors ``scale`` and ``k`` ride along in the
+    multiply-adds, and since the recurrence is linear ``G`` is carried already multiplied by ``k``."""
+    d, scale = dyn.parts(h - th, dyn.alpha)  # type: ignore[misc]
+    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    G = torch.addcmul(zero, grad_out, d, value=scale * k)  # k dL/dh_t through step t's own output
+    if dyn.time_dependent and h.shape[0] > 1:
+        # Q_t = dv_t/dh_t / a: (1 - s) - (h - r) sg for a hard reset, 1 - th sg for a soft one
+        if dyn.hard:
+            Q = (h < th).to(h.dtype)
+            Q.addcmul_(h if isinstance(r, float) and r == 0.0 else h - r, d, value=-scale)
+        elif isinstance(th, torch.Tensor):
+            Q = torch.mul(d, th).mul_(-scale).add_(1.0)
+        else:
+            Q = torch.mul(d, -scale * th).add_(1.0)
+        for t in range(h.shape[0] - 2, -1, -1):
+            G[t].addcmul_(Q[t], G[t + 1], value=a)
+    return G
+
+
 def multi_step(
     x: torch.Tensor,
     threshold: torch.Tensor | float,
@@ -235,8 +284,9 @@ def multi_step(
         >>> out.flatten().tolist(), h.flatten().tolist()
         ([0.0, 0.0, 0.0], [0.5, 0.75, 0.875])
     """
-    dyn = _Dynamics(surrogate_class(surrogate).derivative, float(alpha), reset is not None, binary,
-                    time_dependent, k is not None)
+    cls = surrogate_class(surrogate)
+    dyn = _Dynamics(cls.derivative, float(alpha), reset is not None, binary, time_dependent, k is not None,
+                    cls.derivative_parts)
     return _MultiStep.apply(x, threshold, reset, k, dyn)
 
 
@@ -393,8 +443,9 @@ class SpikingNeuron(EveHooks, nn.Module):
         return p.view(p.shape[0], *([1] * (step_ndim - 2)))
 
     def _dynamics(self) -> _Dynamics:
-        return _Dynamics(surrogate_class(self.surrogate).derivative, self.alpha, self.reset is not None,
-                         self.binary, self.time_dependent, self.leaky)
+        cls = surrogate_class(self.surrogate)
+        return _Dynamics(cls.derivative, self.alpha, self.reset is not None, self.binary, self.time_dependent,
+                         self.leaky, cls.derivative_parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spiking:

@@ -87,6 +87,17 @@ class Surrogate(torch.autograd.Function):
     def primitive(u: torch.Tensor, alpha: float) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def derivative_parts(cls, u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float]:
+        """``(d, scale)`` with ``derivative(u, alpha) == scale * d``: the fused neuron backward folds
+        ``scale`` into its other multiplications instead of spending a pass on it.
+
+        Example:
+            >>> d, scale = ATan.derivative_parts(torch.tensor(0.0), 2.0); float(d * scale)
+            1.0
+        """
+        return cls.derivative(u, alpha), 1.0
+
     @staticmethod
     def forward(ctx, u, alpha):  # type: ignore[override]
         ctx.save_for_backward(u)
@@ -172,9 +183,16 @@ class ATan(Surrogate):
 
     @staticmethod
     def derivative(u, alpha):
-        # in-place on one temporary: the fused neuron backward calls this on [T, B, ...] tensors
-        z = u * (math.pi / 2 * alpha)
-        return z.mul_(z).add_(1.0).reciprocal_().mul_(alpha / 2)
+        d, scale = ATan.derivative_parts(u, alpha)
+        return d.mul_(scale)
+
+    @classmethod
+    def derivative_parts(cls, u, alpha):
+        # the fused neuron backward calls this on [T, B, ...] tensors: 1 + (c u)^2 in one pass
+        # (addcmul on a 0-dim one), the reciprocal in place, the factor alpha/2 left to the caller
+        c = math.pi / 2 * alpha
+        one = torch.ones((), dtype=u.dtype, device=u.device)
+        return torch.addcmul(one, u, u, value=c * c).reciprocal_(), alpha / 2
 
 
 class NonzeroSignLogAbs(Surrogate):

@@ -157,6 +157,32 @@ def test_fixed_parameters_still_give_input_gradient_like_the_loop():
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind,reset,time_dependent,neuron_wise,surrogate",
+                         [(k, r, td, nw, sg) for k, r, td, nw, sg in itertools.product(
+                             ("if", "lif"), (0.0, 0.3, None), (True, False), (True, False), ("atan", "sigmoid"))
+                          if not (nw and sg == "sigmoid")])
+def test_fixed_parameter_fast_backward_equals_the_loop(kind, reset, time_dependent, neuron_wise, surrogate):
+    """Binary neurons with fixed parameters take the short backward (scale and leak folded into
+    the multiply-adds); it must give the loop's input gradient for every reset and threshold shape."""
+    kw = dict(channels=3, neuron_wise=neuron_wise, time_dependent=time_dependent, surrogate=surrogate, alpha=3.0)
+    if kind == "lif":
+        kw["tau"] = 2.5
+    n = KINDS[kind](6, 0.8, reset, **kw).double()
+    if neuron_wise:
+        with torch.no_grad():
+            n.threshold.copy_(torch.tensor([0.5, 0.8, 1.1], dtype=torch.float64))
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(6 * 3, 3, 2, generator=g, dtype=torch.float64) * 1.6 - 0.2).requires_grad_()
+    w = torch.randn(6 * 3, 3, 2, generator=g, dtype=torch.float64)
+    x_ref = x.detach().clone().requires_grad_()
+    out = n(x)
+    out_ref, _ = loop(n, x_ref)
+    assert torch.equal(out, out_ref)
+    (out * w).sum().backward()
+    (out_ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_multi_step_saves_only_the_membrane():
     """Memory: autograd keeps one float tensor [T, B, ...] (h) and not per-step graphs."""
     n = LIFNeuron(8, channels=4, neuron_wise=True)

@@ -115,3 +115,11 @@ def test_documented_overlaps_between_families():
     zero = torch.zeros(1, dtype=torch.float64)
     assert surrogate("fast_sigmoid").derivative(zero, 4.0).item() == 1.0
     assert surrogate("soft_sign").derivative(zero, 4.0).item() == 2.0
+
+
+@pytest.mark.parametrize("alpha", [0.5, 3.0])
+@pytest.mark.parametrize("name", sorted(FORMULAS))
+def test_derivative_parts_multiply_to_the_formula(name, alpha):
+    """The fused neuron backward uses ``scale * d`` from ``derivative_parts``: it must be the derivative."""
+    d, scale = surrogate(name).derivative_parts(POINTS.clone(), alpha)
+    torch.testing.assert_close(d * scale, FORMULAS[name](POINTS, alpha), rtol=1e-12, atol=1e-14)
