@@ -13,7 +13,7 @@ fine-tuning (``--finetune-steps`` steps on 3,000 training images, accuracy on th
 as its proxy reward; then the configuration it picks, like every anchor, is trained properly:
 the float network with that configuration applied is trained ``--final-epochs`` epochs (Adam
 1e-3, batch 128, all 4,000 training images, as the quantization tables of
-docs/readme/quantization.md) for each of ``--final-seeds`` seeds (batch order), and scored on
+docs/quantization.md) for each of ``--final-seeds`` seeds (batch order), and scored on
 the 1,000 held-out test images the search never saw. The float network trains
 ``--float-epochs`` epochs on the 3,000 search-training images; the references are that network
 and the same network trained ``--final-epochs`` more epochs exactly like the configured rows
@@ -23,7 +23,7 @@ best 4-bit row of the quantization tables); the bit widths stay those chosen. Ac
 activation quantizer calibrated at 8 bits loses most of its accuracy when its bit width is
 lowered afterwards.
 
-    python bench/bench_search.py                 # the figures in docs/readme/search.md
+    python bench/bench_search.py                 # the figures in docs/search.md
     python bench/bench_search.py --quick         # a one-minute smoke run
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def data():
 
 
 def float_model(train, epochs: int) -> DemoNet:
-    """DemoNet trained as in docs/readme/quantization.md (Adam 1e-3, batch 128), on the search's
+    """DemoNet trained as in docs/quantization.md (Adam 1e-3, batch 128), on the search's
     3,000 training images so that the validation images stay unseen until the final training."""
     torch.manual_seed(0)
     model = DemoNet()

@@ -20,7 +20,7 @@ tensors autograd keeps between forward and backward (unique storages, counted wi
 ``torch.autograd.graph.saved_tensors_hooks``): the activation memory of a training step, which
 is what grows with T. Peak process memory on CPU is dominated by the allocator and not comparable.
 
-Run (2-core CPU dev machine figures are in docs/readme/spiking.md):
+Run (2-core CPU dev machine figures are in docs/spiking.md):
     .venv/bin/python bench/bench_spike.py            # T = 4, 8, 16, 32
     .venv/bin/python bench/bench_spike.py --quick    # smoke test
 """

@@ -53,7 +53,7 @@ BATCH = 64
 spiking rows underfit (LIF T=8 ends 10 epochs at ~97% train accuracy, float at ~99%), so they
 need more optimizer steps at a higher rate; a decaying schedule (cosine) costs them ~5 points.
 With lr 3e-3 and batch 128, LIF T=8 was 2.1 points below float (3 seeds); with this recipe
-0.91 (8 seeds; docs/readme/spiking.md)."""
+0.91 (8 seeds; docs/spiking.md)."""
 SURROGATE_ALPHA = {"sigmoid": 4.0, "piecewise_quadratic": 1.0, "soft_sign": 2.0, "atan": 2.0,
                    "nonzero_sign_log_abs": 1.0, "erf": 2.0, "piecewise_leaky_relu": 1.0,
                    "fast_sigmoid": 10.0, "triangle": 2.0}
