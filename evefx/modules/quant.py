@@ -621,6 +621,15 @@ class _QuantLayerMixin:
     weight_quantizer: Quantizer
     bn: nn.modules.batchnorm._BatchNorm | None
 
+    def _adopt(self, module: nn.Module, weight_quantizer: Quantizer, bn: nn.Module | None) -> Any:
+        """Take over ``module``'s parameters (shared, not copied) and mode; attach the quantizer and BN."""
+        self.weight = module.weight
+        self.bias = module.bias
+        self.train(module.training)
+        self.weight_quantizer = weight_quantizer
+        self.bn = bn
+        return self
+
     def _fold_factor(self) -> torch.Tensor:
         bn = self.bn
         assert bn is not None and bn.running_var is not None
@@ -697,12 +706,7 @@ def _make_quant_conv(base: type[nn.modules.conv._ConvNd]) -> type:
                 padding=module.padding, dilation=module.dilation, groups=module.groups,
                 bias=module.bias is not None, padding_mode=module.padding_mode, device="meta",
             )
-            new.weight = module.weight
-            new.bias = module.bias
-            new.train(module.training)
-            new.weight_quantizer = weight_quantizer
-            new.bn = bn
-            return new
+            return new._adopt(module, weight_quantizer, bn)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self._forward_quant(x, self._conv_forward)
@@ -732,12 +736,7 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
             raise QuantizationError(f"{weight_quantizer.name}: QuantLinear.from_float needs a Linear (got {type(module).__name__})")
         cls._check_bn(module, bn, module.out_features, weight_quantizer.name)
         new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        new.weight = module.weight
-        new.bias = module.bias
-        new.train(module.training)
-        new.weight_quantizer = weight_quantizer
-        new.bn = bn
-        return new
+        return new._adopt(module, weight_quantizer, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is not None and x.dim() != 2:
