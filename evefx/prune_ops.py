@@ -39,6 +39,7 @@ from typing import Any, Iterable
 import networkx as nx
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 import torch.nn.functional as F
 from rich.table import Table
 from torch import fx, nn
@@ -1197,7 +1198,7 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
         with torch.no_grad():
             got = new(*inputs)
         new.train(was)
-        for a, b in zip(_flat(reference), _flat(got)):
+        for a, b in zip(_tensors(reference), _tensors(got)):
             if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
                 err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
                 raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
@@ -1206,12 +1207,5 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     return new
 
 
-def _flat(x: Any) -> Iterable[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _flat(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _flat(v)
+def _tensors(out: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 import torch
+from torch.utils._pytree import tree_leaves
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -79,13 +80,7 @@ def ort_session(path_or_bytes: Any, threads: int = 1, optimized_path: str | None
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
     """Tensors of a module's output in the order ``torch.onnx.export`` writes them."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in flatten_outputs(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in flatten_outputs(o)]
-    return []
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
