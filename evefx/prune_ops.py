@@ -34,7 +34,7 @@ import logging
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 import numpy as np
