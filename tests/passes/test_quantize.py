@@ -284,9 +284,11 @@ def test_mixed_precision_lsq_activations_survive_lower_bits():
     fit(gm, train, None, epochs=1, lr=3e-3, progress=False)
     before = evaluate(gm, test)["accuracy"]
     acts = [module_of(gm, n) for n in marked(gm, "quantize", role="activation")]
-    assert all(int(q.zero_point) == 0 for q in acts[:-1])  # after a ReLU: zero point 0
-    for q in acts:
+    hidden = acts[:-1]  # after a ReLU; the last one quantizes the logits
+    assert all(int(q.zero_point) == 0 for q in hidden)  # after a ReLU: zero point 0
+    for q in hidden:
         q.set_bits(3)
     after = evaluate(gm, test)["accuracy"]
-    # the grid of a zero point left mid-range lost ~8 points here; the fix loses about 1
-    assert before > 75 and after > before - 4
+    # the grid of a zero point left mid-range lost ~8 points here; the fix loses less than 1
+    # (3-bit logits, 8 levels for 10 classes, cost ~4 points on their own: not what this checks)
+    assert before > 75 and after > before - 2
