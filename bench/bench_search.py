@@ -9,17 +9,20 @@ Two searches, each side by side with its anchors, in one run:
   a uniform ratio that fits the same budget, and random search.
 
 The protocol is the standard one (HAQ, AMC): the search scores each configuration with a short
-fine-tuning (``--finetune-steps`` steps on 3,000 training images, accuracy on the other 1,000)
-as its proxy reward; then the configuration it picks, like every anchor, is trained properly:
+fine-tuning (``--finetune-steps`` steps for the bit widths, ``--prune-finetune-steps`` for the
+ratios, on 3,000 training images; accuracy on the other 1,000) as its proxy reward; then the configuration it picks, like every anchor, is trained properly:
 the float network with that configuration applied is trained ``--final-epochs`` epochs (Adam
 1e-3, batch 128, all 4,000 training images, as the quantization tables of
 docs/quantization.md) for each of ``--final-seeds`` seeds (batch order), and scored on
 the 1,000 held-out test images the search never saw. The float network trains
 ``--float-epochs`` epochs on the 3,000 search-training images; the references are that network
 and the same network trained ``--final-epochs`` more epochs exactly like the configured rows
-("float, N more epochs": the same total training). The bit-width rows are trained twice, with the
-weight quantizer the search used (``round``) and with ``--final-weight-fn`` (default ``llsq``, the
-best 4-bit row of the quantization tables); the bit widths stay those chosen. Activations use ``fn: round``: an ``lsq``
+("float, N more epochs": the same total training). The bit widths are searched with the weight
+quantizer ``--weight-fn`` (default ``llsq``, the best 4-bit row of the quantization tables), so the
+proxy scores the model the final training builds; the bit-width rows are trained twice, with that
+quantizer and with ``--final-weight-fn`` (default ``round``), the bit widths staying those chosen.
+A searched activation bit width also sets the bits of its layer's input quantizer (the first
+layer's: the network input), in the search as in ``best.yaml``. Activations use ``fn: round``: an ``lsq``
 activation quantizer calibrated at 8 bits loses most of its accuracy when its bit width is
 lowered afterwards.
 
@@ -126,7 +129,7 @@ def run_case(name, model, spec, section, train, val, test, args, run_root: Path,
         rows.append((f"{algorithm} search", result.best["cost"], result.best["accuracy"], late, proxy, accs, accs2,
                      seconds, result.best["values"]))
     env = UpgradeEnv(gm, score, finetune=tune, finetune_steps=section["finetune_steps"],
-                     budget=evefx.spec.Budget(**section["budget"]), reward=evefx.spec.Reward(mode="constrained"))
+                     budget=evefx.spec.Budget(**section["budget"]), reward=evefx.spec.Reward(**section["reward"]))
     values = uniform(env)
     start = time.perf_counter()
     r = env.evaluate_values(values)
@@ -162,10 +165,13 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=200)
-    ap.add_argument("--finetune-steps", type=int, default=50, help="proxy fine-tuning steps per episode")
+    ap.add_argument("--finetune-steps", type=int, default=200, help="proxy fine-tuning steps per episode (bit widths)")
+    ap.add_argument("--prune-finetune-steps", type=int, default=50, help="proxy fine-tuning steps per episode (ratios)")
+    ap.add_argument("--weight-fn", default="llsq", choices=["round", "lsq", "llsq"],
+                    help="weight quantizer of the bit-width search and of its first final training")
     ap.add_argument("--final-epochs", type=int, default=10, help="training epochs of every row after the search")
     ap.add_argument("--final-seeds", type=int, default=3, help="final trainings (batch orders) averaged per row")
-    ap.add_argument("--final-weight-fn", default="llsq", choices=["round", "lsq", "llsq"],
+    ap.add_argument("--final-weight-fn", default="round", choices=["round", "lsq", "llsq"],
                     help="weight quantizer of the second final training of the bit-width rows")
     ap.add_argument("--float-epochs", type=int, default=10)
     ap.add_argument("--qat-epochs", type=int, default=1, help="8-bit QAT epochs before the bit-width search")
@@ -176,6 +182,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.episodes, args.finetune_steps, args.final_epochs, args.float_epochs, args.final_seeds = 8, 5, 1, 1, 1
+        args.prune_finetune_steps = 5
     torch.set_num_threads(1)
     run_root = args.run_dir or Path(tempfile.mkdtemp(prefix="evefx-bench-search-"))
     run_root.mkdir(parents=True, exist_ok=True)
@@ -193,17 +200,21 @@ def main() -> None:
     cases = []
     if args.only in (None, "bits"):
         spec = {"trace": {"input_shape": INPUT}, "passes": [{
-            "kind": "quantize", "weight": {"bits": 8, "granularity": "per_channel"},
+            "kind": "quantize", "weight": {"bits": 8, "granularity": "per_channel", "fn": args.weight_fn},
             "activation": {"bits": 8, "fn": "round", "symmetric": False, "signed": False},
             "upgrade_bits": True, "min_bits": 2, "max_bits": 8}]}
+        # each action mapped onto what still fits the budget; HAQ's warm-up and noise decay
         section = {**common, "algorithm": "ddpg", "budget": {"kind": "avg_bits", "max": 3.0},
-                   "hyperparams": {"noise_type": "normal", "noise_std": 0.5, "learning_rate": 1e-3}}
+                   "reward": {"mode": "constrained", "wall": "step"},
+                   "hyperparams": {"noise_type": "normal", "noise_std": 0.5, "learning_rate": 1e-3,
+                                   "noise_decay": 0.99, "warmup_episodes": 20}}
         cases.append(("bits", "mixed precision, W+A bits in [2, 8], avg bits <= 3",
                       run_case("bits", model, spec, section, train, val, test, args, run_root, uniform_bits)))
     if args.only in (None, "prune"):
         spec = {"trace": {"input_shape": INPUT}, "passes": [{
             "kind": "prune", "criterion": "l1_norm", "ratio": 0.0, "upgrade_ratio": True, "max_ratio": 0.9}]}
         section = {**common, "algorithm": "ddpg", "budget": {"kind": "macs", "max": 0.5},
+                   "finetune_steps": args.prune_finetune_steps,
                    "hyperparams": {"noise_type": "normal", "noise_std": 0.5, "learning_rate": 1e-3}}
         saved = args.qat_epochs
         args.qat_epochs = 0  # the pruner needs no calibration
@@ -216,8 +227,9 @@ def main() -> None:
     for key, title, rows in cases:
         table = Table(title=f"{title} ({ref}; final: {args.final_epochs} epochs x {args.final_seeds} seeds)")
         second = rows[0][6] is not None
+        fn = f", {args.weight_fn} weights" if second else ""
         cols = ["configuration", "cost", "val acc % (best)", "val acc % last 50 ep", "test acc % searched state",
-                f"test acc % after {args.final_epochs} epochs", "vs float", f"vs float +{args.final_epochs}"]
+                f"test acc % after {args.final_epochs} epochs{fn}", "vs float", f"vs float +{args.final_epochs}"]
         if second:
             cols += [f"test acc %, {args.final_weight_fn} weights", "vs float", f"vs float +{args.final_epochs}"]
         for col in cols + ["search s"]:

@@ -36,9 +36,12 @@ def main(episodes: int = 12, out: Path = Path("out/search"), console: Console | 
          final_epochs: int = 2) -> None:
     console = console or Console()
     data = evefx.load_spec(HERE / "specs" / "mixed_precision.yaml").model_dump(mode="json")
-    # round activations: an lsq activation quantizer calibrated at one bit width transfers badly to another
+    # round activations: an lsq activation quantizer calibrated at one bit width transfers badly to another;
+    # llsq weights, the weight quantizer the final training uses, so the search scores what gets trained
     data["passes"][0]["activation"]["fn"] = "round"
-    data["search"].update(episodes=episodes, finetune_steps=10)
+    data["passes"][0]["weight"]["fn"] = "llsq"
+    # each action is mapped onto the bit widths that still fit the budget (no lowering at the end)
+    data["search"].update(episodes=episodes, finetune_steps=10, reward={"mode": "constrained", "wall": "step"})
     bits = evefx.load_spec(data)
     prune = evefx.load_spec({
         "trace": {"input_shape": [1, 1, 28, 28]},

@@ -27,6 +27,12 @@ class Reward(StrictModel):
     """penalty: accuracy - lam * cost/max; constrained (as HAQ): configurations are lowered until they fit, reward = accuracy."""
     lam: Bounded(float, 0.0, 1e6) = 0.1
     """Weight of the cost in ``penalty`` mode."""
+    wall: Literal["end", "step"] = "end"
+    """Where ``constrained`` mode enforces the budget. end (HAQ): after the episode, the chosen values
+    are lowered one step at a time from the last parameter back until they fit. step: each action is
+    mapped onto the part of its parameter's range that still fits, the parameters still to come
+    counted at their cheapest, so the configuration evaluated is the one the agent chose (budgets
+    computed from the values; a measured latency is walled at the end)."""
 
 
 class SearchSection(StrictModel):

@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters, observe, reset
 from evefx.errors import SearchError
+from evefx.modules.protocol import EveRange
 from evefx.spec import Budget, Reward
 from evefx.upgrade.costs import CostModel, cheap_end
 
@@ -83,6 +84,27 @@ def apply_pruning(gm: nn.Module) -> None:
     pruners = [m for m in gm.modules() if isinstance(m, ChannelPruner)]
     for _ in range(max([m.steps - int(m.steps_done) for m in pruners] + [1])):
         prune_step(gm)
+
+
+def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, list[nn.Module]]:
+    """Input quantizers (role ``input``) that follow an activation bit width: ``{parameter name: quantizers}``.
+
+    The quantize pass builds a layer's input quantizer from the layer's ``activation`` settings,
+    so the per-layer override that :func:`~evefx.upgrade.spec_with_values` writes for a searched
+    activation bit width (``activation: {bits: b}``) also gives the input quantizer of that layer
+    (the network input, for the first layer) ``b`` bits. The episode sets them together, so that
+    what the search scores is what ``best.yaml`` builds. Input quantizers count in no cost: they
+    are not eve parameters.
+    """
+    by_layer: dict[tuple[str, str], list[nn.Module]] = {}
+    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
+        prov = node.meta.get("evefx") or {}
+        if node.op == "call_module" and prov.get("role") == "input":
+            q = gm.get_submodule(str(node.target))
+            if hasattr(q, "set_bits"):
+                by_layer.setdefault((prov.get("spec_path"), prov.get("layer")), []).append(q)
+    return {p.name: by_layer[(p.spec_path, p.layer)] for p in params
+            if p.kind == "bits" and p.role == "activation" and (p.spec_path, p.layer) in by_layer}
 
 
 class Accuracy:
@@ -187,6 +209,7 @@ class UpgradeEnv(gym.Env):
             raise SearchError("the model has no eve parameters to search: set upgrade_bits: true in a quantize "
                               "section or upgrade_ratio: true in a prune section of its spec")
         self.params: list[EveParameter] = params
+        self.coupled = _coupled_inputs(gm, params)
         if apply is None and any(p.kind == "ratio" for p in params):
             self.apply_fn = apply_pruning
         if self.finetune_steps > 0 and finetune is None:
@@ -278,7 +301,7 @@ class UpgradeEnv(gym.Env):
         a = float(np.float32(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0)))
         p = self.params[self._i]
         self._actions.append(a)
-        self._chosen[p.name] = float(p.range.from_unit(a))
+        self._chosen[p.name] = self._value(p, a, self._chosen)
         self._i += 1
         if self._i < len(self.params):
             return self._observation(self._i, self._chosen, a), 0.0, False, False, {}
@@ -287,8 +310,64 @@ class UpgradeEnv(gym.Env):
         return obs, float(result["reward"]), True, False, {"episode_result": result}
 
     # ------------------------------------------------------------------ configurations
+    @property
+    def step_wall(self) -> bool:
+        """True when actions are mapped onto what still fits the budget (``reward.wall: step``)."""
+        return self.reward_cfg.mode == "constrained" and self.reward_cfg.wall == "step" and self.cost_model.static
+
+    def feasible_range(self, p: EveParameter, chosen: Mapping[str, float]) -> EveRange:
+        """The part of ``p``'s range that fits the budget given the ``chosen`` values, with every
+        parameter not chosen yet at its cheapest (``cheap_end``)."""
+        limit = float(self.budget.max) + 1e-9
+        rest = {q.name: cheap_end(q) for q in self.params if q.name not in chosen}
+        fits = lambda v: self.cost_model({**rest, **chosen, p.name: v}) <= limit  # noqa: E731
+        cheap, dear = cheap_end(p), (p.low if cheap_end(p) == p.high else p.high)
+        if fits(dear) or not fits(cheap):
+            edge = dear if fits(dear) else cheap
+        elif p.integer:
+            step = 1 if dear > cheap else -1
+            edge = cheap
+            while edge != dear and fits(edge + step):
+                edge += step
+        else:
+            ok, bad = cheap, dear
+            for _ in range(40):
+                mid = (ok + bad) / 2.0
+                ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+            edge = ok
+        lo, hi = sorted((cheap, edge))
+        return EveRange(lo, hi, p.integer)
+
+    def fair_value(self, p: EveParameter, chosen: Mapping[str, float]) -> float:
+        """The value that spends the budget left evenly: ``p`` and every parameter not chosen yet at
+        the same point of their ranges, the highest-cost point that still fits (not rounded)."""
+        limit = float(self.budget.max) + 1e-9
+        todo = [q for q in self.params if q.name not in chosen and q.name != p.name] + [p]
+        at = lambda u: {q.name: q.low + (u + 1.0) / 2.0 * (q.high - q.low) for q in todo}  # noqa: E731
+        fits = lambda u: self.cost_model({**chosen, **at(u)}) <= limit  # noqa: E731
+        cheap_u = 1.0 if cheap_end(p) == p.high else -1.0
+        ok, bad = cheap_u, -cheap_u
+        if fits(bad):
+            return at(bad)[p.name]
+        for _ in range(30):
+            mid = (ok + bad) / 2.0
+            ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+        return at(ok)[p.name]
+
+    def _value(self, p: EveParameter, action: float, chosen: Mapping[str, float]) -> float:
+        """The value of ``p`` for ``action``: on its whole range, or (``step_wall``) on what still fits,
+        with action 0 at :meth:`fair_value` ([-1, 0] below it, [0, 1] above it)."""
+        if not self.step_wall:
+            return float(p.range.from_unit(action))
+        rng = self.feasible_range(p, chosen)
+        fair = min(max(self.fair_value(p, chosen), rng.low), rng.high)
+        a = min(max(float(action), -1.0), 1.0)
+        v = fair + a * ((fair - rng.low) if a < 0 else (rng.high - fair))
+        return float(rng.clip(v))
+
     def values_from_actions(self, actions: Sequence[float]) -> dict[str, float]:
-        """The values the agent chose with ``actions`` (one per parameter, in [-1, 1])."""
+        """The values ``actions`` (one per parameter, in [-1, 1]) stand for on the whole ranges (random search;
+        the budget wall applies when they are evaluated)."""
         if len(actions) != len(self.params):
             raise SearchError(f"{len(actions)} actions for {len(self.params)} eve parameters")
         return {p.name: float(p.range.from_unit(a)) for p, a in zip(self.params, actions)}
@@ -297,6 +376,8 @@ class UpgradeEnv(gym.Env):
         """Set the eve parameters of ``gm`` (missing ones keep their starting value) and run ``apply``."""
         for p in self.params:
             p.set(values.get(p.name, self.initial_values[p.name]))
+            for q in self.coupled.get(p.name, ()):
+                q.set_bits(int(round(p.value)))  # as the spec override will: activation bits -> input quantizer
         if self.apply_fn is not None:
             self.apply_fn(self.gm)
 
@@ -368,7 +449,7 @@ class UpgradeEnv(gym.Env):
         obs = self._observation(0, chosen, 0.0)
         for i, (p, a) in enumerate(zip(self.params, actions)):
             a = float(np.float32(np.clip(a, -1.0, 1.0)))
-            chosen[p.name] = float(p.range.from_unit(a))
+            chosen[p.name] = self._value(p, a, chosen)
             nxt = self._observation(i + 1, chosen, float(a))
             last = i == len(self.params) - 1
             out.append((obs, np.asarray([a], dtype=np.float32), float(reward) if last else 0.0, nxt, last))

@@ -47,6 +47,8 @@ _OFF_POLICY = ("ddpg", "td3", "sac")
 _NET_ARCH = {"small": [64, 64], "medium": [256, 256], "big": [400, 300]}  # rl-zoo3's shorthands
 _CSV_FIELDS = ("episode", "reward", "accuracy", "cost", "lowered", "seconds", "values", "actions")
 DEFAULT_EPISODES = 20
+DEFAULT_WARMUP = 5
+"""Episodes of uniformly random actions before an off-policy agent starts learning (``warmup_episodes``)."""
 
 
 @dataclass
@@ -185,10 +187,11 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
 
     ``policy`` (default ``MlpPolicy``), ``noise_type`` (``normal`` or ``ornstein-uhlenbeck``) with
     ``noise_std``, ``noise_decay`` (the noise's scale is multiplied by it after every episode, as in
-    HAQ), ``net_arch`` (a list, a dict, or ``small``/``medium``/``big``) and ``policy_kwargs`` are
-    translated; every other key goes to the algorithm as it is. Defaults
-    fit short searches: ``net_arch`` [64, 64], learning starts after 5 episodes, the replay
-    buffer holds the whole run.
+    HAQ), ``warmup_episodes`` (episodes of uniformly random actions before the agent starts
+    learning, HAQ's warm-up; SB3's ``learning_starts`` counted in episodes), ``net_arch`` (a list,
+    a dict, or ``small``/``medium``/``big``) and ``policy_kwargs`` are translated; every other key
+    goes to the algorithm as it is. Defaults fit short searches: ``net_arch`` [64, 64], learning
+    starts after ``DEFAULT_WARMUP`` episodes, the replay buffer holds the whole run.
 
     Example:
         >>> cls, kw = algorithm_kwargs(SearchSection(algorithm="td3", hyperparams={"noise_std": 0.2}), 10)
@@ -215,6 +218,14 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
     noise_decay = float(hp.pop("noise_decay", 1.0))  # applied per episode by the search's callback
     if not 0.0 < noise_decay <= 1.0:
         raise SearchError(f"search.hyperparams.noise_decay: must be in (0, 1] (got {noise_decay})")
+    warmup = hp.pop("warmup_episodes", None)  # HAQ's warm-up: random episodes before the agent learns
+    if warmup is not None:
+        if algo not in _OFF_POLICY:
+            raise SearchError(f"search.hyperparams.warmup_episodes: {algo} has no warm-up (only ddpg, td3, sac)")
+        if "learning_starts" in hp:
+            raise SearchError("search.hyperparams: give warmup_episodes or learning_starts, not both")
+        if int(warmup) != warmup or warmup < 0:
+            raise SearchError(f"search.hyperparams.warmup_episodes: must be a whole number >= 0 (got {warmup})")
     if noise_type is not None:
         if algo not in _OFF_POLICY:
             raise SearchError(f"search.hyperparams.noise_type: {algo} does not take action noise (only ddpg, td3, sac)")
@@ -227,8 +238,8 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
             raise SearchError(f"search.hyperparams.noise_type: unknown {noise_type!r}; use normal or ornstein-uhlenbeck")
     if algo in _OFF_POLICY:
         total = (section.episodes or DEFAULT_EPISODES) * episode_length if section.timesteps is None else section.timesteps
-        kw.update(learning_starts=5 * episode_length, buffer_size=max(1000, total + 10 * episode_length),
-                  batch_size=min(64, 5 * episode_length))
+        kw.update(learning_starts=int(DEFAULT_WARMUP if warmup is None else warmup) * episode_length,
+                  buffer_size=max(1000, total + 10 * episode_length), batch_size=min(64, 5 * episode_length))
     elif algo == "ppo":
         steps = max(2, 4 * episode_length // section.n_envs)
         kw.update(n_steps=steps, batch_size=steps * section.n_envs)

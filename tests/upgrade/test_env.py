@@ -201,8 +201,10 @@ def test_errors_name_the_fix():
         UpgradeEnv(quantized(), accuracy, finetune_steps=5)
 
 
-def test_transitions_replay_what_step_observed():
-    env = UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=3.0))
+@pytest.mark.parametrize("wall", ["end", "step"])
+def test_transitions_replay_what_step_observed(wall):
+    env = UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=3.0),
+                     reward=Reward(mode="constrained", wall=wall))
     actions = [0.3, -0.9, 1.0, 0.1, -0.2, 0.7]
     seen = [env.reset()[0]]
     for a in actions:
@@ -215,6 +217,35 @@ def test_transitions_replay_what_step_observed():
         np.testing.assert_array_equal(nxt, seen[i + 1])
         assert act[0] == np.float32(actions[i]) and done == (i == len(actions) - 1)
         assert rew == (reward if done else 0.0)
+
+
+def play(env, actions):
+    env.reset()
+    for a in actions:
+        *_, info = env.step(np.array([a], dtype=np.float32))
+    return info["episode_result"]
+
+
+def test_step_wall_maps_every_action_onto_what_still_fits():
+    env = UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=4.0),
+                     reward=Reward(mode="constrained", wall="step"))
+    # action 0 spends the budget evenly; +1 takes all that still fits, the rest left at their cheapest
+    assert list(play(env, [0.0] * 6)["values"].values()) == [4.0] * 6
+    assert list(play(env, [1.0] * 6)["values"].values()) == [8.0, 8.0, 2.0, 2.0, 2.0, 2.0]
+    assert list(play(env, [-1.0] * 6)["values"].values()) == [2.0] * 6
+    for actions in np.random.default_rng(0).uniform(-1, 1, size=(20, 6)):
+        r = play(env, actions)
+        assert r["cost"] <= 4.0 and not r["lowered"] and r["values"] == r["chosen"]  # evaluated as chosen
+    # the same actions under the end wall: chosen on the whole range, then lowered from the back
+    end = UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=4.0))
+    assert list(play(end, [1.0] * 6)["values"].values()) == [4.0] * 6
+    # ratios are cheap at the top of their range: the macs budget raises the floor instead
+    gate = UpgradeEnv(gated(), accuracy, budget=Budget(kind="macs", max=0.6), reward=Reward(mode="constrained", wall="step"))
+    for actions in np.random.default_rng(1).uniform(-1, 1, size=(10, 2)):
+        r = play(gate, actions)
+        assert r["cost"] <= 0.6 + 1e-9 and not r["lowered"]
+    lo = play(gate, [-1.0, -1.0])["values"]
+    assert list(lo.values())[0] == 0.0 and list(lo.values())[1] > 0.0  # the last one must prune to fit
 
 
 def test_spec_with_values_writes_overrides_the_pass_understands():
@@ -230,6 +261,22 @@ def test_spec_with_values_writes_overrides_the_pass_understands():
     assert {p.name: p.value for p in evefx.eve_parameters(fresh)} == values
     gate = gated()
     assert override_for(evefx.eve_parameters(gate)[0], 0.25) == {"ratio": 0.25}
+
+
+def test_input_quantizer_follows_its_layers_activation_bits_as_best_yaml_builds_it():
+    # the override written for a searched activation bit width also sets the layer's input
+    # quantizer (the network input here); the episode must score that very model
+    gm = quantized()
+    env = UpgradeEnv(gm, accuracy, budget=Budget(kind="avg_bits", max=8.0))
+    assert list(env.coupled) == ["0_act_quant.bits"]  # only the first layer reads an unquantized input
+    values = dict(zip([p.name for p in env.params], [3, 2, 4, 5, 6, 7]))
+    env.set_values(values)
+    bits = {n: int(m.bits) for n, m in gm.named_modules() if hasattr(m, "set_bits")}
+    assert bits["0_input_quant"] == 2
+    fresh = evefx.transform(mlp(), spec_with_values(gm.spec, env.params, values), torch.zeros(1, 8))
+    assert bits == {n: int(m.bits) for n, m in fresh.named_modules() if hasattr(m, "set_bits")}
+    env.reset()
+    assert int(gm.get_submodule("0_input_quant").bits) == 8  # restored with the rest
 
 
 def test_real_pruning_masks_follow_the_ratios_and_the_macs_wall():
