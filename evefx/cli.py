@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -190,6 +191,13 @@ def export(
     console.print(report.table())
 
 
+class Backend(str, Enum):
+    """Where ``evefx search`` plays its episodes (``search.backend``)."""
+
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
 def search(
     model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
@@ -200,12 +208,26 @@ def search(
     resume: Optional[Path] = typer.Option(None, help="resume the search in this run folder"),
     weights: Optional[Path] = typer.Option(None, help="trained float weights of the model (else it is trained)"),
     epochs: int = typer.Option(3, help="float training epochs when no weights are given"),
+    backend: Optional[Backend] = typer.Option(None, help="play the episodes here (local) or on Ray actors (ray); "
+                                              "overrides the spec's search.backend"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster for the episodes, e.g. ray://head:10001 (implies "
+                                              "--backend ray; default: RAY_ADDRESS, else a local Ray instance)"),
 ) -> None:
     """Search per-layer eve parameters (bits, ratios) with RL; write best.yaml and plots to the run folder."""
     from evefx.upgrade import search_from_spec
 
     try:
-        result = search_from_spec(load_model(model), spec, run_dir=resume or run_dir, data=data, data_root=data_root,
+        if ray_address is not None:
+            if backend is Backend.local:
+                raise EvefxError("--ray-address is for search.backend ray: drop --backend local or the address")
+            backend = Backend.ray
+            os.environ["RAY_ADDRESS"] = ray_address  # read by evefx.upgrade.ray_backend.connect (and by Ray itself)
+        spec_in: Any = spec
+        if backend is not None:
+            spec_in = load_spec(spec)
+            if spec_in.search is not None:
+                spec_in = spec_in.model_copy(update={"search": spec_in.search.model_copy(update={"backend": backend.value})})
+        result = search_from_spec(load_model(model), spec_in, run_dir=resume or run_dir, data=data, data_root=data_root,
                                   weights=weights, epochs=epochs, resume=resume is not None)
     except EvefxError as e:
         _fail(e)

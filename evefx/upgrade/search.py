@@ -336,7 +336,12 @@ def _search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], 
 
     ep_len = len(env.params)
     off_policy = section.algorithm in _OFF_POLICY
-    vec = DummyVecEnv([lambda: env]) if section.n_envs == 1 else SubprocVecEnv([make_env] * section.n_envs)
+    if section.backend == "ray":  # the environments on Ray actors, the agent stays here
+        from evefx.upgrade.ray_backend import RayVecEnv
+
+        vec = RayVecEnv([make_env] * section.n_envs)
+    else:
+        vec = DummyVecEnv([lambda: env]) if section.n_envs == 1 else SubprocVecEnv([make_env] * section.n_envs)
     try:
         cls, kw = algorithm_kwargs(section, ep_len)
         ckpt = run_dir / "checkpoint"
@@ -370,13 +375,25 @@ def _search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], 
         vec.close()
 
 
-def _search_random(section: SearchSection, env: UpgradeEnv, runlog: _RunLog) -> None:
+def _search_random(section: SearchSection, env: UpgradeEnv, runlog: _RunLog,
+                   make_env: Callable[[], UpgradeEnv] | None = None) -> None:
     from stable_baselines3.common.logger import configure
 
     runlog.logger = configure(str(runlog.run_dir / "tb" / "random"), ["tensorboard"])
     rng = np.random.default_rng(section.seed)
     # the whole stream is drawn up front, so a resumed run plays exactly the episodes it would have
     actions = rng.uniform(-1.0, 1.0, size=(runlog.target, len(env.params)))
+    if section.backend == "ray":  # the episodes are independent: n_envs Ray actors play them, recorded in order
+        from evefx.upgrade.ray_backend import RayVecEnv
+
+        pool = RayVecEnv([make_env] * section.n_envs)
+        try:
+            for result in pool.evaluate_actions(actions[runlog.done:]):
+                runlog.record(result)
+                runlog.logger.dump(step=runlog.done)
+        finally:
+            pool.close()
+        return
     for i in range(runlog.done, runlog.target):
         result = env.evaluate_values(env.values_from_actions(actions[i]), actions[i].tolist())
         runlog.record(result)
@@ -463,9 +480,10 @@ def search(
     elif isinstance(section, dict):
         section = load_spec({**spec.model_dump(mode="json"), "search": section}).search
     assert isinstance(section, SearchSection)
-    if section.backend == "ray":
-        raise SearchError("search.backend: ray is not available in this evefx build (Ray is not installed here); "
-                          "use backend: local with n_envs > 1 for parallel episodes")
+    if section.backend == "ray":  # say a missing extra before any work is done
+        from evefx.upgrade.ray_backend import import_ray
+
+        import_ray()
     if example_inputs is None and spec.trace.input_shape is not None:
         example_inputs = torch.zeros(spec.trace.input_shape)
     run_dir = Path(run_dir)
@@ -494,7 +512,7 @@ def search(
     try:
         with _RunLog(run_dir, rows, target, progress) as runlog:
             if section.algorithm == "random":
-                _search_random(section, env, runlog)
+                _search_random(section, env, runlog, _EnvFactory(gm, evaluate, env_kwargs))
             else:
                 make_env = _EnvFactory(gm, evaluate, env_kwargs)
                 _search_sb3(section, env, make_env, runlog, run_dir, rows)
@@ -550,6 +568,10 @@ def search_from_spec(
     spec = load_spec(spec)
     if spec.search is None:
         raise SearchError("the spec has no search: section; add one (algorithm, episodes, budget...) to search it")
+    if spec.search.backend == "ray":  # before training, not after
+        from evefx.upgrade.ray_backend import import_ray
+
+        import_ray()
     if data == "mnist5k":
         full = mnist5k("train")
         n_val = 1000

@@ -128,8 +128,30 @@ def test_search_settings_errors(tmp_path):
         search(gm, acc, {**SEARCH, "algorithm": "td3", "hyperparams": {"noise_type": "pink"}}, run_dir=tmp_path / "b")
     with pytest.raises(SearchError, match="rejected"):
         search(gm, acc, {**SEARCH, "algorithm": "a2c", "hyperparams": {"bogus": 1}}, run_dir=tmp_path / "c")
-    with pytest.raises(SearchError, match="ray"):
-        search(gm, acc, {**SEARCH, "backend": "ray"}, run_dir=tmp_path / "d")
+
+
+def test_warmup_episodes_set_when_an_off_policy_agent_starts_learning(tmp_path):
+    from evefx.spec import SearchSection
+    from evefx.upgrade import algorithm_kwargs
+
+    _, kw = algorithm_kwargs(SearchSection(algorithm="ddpg", hyperparams={"warmup_episodes": 7}), 4)
+    assert kw["learning_starts"] == 28 and "warmup_episodes" not in kw
+    with pytest.raises(SearchError, match="ppo has no warm-up"):
+        algorithm_kwargs(SearchSection(algorithm="ppo", hyperparams={"warmup_episodes": 2}), 4)
+    with pytest.raises(SearchError, match="not both"):
+        algorithm_kwargs(SearchSection(algorithm="td3", hyperparams={"warmup_episodes": 2, "learning_starts": 3}), 4)
+    # the warm-up episodes play uniformly random actions: the same run with another actor
+    # initialisation (policy seed unchanged elsewhere) keeps them; the first learned episode differs
+    gm, acc = quantized(), Accuracy(batches())
+    section = {**SEARCH, "algorithm": "ddpg", "episodes": 3, "hyperparams": {"warmup_episodes": 3}}
+    a = search(gm, acc, section, run_dir=tmp_path / "a", progress=False).episodes
+    b = search(gm, acc, {**section, "hyperparams": {"warmup_episodes": 3, "policy_kwargs": {"net_arch": [8]}}},
+               run_dir=tmp_path / "b", progress=False).episodes
+    assert [r["actions"] for r in a] == [r["actions"] for r in b]
+    c = search(gm, acc, {**section, "hyperparams": {"warmup_episodes": 0}}, run_dir=tmp_path / "c", progress=False).episodes
+    d = search(gm, acc, {**section, "hyperparams": {"warmup_episodes": 0, "policy_kwargs": {"net_arch": [8]}}},
+               run_dir=tmp_path / "d", progress=False).episodes
+    assert c[0]["actions"] != d[0]["actions"]  # no warm-up: the actor acts from the first episode
 
 
 def test_search_from_spec_trains_once_and_resumes_from_the_saved_start(tmp_path):
