@@ -203,9 +203,10 @@ def main() -> None:
             "kind": "quantize", "weight": {"bits": 8, "granularity": "per_channel", "fn": args.weight_fn},
             "activation": {"bits": 8, "fn": "round", "symmetric": False, "signed": False},
             "upgrade_bits": True, "min_bits": 2, "max_bits": 8}]}
-        # each action mapped onto what still fits the budget; HAQ's warm-up and noise decay
+        # each action mapped onto what still fits the budget; every transition of an episode credited
+        # with its reward (HAQ, AMC; no baseline, SB3's gamma 0.99: docs/search.md); HAQ's warm-up and noise decay
         section = {**common, "algorithm": "ddpg", "budget": {"kind": "avg_bits", "max": 3.0},
-                   "reward": {"mode": "constrained", "wall": "step"},
+                   "reward": {"mode": "constrained", "wall": "step", "credit": "all"},
                    "hyperparams": {"noise_type": "normal", "noise_std": 0.5, "learning_rate": 1e-3,
                                    "noise_decay": 0.99, "warmup_episodes": 20}}
         cases.append(("bits", "mixed precision, W+A bits in [2, 8], avg bits <= 3",

@@ -33,6 +33,20 @@ class Reward(StrictModel):
     mapped onto the part of its parameter's range that still fits, the parameters still to come
     counted at their cheapest, so the configuration evaluated is the one the agent chose (budgets
     computed from the values; a measured latency is walled at the end)."""
+    credit: Literal["last", "all"] = "last"
+    """Which transitions of an episode the off-policy agent (ddpg, td3, sac) sees rewarded. last: only
+    the episode's last step carries its reward (the others 0). all (HAQ, AMC): once the episode ends,
+    every one of its transitions in the replay buffer is given the episode's reward, so each layer's
+    action is credited directly; use it with ``hyperparams: {gamma: 1.0}`` for HAQ's discount of 1."""
+    baseline: Literal["none", "ema"] = "none"
+    """Subtracted from the episode reward the agent is trained on (off-policy agents). ema (HAQ, AMC):
+    an exponential moving average of the rewards of the episodes before it (the first episode is its
+    own baseline); the episode log keeps the raw reward."""
+    baseline_decay: Bounded(float, 0.0, 1.0) = 0.95
+    """Decay of the ``ema`` baseline: after each episode, baseline = decay * baseline + (1 - decay) * reward
+    (0.95: about the last 20 episodes). HAQ and AMC average the mean reward of each sampled batch with
+    a factor of 0.5, a slow baseline too since each batch spans the buffer; per episode, 0.5 would
+    follow the last two episodes only (both are measured in docs/search.md)."""
 
 
 class SearchSection(StrictModel):

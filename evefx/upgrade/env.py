@@ -441,9 +441,14 @@ class UpgradeEnv(gym.Env):
             seconds=time.perf_counter() - start,
         )
 
-    def transitions(self, actions: Sequence[float], reward: float) -> list[tuple[np.ndarray, np.ndarray, float, np.ndarray, bool]]:
+    def transitions(self, actions: Sequence[float], reward: float,
+                    credit: str | None = None) -> list[tuple[np.ndarray, np.ndarray, float, np.ndarray, bool]]:
         """``(obs, action, reward, next_obs, done)`` of an episode played with ``actions`` that earned
-        ``reward``, without running the model: how a resumed search refills its replay buffer."""
+        ``reward``, without running the model: how a resumed search refills its replay buffer.
+        ``credit`` (default ``reward.credit``): ``last`` puts ``reward`` on the last transition only
+        (0 on the others, as :meth:`step` returns them), ``all`` on every transition. ``reward`` is
+        what the agent is trained on (the search subtracts its ``reward.baseline`` first)."""
+        every = (credit or self.reward_cfg.credit) == "all"
         chosen: dict[str, float] = {}
         out = []
         obs = self._observation(0, chosen, 0.0)
@@ -452,7 +457,7 @@ class UpgradeEnv(gym.Env):
             chosen[p.name] = self._value(p, a, chosen)
             nxt = self._observation(i + 1, chosen, float(a))
             last = i == len(self.params) - 1
-            out.append((obs, np.asarray([a], dtype=np.float32), float(reward) if last else 0.0, nxt, last))
+            out.append((obs, np.asarray([a], dtype=np.float32), float(reward) if last or every else 0.0, nxt, last))
             obs = nxt
         return out
 

@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from evefx.errors import SearchError
-from evefx.spec import SearchSection, Spec, dump_spec, load_spec
+from evefx.spec import Reward, SearchSection, Spec, dump_spec, load_spec
 from evefx.upgrade.env import EpisodeResult, Evaluate, Finetune, UpgradeEnv
 from evefx.upgrade.specs import spec_with_values
 
@@ -200,6 +200,9 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
     from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
     algo = section.algorithm
+    if (section.reward.credit != "last" or section.reward.baseline != "none") and algo not in _OFF_POLICY:
+        raise SearchError(f"search.reward.credit/baseline: {algo} keeps no replay buffer to credit "
+                          "(only ddpg, td3, sac); leave credit: last and baseline: none")
     cls = {"ddpg": sb3.DDPG, "td3": sb3.TD3, "sac": sb3.SAC, "ppo": sb3.PPO, "a2c": sb3.A2C}[algo]
     hp = dict(section.hyperparams)
     kw: dict[str, Any] = {"policy": hp.pop("policy", "MlpPolicy")}
@@ -250,10 +253,56 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
     return cls, kw
 
 
-def _replay_into_buffer(model: Any, env: UpgradeEnv, rows: Sequence[dict[str, Any]]) -> int:
-    """Put logged episodes back into an off-policy model's replay buffer; returns transitions added."""
+class _Credit:
+    """The reward an off-policy agent is trained on for each finished episode, in order
+    (``reward.baseline``): the episode's reward, less an exponential moving average of the rewards
+    of the episodes before it with ``baseline: ema`` (the first episode is its own baseline).
+    ``every``: the reward goes on all of the episode's transitions (``reward.credit: all``).
+
+    Example:
+        >>> c = _Credit(Reward(baseline="ema", baseline_decay=0.5), [0.5, 0.7]); c.next(0.9)  # 0.9 - (0.5 * 0.5 + 0.5 * 0.7)
+    """
+
+    def __init__(self, cfg: Reward, rewards: Sequence[float] = ()):
+        self.cfg = cfg
+        self.baseline: float | None = None
+        for r in rewards:
+            self.next(r)
+
+    @property
+    def every(self) -> bool:
+        return self.cfg.credit == "all"
+
+    @property
+    def rewrites(self) -> bool:
+        """True when stored rewards differ from what ``UpgradeEnv.step`` returned."""
+        return self.cfg.credit != "last" or self.cfg.baseline != "none"
+
+    def next(self, reward: float) -> float:
+        """The trained-on reward of the next finished episode, which earned ``reward``."""
+        if self.cfg.baseline == "none":
+            return float(reward)
+        base = float(reward) if self.baseline is None else self.baseline
+        d = float(self.cfg.baseline_decay)
+        self.baseline = d * base + (1.0 - d) * float(reward)
+        return float(reward) - base
+
+
+def _set_stored_rewards(buf: Any, env_index: int, back: Sequence[int], value: float) -> None:
+    """Reward ``value`` on environment ``env_index``'s transitions added ``k`` additions ago, for each
+    ``k`` in ``back`` (1: the latest; the buffer is circular, ``rewards`` of shape [buffer_size, n_envs])."""
+    for k in back:
+        buf.rewards[(buf.pos - k) % buf.buffer_size, env_index] = value
+
+
+def _replay_into_buffer(model: Any, env: UpgradeEnv, rows: Sequence[dict[str, Any]],
+                        credited: Sequence[float] | None = None) -> int:
+    """Put logged episodes back into an off-policy model's replay buffer; returns transitions added.
+    ``credited``: the reward each episode is trained on (default: its logged reward), placed as
+    ``reward.credit`` says, as the live search stores it."""
     buf = model.replay_buffer
-    trans = [t for r in rows for t in env.transitions(r["actions"], r["reward"])]
+    credited = [r["reward"] for r in rows] if credited is None else credited
+    trans = [t for r, c in zip(rows, credited) for t in env.transitions(r["actions"], c)]
     n = buf.n_envs
     usable = len(trans) - len(trans) % n
     for i in range(0, usable, n):
@@ -288,23 +337,45 @@ def _decay_noise(model: Any, base: float, decay: float, episodes: int) -> None:
         n._sigma = np.ones_like(n._sigma) * base * decay ** episodes
 
 
-def _make_callback(runlog: _RunLog, run_dir: Path, every: int, off_policy: bool, noise: tuple[float, float]):
+def _make_callback(runlog: _RunLog, run_dir: Path, every: int, off_policy: bool, noise: tuple[float, float],
+                   credit: _Credit | None = None, ep_len: int = 1):
     from stable_baselines3.common.callbacks import BaseCallback
 
+    rewrite = credit is not None and credit.rewrites and off_policy
+
     class Recorder(BaseCallback):
-        """Logs finished episodes, stops at the target, checkpoints once transitions are stored."""
+        """Logs finished episodes, stops at the target, checkpoints once transitions are stored, and
+        (``reward.credit``/``baseline``) rewrites the stored rewards of each finished episode.
+
+        SB3's ``collect_rollouts`` calls ``_on_step`` after ``env.step`` and before the step's
+        transition is added to the replay buffer; the episode's earlier transitions are there already
+        and are rewritten at once, its last one as soon as it is stored: at the next ``_on_step`` or
+        at ``_on_rollout_end``, which both come before any gradient step (``train`` runs after the
+        rollout ends), so every update already sees the episode's credited rewards."""
 
         def __init__(self) -> None:
             super().__init__()
             self.pending = False
+            self.last: list[tuple[int, float]] = []  # (environment, reward) of a just-finished episode's last step
 
         def _on_training_start(self) -> None:
             runlog.logger = self.logger
 
+        def _flush(self) -> None:
+            for env_index, value in self.last:
+                _set_stored_rewards(self.model.replay_buffer, env_index, [1], value)
+            self.last = []
+
         def _on_step(self) -> bool:
-            for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            self._flush()
+            for env_index, (done, info) in enumerate(zip(self.locals["dones"], self.locals["infos"])):
                 if done and "episode_result" in info and runlog.done < runlog.target:
                     runlog.record(info["episode_result"])
+                    if rewrite:
+                        value = credit.next(info["episode_result"]["reward"])
+                        if credit.every:  # steps 0 .. ep_len - 2 of the episode, stored already
+                            _set_stored_rewards(self.model.replay_buffer, env_index, range(1, ep_len), value)
+                        self.last.append((env_index, value))
                     if runlog.done % every == 0:
                         self.pending = True
                     _decay_noise(self.model, noise[0], noise[1], runlog.done)
@@ -312,6 +383,7 @@ def _make_callback(runlog: _RunLog, run_dir: Path, every: int, off_policy: bool,
 
         def _on_rollout_end(self) -> None:
             # called after the step's transition went into the buffer: the checkpoint holds it
+            self._flush()
             if self.pending:
                 _save_checkpoint(self.model, run_dir, runlog.done, off_policy)
                 self.pending = False
@@ -357,8 +429,11 @@ def _search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], 
             except TypeError as e:
                 raise SearchError(f"search.hyperparams: {cls.__name__} rejected them: {e}") from e
             later = list(resume_rows)
+        # the rewards the agent is trained on: the baseline runs over every logged episode, in order
+        credit = _Credit(section.reward, [r["reward"] for r in resume_rows[:len(resume_rows) - len(later)]])
+        credited = [credit.next(r["reward"]) for r in later]
         if off_policy and later:
-            added = _replay_into_buffer(model, env, later)
+            added = _replay_into_buffer(model, env, later, credited)
             log.info("resume: %d episodes (%d transitions) put back into the replay buffer", len(later), added)
         remaining = runlog.target - runlog.done
         if remaining <= 0:
@@ -366,7 +441,7 @@ def _search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], 
         hp = section.hyperparams
         noise = (float(hp.get("noise_std", 0.1)), float(hp.get("noise_decay", 1.0)))
         _decay_noise(model, *noise, runlog.done)
-        callback = _make_callback(runlog, run_dir, section.checkpoint_every, off_policy, noise)
+        callback = _make_callback(runlog, run_dir, section.checkpoint_every, off_policy, noise, credit, ep_len)
         # generous timesteps: the callback stops learning once the target episode count is reached
         model.learn(total_timesteps=(remaining + section.n_envs + 1) * ep_len * 2, callback=callback,
                     reset_num_timesteps=state is None, tb_log_name="sb3", progress_bar=False)

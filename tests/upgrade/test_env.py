@@ -217,6 +217,11 @@ def test_transitions_replay_what_step_observed(wall):
         np.testing.assert_array_equal(nxt, seen[i + 1])
         assert act[0] == np.float32(actions[i]) and done == (i == len(actions) - 1)
         assert rew == (reward if done else 0.0)
+    # reward.credit: all (HAQ, AMC): every transition of the episode carries the reward it is given
+    assert [t[2] for t in env.transitions(actions, 0.25, credit="all")] == [0.25] * len(actions)
+    credited = UpgradeEnv(quantized(), accuracy, budget=Budget(kind="avg_bits", max=3.0),
+                          reward=Reward(mode="constrained", wall=wall, credit="all"))
+    assert [t[2] for t in credited.transitions(actions, reward)] == [reward] * len(actions)
 
 
 def play(env, actions):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from stable_baselines3 import DDPG
 from stable_baselines3.common.save_util import load_from_pkl
@@ -104,6 +105,71 @@ def test_ddpg_resume_after_a_kill_loses_only_the_episode_in_flight(tmp_path):
     model = DDPG.load(tmp_path / "checkpoint" / "model.zip", device="cpu")
     assert model.action_noise._sigma == pytest.approx([0.3 * 0.9**9])
     assert all(r["cost"] <= 4.0 for r in result.episodes)
+
+
+def credited(rewards, decay):
+    """HAQ's rewards: each episode's reward less the moving average of the ones before it."""
+    out, base = [], None
+    for r in rewards:
+        b = r if base is None else base
+        out.append(r - b)
+        base = decay * b + (1 - decay) * r
+    return out
+
+
+def test_credit_all_with_a_baseline_rewards_every_transition_and_resumes_exactly(tmp_path):
+    # 4 eve parameters: 4 transitions per episode; rows 4(k-1) .. 4k-1 of the buffer are episode k
+    section = {**SEARCH, "algorithm": "ddpg", "episodes": 9, "checkpoint_every": 3,
+               "reward": {"mode": "constrained", "credit": "all", "baseline": "ema", "baseline_decay": 0.7},
+               "hyperparams": {"noise_type": "normal", "noise_std": 0.3, "learning_starts": 8, "gamma": 1.0}}
+    with pytest.raises(KeyboardInterrupt):
+        search(quantized(), KilledAfter(batches(), 5), section, run_dir=tmp_path, progress=False)
+    ckpt = load_from_pkl(tmp_path / "checkpoint" / "replay_buffer.pkl")  # after episode 3, rewritten live
+    expected = credited([r["reward"] for r in read_episodes(tmp_path)], 0.7)
+    assert ckpt.size() == 12
+    np.testing.assert_allclose(ckpt.rewards[:12, 0], np.repeat(np.float32(expected[:3]), 4))
+    result = search(quantized(), Accuracy(batches()), section, run_dir=tmp_path, resume=True, progress=False)
+    rewards = [r["reward"] for r in result.episodes]
+    assert len(set(rewards)) > 2 and rewards == [r["reward"] for r in read_episodes(tmp_path)]  # the log keeps raw rewards
+    expected = credited(rewards, 0.7)
+    buffer = load_from_pkl(tmp_path / "checkpoint" / "replay_buffer.pkl")
+    # 3 checkpointed episodes, 2 put back from the CSV, 4 played; the very last step is not stored
+    assert buffer.size() == 9 * 4 - 1
+    stored = buffer.rewards[:35, 0]
+    np.testing.assert_allclose(stored, np.repeat(np.float32(expected), 4)[:35])
+    # the same rewards as a search that was never stopped would have stored for these episodes
+    from evefx.upgrade.search import _Credit
+    from evefx.spec import Reward
+
+    c = _Credit(Reward(**section["reward"]))
+    assert [c.next(r) for r in rewards] == pytest.approx(expected)
+
+
+def test_credit_all_rewards_reach_the_replay_buffer_before_any_gradient_step(tmp_path, monkeypatch):
+    from stable_baselines3 import TD3
+
+    seen = []
+    train = TD3.train
+
+    def checked(self, gradient_steps, batch_size=100):
+        buf = self.replay_buffer
+        n = buf.pos
+        expected = credited([r["reward"] for r in read_episodes(tmp_path)], 0.95)  # the default decay
+        # every finished episode: its credited reward on all four transitions, the last one included
+        np.testing.assert_allclose(buf.rewards[:4 * (n // 4), 0], np.repeat(np.float32(expected[:n // 4]), 4))
+        assert np.all(buf.rewards[4 * (n // 4):n, 0] == 0)  # the episode in flight has no reward yet
+        seen.append((n, expected))
+        return train(self, gradient_steps, batch_size)
+
+    monkeypatch.setattr(TD3, "train", checked)  # DDPG trains with TD3's train
+    section = {**SEARCH, "algorithm": "ddpg", "episodes": 5, "hyperparams": {"learning_starts": 4},
+               "reward": {"mode": "constrained", "credit": "all", "baseline": "ema"}}
+    search(quantized(), Accuracy(batches()), section, run_dir=tmp_path, progress=False)
+    counts = [n for n, _ in seen]
+    assert 8 in counts and 9 in counts  # trained right after an episode ended, and mid-episode
+    assert any(e != 0 for e in seen[-1][1])
+    with pytest.raises(SearchError, match="ppo keeps no replay buffer"):
+        search(quantized(), Accuracy(batches()), {**section, "algorithm": "ppo"}, run_dir=tmp_path / "ppo")
 
 
 @pytest.mark.parametrize("algorithm", ["td3", "sac", "ppo", "a2c"])
