@@ -64,7 +64,7 @@ class SearchSection(StrictModel):
     """Passed to the algorithm: policy, learning_rate, noise_type, noise_std, net_arch, ..."""
     seed: int = 0
     n_envs: Bounded(int, 1, 1024) = 1
-    """Parallel environments (SubprocVecEnv when > 1)."""
+    """Parallel environments (SubprocVecEnv when > 1 with backend local; Ray actors with backend ray)."""
     finetune_steps: Bounded(int, 0, 10**7) = 0
     """Training steps after applying a configuration, before it is evaluated."""
     checkpoint_every: Bounded(int, 1, 10**7) = 10
