@@ -468,10 +468,10 @@ class Quantizer(EveHooks, nn.Module):
             # Gaussian weights, and measured from the minimum of an asymmetric grid on signed
             # logits it spans ~4x the data, leaving a handful of codes in use (on the demo network
             # W4A4 went from -2.2 to +1.2 points and W2A2 from -18 to -4.3 with this change,
-            # docs/quantization.md). The start is instead the grid of least squared error among ranges shrunk from
-            # the observed one (LSQ+'s initialisation; llsq's search with the l2 norm); an
-            # asymmetric grid keeps its minimum (widened to contain 0) on qmin, so after a ReLU
-            # z = qmin and onnxruntime can fuse the ReLU.
+            # docs/quantization.md). The start is instead the grid of least squared error among
+            # ranges shrunk from the observed one (LSQ+'s initialisation; llsq's search with the
+            # l2 norm); an asymmetric grid keeps its minimum (widened to contain 0) on qmin, so
+            # after a ReLU z = qmin and onnxruntime can fuse the ReLU.
             scale, zero = self._llsq_search(x, qmin, qmax, error="l2")
         elif self.fn == "llsq":
             scale, zero = self._llsq_search(x, qmin, qmax)

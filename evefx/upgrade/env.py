@@ -107,6 +107,14 @@ def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, 
             if p.kind == "bits" and p.role == "activation" and (p.spec_path, p.layer) in by_layer}
 
 
+def _last_fitting(fits: Callable[[float], bool], ok: float, bad: float, iterations: int) -> float:
+    """Bisection between ``ok`` (fits) and ``bad`` (does not): the last point found that fits."""
+    for _ in range(iterations):
+        mid = (ok + bad) / 2.0
+        ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+    return ok
+
+
 class Accuracy:
     """An ``evaluate`` callback: top-1 accuracy (percent) of the model on ``data`` (batches of ``(x, y)``).
 
@@ -330,11 +338,7 @@ class UpgradeEnv(gym.Env):
             while edge != dear and fits(edge + step):
                 edge += step
         else:
-            ok, bad = cheap, dear
-            for _ in range(40):
-                mid = (ok + bad) / 2.0
-                ok, bad = (mid, bad) if fits(mid) else (ok, mid)
-            edge = ok
+            edge = _last_fitting(fits, cheap, dear, 40)
         lo, hi = sorted((cheap, edge))
         return EveRange(lo, hi, p.integer)
 
@@ -349,10 +353,7 @@ class UpgradeEnv(gym.Env):
         ok, bad = cheap_u, -cheap_u
         if fits(bad):
             return at(bad)[p.name]
-        for _ in range(30):
-            mid = (ok + bad) / 2.0
-            ok, bad = (mid, bad) if fits(mid) else (ok, mid)
-        return at(ok)[p.name]
+        return at(_last_fitting(fits, ok, bad, 30))[p.name]
 
     def _value(self, p: EveParameter, action: float, chosen: Mapping[str, float]) -> float:
         """The value of ``p`` for ``action``: on its whole range, or (``step_wall``) on what still fits,

@@ -200,7 +200,7 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
     from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
     algo = section.algorithm
-    if (section.reward.credit != "last" or section.reward.baseline != "none") and algo not in _OFF_POLICY:
+    if _Credit(section.reward).rewrites and algo not in _OFF_POLICY:
         raise SearchError(f"search.reward.credit/baseline: {algo} keeps no replay buffer to credit "
                           "(only ddpg, td3, sac); leave credit: last and baseline: none")
     cls = {"ddpg": sb3.DDPG, "td3": sb3.TD3, "sac": sb3.SAC, "ppo": sb3.PPO, "a2c": sb3.A2C}[algo]
@@ -451,7 +451,7 @@ def _search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], 
 
 
 def _search_random(section: SearchSection, env: UpgradeEnv, runlog: _RunLog,
-                   make_env: Callable[[], UpgradeEnv] | None = None) -> None:
+                   make_env: Callable[[], UpgradeEnv]) -> None:
     from stable_baselines3.common.logger import configure
 
     runlog.logger = configure(str(runlog.run_dir / "tb" / "random"), ["tensorboard"])
@@ -586,10 +586,10 @@ def search(
         log.info("resuming %s: %d of %d episodes already done", run_dir, len(rows), target)
     try:
         with _RunLog(run_dir, rows, target, progress) as runlog:
+            make_env = _EnvFactory(gm, evaluate, env_kwargs)
             if section.algorithm == "random":
-                _search_random(section, env, runlog, _EnvFactory(gm, evaluate, env_kwargs))
+                _search_random(section, env, runlog, make_env)
             else:
-                make_env = _EnvFactory(gm, evaluate, env_kwargs)
                 _search_sb3(section, env, make_env, runlog, run_dir, rows)
             rows, best = runlog.rows, runlog.best
         if best is None:
