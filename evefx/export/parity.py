@@ -202,7 +202,7 @@ def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: s
         if name in names:
             def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
                 if isinstance(out, torch.Tensor):
-                    captured[name] = out.detach().float().numpy()
+                    captured[name] = out.detach().float().clone().numpy()  # a copy: a later in-place op (ReLU(inplace=True)) would change it
             handles.append(module.register_forward_hook(hook))
     try:
         _run_torch(model, inputs)

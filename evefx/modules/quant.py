@@ -206,6 +206,10 @@ class Quantizer(EveHooks, nn.Module):
         tracker: ``average`` (EMA of the batch min/max with ``momentum``) or ``global`` (running
             min/max). Ranges update in training only; an uninitialised quantizer run in eval
             initialises from that batch.
+        code_range: ``(lo, hi)`` further limits the codes to ``[max(qmin, lo), min(qmax, hi)]``.
+            ``(-64, 63)`` on int8 weights keeps every pair of u8 x s8 products of an x86 AVX2
+            integer kernel inside int16 (``2 * 255 * 64 <= 32767``), so the file computes the same
+            on CPUs with and without VNNI; training sees the same limited grid.
         name: the layer this quantizer belongs to, for error messages.
 
     Observations (updated by forwards in eval mode, so training steps pay nothing for them):
@@ -238,6 +242,7 @@ class Quantizer(EveHooks, nn.Module):
         regularization: Literal["l1", "l2"] = "l2",
         reg_weight: float = 1.0,
         bit_range: tuple[int, int] | None = None,
+        code_range: tuple[int, int] | None = None,
         name: str = "",
     ):
         super().__init__()
@@ -261,6 +266,10 @@ class Quantizer(EveHooks, nn.Module):
             if not lo <= int(bits) <= hi:
                 raise QuantizationError(f"{self.name}: bits={bits} lies outside bit_range {bit_range}; pick bits inside it")
             bit_range = (lo, hi)
+        if code_range is not None:
+            code_range = (int(code_range[0]), int(code_range[1]))
+            if not code_range[0] <= 0 <= code_range[1] or code_range[0] == code_range[1]:
+                raise QuantizationError(f"{self.name}: code_range must contain 0 and two codes at least (got {code_range})")
         per_channel = granularity == "per_channel"
         if per_channel and (num_channels is None or num_channels < 1):
             raise QuantizationError(
@@ -278,6 +287,7 @@ class Quantizer(EveHooks, nn.Module):
         self.regularization = regularization
         self.reg_weight = float(reg_weight)
         self.bit_range = bit_range
+        self.code_range = code_range
         self._enabled = True
         self._reg: torch.Tensor | None = None
         self._stats: dict[str, float] = {}
@@ -309,8 +319,16 @@ class Quantizer(EveHooks, nn.Module):
         return self._enabled
 
     def quant_range(self) -> tuple[int, int]:
-        """``(qmin, qmax)`` at the current bit width."""
-        return levels(int(self.bits), self.signed)
+        """``(qmin, qmax)`` at the current bit width, cut to ``code_range`` when one is set.
+
+        Example:
+            >>> Quantizer(bits=8, code_range=(-64, 63)).quant_range()   # saturation-free int8 weights
+            (-64, 63)
+        """
+        qmin, qmax = levels(int(self.bits), self.signed)
+        if self.code_range is not None:
+            qmin, qmax = max(qmin, self.code_range[0]), min(qmax, self.code_range[1])
+        return qmin, qmax
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int | None]:
         """``(scale float32, zero_point int64, qmin, qmax, axis)`` of the eval-mode mapping
@@ -598,6 +616,8 @@ class Quantizer(EveHooks, nn.Module):
                  "signed" if self.signed else "unsigned", f"tracker={self.tracker}"]
         if self.bit_range:
             parts.append(f"bit_range={self.bit_range}")
+        if self.code_range:
+            parts.append(f"code_range={self.code_range}")
         if not self._enabled:
             parts.append("disabled")
         return ", ".join(parts)

@@ -56,8 +56,9 @@ from evefx.modules.quant import (
 )
 from evefx.passes.base import Change, PassResult, SectionPass
 from evefx.spec import QuantizeSection, QuantizerConfig
+from evefx.spec.quantize import SATURATION_FREE_WEIGHT_CODES
 
-__all__ = ["QuantizePass", "quant_summary", "make_quantizer"]
+__all__ = ["QuantizePass", "quant_summary", "make_quantizer", "weight_code_range"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def make_quantizer(
     num_channels: int,
     ch_axis: int,
     bit_range: tuple[int, int] | None = None,
+    code_range: tuple[int, int] | None = None,
 ) -> Quantizer:
     """A :class:`Quantizer` built from a spec's ``weight``/``activation`` block.
 
@@ -91,8 +93,20 @@ def make_quantizer(
     return Quantizer(
         cfg.bits, cfg.fn, cfg.granularity, ch_axis=ch_axis, num_channels=num_channels if per_channel else None,
         symmetric=cfg.symmetric, signed=cfg.signed, tracker=cfg.tracker, momentum=cfg.momentum,
-        learnable_scale=cfg.learnable_scale, regularization=cfg.regularization, bit_range=bit_range, name=name,
+        learnable_scale=cfg.learnable_scale, regularization=cfg.regularization, bit_range=bit_range,
+        code_range=code_range, name=name,
     )
+
+
+def weight_code_range(target: str, signed: bool) -> tuple[int, int] | None:
+    """The weight code limit a deployment target needs (``None``: the full range of the bits).
+
+    Example:
+        >>> weight_code_range("portable", signed=True), weight_code_range("x86-vnni", signed=True)
+        ((-64, 63), None)
+    """
+    # unsigned weights run as u8u8 kernels, which widen to int16 before multiplying: no saturation
+    return SATURATION_FREE_WEIGHT_CODES if target == "portable" and signed else None
 
 
 def _base_type(module: nn.Module) -> type[nn.Module] | None:
@@ -162,7 +176,8 @@ class QuantizePass(SectionPass):
             if section.weight is not None:
                 cfg = section.weight
                 wq = make_quantizer(cfg, name=f"{layer} (weight)", num_channels=channels, ch_axis=0,
-                                    bit_range=self._bit_range(section, cfg, layer, "weight"))
+                                    bit_range=self._bit_range(section, cfg, layer, "weight"),
+                                    code_range=weight_code_range(section.target, cfg.signed))
                 block = output_block(gm, node)
                 bn = self._foldable_bn(gm, node, block.bn, module) if section.fold_bn else None
                 new = _QUANT_CLASS[base].from_float(module, wq, bn)

@@ -7,7 +7,14 @@ from pydantic import model_validator
 
 from evefx.spec.base import Bounded, Section, StrictModel
 
-__all__ = ["QuantizerConfig", "QuantizeSection"]
+__all__ = ["QuantizerConfig", "QuantizeSection", "TARGETS", "SATURATION_FREE_WEIGHT_CODES"]
+
+TARGETS = ("portable", "x86-vnni", "arm")
+"""CPU classes an int8 file can be built for (see ``QuantizeSection.target``)."""
+
+SATURATION_FREE_WEIGHT_CODES = (-64, 63)
+"""Signed weight codes of the ``portable`` target: ``2 * 255 * 64 <= 32767``, so the pair sums of
+u8 x s8 products that x86 AVX2 kernels (``vpmaddubsw``) keep in int16 never saturate."""
 
 
 class QuantizerConfig(StrictModel):
@@ -56,6 +63,15 @@ class QuantizeSection(Section):
     settings, per tensor; a symmetric unsigned ``activation`` becomes signed unless the input
     comes straight from a ReLU (asymmetric grids cover negative inputs through the zero point).
     Its bits stay fixed under ``upgrade_bits``. Needs ``activation``."""
+    target: Literal["portable", "x86-vnni", "arm"] = "portable"
+    """The CPUs the exported int8 file must compute the same on. ``portable`` (default): every
+    x86 (AVX2, AVX-512, VNNI) and ARM CPU; signed weights of more than 7 bits keep their codes in
+    [-64, 63], because onnxruntime's u8s8 kernels on x86 without VNNI add pairs of products in
+    int16 and saturate beyond it (onnxruntime's ``reduce_range`` does the same). Training and
+    calibration use that grid, so nothing changes at export. ``x86-vnni`` / ``arm``: the full
+    int8 range, for CPUs whose kernels accumulate in int32 (AVX-512 VNNI, AVX-VNNI, AMX; ARM
+    NEON/SDOT); the file records its target and the export check reports what an AVX2 CPU would
+    compute differently."""
     fold_bn: bool = True
     """Fold the BatchNorm that follows a conv into it during training (Jacob et al. 2018)."""
     upgrade_bits: bool = False

@@ -143,9 +143,11 @@ class _Residual(nn.Module):
         q = lambda: Quantizer(8, symmetric=False, signed=False, tracker="global")  # noqa: E731
         self.inq = q()
         c1, c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.conv1 = QuantConv2d.from_float(c1, Quantizer(8, granularity="per_channel", num_channels=8, tracker="global"))
+        # weights on the portable grid (what the quantize pass builds by default)
+        w = lambda: Quantizer(8, granularity="per_channel", num_channels=8, tracker="global", code_range=(-64, 63))  # noqa: E731
+        self.conv1 = QuantConv2d.from_float(c1, w())
         self.q1 = q()
-        self.conv2 = QuantConv2d.from_float(c2, Quantizer(8, granularity="per_channel", num_channels=8, tracker="global"))
+        self.conv2 = QuantConv2d.from_float(c2, w())
         self.q2 = q()
         self.qadd = q()
         self.pool = nn.MaxPool2d(2)
