@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from rich.table import Table
 
+from evefx.export.emulate import SaturationRow
 from evefx.export.parity import Parity
 
 __all__ = ["ExportReport", "count_parameters", "INTEGER_KERNELS"]
@@ -57,7 +58,14 @@ class ExportReport:
     * ``ops``: op histogram of the file; ``kernels``: op histogram after onnxruntime's graph
       optimizations (``QLinearConv``... show that Q/DQ were fused into integer kernels), or None;
     * ``bits``: per layer, the true weight/activation bit widths (also in the file's metadata);
-    * ``parity``: the PyTorch vs onnxruntime figures, or None with ``check=False``.
+    * ``parity``: PyTorch vs onnxruntime as deployed on this CPU (integer kernels), or None with
+      ``check=False``; ``graph``: PyTorch vs the QDQ graph as written (onnxruntime with optimizations
+      off: float Q/DQ, no integer kernel), which shows an export that computes something else;
+      ``kernel_check``: this CPU's kernels vs that graph; ``avx2_u8s8``: per integer layer, what an
+      x86 CPU without VNNI would compute differently (:mod:`evefx.export.emulate`), so a VNNI
+      machine sees it too;
+    * ``target`` (``portable``, ``x86-vnni``, ``arm``; ``any`` for float files), ``cpu`` (this
+      CPU's class), ``failing`` (the checks that failed) and ``passed``.
 
     Example:
         >>> report = evefx.export_onnx(gm, x, "model.onnx")
@@ -75,6 +83,19 @@ class ExportReport:
     kernels: dict[str, int] | None = None
     parity: Parity | None = None
     rewrites: dict[str, int] = field(default_factory=dict)
+    target: str = "any"
+    graph: Parity | None = None
+    kernel_check: Parity | None = None
+    avx2_u8s8: tuple[SaturationRow, ...] = ()
+    cpu: str | None = None
+    failing: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool | None:
+        """True when every check passed, None when nothing was checked (``check=False``)."""
+        if self.parity is None:
+            return None
+        return self.parity.passed if self.graph is None else not self.failing
 
     @property
     def integer_kernels(self) -> int | None:
@@ -96,6 +117,13 @@ class ExportReport:
             "bits": {k: dict(v) for k, v in self.bits.items()},
             "parity": None if self.parity is None else self.parity.to_dict(),
             "rewrites": dict(self.rewrites),
+            "target": self.target,
+            "cpu": self.cpu,
+            "graph": None if self.graph is None else self.graph.to_dict(),
+            "kernel_check": None if self.kernel_check is None else self.kernel_check.to_dict(),
+            "avx2_u8s8": [r.to_dict() for r in self.avx2_u8s8],
+            "failing": list(self.failing),
+            "passed": self.passed,
         }
 
     def table(self) -> Table:
@@ -125,8 +153,25 @@ class ExportReport:
             t.add_row("elements within tolerance", f"{100 * par.within_tolerance:.3f}%")
             if par.top1_agreement is not None:
                 t.add_row("top-1 agreement", f"{par.top1_agreement:.2f}%")
-            t.add_row("parity", "[green]passed[/]" if par.passed else "[red]FAILED[/]")
+            for label, check in (("PyTorch vs QDQ graph (optimizations off)", self.graph),
+                                 (f"kernels vs graph (this CPU: {self.cpu})", self.kernel_check)):
+                if check is not None:
+                    t.add_row(label, _verdict(check))
+            if self.quantized and self.graph is not None:
+                hit = [r.layer for r in self.avx2_u8s8 if r.saturated]
+                t.add_row("AVX2 u8s8 emulation", f"{len(self.avx2_u8s8)} integer layers, "
+                          + (f"[red]saturates in {', '.join(hit)}[/]" if hit else "no int16 saturation"))
+            t.add_row("target", self.target)
+            ok = self.passed
+            t.add_row("parity", "[green]passed[/]" if ok else "[red]FAILED[/]" + (f" ({', '.join(self.failing)})" if self.failing else ""))
         return t
 
     def __rich__(self) -> Table:
         return self.table()
+
+
+def _verdict(p: Parity) -> str:
+    top1 = f", top-1 {p.top1_agreement:.2f}%" if p.top1_agreement is not None else ""
+    steps = f" ({p.max_steps:.2f} steps)" if p.max_steps is not None else ""
+    state = "[green]ok[/]" if p.passed else "[red]differs[/]"
+    return f"{state}: max {p.max_abs_diff:.3g}{steps}, {100 * p.within_tolerance:.2f}% within{top1}"
