@@ -654,6 +654,7 @@ def import_nir(source: str | os.PathLike | Any, *, dt: float | None = None, time
     values: dict[str, fx.Node] = {inputs[0]: fxg.placeholder("x")}
     pending = [k for k in graph.nodes if k not in values]
     used: set[str] = set()
+    names: dict[str, str] = {}  # submodule -> NIR node
 
     def attr(name: str) -> str:
         base = "".join(c if c.isalnum() else "_" for c in name) or "node"
@@ -692,11 +693,12 @@ def import_nir(source: str | os.PathLike | Any, *, dt: float | None = None, time
                 raise ExportError(f"import_nir: node {k!r} is a {type(node).__name__}, which evefx does not import "
                                   f"(supported: Affine, Linear, Conv1d, Conv2d, Flatten, AvgPool2d, SumPool2d, IF, LIF)")
             name = attr(k)
+            names[name] = k
             root.add_module(name, module)
             values[k] = fxg.call_module(name, (x,))
     fxg.output(values[outputs[0]])
     gm = fx.GraphModule(root, fxg)
-    gm.meta = {"nir": md}  # type: ignore[attr-defined]
+    gm.meta.update({"nir": md, "nir_names": names})
     return gm.eval()
 
 
@@ -708,8 +710,9 @@ def spike_traces(gm: fx.GraphModule, steps: torch.Tensor) -> dict[str, torch.Ten
     every neuron (and the ``Output``) emits, as ``{NIR node name: [T, B, ...]}``.
 
     ``steps`` is ``[T, B, ...]``: the encoder's output (a Poisson encoder's spike trains are
-    replaced by ``steps``; a direct encoder needs the same input at every step). This is the
-    reference a simulator running the NIR file is compared with, layer by layer.
+    replaced by ``steps``; a direct encoder needs the same input at every step; a model from
+    :func:`import_nir`, which has no encoder, reads them as they are). This is the reference a
+    simulator running the NIR file is compared with, layer by layer.
 
     Example:
         >>> traces = spike_traces(gm, spikes)        # spikes [8, B, 1, 28, 28]
@@ -717,6 +720,7 @@ def spike_traces(gm: fx.GraphModule, steps: torch.Tensor) -> dict[str, torch.Ten
         (torch.Size([8, B, 4, 14, 14]), torch.Size([8, B, 10]))
     """
     T, B = steps.shape[:2]
+    names = getattr(gm, "meta", {}).get("nir_names", {})  # an imported model: report NIR node names
     neurons = {n.target: n for n in gm.graph.nodes if n.op == "call_module"
                and isinstance(gm.get_submodule(n.target), SpikingNeuron)}
     encoders = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"
@@ -731,11 +735,13 @@ def spike_traces(gm: fx.GraphModule, steps: torch.Tensor) -> dict[str, torch.Ten
 
     try:
         for name in neurons:
-            handles.append(gm.get_submodule(name).register_forward_hook(keep(name)))
+            handles.append(gm.get_submodule(name).register_forward_hook(keep(names.get(name, name))))
         if any(isinstance(e, DirectEncoder) for e in encoders):
             if not torch.equal(steps, steps[:1].expand_as(steps)):
                 raise ExportError("spike_traces: the model has a direct encoder, so every step must be the same input")
             x = steps[0]
+        elif not encoders:  # an imported model: it reads the steps themselves
+            x = steps.reshape(T * B, *steps.shape[2:])
         else:
             x = torch.zeros_like(steps[0])
             for e in encoders:  # the encoder's spike trains become the given steps
