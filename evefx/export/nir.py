@@ -467,7 +467,7 @@ def _build(gm: nn.Module, example_input: Any, dt: float) -> tuple[Any, list[dict
         if isinstance(m, SpikingNeuron) and m.step_mode != "multi":
             m.set_mode(step="multi")
     shapes = _Shapes(work)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a Poisson encoder must not move the user's RNG
         shapes.run(*args)
     builder = _Builder(work, shapes.shapes, dt)  # BatchNorm folds with the running statistics (eval)
     graph = builder.build()
