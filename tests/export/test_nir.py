@@ -166,6 +166,30 @@ def test_residual_add_is_two_edges_into_one_node_and_imports_back():
     torch.testing.assert_close(ours["output"], theirs["output"])
 
 
+class GlobalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()
+        self.gap, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = self.gap(self.act(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_adaptive_pool_and_view_flatten():
+    torch.manual_seed(0)
+    gm = spiking(GlobalPool().eval(), (1, 1, 6, 6), T=4)
+    graph = to_nir(gm, dt=DT)
+    (pool,) = by_type(graph, nir.AvgPool2d)
+    assert list(graph.nodes[pool].kernel_size) == [6, 6] and list(graph.nodes[pool].stride) == [6, 6]
+    (flat,) = by_type(graph, nir.Flatten)
+    assert list(graph.nodes[flat].output_type["output"]) == [3]
+    steps = spike_steps(4, 3, (1, 6, 6), p=0.6)
+    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
+    torch.testing.assert_close(ours["output"], theirs["output"])
+
+
 # -- the parameter mapping, by hand ------------------------------------------------------------------
 def euler(node, current: list[float], dt: float) -> tuple[list[float], list[int]]:
     """NIR's IF/LIF equations integrated with forward Euler (one step = dt), from the file's
@@ -390,3 +414,6 @@ def test_cli_export_format_nir(tmp_path):
     assert len(by_type(graph, nir.LIF)) == 4 and len(by_type(graph, nir.Conv2d)) == 3
     assert float(graph.metadata["dt"]) == 0.002
     assert float(next(iter(graph.nodes[by_type(graph, nir.LIF)[0]].tau.flat))) == pytest.approx(2 * 0.002)
+    bad = CliRunner().invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec",
+                                   str(ROOT / "examples/specs/spiking.yaml"), "--out", str(out), "--format", "tflite"])
+    assert bad.exit_code != 0 and "--format must be onnx or nir" in bad.output
