@@ -164,8 +164,10 @@ class _Builder:
     """Walks the fx graph in order and emits NIR nodes; ``src[node]`` is the list of NIR nodes
     whose outputs sum to that fx node's value (two after an ``add``)."""
 
-    def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...] | None], dt: float):
+    def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...] | None], dt: float,
+                 rules: dict[type, Callable[[nn.Module, tuple[int, ...]], Any]] | None = None):
         self.nir = _nir()
+        self.rules = dict(rules or {})
         self.gm, self.shapes, self.dt = gm, shapes, float(dt)
         self.modules = dict(gm.named_modules())
         self.nodes: dict[str, Any] = {}
@@ -282,7 +284,14 @@ class _Builder:
             self.src[n] = self.sources(n, self.only_input(n))
             return
         x = self.only_input(n)
-        if isinstance(m, SpikingNeuron):
+        rule = next((fn for cls, fn in self.rules.items() if isinstance(m, cls)), None)
+        if rule is not None:
+            try:
+                node = rule(m, self.step_shape(x))
+            except Exception as e:
+                raise ExportError(f"NIR export: the rule for {where} failed: {e}") from e
+            self.emit(n, node, "user rule", arg=x)
+        elif isinstance(m, SpikingNeuron):
             self.neuron(n, m, x)
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)) and type(m) in (nn.Conv1d, nn.Conv2d):
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
@@ -325,7 +334,8 @@ class _Builder:
                               f"layers: select its layer in the spike section so a neuron replaces it")
         else:
             raise ExportError(f"NIR export: {where} has no NIR counterpart; supported: {', '.join(_SUPPORTED)}. "
-                              f"Remove it or replace it before exporting (quantized models export to ONNX)")
+                              f"Pass rules={{{type(m).__name__}: fn}} to export_nir (fn(module, input_shape) returns "
+                              f"a nir node), or replace the module (quantized models export to ONNX)")
 
     def neuron(self, n: fx.Node, m: SpikingNeuron, x: fx.Node) -> None:
         nir = self.nir
@@ -445,7 +455,8 @@ def _summary(a: np.ndarray) -> str:
     return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
 
 
-def to_nir(gm: nn.Module, example_input: Any = None, *, dt: float = DEFAULT_DT) -> Any:
+def to_nir(gm: nn.Module, example_input: Any = None, *, dt: float = DEFAULT_DT,
+           rules: dict[type, Callable[[nn.Module, tuple[int, ...]], Any]] | None = None) -> Any:
     """The spiking model as a :class:`nir.NIRGraph` (no file); see :func:`export_nir`.
 
     Example:
@@ -453,10 +464,10 @@ def to_nir(gm: nn.Module, example_input: Any = None, *, dt: float = DEFAULT_DT) 
         >>> graph.metadata["timesteps"]
         8
     """
-    return _build(gm, example_input, dt)[0]
+    return _build(gm, example_input, dt, rules)[0]
 
 
-def _build(gm: nn.Module, example_input: Any, dt: float) -> tuple[Any, list[dict[str, Any]]]:
+def _build(gm: nn.Module, example_input: Any, dt: float, rules=None) -> tuple[Any, list[dict[str, Any]]]:
     if not dt > 0:
         raise ExportError(f"NIR export: dt must be > 0 seconds per step (got {dt})")
     if not isinstance(gm, fx.GraphModule):
@@ -469,13 +480,14 @@ def _build(gm: nn.Module, example_input: Any, dt: float) -> tuple[Any, list[dict
     shapes = _Shapes(work)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a Poisson encoder must not move the user's RNG
         shapes.run(*args)
-    builder = _Builder(work, shapes.shapes, dt)  # BatchNorm folds with the running statistics (eval)
+    builder = _Builder(work, shapes.shapes, dt, rules)  # BatchNorm folds with the running statistics (eval)
     graph = builder.build()
     return graph, builder.rows
 
 
 def export_nir(gm: nn.Module, path: str | os.PathLike | None = None, example_input: Any = None, *,
-               dt: float = DEFAULT_DT) -> NIRReport:
+               dt: float = DEFAULT_DT,
+               rules: dict[type, Callable[[nn.Module, tuple[int, ...]], Any]] | None = None) -> NIRReport:
     """Write a spiking evefx model as a NIR graph (``nir.write``, HDF5) and return a report.
 
     ``dt`` is the duration of one evefx time step in seconds: NIR's time constants are
@@ -484,6 +496,9 @@ def export_nir(gm: nn.Module, path: str | os.PathLike | None = None, example_inp
     input, any batch size) gives the shapes; by default they come from the shapes recorded when
     the model was transformed with example inputs.
 
+    ``rules`` maps a module type evefx does not know to ``fn(module, input_shape) -> nir node``
+    (``input_shape`` without the batch dim); rules are tried before the built-in mapping.
+
     Raises :class:`~evefx.errors.ExportError` naming the node for anything NIR cannot express.
 
     Example:
@@ -491,7 +506,7 @@ def export_nir(gm: nn.Module, path: str | os.PathLike | None = None, example_inp
         >>> report.node_types()
         {'Input': 1, 'Conv2d': 3, 'LIF': 4, 'Flatten': 1, 'Affine': 2, 'Output': 1}
     """
-    graph, rows = _build(gm, example_input, dt)
+    graph, rows = _build(gm, example_input, dt, rules)
     size = None
     if path is not None:
         path = Path(path)

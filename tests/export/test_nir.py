@@ -308,6 +308,24 @@ def test_max_pool_non_spiking_mode_and_ann_raise_export_error():
         to_nir(ann)
 
 
+class Gain(nn.Module):
+    def forward(self, x):
+        return 2.0 * x
+
+
+def test_a_rule_exports_a_module_evefx_does_not_know():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Gain(), nn.Linear(4, 2))
+    spec = {"trace": {"leaf_modules": ["Gain"]},
+            "passes": [{"kind": "spike", "select": {"types": ["Linear"]}, "timesteps": 3}]}
+    gm = evefx.transform(model, spec, torch.zeros(1, 3)).eval()
+    with pytest.raises(ExportError, match=r"Gain.*rules=\{Gain: fn\}"):
+        to_nir(gm)
+    graph = to_nir(gm, rules={Gain: lambda m, shape: nir.Scale(scale=np.full(shape, 2.0, np.float32))})
+    (scale,) = by_type(graph, nir.Scale)
+    assert list(graph.nodes[scale].scale) == [2.0] * 4
+
+
 def test_import_rejects_what_evefx_neurons_cannot_run():
     shape = (3,)
     base = dict(tau=np.full(shape, 2e-3), r=np.ones(shape), v_threshold=np.ones(shape), v_reset=np.zeros(shape))
