@@ -66,7 +66,7 @@ def make_net(seed: int = 0, pool: bool = True) -> Net:
 
 def spiking(model: nn.Module, shape=(1, 1, 12, 12), *, T: int = 6, encoder: str = "poisson", **neuron) -> torch.fx.GraphModule:
     cfg = {"type": "lif", "threshold": 0.3, "reset": 0.0, "tau": 2.0, **neuron}
-    spec = {"passes": [{"kind": "spike", "select": {"types": ["Conv2d", "Linear"]}, "exclude_last": True,
+    spec = {"passes": [{"kind": "spike", "select": {"types": ["Conv1d", "Conv2d", "Linear"]}, "exclude_last": True,
                         "timesteps": T, "encoder": encoder, "neuron": cfg}]}
     return evefx.transform(model, spec, torch.zeros(shape)).eval()
 
@@ -187,6 +187,24 @@ def test_adaptive_pool_and_view_flatten():
     assert list(graph.nodes[flat].output_type["output"]) == [3]
     steps = spike_steps(4, 3, (1, 6, 6), p=0.6)
     ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
+    torch.testing.assert_close(ours["output"], theirs["output"])
+
+
+def test_conv1d_with_batchnorm1d_round_trips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 2.0)
+    gm = spiking(model.eval(), (1, 2, 8), T=4)
+    graph = to_nir(gm, dt=DT)
+    (conv,) = by_type(graph, nir.Conv1d)
+    assert graph.nodes[conv].weight.shape == (3, 2, 3) and "1" not in graph.nodes
+    steps = spike_steps(4, 3, (2, 8), p=0.5)
+    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
+    (lif,) = by_type(graph, nir.LIF)
+    assert 0.0 < float(ours[lif].mean()) < 1.0 and torch.equal(ours[lif], theirs[lif])
     torch.testing.assert_close(ours["output"], theirs["output"])
 
 
