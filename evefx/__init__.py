@@ -46,6 +46,8 @@ _LAZY = {
     "compact": "evefx.prune_ops",
     "compact_report": "evefx.prune_ops",
     "export_onnx": "evefx.export",
+    "export_nir": "evefx.export.nir",
+    "import_nir": "evefx.export.nir",
 }
 
 __all__ = [

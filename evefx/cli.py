@@ -162,14 +162,16 @@ def inspect(
 def export(
     model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
     spec: Path = typer.Option(..., help="spec file"),
-    out: Path = typer.Option(..., help="the ONNX file to write"),
+    out: Path = typer.Option(..., help="the file to write (ONNX, or NIR with --format nir)"),
+    format: str = typer.Option("onnx", "--format", help="onnx | nir (spiking models, for neuromorphic simulators)"),
+    dt: float = typer.Option(1e-3, help="--format nir: seconds per time step (NIR's time constants are continuous)"),
     input_shape: Optional[str] = typer.Option(None, help="example input shape (default: trace.input_shape)"),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
     calibrate_batches: int = typer.Option(8, help="random batches to calibrate quantizers when no checkpoint is given"),
     opset: int = typer.Option(17, help="ONNX opset"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
 ) -> None:
-    """Export a transformed model to ONNX (int8 QDQ when quantized) and print the size/parity table."""
+    """Export a transformed model to ONNX (int8 QDQ when quantized) or, with --format nir, a spiking model to NIR."""
     import torch
 
     from evefx.export import calibrate, export_onnx
@@ -179,10 +181,17 @@ def export(
         shape = parse_shape(input_shape) or spec_obj.trace.input_shape
         if shape is None:
             raise EvefxError("give --input-shape or trace.input_shape in the spec: export needs example inputs")
+        if format not in ("onnx", "nir"):
+            raise EvefxError(f"--format must be onnx or nir (got {format!r})")
         gm = _transform(model, spec, ",".join(map(str, shape)))
         if checkpoint is not None:
             gm.load_state_dict(torch.load(checkpoint, map_location="cpu"))
-        else:
+        if format == "nir":
+            from evefx.export.nir import export_nir
+
+            console.print(export_nir(gm.eval(), out, torch.zeros(shape), dt=dt).table())
+            return
+        if checkpoint is None:
             gen = torch.Generator().manual_seed(0)
             calibrate(gm, [torch.rand(shape, generator=gen) for _ in range(calibrate_batches)])
         report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check)

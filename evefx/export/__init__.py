@@ -1,4 +1,5 @@
-"""ONNX export of evefx models: int8 QDQ for quantized models, plain ONNX otherwise, checked with onnxruntime.
+"""ONNX export of evefx models: int8 QDQ for quantized models, plain ONNX otherwise, checked with onnxruntime;
+NIR export/import of spiking models (:mod:`evefx.export.nir`).
 
 Example:
     >>> from evefx.export import export_onnx
@@ -8,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+from evefx.export.nir import NIRReport, export_nir, import_nir, spike_traces, to_nir
 from evefx.export.onnx import MIN_QDQ_OPSET, export_onnx, layer_bits, onnx_accuracy
 from evefx.export.parity import Parity, check_parity, first_divergence
 from evefx.export.qdq import QDQ, QParams, QuantizedWeightLayer, calibrate, deployable
@@ -27,4 +29,9 @@ __all__ = [
     "QDQ",
     "QuantizedWeightLayer",
     "MIN_QDQ_OPSET",
+    "export_nir",
+    "import_nir",
+    "to_nir",
+    "spike_traces",
+    "NIRReport",
 ]
