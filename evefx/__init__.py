@@ -42,9 +42,9 @@ _LAZY = {
     "set_mode": "evefx.api",
     "EveParameter": "evefx.api",
     "Observations": "evefx.api",
-    "prune_step": "evefx.prune_ops",
-    "compact": "evefx.prune_ops",
-    "compact_report": "evefx.prune_ops",
+    "prune_step": "evefx.channels",
+    "compact": "evefx.channels",
+    "compact_report": "evefx.channels",
     "export_onnx": "evefx.export",
 }
 

@@ -14,7 +14,7 @@ import evefx
 from evefx.errors import PruneError
 from evefx.graph import marked
 from evefx.modules.prune import ChannelPruner
-from evefx.prune_ops import analyze, compact_report, count_macs, count_params
+from evefx.channels import analyze, compact_report, count_macs, count_params
 
 PRUNE = {"passes": [{"kind": "prune", "ratio": 0.5}]}
 X28 = torch.zeros(1, 1, 28, 28)

@@ -1,0 +1,360 @@
+"""Physical removal of masked channels (:func:`compact`), and its size report.
+
+Producing layers lose output channels (with their BatchNorm entries), consuming layers lose the
+matching input channels (a removed channel they read as a constant goes into their bias),
+depthwise convs lose both and their groups, grouped convs the same positions in every group, and
+literal sizes in ``view``/``reshape`` calls are rewritten. The result is checked against the
+masked model.
+
+Example:
+    >>> small = evefx.compact(gm)        # a new, smaller module; gm is untouched
+    >>> compact_report(small).params_after
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+
+from evefx.channels.analysis import ConsumerSite, Site, analyze, ensure_shapes, pruners_of, shape_of
+from evefx.channels.rules import MaskedValue, RuleRegistry
+from evefx.errors import PruneError, ShapeError
+from evefx.graph import describe_node, module_of, output_block, remove_node
+from evefx.trace import propagate_shapes
+
+__all__ = ["CompactReport", "compact", "compact_report", "count_macs", "count_params"]
+
+log = logging.getLogger(__name__)
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (buffers excluded).
+
+    Example:
+        >>> count_params(nn.Linear(4, 2))
+        10
+    """
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_macs(gm: fx.GraphModule) -> int:
+    """Multiply-accumulates of the conv/linear layers, from the shapes in ``node.meta`` (per sample).
+
+    Example:
+        >>> count_macs(evefx.transform(DemoNet(), {}, torch.zeros(1, 1, 28, 28)))
+        43856
+    """
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = module_of(gm, node)
+        shape = shape_of(node)
+        if shape is None:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            total += int(np.prod(shape[1:])) * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
+        elif isinstance(m, nn.Linear):
+            total += int(np.prod(shape[1:-1])) * m.in_features * m.out_features
+    return total
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    """Size of a model before and after :func:`compact` (MACs per sample).
+
+    Example:
+        >>> r = compact_report(small); f"{r.params_ratio:.2f}x fewer parameters"
+    """
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Output channels per producing layer: ``(before, after)``."""
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def table(self) -> Table:
+        t = Table(title="evefx compact")
+        for col in ("", "before", "after", "ratio"):
+            t.add_column(col, justify="right")
+        t.add_row("parameters", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.params_ratio:.2f}x")
+        t.add_row("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.macs_ratio:.2f}x")
+        return t
+
+
+def compact_report(gm: fx.GraphModule) -> CompactReport:
+    """The :class:`CompactReport` that :func:`compact` attached to the module it returned."""
+    report = gm.meta.get("evefx_compact") if hasattr(gm, "meta") else None
+    if report is None:
+        raise PruneError("this module was not made by evefx.compact (no compaction report)")
+    return report
+
+
+def _example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        meta = n.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise PruneError(f"input {n.name!r} has no shape; pass example_inputs to evefx.compact")
+        if meta.dtype.is_floating_point:
+            out.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+        else:
+            out.append(torch.zeros(tuple(meta.shape), dtype=meta.dtype))
+    return tuple(out)
+
+
+def _param(t: torch.Tensor, like: nn.Parameter | None) -> nn.Parameter:
+    return nn.Parameter(t.clone(), requires_grad=like.requires_grad if like is not None else True)
+
+
+class _Slicer:
+    """Collects the index sets each module keeps, checks that shared modules agree, then slices."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.plans: dict[tuple[int, str], tuple[nn.Module, fx.Node, torch.Tensor, bool]] = {}
+
+    def add(self, role: str, site: Site, keep: np.ndarray) -> None:
+        if not keep.all() and not type(site.module).__module__.startswith("torch.nn."):
+            raise PruneError(
+                f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers "
+                f"are sliced (a quantized or custom layer may hold per-channel state); prune and compact before quantizing"
+            )
+        idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long)
+        key = (id(site.module), role)
+        prev = self.plans.get(key)
+        if prev is not None and not torch.equal(prev[2], idx):
+            raise PruneError(
+                f"{describe_node(self.gm, site.node)} shares its module with {describe_node(self.gm, prev[1])}, but they would lose "
+                f"different channels; give each call its own module"
+            )
+        self.plans[key] = (site.module, site.node, idx, bool(keep.all()))
+
+    def apply(self) -> None:
+        for (_, role), (m, _node, idx, full) in self.plans.items():
+            if full:
+                continue
+            with torch.no_grad():
+                if role == "out":
+                    _slice_out(m, idx)
+                elif role == "in":
+                    _slice_in(m, idx)
+                elif role == "dw" and m.groups == m.in_channels:
+                    _slice_out(m, idx)
+                    m.in_channels = m.groups = len(idx)
+                elif role == "dw":
+                    # grouped: the same positions go in every group (see _Analyzer._conv)
+                    width = m.in_channels // m.groups
+                    positions = idx[idx < width]
+                    if len(idx) != len(positions) * m.groups:
+                        raise PruneError(f"{describe_node(self.gm, _node)}: its groups would lose different channels; please report this bug")
+                    _slice_out(m, idx)
+                    m.weight = _param(m.weight.detach()[:, positions], m.weight)
+                    m.in_channels = len(idx)
+                elif role == "norm":
+                    _slice_norm(m, idx)
+
+
+def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
+    m.weight = _param(m.weight.detach()[idx], m.weight)
+    if getattr(m, "bias", None) is not None:
+        m.bias = _param(m.bias.detach()[idx], m.bias)
+    if isinstance(m, nn.Linear):
+        m.out_features = len(idx)
+    else:
+        m.out_channels = len(idx)
+
+
+def _slice_in(m: nn.Module, idx: torch.Tensor) -> None:
+    m.weight = _param(m.weight.detach()[:, idx], m.weight)
+    if isinstance(m, nn.Linear):
+        m.in_features = len(idx)
+    else:
+        m.in_channels = len(idx)
+
+
+def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
+    if m.weight is not None:
+        m.weight = _param(m.weight.detach()[idx], m.weight)
+        m.bias = _param(m.bias.detach()[idx], m.bias)
+    if m.running_mean is not None:
+        m.running_mean = m.running_mean[idx].clone()
+        m.running_var = m.running_var[idx].clone()
+    m.num_features = len(idx)
+
+
+@torch.no_grad()
+def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.Tensor) -> None:
+    """Add to ``site``'s bias what its input channels ``pos`` contribute, constants in ``x`` (its input)."""
+    m = site.module
+    vals = x[:, pos] if x.dim() > 1 else x[pos]
+    k = vals.reshape(vals.shape[0], len(pos), -1)[0, :, 0]
+    if not torch.allclose(vals, k.view((1, -1) + (1,) * (vals.dim() - 2)).expand_as(vals), atol=1e-5, rtol=1e-5):
+        raise PruneError(f"{describe_node(gm, site.node)} reads removed channels that are not constant; please report this bug")
+    w = m.weight.detach()[:, pos]
+    delta = (w.reshape(w.shape[0], len(pos), -1).sum(-1) @ k.to(w.dtype))
+    if m.bias is None:
+        # a BatchNorm right after takes a constant shift for free (exact with running or batch statistics)
+        bn = output_block(gm, site.node).bn
+        norm = module_of(gm, bn) if bn is not None else None
+        if isinstance(norm, _BN) and norm.running_mean is not None and norm.num_features == len(delta) and sum(
+                1 for n in gm.graph.nodes if n.op == "call_module" and n.target == bn.target) == 1:
+            norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
+            return
+        m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=m.weight.requires_grad)
+    m.bias.add_(delta)
+
+
+def _rewrite_reshape(node: fx.Node, old: int, new: int) -> None:
+    """Replace the literal size ``old`` of axis 1 in a ``view``/``reshape`` call by ``new``."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        sizes = list(args[1])
+        if len(sizes) > 1 and sizes[1] == old:
+            sizes[1] = new
+            args[1] = type(args[1])(sizes)
+    elif len(args) > 2 and args[2] == old:
+        args[2] = new
+    node.args = tuple(args)
+
+
+def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = True, atol: float = 1e-4,
+            rules: RuleRegistry | None = None) -> fx.GraphModule:
+    """A new, smaller module: masked channels physically removed, pruners gone; ``gm`` is untouched.
+
+    Producing layers lose output channels (with their BatchNorm entries), consuming layers lose
+    the matching input channels (``in_features`` of a linear after a flatten: the channel's whole
+    block of positions; a removed channel they read as a constant goes into their bias), depthwise
+    convs lose both and their groups, grouped convs the same positions in every group, and literal
+    sizes in ``view``/``reshape`` calls are updated. With ``verify`` the result is
+    run once (eval mode, fixed random input) against the masked model and must agree within
+    ``atol``. The sizes before and after are in :func:`compact_report`.
+
+    Example:
+        >>> small = evefx.compact(gm)
+        >>> torch.allclose(small(x), gm.eval()(x), atol=1e-5)
+        True
+    """
+    new = copy.deepcopy(gm)
+    ensure_shapes(new, example_inputs)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else None)
+    if inputs is None:
+        inputs = _example_inputs(new)
+    params_before, macs_before = count_params(new), count_macs(new)
+    pruners = pruners_of(new)
+    if not pruners:
+        log.info("compact: no ChannelPruner in %s; returning a copy", type(gm).__name__)
+    dg = analyze(new, rules=rules)
+    frozen = dg.frozen_roots()
+    keep_root: dict[int, bool] = {}
+    owner: dict[int, fx.Node] = {}
+    for site in dg.pruners:
+        for r, m in zip(dg.root(site.ids).tolist(), (site.module.mask > 0.5).tolist()):
+            if r in keep_root and keep_root[r] != m:
+                raise PruneError(
+                    f"{site.node.name} and {owner[r].name} disagree on a coupled channel (one masks it, the other "
+                    f"keeps it): run evefx.prune_step, which masks coupled channels together"
+                )
+            keep_root[r], owner[r] = m, site.node
+            if not m and r in frozen:
+                raise PruneError(
+                    f"{describe_node(new, site.node)} masks a channel that cannot be removed ({frozen[r]}); "
+                    f"unmask it or let evefx.prune_step choose the masks"
+                )
+
+    def keep_of(ids: np.ndarray) -> np.ndarray:
+        return np.array([keep_root.get(r, True) for r in dg.root(ids).reshape(-1).tolist()], dtype=bool)
+
+    # consumers that read a removed channel as a non-zero constant take it into their bias: record
+    # their inputs during the reference run
+    folds = []
+    for site in dg.consumers:
+        need = ~keep_of(site.ids) & (site.masked == MaskedValue.CONSTANT)
+        if need.any():
+            if sum(1 for n in new.graph.nodes if n.op == "call_module" and n.target == site.node.target) > 1:
+                raise PruneError(f"{describe_node(new, site.node)} is called more than once and would need a bias fold")
+            folds.append((site, np.flatnonzero(need)))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [site.module.register_forward_pre_hook(
+        lambda _m, args, key=id(site.module): captured.__setitem__(key, args[0].detach())) for site, _ in folds]
+    modes = [(m, m.training) for m in new.modules()]
+    for _n, p in pruners:
+        p.enabled = True
+    new.eval()
+    try:
+        with torch.no_grad():
+            reference = new(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for site, pos in folds:
+        _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
+
+    channels: dict[str, tuple[int, int]] = {}
+    slicer = _Slicer(new)
+    for site in dg.producers:
+        k = keep_of(site.ids)
+        slicer.add("out", site, k)
+        channels[str(site.node.target)] = (len(k), int(k.sum()))
+    for site in dg.depthwise:
+        k = keep_of(site.ids)
+        slicer.add("dw", site, k)
+        channels[str(site.node.target)] = (len(k), int(k.sum()))
+    for site in dg.consumers:
+        slicer.add("in", site, keep_of(site.ids))
+    for site in dg.norms:
+        slicer.add("norm", site, keep_of(site.ids))
+    for reshape in dg.reshapes:
+        ids = reshape.ids
+        per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]
+        _rewrite_reshape(reshape.node, int(ids.shape[1]), int(keep_of(per_index).sum()))
+    slicer.apply()
+    for node, _p in pruners:
+        remove_node(new, node)
+    new.graph.lint()
+    new.recompile()
+    for m, mode in modes:
+        m.training = mode
+    try:
+        propagate_shapes(new, inputs)
+    except ShapeError as e:
+        raise PruneError(f"the compacted model does not run: {e}. This is a bug in evefx's channel analysis; please report it") from e
+    if verify:
+        was = new.training
+        new.eval()
+        with torch.no_grad():
+            got = new(*inputs)
+        new.train(was)
+        for a, b in zip(_tensors(reference), _tensors(got)):
+            if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
+                err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
+                raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
+    new.meta["evefx_compact"] = CompactReport(params_before, count_params(new), macs_before, count_macs(new), channels)
+    log.info("compact: params %d -> %d, MACs %d -> %d", params_before, count_params(new), macs_before, count_macs(new))
+    return new
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
