@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from evefx.channels.analysis import ConsumerSite, Site, analyze, ensure_shapes, pruners_of, shape_of
+from evefx.channels.analysis import ConsumerSite, DependencyGraph, Site, analyze, ensure_shapes, pruners_of, shape_of
 from evefx.channels.rules import MaskedValue, RuleRegistry
 from evefx.errors import PruneError, ShapeError
 from evefx.graph import describe_node, module_of, output_block, remove_node
@@ -258,79 +258,22 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     """
     new = copy.deepcopy(gm)
     ensure_shapes(new, example_inputs)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else None)
-    if inputs is None:
-        inputs = _example_inputs(new)
+    inputs = _as_inputs(example_inputs) or _example_inputs(new)
     params_before, macs_before = count_params(new), count_macs(new)
     pruners = pruners_of(new)
     if not pruners:
         log.info("compact: no ChannelPruner in %s; returning a copy", type(gm).__name__)
     dg = analyze(new, rules=rules)
-    frozen = dg.frozen_roots()
-    keep_root: dict[int, bool] = {}
-    owner: dict[int, fx.Node] = {}
-    for site in dg.pruners:
-        for r, m in zip(dg.root(site.ids).tolist(), (site.module.mask > 0.5).tolist()):
-            if r in keep_root and keep_root[r] != m:
-                raise PruneError(
-                    f"{site.node.name} and {owner[r].name} disagree on a coupled channel (one masks it, the other "
-                    f"keeps it): run evefx.prune_step, which masks coupled channels together"
-                )
-            keep_root[r], owner[r] = m, site.node
-            if not m and r in frozen:
-                raise PruneError(
-                    f"{describe_node(new, site.node)} masks a channel that cannot be removed ({frozen[r]}); "
-                    f"unmask it or let evefx.prune_step choose the masks"
-                )
-
-    def keep_of(ids: np.ndarray) -> np.ndarray:
-        return np.array([keep_root.get(r, True) for r in dg.root(ids).reshape(-1).tolist()], dtype=bool)
-
-    # consumers that read a removed channel as a non-zero constant take it into their bias: record
-    # their inputs during the reference run
-    folds = []
-    for site in dg.consumers:
-        need = ~keep_of(site.ids) & (site.masked == MaskedValue.CONSTANT)
-        if need.any():
-            if sum(1 for n in new.graph.nodes if n.op == "call_module" and n.target == site.node.target) > 1:
-                raise PruneError(f"{describe_node(new, site.node)} is called more than once and would need a bias fold")
-            folds.append((site, np.flatnonzero(need)))
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [site.module.register_forward_pre_hook(
-        lambda _m, args, key=id(site.module): captured.__setitem__(key, args[0].detach())) for site, _ in folds]
+    keep = _Keep(new, dg)
+    folds = _constant_folds(new, dg, keep)
     modes = [(m, m.training) for m in new.modules()]
-    for _n, p in pruners:
+    for _node, p in pruners:
         p.enabled = True
     new.eval()
-    try:
-        with torch.no_grad():
-            reference = new(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    reference, captured = _reference_run(new, inputs, folds)
     for site, pos in folds:
         _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
-
-    channels: dict[str, tuple[int, int]] = {}
-    slicer = _Slicer(new)
-    for site in dg.producers:
-        k = keep_of(site.ids)
-        slicer.add("out", site, k)
-        channels[str(site.node.target)] = (len(k), int(k.sum()))
-    for site in dg.depthwise:
-        k = keep_of(site.ids)
-        slicer.add("dw", site, k)
-        channels[str(site.node.target)] = (len(k), int(k.sum()))
-    for site in dg.consumers:
-        slicer.add("in", site, keep_of(site.ids))
-    for site in dg.norms:
-        slicer.add("norm", site, keep_of(site.ids))
-    for reshape in dg.reshapes:
-        ids = reshape.ids
-        per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]
-        _rewrite_reshape(reshape.node, int(ids.shape[1]), int(keep_of(per_index).sum()))
-    slicer.apply()
+    channels = _slice(new, dg, keep)
     for node, _p in pruners:
         remove_node(new, node)
     new.graph.lint()
@@ -342,18 +285,106 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     except ShapeError as e:
         raise PruneError(f"the compacted model does not run: {e}. This is a bug in evefx's channel analysis; please report it") from e
     if verify:
-        was = new.training
-        new.eval()
-        with torch.no_grad():
-            got = new(*inputs)
-        new.train(was)
-        for a, b in zip(_tensors(reference), _tensors(got)):
-            if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
-                err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
-                raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
+        _verify(new, inputs, reference, atol)
     new.meta["evefx_compact"] = CompactReport(params_before, count_params(new), macs_before, count_macs(new), channels)
     log.info("compact: params %d -> %d, MACs %d -> %d", params_before, count_params(new), macs_before, count_macs(new))
     return new
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else None
+
+
+class _Keep:
+    """Which channel classes stay, from the pruners' masks; refuses masks that disagree on a coupled
+    channel or mask a frozen one."""
+
+    def __init__(self, gm: fx.GraphModule, dg: DependencyGraph):
+        self.dg = dg
+        frozen = dg.frozen_roots()
+        self.by_root: dict[int, bool] = {}
+        owner: dict[int, fx.Node] = {}
+        for site in dg.pruners:
+            for r, m in zip(dg.root(site.ids).tolist(), (site.module.mask > 0.5).tolist()):
+                if r in self.by_root and self.by_root[r] != m:
+                    raise PruneError(
+                        f"{site.node.name} and {owner[r].name} disagree on a coupled channel (one masks it, the other "
+                        f"keeps it): run evefx.prune_step, which masks coupled channels together"
+                    )
+                self.by_root[r], owner[r] = m, site.node
+                if not m and r in frozen:
+                    raise PruneError(
+                        f"{describe_node(gm, site.node)} masks a channel that cannot be removed ({frozen[r]}); "
+                        f"unmask it or let evefx.prune_step choose the masks"
+                    )
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Per id: whether its channel stays."""
+        return np.array([self.by_root.get(r, True) for r in self.dg.root(ids).reshape(-1).tolist()], dtype=bool)
+
+
+def _constant_folds(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> list[tuple[ConsumerSite, np.ndarray]]:
+    """Consumers that read a removed channel as a non-zero constant (they take it into their bias),
+    with the positions of those input channels."""
+    folds = []
+    for site in dg.consumers:
+        need = ~keep(site.ids) & (site.masked == MaskedValue.CONSTANT)
+        if need.any():
+            if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == site.node.target) > 1:
+                raise PruneError(f"{describe_node(gm, site.node)} is called more than once and would need a bias fold")
+            folds.append((site, np.flatnonzero(need)))
+    return folds
+
+
+def _reference_run(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+                   folds: list[tuple[ConsumerSite, np.ndarray]]) -> tuple[Any, dict[int, torch.Tensor]]:
+    """The masked model's output, and the inputs of the consumers that fold constants."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [site.module.register_forward_pre_hook(
+        lambda _m, args, key=id(site.module): captured.__setitem__(key, args[0].detach())) for site, _ in folds]
+    try:
+        with torch.no_grad():
+            reference = gm(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return reference, captured
+
+
+def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tuple[int, int]]:
+    """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output channels."""
+    channels: dict[str, tuple[int, int]] = {}
+    slicer = _Slicer(gm)
+    for role, sites in (("out", dg.producers), ("dw", dg.depthwise)):
+        for site in sites:
+            k = keep(site.ids)
+            slicer.add(role, site, k)
+            channels[str(site.node.target)] = (len(k), int(k.sum()))
+    for consumer in dg.consumers:
+        slicer.add("in", consumer, keep(consumer.ids))
+    for site in dg.norms:
+        slicer.add("norm", site, keep(site.ids))
+    for reshape in dg.reshapes:
+        ids = reshape.ids
+        per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]
+        _rewrite_reshape(reshape.node, int(ids.shape[1]), int(keep(per_index).sum()))
+    slicer.apply()
+    return channels
+
+
+def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float) -> None:
+    """The compacted model must agree with the masked one (eval mode)."""
+    was = gm.training
+    gm.eval()
+    with torch.no_grad():
+        got = gm(*inputs)
+    gm.train(was)
+    for a, b in zip(_tensors(reference), _tensors(got)):
+        if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
+            err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
+            raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

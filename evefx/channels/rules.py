@@ -1,14 +1,11 @@
 """Per-op channel rules: how an op rearranges channels, and what it does to a masked channel.
 
-The channel analysis (:mod:`evefx.channels.analysis`) gives every tensor a :class:`ChannelMap`:
-an integer *channel id* per element (batch axis collapsed to 1) and, per element, the
-:class:`MaskedValue` a masked channel has there. For each call in the graph it looks up a rule
-here and calls ``rule(walk, call)``: ``walk`` is the running
-:class:`~evefx.channels.analysis.ChannelAnalysis` (its helpers read shapes, create ids, merge
-classes, freeze channels and record the layers compaction slices), ``call`` the :class:`OpCall`
-with the arguments already replaced by their channel maps. A rule returns the output's
-:class:`ChannelMap` (a list of them for an op returning several tensors, ``None`` for a
-non-tensor).
+The channel analysis (:mod:`evefx.channels.analysis`) gives every tensor a :class:`ChannelMap`
+(a channel id and a :class:`MaskedValue` per element) and, for each call, runs its rule
+``rule(walk, call)``: ``walk`` is the running :class:`~evefx.channels.analysis.ChannelAnalysis`
+(its methods read shapes, create ids, merge classes, freeze channels and record the layers
+compaction slices), ``call`` the :class:`OpCall` with tensors replaced by their channel maps. A
+rule returns the output's :class:`ChannelMap` (a list for several tensors, ``None`` for a non-tensor).
 
 Rules are looked up by module class (the most derived registered class in the MRO wins), by
 function object, by a function's qualified name (``"torchvision.ops.stochastic_depth.stochastic_depth"``,
@@ -43,19 +40,8 @@ from evefx.modules.prune import ChannelPruner
 if TYPE_CHECKING:
     from evefx.channels.analysis import ChannelAnalysis
 
-__all__ = [
-    "MaskedValue",
-    "ChannelMap",
-    "OpCall",
-    "Rule",
-    "RuleRegistry",
-    "DEFAULT_RULES",
-    "register_rule",
-    "elementwise",
-    "elementwise_to_constant",
-    "becomes_constant",
-    "after_zero_padding",
-]
+__all__ = ["MaskedValue", "ChannelMap", "OpCall", "Rule", "RuleRegistry", "DEFAULT_RULES", "register_rule",
+           "elementwise", "elementwise_to_constant", "becomes_constant", "after_zero_padding"]
 
 
 class MaskedValue(IntEnum):
@@ -429,42 +415,26 @@ def flatten(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     return _reshape(walk, call, record=False)
 
 
-def _moved(walk: ChannelAnalysis, call: OpCall, axes: tuple[int, ...]) -> ChannelMap:
+def move_axes(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """``permute``/``transpose``/``swapaxes``/``movedim`` with static axes: the ids move as the tensor does."""
     x = walk.input(call)
+    rest, rank = list(call.node.args[1:]), x.ids.ndim
+    if any(isinstance(a, fx.Node) for a in rest):
+        raise walk.error("its axes are computed at run time")
+    name = call.target if isinstance(call.target, str) else call.target.__name__
+    if name == "permute":
+        axes = [a % rank for a in (rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest)]
+    else:
+        d0, d1 = rest[0] % rank, rest[1] % rank
+        axes = list(range(rank))
+        if name == "movedim":
+            axes.remove(d0)
+            axes.insert(d1, d0)
+        else:
+            axes[d0], axes[d1] = axes[d1], axes[d0]
     if axes[0] != 0:
         raise walk.error("it moves the batch axis")
     return ChannelMap(np.transpose(x.ids, axes), np.transpose(np.broadcast_to(x.masked, x.ids.shape), axes))
-
-
-def _static_axes(walk: ChannelAnalysis, call: OpCall) -> tuple[list[Any], int]:
-    rest = list(call.node.args[1:])
-    if any(isinstance(a, fx.Node) for a in rest):
-        raise walk.error("its axes are computed at run time")
-    return rest, walk.input(call).ids.ndim
-
-
-def permute(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    rest, rank = _static_axes(walk, call)
-    axes = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
-    return _moved(walk, call, tuple(a % rank for a in axes))
-
-
-def swap_axes(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``transpose``/``swapaxes``."""
-    rest, rank = _static_axes(walk, call)
-    axes = list(range(rank))
-    d0, d1 = rest[0] % rank, rest[1] % rank
-    axes[d0], axes[d1] = axes[d1], axes[d0]
-    return _moved(walk, call, tuple(axes))
-
-
-def movedim(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    rest, rank = _static_axes(walk, call)
-    axes = list(range(rank))
-    d0, d1 = rest[0] % rank, rest[1] % rank
-    axes.remove(d0)
-    axes.insert(d1, d0)
-    return _moved(walk, call, tuple(axes))
 
 
 def split(walk: ChannelAnalysis, call: OpCall) -> list[ChannelMap]:
@@ -540,9 +510,7 @@ _R((operator.truediv, operator.itruediv, torch.div, "div", "div_"), div)
 _R((torch.cat, torch.concat, torch.concatenate), concat)
 _R(("view", "reshape", torch.reshape), reshape)
 _R(("flatten", "unflatten", torch.flatten, torch.unflatten), flatten)
-_R((torch.permute, "permute"), permute)
-_R((torch.transpose, torch.swapaxes, "transpose", "swapaxes"), swap_axes)
-_R((torch.movedim, "movedim"), movedim)
+_R((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim"), move_axes)
 _R((torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"), split)
 _R(operator.getitem, index)
 _R(("size", "dim", "numel", "nelement"), not_a_tensor)
