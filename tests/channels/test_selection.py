@@ -1,11 +1,13 @@
 """prune_step: masks follow the criterion on hand-made weights and activations, the ratio as an eve
-parameter, iterative schedules, layer and global scope with min_channels, and set_mode lifting masks."""
+parameter, iterative schedules, layer and global scope with min_channels, set_mode lifting masks, and
+on one layer: min_channels, the schedule's steps, masked channels staying masked, ties."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from torch import nn
 
 import evefx
 from evefx.channels import count_params
@@ -112,3 +114,57 @@ def test_global_scope_prunes_the_costliest_of_equally_important_channels_up_to_a
     assert sizes["layer"] == {"c1": 2, "c2": 4, "params": 2 * 28 + 4 * (2 * 9 + 1) + 4 * 2 + 2}
     assert sizes["global"] == {"c1": 1, "c2": 5, "params": 28 + 5 * (9 + 1) + 5 * 2 + 2}
     assert sizes["global"]["params"] < sizes["layer"]["params"]
+
+
+class OneConv(nn.Module):
+    """A 1x1 conv whose filter ``f`` is filled with ``weights[f]`` (its l1_norm importance), then a head."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.conv = nn.Conv2d(1, len(weights), 1)
+        self.head = nn.Conv2d(len(weights), 2, 1)
+        with torch.no_grad():
+            for f, v in enumerate(weights):
+                self.conv.weight[f].fill_(v)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x))).mean((2, 3))
+
+
+def _conv_only(**options):
+    return {"passes": [{"kind": "prune", "select": {"names": ["conv"]}, "exclude_last": False, **options}]}
+
+
+def _conv_mask(gm):
+    return masks_of(gm)["conv"].int().tolist()
+
+
+X1 = torch.zeros(1, 1, 4, 4)
+
+
+def test_min_channels_and_iterative_schedule_of_one_layer():
+    gm = evefx.transform(OneConv([1.0, 2, 3, 4, 5, 6, 7, 8]), _conv_only(ratio=0.9, min_channels=3), X1)
+    assert evefx.prune_step(gm)["conv"] == (3, 8)
+    spec = _conv_only(ratio=0.5, schedule={"kind": "iterative", "steps": 2})
+    gm = evefx.transform(OneConv([8.0, 7, 6, 5, 4, 3, 2, 1]), spec, X1)
+    evefx.prune_step(gm)
+    assert _conv_mask(gm) == [1, 1, 1, 1, 1, 1, 0, 0]
+    evefx.prune_step(gm)
+    assert _conv_mask(gm) == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_masked_channels_stay_masked_when_importance_changes():
+    gm = evefx.transform(OneConv([1.0, 2, 3, 4]), _conv_only(ratio=0.25), X1)
+    evefx.prune_step(gm)
+    assert _conv_mask(gm) == [0, 1, 1, 1]
+    with torch.no_grad():
+        gm.get_submodule("conv").weight[0].fill_(9.0)
+    # channel 0 is now the most important, but it was masked: it stays masked
+    evefx.prune_step(gm)
+    assert _conv_mask(gm) == [0, 1, 1, 1]
+
+
+def test_ties_prune_the_earlier_channel_first():
+    gm = evefx.transform(OneConv([1.0, 1.0, 1.0]), _conv_only(ratio=0.67), X1)
+    evefx.prune_step(gm)
+    assert _conv_mask(gm) == [0, 0, 1]
