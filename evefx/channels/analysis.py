@@ -345,7 +345,7 @@ class ChannelAnalysis(fx.Interpreter):
             cls = type(call.target)
             name, spelled = cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
         elif call.node.op == "call_method":
-            name = spelled = repr(call.target)
+            name, spelled = str(call.target), repr(call.target)
         else:
             name = getattr(call.target, "__name__", str(call.target))
             spelled = qualified_name(call.target)

@@ -48,13 +48,9 @@ class MaskedValue(IntEnum):
     """What a masked (pruned) channel is worth where a tensor is read. Ordered: combining two
     claims keeps the weaker one (``min``)."""
 
-    DATA = 0
-    """It depends on the input: removing the channel would change the result."""
-    CONSTANT = 1
-    """A constant that does not depend on the input (a BatchNorm's shift of the zero): it can be
-    folded into a consumer's bias."""
-    ZERO = 2
-    """Still the pruner's zero: removing the channel changes nothing."""
+    DATA = 0  # it depends on the input: removing the channel would change the result
+    CONSTANT = 1  # independent of the input (a BatchNorm's shift of the zero): foldable into a consumer's bias
+    ZERO = 2  # still the pruner's zero: removing the channel changes nothing
 
 
 @dataclass
@@ -78,13 +74,9 @@ def after_zero_padding(masked: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class OpCall:
-    """One call the analysis asks a rule about.
-
-    ``target`` is the module instance (``call_module``), the function (``call_function``) or the
-    method name (``call_method``); ``args``/``kwargs`` are the node's arguments with every tensor
-    evefx follows replaced by its :class:`ChannelMap` (``None`` for values it does not follow).
-    The raw arguments are on ``node``.
-    """
+    """One call a rule is asked about: ``target`` is the module instance, the function or the method
+    name; ``args``/``kwargs`` the node's arguments with every tensor evefx follows replaced by its
+    :class:`ChannelMap` (``None`` for values it does not follow); the raw ones are on ``node``."""
 
     node: fx.Node
     target: Any
@@ -192,10 +184,6 @@ def register_rule(target: Target | tuple[Target, ...] | list[Target], rule: Rule
         return decorate
     DEFAULT_RULES.register(target, rule)
     return rule
-
-
-# ------------------------------------------------------------------------------------------------
-# ready rules
 
 
 def elementwise(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
@@ -468,9 +456,7 @@ def index(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     return ChannelMap(x.ids[key], np.broadcast_to(x.masked, x.ids.shape)[key])
 
 
-# ------------------------------------------------------------------------------------------------
 # the defaults
-
 _R = DEFAULT_RULES.register
 _R(ChannelPruner, channel_pruner)
 _R(nn.modules.conv._ConvNd, conv)

@@ -143,3 +143,13 @@ def test_lookup_by_class_hierarchy_function_name_and_method(fresh_rules):
     assert fresh_rules.lookup("call_method", "square") is None
     with pytest.raises(TypeError, match="nn.Module subclass, a function or a method name"):
         fresh_rules.register(3, rules.elementwise)
+
+
+def test_an_unknown_tensor_method_is_named_with_the_rule_to_register():
+    class Cubed(Squared):
+        def forward(self, x):
+            return self.fc(self.c2(self.c1(x).pow(3)).mean((2, 3)))
+
+    with pytest.raises(PruneError, match=r"node 'pow_1' \(call_method pow\): evefx does not know how pow maps channels\. "
+                                         r"Register a rule for it, e\.g\. evefx\.channels\.register_rule\('pow', "):
+        evefx.prune_step(evefx.transform(Cubed(), PRUNE, X16))
