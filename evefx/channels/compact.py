@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -128,51 +129,69 @@ def _param(t: torch.Tensor, like: nn.Parameter | None) -> nn.Parameter:
     return nn.Parameter(t.clone(), requires_grad=like.requires_grad if like is not None else True)
 
 
+class _Side(Enum):
+    """Which channels of a layer a cut removes."""
+
+    OUTPUTS = "outputs"  # a producer's filters (and bias)
+    INPUTS = "inputs"  # a consumer's input channels or features
+    THROUGH = "through"  # a depthwise or grouped conv: output channel c is input channel c
+    NORM = "norm"  # a BatchNorm's entries
+
+
+@dataclass(frozen=True)
+class _Cut:
+    module: nn.Module
+    node: fx.Node
+    keep: torch.Tensor  # indices kept
+    whole: bool  # nothing removed
+
+
 class _Slicer:
     """Collects the index sets each module keeps, checks that shared modules agree, then slices."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self.plans: dict[tuple[int, str], tuple[nn.Module, fx.Node, torch.Tensor, bool]] = {}
+        self.cuts: dict[tuple[int, _Side], _Cut] = {}
 
-    def add(self, role: str, site: Site, keep: np.ndarray) -> None:
+    def add(self, side: _Side, site: Site, keep: np.ndarray) -> None:
         if not keep.all() and not type(site.module).__module__.startswith("torch.nn."):
             raise PruneError(
                 f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers "
                 f"are sliced (a quantized or custom layer may hold per-channel state); prune and compact before quantizing"
             )
         idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long)
-        key = (id(site.module), role)
-        prev = self.plans.get(key)
-        if prev is not None and not torch.equal(prev[2], idx):
+        key = (id(site.module), side)
+        prev = self.cuts.get(key)
+        if prev is not None and not torch.equal(prev.keep, idx):
             raise PruneError(
-                f"{describe_node(self.gm, site.node)} shares its module with {describe_node(self.gm, prev[1])}, but they would lose "
+                f"{describe_node(self.gm, site.node)} shares its module with {describe_node(self.gm, prev.node)}, but they would lose "
                 f"different channels; give each call its own module"
             )
-        self.plans[key] = (site.module, site.node, idx, bool(keep.all()))
+        self.cuts[key] = _Cut(site.module, site.node, idx, bool(keep.all()))
 
     def apply(self) -> None:
-        for (_, role), (m, _node, idx, full) in self.plans.items():
-            if full:
+        for (_, side), cut in self.cuts.items():
+            if cut.whole:
                 continue
+            m, idx = cut.module, cut.keep
             with torch.no_grad():
-                if role == "out":
+                if side is _Side.OUTPUTS:
                     _slice_out(m, idx)
-                elif role == "in":
+                elif side is _Side.INPUTS:
                     _slice_in(m, idx)
-                elif role == "dw" and m.groups == m.in_channels:
+                elif side is _Side.THROUGH and m.groups == m.in_channels:
                     _slice_out(m, idx)
                     m.in_channels = m.groups = len(idx)
-                elif role == "dw":
-                    # grouped: the same positions go in every group (see _Analyzer._conv)
+                elif side is _Side.THROUGH:
+                    # grouped: the same positions go in every group (see rules.conv)
                     width = m.in_channels // m.groups
                     positions = idx[idx < width]
                     if len(idx) != len(positions) * m.groups:
-                        raise PruneError(f"{describe_node(self.gm, _node)}: its groups would lose different channels; please report this bug")
+                        raise PruneError(f"{describe_node(self.gm, cut.node)}: its groups would lose different channels; please report this bug")
                     _slice_out(m, idx)
                     m.weight = _param(m.weight.detach()[:, positions], m.weight)
                     m.in_channels = len(idx)
-                elif role == "norm":
+                elif side is _Side.NORM:
                     _slice_norm(m, idx)
 
 
@@ -357,15 +376,15 @@ def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tu
     """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output channels."""
     channels: dict[str, tuple[int, int]] = {}
     slicer = _Slicer(gm)
-    for role, sites in (("out", dg.producers), ("dw", dg.depthwise)):
+    for side, sites in ((_Side.OUTPUTS, dg.producers), (_Side.THROUGH, dg.depthwise)):
         for site in sites:
             k = keep(site.ids)
-            slicer.add(role, site, k)
+            slicer.add(side, site, k)
             channels[str(site.node.target)] = (len(k), int(k.sum()))
     for consumer in dg.consumers:
-        slicer.add("in", consumer, keep(consumer.ids))
+        slicer.add(_Side.INPUTS, consumer, keep(consumer.ids))
     for site in dg.norms:
-        slicer.add("norm", site, keep(site.ids))
+        slicer.add(_Side.NORM, site, keep(site.ids))
     for reshape in dg.reshapes:
         ids = reshape.ids
         per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]

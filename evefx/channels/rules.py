@@ -457,48 +457,48 @@ def index(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
 
 
 # the defaults
-_R = DEFAULT_RULES.register
-_R(ChannelPruner, channel_pruner)
-_R(nn.modules.conv._ConvNd, conv)
-_R(nn.Linear, linear)
-_R(nn.modules.batchnorm._BatchNorm, batch_norm)
-_R(nn.PReLU, prelu)
-_R(nn.Flatten, flatten)
-_R(EveHooks, eve_module)
-_R((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh,
+_default = DEFAULT_RULES.register
+_default(ChannelPruner, channel_pruner)
+_default(nn.modules.conv._ConvNd, conv)
+_default(nn.Linear, linear)
+_default(nn.modules.batchnorm._BatchNorm, batch_norm)
+_default(nn.PReLU, prelu)
+_default(nn.Flatten, flatten)
+_default(EveHooks, eve_module)
+_default((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh,
     nn.Mish, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), elementwise)
-_R((nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid), elementwise_to_constant)
-_R((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+_default((nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid), elementwise_to_constant)
+_default((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
     nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ZeroPad1d, nn.ZeroPad3d), spatial_module)
 
-_R((F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.hardswish, F.hardtanh, F.mish,
+_default((F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.hardswish, F.hardtanh, F.mish,
     torch.relu, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.relu_,
     torch.clone, torch.neg, torch.abs,
     "relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "double", "half", "to",
     "type_as", "detach", "abs", "neg", "clamp", "clamp_min", "clamp_", "clamp_min_",
     # torchvision's stochastic depth scales whole samples (or rows): zero stays zero, channels untouched
     "torchvision.ops.stochastic_depth.stochastic_depth"), elementwise)
-_R((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, F.logsigmoid, "sigmoid", "sigmoid_", "exp"),
-   elementwise_to_constant)
-_R((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+_default((torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, F.logsigmoid, "sigmoid", "sigmoid_", "exp"),
+    elementwise_to_constant)
+_default((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d,
     F.max_pool2d, F.max_pool3d, F.interpolate, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d),
-   spatial_function)
-_R(F.pad, pad)
-_R(("mean", "sum", "amax", "amin"), reduction)
-_R((operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"), add)
-_R((operator.sub, operator.isub, torch.sub, "sub", "sub_"), sub)
-_R((operator.mul, operator.imul, torch.mul, "mul", "mul_"), mul)
-_R((operator.truediv, operator.itruediv, torch.div, "div", "div_"), div)
-_R((torch.cat, torch.concat, torch.concatenate), concat)
-_R(("view", "reshape", torch.reshape), reshape)
-_R(("flatten", "unflatten", torch.flatten, torch.unflatten), flatten)
-_R((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim"), move_axes)
-_R((torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"), split)
-_R(operator.getitem, index)
-_R(("size", "dim", "numel", "nelement"), not_a_tensor)
-_R(builtins.getattr, tensor_attribute)
-del _R
+    spatial_function)
+_default(F.pad, pad)
+_default(("mean", "sum", "amax", "amin"), reduction)
+_default((operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"), add)
+_default((operator.sub, operator.isub, torch.sub, "sub", "sub_"), sub)
+_default((operator.mul, operator.imul, torch.mul, "mul", "mul_"), mul)
+_default((operator.truediv, operator.itruediv, torch.div, "div", "div_"), div)
+_default((torch.cat, torch.concat, torch.concatenate), concat)
+_default(("view", "reshape", torch.reshape), reshape)
+_default(("flatten", "unflatten", torch.flatten, torch.unflatten), flatten)
+_default((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim"), move_axes)
+_default((torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"), split)
+_default(operator.getitem, index)
+_default(("size", "dim", "numel", "nelement"), not_a_tensor)
+_default(builtins.getattr, tensor_attribute)
+del _default
