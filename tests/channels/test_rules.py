@@ -153,3 +153,14 @@ def test_an_unknown_tensor_method_is_named_with_the_rule_to_register():
     with pytest.raises(PruneError, match=r"node 'pow_1' \(call_method pow\): evefx does not know how pow maps channels\. "
                                          r"Register a rule for it, e\.g\. evefx\.channels\.register_rule\('pow', "):
         evefx.prune_step(evefx.transform(Cubed(), PRUNE, X16))
+
+
+def test_a_failing_rule_is_reported_with_its_node():
+    def broken(walk, call):
+        raise ValueError("boom")
+
+    mine = rules.DEFAULT_RULES.copy()
+    mine.register(torch.square, broken)
+    with pytest.raises(PruneError, match=r"^channel analysis failed at node 'square' \(call_function square\): boom$") as err:
+        analyze(evefx.transform(Squared(), PRUNE, X16), rules=mine)
+    assert isinstance(err.value.__cause__, ValueError)
