@@ -36,7 +36,7 @@ import torchvision
 from torch import nn
 
 import evefx
-from evefx.prune_ops import compact_report
+from evefx.channels import compact_report
 
 log = logging.getLogger("bench_prune")
 

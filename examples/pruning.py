@@ -42,7 +42,7 @@ from rich.table import Table
 
 import evefx
 from evefx.data import loaders
-from evefx.prune_ops import compact_report, count_macs, count_params
+from evefx.channels import compact_report, count_macs, count_params
 from evefx.train import evaluate, fit, seed_everything
 from examples.models import DemoNet
 

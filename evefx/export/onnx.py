@@ -499,7 +499,7 @@ def _remove_pruned_channels(gm: nn.Module) -> tuple[nn.Module, int]:
     """Deploy a pruned model without its masked channels (``evefx.compact``), so the file is smaller
     for real; where compact cannot slice (quantized layers), the masks export as multiplications."""
     from evefx.modules.prune import ChannelPruner
-    from evefx.prune_ops import compact
+    from evefx.channels import compact
 
     masked = sum(int((m.mask == 0).sum()) for m in gm.modules() if isinstance(m, ChannelPruner) and m.enabled)
     if not masked or not isinstance(gm, fx.GraphModule):

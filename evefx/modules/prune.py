@@ -10,22 +10,22 @@ by ``mask[c]``. In training mode it also accumulates one per-channel statistic, 
   constant channel carries no information and scores 0;
 * ``taylor``: ``|sum over positions of activation x gradient|`` averaged over samples (first-order
   estimate of the loss change when the channel is removed), through a tensor hook;
-* ``l1_norm``: needs the producing layer's weights, which this module does not see: the pruning
-  code passes the importance in (:meth:`ChannelPruner.prune`), and no statistic is gathered.
+* ``l1_norm``: needs the producing layer's weights, which this module does not see: no statistic
+  is gathered, and :func:`evefx.prune_step` ranks the channels by those weights.
 
-Everything lives on the instance (buffers travel with ``state_dict``); nothing here knows about
-specs, passes or tracing.
+Masks are set by :func:`evefx.prune_step` (which ranks coupled channels of several layers
+together) through :meth:`ChannelPruner.set_mask`. Everything lives on the instance (buffers travel
+with ``state_dict``); nothing here knows about specs, passes or tracing.
 
 Example:
     >>> p = ChannelPruner(4, criterion="fire_rate", ratio=0.5).train()
     >>> _ = p(torch.tensor([[1.0, -1.0, 2.0, -3.0]]))
-    >>> p.prune().tolist()
+    >>> p.importance().tolist()
     [1.0, 0.0, 1.0, 0.0]
 """
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 
 from evefx.modules.protocol import EveHooks, EveRange
 
-__all__ = ["ChannelPruner", "CRITERIA", "select_keep"]
+__all__ = ["ChannelPruner", "CRITERIA"]
 
 log = logging.getLogger(__name__)
 
@@ -42,39 +42,17 @@ CRITERIA: tuple[str, ...] = ("l1_norm", "fire_rate", "kl_div", "taylor")
 _CONSTANT_VAR = 1e-8  # relative variance under which a channel counts as constant (kl_div)
 
 
-def select_keep(importance: torch.Tensor, n_prune: int, pruned_before: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean keep-vector that drops the ``n_prune`` least important entries.
-
-    Entries in ``pruned_before`` are dropped first (masked channels stay masked as long as the
-    target allows), then the lowest ``importance``; ties break towards the lower index.
-
-    Example:
-        >>> select_keep(torch.tensor([3.0, 1.0, 2.0]), 1).tolist()
-        [True, False, True]
-    """
-    n = importance.numel()
-    n_prune = max(0, min(int(n_prune), n))
-    key = importance.detach().double().clone()
-    if pruned_before is not None:
-        key[pruned_before] = -math.inf
-    # stable sort so that equal importances prune the earlier channel first, deterministically
-    order = torch.sort(key, stable=True).indices
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[order[:n_prune]] = False
-    return keep
-
-
 class ChannelPruner(EveHooks, nn.Module):
     """Multiply the channels (``dim``) of its input by a 0/1 mask; gather a per-channel statistic.
 
     Args:
         num_channels: channels of the input along ``dim``.
         criterion: ``l1_norm`` | ``fire_rate`` | ``kl_div`` | ``taylor`` (see the module docstring).
-        ratio: fraction of channels to prune at the next :meth:`prune` (a buffer).
+        ratio: fraction of channels to prune at the next :func:`evefx.prune_step` (a buffer).
         dim: the channel axis: 1 for conv outputs, -1 for linear outputs.
         max_ratio: when given, ``ratio`` is an eve parameter in ``[0, max_ratio]``.
         min_channels: never keep fewer channels than this.
-        steps: prune to ``ratio`` in this many equal increments (one per :meth:`prune` call).
+        steps: prune to ``ratio`` in this many equal increments (one per :func:`evefx.prune_step`).
         scope: ``layer`` or ``global``; read by :func:`evefx.prune_step`, ignored here.
 
     ``set_mode(pruned=False)`` makes the module the identity (statistics still accumulate).
@@ -187,7 +165,7 @@ class ChannelPruner(EveHooks, nn.Module):
         self.stat_count.zero_()
 
     def target_ratio(self) -> float:
-        """The ratio the next :meth:`prune` aims at, given the schedule (``steps``)."""
+        """The ratio the next :func:`evefx.prune_step` aims at, given the schedule (``steps``)."""
         done = min(int(self.steps_done) + 1, self.steps)
         return float(self.ratio) * done / self.steps
 
@@ -198,25 +176,6 @@ class ChannelPruner(EveHooks, nn.Module):
             raise ValueError(f"mask needs {self.num_channels} entries (got {keep.numel()})")
         with torch.no_grad():
             self.mask.copy_(keep.to(self.mask.dtype) > 0.5)
-
-    def prune(self, importance: torch.Tensor | None = None) -> torch.Tensor:
-        """Recompute the mask of this layer alone from ``importance`` (default: the statistic),
-        advancing the schedule by one step; returns the new mask.
-
-        Example:
-            >>> ChannelPruner(3, ratio=0.34).prune(torch.tensor([0.2, 0.1, 0.3])).tolist()
-            [1.0, 0.0, 1.0]
-        """
-        imp = self.importance() if importance is None else torch.as_tensor(importance, dtype=torch.float32).reshape(-1)
-        if imp is None:
-            raise ValueError(
-                f"ChannelPruner({self.criterion}) has no statistic yet: run training-mode forwards first"
-                + (" or pass the weight importance" if self.criterion == "l1_norm" else "")
-            )
-        n_prune = min(int(self.target_ratio() * self.num_channels + 1e-9), self.num_channels - max(self.min_channels, 1))
-        self.set_mask(select_keep(imp, n_prune, self.mask < 0.5))
-        self.steps_done += 1
-        return self.mask.clone()
 
     # ---- eve protocol -------------------------------------------------------------------------
     def eve_ranges(self) -> dict[str, EveRange]:

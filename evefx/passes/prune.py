@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from evefx.errors import PassError
 from evefx.graph import insert_after, mark, marked, output_block
+from evefx.layers import out_channels
 from evefx.modules.prune import ChannelPruner
 from evefx.passes.base import Change, PassResult, SectionPass
 from evefx.spec import PruneSection
@@ -28,10 +29,6 @@ from evefx.spec import PruneSection
 __all__ = ["PrunePass"]
 
 log = logging.getLogger(__name__)
-
-
-def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 class PrunePass(SectionPass):
@@ -61,7 +58,7 @@ class PrunePass(SectionPass):
                 )
             steps = section.schedule.steps if section.schedule.kind == "iterative" else 1
             pruner = ChannelPruner(
-                _out_channels(module),
+                out_channels(module),
                 section.criterion,
                 section.ratio,
                 dim=-1 if isinstance(module, nn.Linear) else 1,

@@ -45,6 +45,7 @@ from evefx.graph import (
     replace_module,
     unique_name,
 )
+from evefx.layers import out_channels
 from evefx.modules.prune import ChannelPruner
 from evefx.modules.quant import (
     QUANT_LAYER_TYPES,
@@ -116,10 +117,6 @@ def _base_type(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 class QuantizePass(SectionPass):
     """Runs one ``kind: quantize`` section (see the module docstring for what it does).
 
@@ -148,7 +145,7 @@ class QuantizePass(SectionPass):
             return None
         bn = module_of(gm, bn_node)
         base = _base_type(module)
-        if not isinstance(bn, _BN_FOR[base]) or bn.num_features != _out_channels(module):
+        if not isinstance(bn, _BN_FOR[base]) or bn.num_features != out_channels(module):
             return None
         if not bn.track_running_stats or bn.running_var is None:
             log.info("%s: %s keeps its BatchNorm %s (no running statistics to fold)", self.spec_path, layer_node.target, bn_node.target)
@@ -172,7 +169,7 @@ class QuantizePass(SectionPass):
                     f"Conv1d/Conv2d/Conv3d/Linear. Remove it from select."
                 )
             self.current_node = node
-            channels = _out_channels(module)
+            channels = out_channels(module)
             if section.weight is not None:
                 cfg = section.weight
                 wq = make_quantizer(cfg, name=f"{layer} (weight)", num_channels=channels, ch_axis=0,
@@ -294,7 +291,7 @@ def quant_summary(gm: fx.GraphModule) -> list[dict[str, Any]]:
         if isinstance(m, QUANT_LAYER_TYPES):
             w_bits = int(m.weight_quantizer.bits)
             if m.bn is not None and m.bias is None:
-                biases = _out_channels(m)
+                biases = out_channels(m)
         rows.append({
             "layer": layer,
             "w_bits": w_bits,

@@ -31,6 +31,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from evefx.errors import PassError
 from evefx.graph import ACTIVATION_MODULES, insert_after, insert_before_output, mark, marked, module_of, output_block, remove_node, unique_name
+from evefx.layers import out_channels
 from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
 from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron, SpikingNeuron
 from evefx.passes.base import Change, PassResult, SectionPass
@@ -47,12 +48,6 @@ _TIME_INVARIANT = frozenset({
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.ZeroPad2d, *ACTIVATION_MODULES,
 })
-
-
-def _out_channels(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return getattr(module, "out_channels", None)
 
 
 def make_neuron(section: SpikeSection, channels: int | None) -> SpikingNeuron:
@@ -109,7 +104,7 @@ class SpikePass(SectionPass):
             if section.timesteps != timesteps:
                 raise PassError(f"{self.spec_path}.overrides: timesteps cannot differ per layer ({layer})")
             self.current_node = planned.node
-            neuron = make_neuron(section, _out_channels(planned.module))
+            neuron = make_neuron(section, out_channels(planned.module))
             neuron.train(planned.module.training)
             block = output_block(gm, planned.node)
             before = block.bn or block.layer

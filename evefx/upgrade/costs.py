@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters
 from evefx.errors import SearchError
+from evefx.channels import compact
 from evefx.graph import layer_nodes, module_of
 
 __all__ = ["COST_KINDS", "CHEAP_AT_HIGH", "LayerCost", "CostModel", "cheap_end", "measure_latency"]
@@ -126,11 +127,7 @@ def measure_latency(gm: nn.Module, inputs: Sequence[torch.Tensor], *, repeats: i
 
     model = copy.deepcopy(gm).eval()
     try:
-        from evefx.prune_ops import compact  # type: ignore[import-not-found]
-
-        model = compact(model) or model
-    except (ImportError, AttributeError):
-        pass
+        model = compact(model)
     except Exception as e:  # noqa: BLE001 - nothing to compact is not an error for timing
         log.debug("compact before latency failed: %s", e)
     with tempfile.TemporaryDirectory() as tmp:

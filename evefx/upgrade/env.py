@@ -79,7 +79,7 @@ def apply_pruning(gm: nn.Module) -> None:
         >>> UpgradeEnv(gm, evaluate, apply=apply_pruning)  # the default when ratios are searched
     """
     from evefx.modules.prune import ChannelPruner
-    from evefx.prune_ops import prune_step
+    from evefx.channels import prune_step
 
     pruners = [m for m in gm.modules() if isinstance(m, ChannelPruner)]
     for _ in range(max([m.steps - int(m.steps_done) for m in pruners] + [1])):

@@ -1,5 +1,5 @@
 """ChannelPruner on hand-made activations: each statistic against values computed by hand, masks,
-schedule, modes, eve protocol, state."""
+schedule, modes, eve protocol, state. Choosing masks is evefx.prune_step's (tests/channels/test_selection.py)."""
 from __future__ import annotations
 
 import math
@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from evefx.modules.protocol import EveRange
-from evefx.modules.prune import ChannelPruner, select_keep
+from evefx.modules.prune import ChannelPruner
 
 
-def test_fire_rate_is_fraction_of_positive_outputs_and_mask_drops_lowest():
+def test_fire_rate_is_fraction_of_positive_outputs():
     p = ChannelPruner(3, criterion="fire_rate", ratio=0.34).train()
     # [N=2, C=3, 2 positions]: channel 0 fires 4/4, channel 1 fires 1/4, channel 2 fires 2/4
     x = torch.tensor([[[1.0, 2.0], [0.5, -1.0], [1.0, -1.0]],
                       [[3.0, 1.0], [0.0, -2.0], [-1.0, 4.0]]])
     p(x)
     assert p.importance().tolist() == [1.0, 0.25, 0.5]
-    assert p.prune().tolist() == [1.0, 0.0, 1.0]
+    p.set_mask(torch.tensor([1, 0, 1]))
     assert p.observations() == pytest.approx({"pruned": 1 / 3, "ratio": 0.34, "fire_rate": 1.75 / 3})
 
 
@@ -45,8 +45,6 @@ def test_kl_div_matches_the_gaussian_formula_by_hand():
         return 0.5 * (math.log(var_l / var) + (var + (mu - mu_l) ** 2) / var_l - 1)
 
     assert p.importance().tolist() == pytest.approx([kl(0, 1), kl(0, 1), kl(4, 1)], rel=1e-5)
-    # the channel that departs from the layer's distribution is kept
-    assert p.prune().tolist() == [0.0, 1.0, 1.0]
 
 
 def test_kl_div_scores_a_constant_channel_zero():
@@ -63,7 +61,6 @@ def test_taylor_is_mean_abs_activation_times_gradient():
     (p(x) * w).sum().backward()
     # sample 0: c0 |1*.5 + 2*1| = 2.5, c1 |3*-1 + -1*2| = 5; sample 1: c0 |-1| = 1, c1 |-1 + 2| = 1
     assert p.importance().tolist() == pytest.approx([1.75, 3.0])
-    assert p.prune().tolist() == [0.0, 1.0]
     # no gradient, no statistic
     q = ChannelPruner(2, criterion="taylor").train()
     with torch.no_grad():
@@ -71,13 +68,10 @@ def test_taylor_is_mean_abs_activation_times_gradient():
     assert q.importance() is None
 
 
-def test_l1_norm_takes_importance_from_outside():
+def test_l1_norm_gathers_no_statistic():
     p = ChannelPruner(4, criterion="l1_norm", ratio=0.5).train()
     p(torch.ones(1, 4))
     assert p.importance() is None
-    with pytest.raises(ValueError, match="weight importance"):
-        p.prune()
-    assert p.prune(torch.tensor([4.0, 1.0, 3.0, 2.0])).tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_mask_multiplies_the_channel_axis_and_mode_lifts_it():
@@ -97,28 +91,13 @@ def test_mask_multiplies_the_channel_axis_and_mode_lifts_it():
     assert last(torch.ones(2, 3)).tolist() == [[0.0, 1.0, 1.0]] * 2
 
 
-def test_min_channels_and_iterative_schedule():
-    p = ChannelPruner(8, ratio=0.9, min_channels=3)
-    assert int(p.prune(torch.arange(8.0)).sum()) == 3
+def test_iterative_schedule_target_ratio():
     q = ChannelPruner(8, ratio=0.5, steps=2)
-    imp = torch.tensor([8.0, 7, 6, 5, 4, 3, 2, 1])
     assert q.target_ratio() == 0.25
-    assert q.prune(imp).tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
-    assert q.prune(imp).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    q.steps_done += 1
+    assert q.target_ratio() == 0.5
+    q.steps_done += 1
     assert q.target_ratio() == 0.5  # the schedule stays at the target
-
-
-def test_masked_channels_stay_masked_when_importance_changes():
-    p = ChannelPruner(4, ratio=0.25, steps=1)
-    p.prune(torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    # channel 0 is now the most important, but it was masked: it stays masked
-    assert p.prune(torch.tensor([9.0, 2.0, 3.0, 4.0])).tolist() == [0, 1, 1, 1]
-
-
-def test_select_keep_ties_and_priority():
-    assert select_keep(torch.tensor([1.0, 1.0, 1.0]), 2).tolist() == [False, False, True]
-    assert select_keep(torch.tensor([1.0, 5.0, 3.0]), 1, torch.tensor([False, True, False])).tolist() == [True, False, True]
-    assert select_keep(torch.tensor([1.0, 2.0]), 5).tolist() == [False, False]
 
 
 def test_eve_protocol_ratio_only_when_upgradable():
@@ -135,7 +114,7 @@ def test_state_travels_with_state_dict_and_instances_share_nothing():
     a = ChannelPruner(3, criterion="fire_rate", ratio=0.34).train()
     b = ChannelPruner(3, criterion="fire_rate", ratio=0.34).train()
     a(torch.tensor([[1.0, -1.0, 1.0]]))
-    a.prune()
+    a.set_mask(torch.tensor([1, 0, 1]))
     assert b.importance() is None and b.mask.tolist() == [1, 1, 1]
     b.load_state_dict(a.state_dict())
     assert b.mask.tolist() == a.mask.tolist() and torch.equal(b.importance(), a.importance())

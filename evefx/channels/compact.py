@@ -1,0 +1,410 @@
+"""Physical removal of masked channels (:func:`compact`), and its size report.
+
+Producing layers lose output channels (with their BatchNorm entries), consuming layers lose the
+matching input channels (a removed channel they read as a constant goes into their bias),
+depthwise convs lose both and their groups, grouped convs the same positions in every group, and
+literal sizes in ``view``/``reshape`` calls are rewritten. The result is checked against the
+masked model.
+
+Example:
+    >>> small = evefx.compact(gm)        # a new, smaller module; gm is untouched
+    >>> compact_report(small).params_after
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+
+from evefx.channels.analysis import ConsumerSite, DependencyGraph, Site, analyze, ensure_shapes, pruners_of, shape_of
+from evefx.channels.rules import MaskedValue, RuleRegistry
+from evefx.errors import PruneError, ShapeError
+from evefx.graph import describe_node, module_of, output_block, remove_node
+from evefx.trace import propagate_shapes
+
+__all__ = ["CompactReport", "compact", "compact_report", "count_macs", "count_params"]
+
+log = logging.getLogger(__name__)
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (buffers excluded).
+
+    Example:
+        >>> count_params(nn.Linear(4, 2))
+        10
+    """
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_macs(gm: fx.GraphModule) -> int:
+    """Multiply-accumulates of the conv/linear layers, from the shapes in ``node.meta`` (per sample).
+
+    Example:
+        >>> count_macs(evefx.transform(DemoNet(), {}, torch.zeros(1, 1, 28, 28)))
+        43856
+    """
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = module_of(gm, node)
+        shape = shape_of(node)
+        if shape is None:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            total += int(np.prod(shape[1:])) * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
+        elif isinstance(m, nn.Linear):
+            total += int(np.prod(shape[1:-1])) * m.in_features * m.out_features
+    return total
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    """Size of a model before and after :func:`compact` (MACs per sample).
+
+    Example:
+        >>> r = compact_report(small); f"{r.params_ratio:.2f}x fewer parameters"
+    """
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Output channels per producing layer: ``(before, after)``."""
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def table(self) -> Table:
+        t = Table(title="evefx compact")
+        for col in ("", "before", "after", "ratio"):
+            t.add_column(col, justify="right")
+        t.add_row("parameters", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.params_ratio:.2f}x")
+        t.add_row("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.macs_ratio:.2f}x")
+        return t
+
+
+def compact_report(gm: fx.GraphModule) -> CompactReport:
+    """The :class:`CompactReport` that :func:`compact` attached to the module it returned."""
+    report = gm.meta.get("evefx_compact") if hasattr(gm, "meta") else None
+    if report is None:
+        raise PruneError("this module was not made by evefx.compact (no compaction report)")
+    return report
+
+
+def _example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        meta = n.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise PruneError(f"input {n.name!r} has no shape; pass example_inputs to evefx.compact")
+        if meta.dtype.is_floating_point:
+            out.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+        else:
+            out.append(torch.zeros(tuple(meta.shape), dtype=meta.dtype))
+    return tuple(out)
+
+
+def _param(t: torch.Tensor, like: nn.Parameter | None) -> nn.Parameter:
+    return nn.Parameter(t.clone(), requires_grad=like.requires_grad if like is not None else True)
+
+
+class _Side(Enum):
+    """Which channels of a layer a cut removes."""
+
+    OUTPUTS = "outputs"  # a producer's filters (and bias)
+    INPUTS = "inputs"  # a consumer's input channels or features
+    THROUGH = "through"  # a depthwise or grouped conv: output channel c is input channel c
+    NORM = "norm"  # a BatchNorm's entries
+
+
+@dataclass(frozen=True)
+class _Cut:
+    module: nn.Module
+    node: fx.Node
+    keep: torch.Tensor  # indices kept
+    whole: bool  # nothing removed
+
+
+class _Slicer:
+    """Collects the index sets each module keeps, checks that shared modules agree, then slices."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.cuts: dict[tuple[int, _Side], _Cut] = {}
+
+    def add(self, side: _Side, site: Site, keep: np.ndarray) -> None:
+        if not keep.all() and not type(site.module).__module__.startswith("torch.nn."):
+            raise PruneError(
+                f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers "
+                f"are sliced (a quantized or custom layer may hold per-channel state); prune and compact before quantizing"
+            )
+        idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long)
+        key = (id(site.module), side)
+        prev = self.cuts.get(key)
+        if prev is not None and not torch.equal(prev.keep, idx):
+            raise PruneError(
+                f"{describe_node(self.gm, site.node)} shares its module with {describe_node(self.gm, prev.node)}, but they would lose "
+                f"different channels; give each call its own module"
+            )
+        self.cuts[key] = _Cut(site.module, site.node, idx, bool(keep.all()))
+
+    def apply(self) -> None:
+        for (_, side), cut in self.cuts.items():
+            if cut.whole:
+                continue
+            m, idx = cut.module, cut.keep
+            with torch.no_grad():
+                if side is _Side.OUTPUTS:
+                    _slice_out(m, idx)
+                elif side is _Side.INPUTS:
+                    _slice_in(m, idx)
+                elif side is _Side.THROUGH and m.groups == m.in_channels:
+                    _slice_out(m, idx)
+                    m.in_channels = m.groups = len(idx)
+                elif side is _Side.THROUGH:
+                    # grouped: the same positions go in every group (see rules.conv)
+                    width = m.in_channels // m.groups
+                    positions = idx[idx < width]
+                    if len(idx) != len(positions) * m.groups:
+                        raise PruneError(f"{describe_node(self.gm, cut.node)}: its groups would lose different channels; please report this bug")
+                    _slice_out(m, idx)
+                    m.weight = _param(m.weight.detach()[:, positions], m.weight)
+                    m.in_channels = len(idx)
+                elif side is _Side.NORM:
+                    _slice_norm(m, idx)
+
+
+def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
+    m.weight = _param(m.weight.detach()[idx], m.weight)
+    if getattr(m, "bias", None) is not None:
+        m.bias = _param(m.bias.detach()[idx], m.bias)
+    if isinstance(m, nn.Linear):
+        m.out_features = len(idx)
+    else:
+        m.out_channels = len(idx)
+
+
+def _slice_in(m: nn.Module, idx: torch.Tensor) -> None:
+    m.weight = _param(m.weight.detach()[:, idx], m.weight)
+    if isinstance(m, nn.Linear):
+        m.in_features = len(idx)
+    else:
+        m.in_channels = len(idx)
+
+
+def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
+    if m.weight is not None:
+        m.weight = _param(m.weight.detach()[idx], m.weight)
+        m.bias = _param(m.bias.detach()[idx], m.bias)
+    if m.running_mean is not None:
+        m.running_mean = m.running_mean[idx].clone()
+        m.running_var = m.running_var[idx].clone()
+    m.num_features = len(idx)
+
+
+@torch.no_grad()
+def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.Tensor) -> None:
+    """Add to ``site``'s bias what its input channels ``pos`` contribute, constants in ``x`` (its input)."""
+    m = site.module
+    vals = x[:, pos] if x.dim() > 1 else x[pos]
+    k = vals.reshape(vals.shape[0], len(pos), -1)[0, :, 0]
+    if not torch.allclose(vals, k.view((1, -1) + (1,) * (vals.dim() - 2)).expand_as(vals), atol=1e-5, rtol=1e-5):
+        raise PruneError(f"{describe_node(gm, site.node)} reads removed channels that are not constant; please report this bug")
+    w = m.weight.detach()[:, pos]
+    delta = (w.reshape(w.shape[0], len(pos), -1).sum(-1) @ k.to(w.dtype))
+    if m.bias is None:
+        # a BatchNorm right after takes a constant shift for free (exact with running or batch statistics)
+        bn = output_block(gm, site.node).bn
+        norm = module_of(gm, bn) if bn is not None else None
+        if isinstance(norm, _BN) and norm.running_mean is not None and norm.num_features == len(delta) and sum(
+                1 for n in gm.graph.nodes if n.op == "call_module" and n.target == bn.target) == 1:
+            norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
+            return
+        m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=m.weight.requires_grad)
+    m.bias.add_(delta)
+
+
+def _rewrite_reshape(node: fx.Node, old: int, new: int) -> None:
+    """Replace the literal size ``old`` of axis 1 in a ``view``/``reshape`` call by ``new``."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        sizes = list(args[1])
+        if len(sizes) > 1 and sizes[1] == old:
+            sizes[1] = new
+            args[1] = type(args[1])(sizes)
+    elif len(args) > 2 and args[2] == old:
+        args[2] = new
+    node.args = tuple(args)
+
+
+def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = True, atol: float = 1e-4,
+            rules: RuleRegistry | None = None) -> fx.GraphModule:
+    """A new, smaller module: masked channels physically removed, pruners gone; ``gm`` is untouched.
+
+    Producing layers lose output channels (with their BatchNorm entries), consuming layers lose
+    the matching input channels (``in_features`` of a linear after a flatten: the channel's whole
+    block of positions; a removed channel they read as a constant goes into their bias), depthwise
+    convs lose both and their groups, grouped convs the same positions in every group, and literal
+    sizes in ``view``/``reshape`` calls are updated. With ``verify`` the result is
+    run once (eval mode, fixed random input) against the masked model and must agree within
+    ``atol``. The sizes before and after are in :func:`compact_report`.
+
+    Example:
+        >>> small = evefx.compact(gm)
+        >>> torch.allclose(small(x), gm.eval()(x), atol=1e-5)
+        True
+    """
+    new = copy.deepcopy(gm)
+    ensure_shapes(new, example_inputs)
+    inputs = _as_inputs(example_inputs) or _example_inputs(new)
+    params_before, macs_before = count_params(new), count_macs(new)
+    pruners = pruners_of(new)
+    if not pruners:
+        log.info("compact: no ChannelPruner in %s; returning a copy", type(gm).__name__)
+    dg = analyze(new, rules=rules)
+    keep = _Keep(new, dg)
+    folds = _constant_folds(new, dg, keep)
+    modes = [(m, m.training) for m in new.modules()]
+    for _node, p in pruners:
+        p.enabled = True
+    new.eval()
+    reference, captured = _reference_run(new, inputs, folds)
+    for site, pos in folds:
+        _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
+    channels = _slice(new, dg, keep)
+    for node, _p in pruners:
+        remove_node(new, node)
+    new.graph.lint()
+    new.recompile()
+    for m, mode in modes:
+        m.training = mode
+    try:
+        propagate_shapes(new, inputs)
+    except ShapeError as e:
+        raise PruneError(f"the compacted model does not run: {e}. This is a bug in evefx's channel analysis; please report it") from e
+    if verify:
+        _verify(new, inputs, reference, atol)
+    new.meta["evefx_compact"] = CompactReport(params_before, count_params(new), macs_before, count_macs(new), channels)
+    log.info("compact: params %d -> %d, MACs %d -> %d", params_before, count_params(new), macs_before, count_macs(new))
+    return new
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else None
+
+
+class _Keep:
+    """Which channel classes stay, from the pruners' masks; refuses masks that disagree on a coupled
+    channel or mask a frozen one."""
+
+    def __init__(self, gm: fx.GraphModule, dg: DependencyGraph):
+        self.dg = dg
+        frozen = dg.frozen_roots()
+        self.by_root: dict[int, bool] = {}
+        owner: dict[int, fx.Node] = {}
+        for site in dg.pruners:
+            for r, m in zip(dg.root(site.ids).tolist(), (site.module.mask > 0.5).tolist()):
+                if r in self.by_root and self.by_root[r] != m:
+                    raise PruneError(
+                        f"{site.node.name} and {owner[r].name} disagree on a coupled channel (one masks it, the other "
+                        f"keeps it): run evefx.prune_step, which masks coupled channels together"
+                    )
+                self.by_root[r], owner[r] = m, site.node
+                if not m and r in frozen:
+                    raise PruneError(
+                        f"{describe_node(gm, site.node)} masks a channel that cannot be removed ({frozen[r]}); "
+                        f"unmask it or let evefx.prune_step choose the masks"
+                    )
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Per id: whether its channel stays."""
+        return np.array([self.by_root.get(r, True) for r in self.dg.root(ids).reshape(-1).tolist()], dtype=bool)
+
+
+def _constant_folds(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> list[tuple[ConsumerSite, np.ndarray]]:
+    """Consumers that read a removed channel as a non-zero constant (they take it into their bias),
+    with the positions of those input channels."""
+    folds = []
+    for site in dg.consumers:
+        need = ~keep(site.ids) & (site.masked == MaskedValue.CONSTANT)
+        if need.any():
+            if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == site.node.target) > 1:
+                raise PruneError(f"{describe_node(gm, site.node)} is called more than once and would need a bias fold")
+            folds.append((site, np.flatnonzero(need)))
+    return folds
+
+
+def _reference_run(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+                   folds: list[tuple[ConsumerSite, np.ndarray]]) -> tuple[Any, dict[int, torch.Tensor]]:
+    """The masked model's output, and the inputs of the consumers that fold constants."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [site.module.register_forward_pre_hook(
+        lambda _m, args, key=id(site.module): captured.__setitem__(key, args[0].detach())) for site, _ in folds]
+    try:
+        with torch.no_grad():
+            reference = gm(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return reference, captured
+
+
+def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tuple[int, int]]:
+    """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output channels."""
+    channels: dict[str, tuple[int, int]] = {}
+    slicer = _Slicer(gm)
+    for side, sites in ((_Side.OUTPUTS, dg.producers), (_Side.THROUGH, dg.depthwise)):
+        for site in sites:
+            k = keep(site.ids)
+            slicer.add(side, site, k)
+            channels[str(site.node.target)] = (len(k), int(k.sum()))
+    for consumer in dg.consumers:
+        slicer.add(_Side.INPUTS, consumer, keep(consumer.ids))
+    for site in dg.norms:
+        slicer.add(_Side.NORM, site, keep(site.ids))
+    for reshape in dg.reshapes:
+        ids = reshape.ids
+        per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]
+        _rewrite_reshape(reshape.node, int(ids.shape[1]), int(keep(per_index).sum()))
+    slicer.apply()
+    return channels
+
+
+def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float) -> None:
+    """The compacted model must agree with the masked one (eval mode)."""
+    was = gm.training
+    gm.eval()
+    with torch.no_grad():
+        got = gm(*inputs)
+    gm.train(was)
+    for a, b in zip(_tensors(reference), _tensors(got)):
+        if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
+            err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
+            raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]

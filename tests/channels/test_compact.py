@@ -1,0 +1,88 @@
+"""compact: sizes against a net built small by hand, the nothing-to-do case, masks it refuses, quantized
+layers it refuses, and a constant folded into a following BatchNorm."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import evefx
+from evefx.channels import compact_report, count_params
+from evefx.errors import PruneError
+from evefx.graph import marked
+
+from tests.channels.nets import PRUNE, X16, X28, PreActDense, ResLike, ShuffleLike, masks_of, prune_and_compact
+
+
+def test_compact_size_matches_a_net_built_small_by_hand(demo_net):
+    gm = evefx.transform(demo_net, PRUNE, X28)
+    evefx.prune_step(gm)
+    report = compact_report(evefx.compact(gm))
+    small = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.Linear(128, 8), nn.Linear(8, 10))
+    assert (report.params_before, report.params_after) == (count_params(demo_net), count_params(small))
+    # per sample: 14x14x4x9 + 7x7x8x4x9 + 4x4x16x8x9 + 256x16 + 16x10, then with half the channels
+    assert report.macs_before == 14 * 14 * 4 * 9 + 7 * 7 * 8 * 4 * 9 + 4 * 4 * 16 * 8 * 9 + 256 * 16 + 160
+    assert report.macs_after == 14 * 14 * 2 * 9 + 7 * 7 * 4 * 2 * 9 + 4 * 4 * 8 * 4 * 9 + 128 * 8 + 80
+    assert report.channels["features.6"] == (16, 8) and report.channels["classifier.3"] == (10, 10)
+
+
+def test_nothing_to_do(demo_net, mnist_batch):
+    plain = evefx.transform(demo_net, {"passes": []}, X28)
+    assert evefx.prune_step(plain) == {}
+    same = evefx.compact(plain)
+    assert torch.allclose(same(mnist_batch), demo_net(mnist_batch), atol=1e-6)
+    gm = evefx.transform(demo_net, {"passes": [{"kind": "prune", "ratio": 0.0}]}, X28)
+    assert all(kept == total for kept, total in evefx.prune_step(gm).values())
+    small = evefx.compact(gm)
+    assert count_params(small) == count_params(demo_net)
+    assert torch.allclose(small(mnist_batch), demo_net(mnist_batch), atol=1e-6)
+
+
+def test_hand_set_masks_that_cannot_be_compacted_are_refused():
+    gm = evefx.transform(ResLike(), PRUNE, X16)
+    masks = {n.meta["evefx"]["layer"]: gm.get_submodule(str(n.target)) for n in marked(gm, "prune")}
+    masks["stem.0"].set_mask(torch.tensor([0, 1, 1, 1, 1, 1, 1, 1]))
+    with pytest.raises(PruneError, match="disagree on a coupled channel"):
+        evefx.compact(gm)
+    shuffle = evefx.transform(ShuffleLike(), PRUNE, X16)
+    stem = next(shuffle.get_submodule(str(n.target)) for n in marked(shuffle, "prune", layer="stem.0"))
+    stem.set_mask(torch.tensor([1, 1, 1, 1, 1, 1, 1, 0]))
+    with pytest.raises(PruneError, match="cannot be removed.*chunk"):
+        evefx.compact(shuffle)
+
+
+def test_with_quantization_masks_work_but_compact_refuses_quantized_layers(demo_net, caplog):
+    spec = {"passes": [{"kind": "prune"}, {"kind": "quantize", "quantize_inputs": False}]}
+    gm = evefx.transform(demo_net, spec, X28)
+    assert evefx.prune_step(gm)["features.3"] == (4, 8)
+    with pytest.raises(PruneError, match=r"compact cannot slice node 'features_0' \(features.0: QuantConv2d\)"):
+        evefx.compact(gm)
+    # prune then quantize with quantize_inputs (the default): the next layer's input quantizer is not
+    # needed (the mask keeps the previous quantizer's grid), so the masks still work
+    gm = evefx.transform(demo_net, {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X28)
+    assert not any(n.meta.get("evefx", {}).get("role") == "input" and n.meta["evefx"]["layer"] == "features.3" for n in gm.graph.nodes)
+    assert evefx.prune_step(gm)["features.3"] == (4, 8)
+    # quantizers after the pruners would turn masked zeros into codes: nothing is prunable, and it says so
+    caplog.clear()
+    gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize"}, {"kind": "prune"}]}, X28)
+    assert evefx.prune_step(gm)["features.3"] == (8, 8)
+    assert "no channel of layer features.3 can be pruned" in caplog.text
+
+
+def test_constant_fold_goes_into_a_following_batchnorm_when_the_conv_has_no_bias():
+    class WithNorm(PreActDense):
+        def __init__(self):
+            super().__init__()
+            self.after = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            s = self.stem(x)
+            h = torch.relu(self.norm(torch.cat([s, self.grow(s)], 1)))
+            return self.fc(self.after(self.conv(h)).mean((2, 3)))
+
+    gm, small = prune_and_compact(WithNorm())  # allclose to the masked model inside
+    assert small.get_submodule("conv").bias is None and small.get_submodule("conv").in_channels == 4
+    keep = masks_of(gm)["conv"].bool()
+    shifted = small.get_submodule("after").running_mean
+    assert shifted.shape == (3,) and not torch.allclose(shifted, gm.get_submodule("after").running_mean[keep])
