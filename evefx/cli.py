@@ -167,7 +167,9 @@ def export(
     dt: float = typer.Option(1e-3, help="--format nir: seconds per time step (NIR's time constants are continuous)"),
     input_shape: Optional[str] = typer.Option(None, help="example input shape (default: trace.input_shape)"),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
-    calibrate_batches: int = typer.Option(8, help="random batches to calibrate quantizers when no checkpoint is given"),
+    calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
+    data: Optional[str] = typer.Option(None, help="mnist5k: calibrate on its training split and check parity on 256 "
+                                       "held-out images (else random inputs, 64 for parity)"),
     opset: int = typer.Option(17, help="ONNX opset"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
 ) -> None:
@@ -191,13 +193,30 @@ def export(
 
             console.print(export_nir(gm.eval(), out, torch.zeros(shape), dt=dt).table())
             return
+        calib, held_out = _export_data(data, shape, calibrate_batches)
         if checkpoint is None:
-            gen = torch.Generator().manual_seed(0)
-            calibrate(gm, [torch.rand(shape, generator=gen) for _ in range(calibrate_batches)])
-        report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check)
+            calibrate(gm, calib)
+        report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check, real_inputs=held_out)
     except EvefxError as e:
         _fail(e)
     console.print(report.table())
+
+
+def _export_data(data: Optional[str], shape: tuple[int, ...], batches: int) -> tuple[list[Any], Any]:
+    """Calibration batches and held-out parity inputs for ``evefx export``."""
+    import torch
+
+    if data is None:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.rand(shape, generator=gen) for _ in range(batches)], None
+    if data != "mnist5k":
+        raise EvefxError(f"--data must be mnist5k (got {data!r})")
+    from evefx.data import mnist5k
+
+    if tuple(shape[1:]) != (1, 28, 28):
+        raise EvefxError(f"--data mnist5k gives 1x28x28 images but the model takes {list(shape)}; give no --data")
+    train, test = mnist5k("train").tensors[0], mnist5k("test").tensors[0]
+    return [train[i * 32:(i + 1) * 32] for i in range(batches)], test[:256]
 
 
 class Backend(str, Enum):

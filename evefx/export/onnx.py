@@ -70,9 +70,9 @@ _STAND_IN_SAMPLES = 64  # parity inputs when the caller gives no real data
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(inputs, torch.Tensor):
-        return (inputs,)
+        return (inputs.detach().cpu(),)
     if isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
-        return tuple(inputs)
+        return tuple(t.detach().cpu() for t in inputs)
     raise ExportError(f"example_inputs must be a tensor or a tuple of tensors (got {type(inputs).__name__})")
 
 
@@ -363,11 +363,11 @@ def export_onnx(
     batches = [inputs, *_chunks(real_inputs if real_inputs is not None else _stand_in_inputs(inputs))]
     why = degenerate_outputs(gm, batches)
     if why is not None:
-        _set_aside(path)
+        failed = _set_aside(path)
         raise ExportError(
             f"{path}: cannot check the file: the model's {why} on the parity inputs, so any file would "
             f"agree with it; train or calibrate the model first (evefx.export.calibrate), or pass real_inputs. "
-            f"Nothing was left at {path}"
+            f"The unchecked file was moved to {failed}"
         )
     report = _check(gm, deploy, path, batches, report, tolerance, top1_min)
     if not report.passed:

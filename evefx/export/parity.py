@@ -107,7 +107,7 @@ def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
 def _run_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     with torch.no_grad():
         _reset(model)
-        return [t.detach().float().numpy() for t in flatten_outputs(model(*inputs))]
+        return [t.detach().float().cpu().numpy() for t in flatten_outputs(model(*(t.cpu() for t in inputs)))]
 
 
 def _reset(model: nn.Module) -> None:
@@ -120,7 +120,7 @@ def _reset(model: nn.Module) -> None:
 
 def _run_ort(session: Any, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: t.detach().numpy() for n, t in zip(names, inputs)})
+    return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
 
 
 def output_steps(model: onnx.ModelProto) -> list[float | None]:
@@ -172,7 +172,7 @@ def check_parity(
         expect = lambda inputs: [np.asarray(a, dtype=np.float32) for a in _run_ort(graph, inputs)]  # noqa: E731
         required = not any(b < 8 for b in _qdq_bits(model))
     else:
-        ref = safe_deepcopy(reference).eval()
+        ref = safe_deepcopy(reference).eval().cpu()
         expect = lambda inputs: _run_torch(ref, inputs)  # noqa: E731
         # below 8 bits a one-step difference is the deployment's own resolution and reorders near-tied
         # logits, so top-1 agreement is reported but only required of models quantized at 8 bits or more
@@ -243,7 +243,7 @@ def degenerate_outputs(reference: nn.Module, batches: Sequence[Any]) -> str | No
         >>> degenerate_outputs(model, [torch.rand(64, 1, 28, 28)]) is None
         True
     """
-    ref = safe_deepcopy(reference).eval()
+    ref = safe_deepcopy(reference).eval().cpu()
     outs: list[list[np.ndarray]] = []
     for batch in batches:
         outs.append(_run_torch(ref, _as_tuple(batch)))
@@ -272,7 +272,7 @@ def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: s
         if name in names:
             def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
                 if isinstance(out, torch.Tensor):
-                    captured[name] = out.detach().float().clone().numpy()  # a copy: a later in-place op (ReLU(inplace=True)) would change it
+                    captured[name] = out.detach().float().cpu().clone().numpy()  # a copy: a later in-place op (ReLU(inplace=True)) would change it
             handles.append(module.register_forward_hook(hook))
     try:
         _run_torch(model, inputs)
@@ -321,8 +321,8 @@ def first_divergence(
     session = ort_session(model.SerializeToString())
     out_names = [o.name for o in session.get_outputs()]
     names = [i.name for i in session.get_inputs()]
-    got = dict(zip(out_names, session.run(None, {n: t.detach().numpy() for n, t in zip(names, inputs)})))
-    expected = _module_outputs(safe_deepcopy(reference).eval(), inputs, set(order))
+    got = dict(zip(out_names, session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})))
+    expected = _module_outputs(safe_deepcopy(reference).eval().cpu(), inputs, set(order))
     # a quantizer's output may differ by one step (a rounding tie decided differently by an integer kernel)
     own_steps = {name: float(m.qparams()[0].max()) for name, m in reference.named_modules()
                  if isinstance(m, Quantizer) and m.enabled and bool(m.initialized)}
@@ -389,7 +389,7 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
         True
     """
     model = onnx.load(onnx_path)
-    ref = safe_deepcopy(reference).eval()
+    ref = safe_deepcopy(reference).eval().cpu()
     quantizers = {n: m for n, m in ref.named_modules() if isinstance(m, Quantizer) and m.enabled and bool(m.initialized)}
     forced_model, forced = _forced_graph(model, set(quantizers))
     if not forced:

@@ -300,7 +300,7 @@ def deployable(model: nn.Module) -> nn.Module:
     Example:
         >>> deploy = deployable(gm)
     """
-    deploy = safe_deepcopy(model).eval()
+    deploy = safe_deepcopy(model).eval().cpu()  # exported and checked on the CPU, wherever the model trains
     replacements: list[tuple[str, nn.Module]] = []
     skip: list[str] = []
     for name, module in deploy.named_modules():
