@@ -15,6 +15,7 @@ import torch
 from rich.table import Table
 from torch import fx, nn
 
+from evefx.errors import OptionError, UnknownNameError
 from evefx.graph import layer_nodes, module_of
 from evefx.modules.protocol import EveHooks, EveRange
 
@@ -65,6 +66,12 @@ class EveParameter:
         return self.module.get_eve(self.kind)
 
     def set(self, value: float) -> None:
+        """Set the parameter; a value outside ``[low, high]`` (or not whole when ``integer``) raises
+        :class:`~evefx.OptionError` naming the range and the section it comes from."""
+        try:
+            value = self.range.check(value, f"eve parameter {self.name}")
+        except OptionError as e:
+            raise OptionError(f"{e}; the range comes from {self.spec_path} (layer {self.layer}): widen it there") from None
         self.module.set_eve(self.kind, value)
 
 
@@ -93,13 +100,26 @@ def eve_parameters(gm: fx.GraphModule) -> list[EveParameter]:
 
 
 def set_eve_parameter(gm: fx.GraphModule, name: str, value: float) -> None:
-    """Set eve parameter ``name`` (as listed by :func:`eve_parameters`) to ``value`` (clipped to its range)."""
-    for p in eve_parameters(gm):
+    """Set eve parameter ``name`` (as listed by :func:`eve_parameters`) to ``value``.
+
+    An unknown name raises :class:`~evefx.UnknownNameError` (a ``KeyError``) listing the known
+    ones; a value outside the parameter's range raises :class:`~evefx.OptionError` (a ``ValueError``)
+    naming the range: values are never silently clipped.
+
+    Example:
+        >>> evefx.set_eve_parameter(gm, "features.0.weight_quantizer.bits", 4)
+    """
+    params = eve_parameters(gm)
+    for p in params:
         if p.name == name:
             p.set(value)
             return
-    known = ", ".join(p.name for p in eve_parameters(gm)) or "(none: enable upgrade_bits/upgrade_ratio in the spec)"
-    raise KeyError(f"no eve parameter {name!r}; known: {known}")
+    import difflib
+
+    close = difflib.get_close_matches(name, [p.name for p in params], n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    known = ", ".join(p.name for p in params) or "(none: enable upgrade_bits/upgrade_ratio in the spec)"
+    raise UnknownNameError(f"no eve parameter {name!r}; {hint}known: {known}")
 
 
 @dataclass(frozen=True)
@@ -233,7 +253,7 @@ def set_mode(
         >>> evefx.set_mode(gm, quantized=False)   # now equals the float model
     """
     if step is not None and step not in ("single", "multi"):
-        raise ValueError(f"step must be 'single' or 'multi' (got {step!r})")
+        raise OptionError(f"set_mode(step={step!r}): step must be 'single' or 'multi'")
     flags: dict[str, Any] = {k: v for k, v in dict(spiking=spiking, quantized=quantized, pruned=pruned, step=step).items() if v is not None}
     for m in gm.modules():
         if isinstance(m, EveHooks):

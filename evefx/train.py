@@ -18,6 +18,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from evefx.errors import OptionError
+
 __all__ = ["fit", "evaluate", "seed_everything", "extra_losses"]
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd' or pass a torch.optim.Optimizer")
+    raise OptionError(f"unknown optimizer {name!r}; use 'adam' or 'sgd' or pass a torch.optim.Optimizer")
 
 
 def fit(
