@@ -109,7 +109,7 @@ def run(criteria: list[str], ratios: list[float], epochs: int, finetune: int, se
         more = copy.deepcopy(base)  # the same extra training as a pruned row, without pruning
         fit(more, train, None, epochs=1, seed=seed, progress=False)
         fine_tune(more, train, test, finetune, seed + 1)
-        gm = evefx.transform(base, {}, EXAMPLE)
+        gm = evefx.transform(base, {"passes": []}, EXAMPLE)
         base_rows.append({"accuracy": base_acc, "more": evaluate(more, test)["accuracy"],
                           "params": count_params(base), "macs": count_macs(gm)})
         for c in criteria:

@@ -98,7 +98,7 @@ QUICK_ROWS = ["float", "W8A8", "W4A4"]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    gm = model if isinstance(model, torch.fx.GraphModule) else evefx.transform(model, {})
+    gm = model if isinstance(model, torch.fx.GraphModule) else evefx.transform(model, {"passes": []})
     return sum(r["bytes"] for r in quant_summary(gm))
 
 

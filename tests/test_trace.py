@@ -70,9 +70,9 @@ def test_concrete_args_pass_through():
 
 def test_wrong_input_shape_is_a_shape_error(demo_net):
     with pytest.raises(ShapeError, match=r"example inputs of shape \[\(2, 3, 28, 28\)\] do not fit the model"):
-        evefx.transform(demo_net, {}, torch.zeros(2, 3, 28, 28))
+        evefx.transform(demo_net, {"passes": []}, torch.zeros(2, 3, 28, 28))
     with pytest.raises(ShapeError, match="takes 1 to 1 inputs"):
-        evefx.transform(demo_net, {}, (torch.zeros(1, 1, 28, 28), torch.zeros(1)))
+        evefx.transform(demo_net, {"passes": []}, (torch.zeros(1, 1, 28, 28), torch.zeros(1)))
 
 
 def test_input_shape_from_spec_records_shapes(demo_net):
@@ -84,5 +84,5 @@ def test_input_shape_from_spec_records_shapes(demo_net):
 def test_shape_propagation_changes_no_statistics(demo_net):
     demo_net.train()
     before = demo_net.features[1].running_mean.clone()
-    gm = evefx.transform(demo_net, {}, torch.rand(8, 1, 28, 28))
+    gm = evefx.transform(demo_net, {"passes": []}, torch.rand(8, 1, 28, 28))
     assert torch.equal(gm.get_submodule("features.1").running_mean, before) and gm.training and gm.get_submodule("features.1").training

@@ -11,13 +11,14 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Field, ValidationError
 
-from evefx.errors import SpecError
+from evefx.errors import EvefxWarning, SpecError
 from evefx.spec.base import Bounded, Section, Select, StrictModel, TraceOptions
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
@@ -87,7 +88,11 @@ def _parse_text(text: str, source: str | None) -> Any:
 def load_spec(obj: Spec | dict | str | Path) -> Spec:
     """Validate ``obj`` (a ``Spec``, a dict, YAML/JSON text, or a path) into a :class:`Spec`.
 
-    Raises :class:`evefx.SpecError` listing every problem, one a line.
+    Raises :class:`evefx.SpecError` listing every problem, one a line. An empty spec (an empty
+    file, ``""``, ``None``, ``{}``) is an error: it is almost always a wrong path or a file saved
+    half-way; a spec that deliberately changes nothing says so with ``passes: []``. A spec file or
+    text without ``schema_version`` gets an :class:`evefx.EvefxWarning` saying that version 1 is
+    assumed (a dict built in Python is taken as the current version without a word).
 
     Example:
         >>> load_spec("examples/specs/demo.yaml").passes[0].kind
@@ -97,6 +102,7 @@ def load_spec(obj: Spec | dict | str | Path) -> Spec:
         return obj
     source: str | None = None
     data: Any = obj
+    document = isinstance(obj, (str, Path))
     if isinstance(obj, Path) or (
         isinstance(obj, str) and "\n" not in obj and obj.strip().endswith((".yaml", ".yml", ".json"))
     ):
@@ -109,10 +115,15 @@ def load_spec(obj: Spec | dict | str | Path) -> Spec:
         data = _parse_text(text, source)
     elif isinstance(obj, str):
         data = _parse_text(obj, None)
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        what = "the file is empty" if source else f"the spec is empty (got {obj!r})"
+        raise SpecError([((), f"{what}; write at least `schema_version: 1` and `passes: [...]` "
+                              "(`passes: []` for a spec that changes nothing)")], source)
     if not isinstance(data, dict):
         raise SpecError([((), f"a spec must be a mapping at the top level (got {type(data).__name__})")], source)
+    if document and "schema_version" not in data:
+        warnings.warn(f"{source or 'spec text'}: no schema_version; assuming schema_version: 1 "
+                      "(add `schema_version: 1` to silence this)", EvefxWarning, stacklevel=2)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
