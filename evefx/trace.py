@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from evefx.errors import ShapeError, TraceError
 from evefx.plan import type_matches
-from evefx.spec import TraceOptions
+from evefx.spec import TraceOptions, load_section
 
 __all__ = ["EveTracer", "trace", "propagate_shapes"]
 
@@ -63,9 +63,16 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def trace(model: nn.Module, options: TraceOptions | None = None, cls: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
-    """Trace ``model`` (not copied: pass a copy) into a ``cls`` GraphModule, or raise :class:`TraceError`."""
-    options = options or TraceOptions()
+def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None,
+          cls: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
+    """Trace ``model`` (not copied: pass a copy) into a ``cls`` GraphModule, or raise :class:`TraceError`.
+
+    ``options`` is a :class:`TraceOptions` or the dict a spec's ``trace:`` holds.
+
+    Example:
+        >>> gm = trace(copy.deepcopy(model), {"leaf_modules": ["MyAttention"]})
+    """
+    options = load_section(TraceOptions, options or {}, "trace")
     tracer = EveTracer(options.leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=options.concrete_args)

@@ -46,6 +46,7 @@ __all__ = [
     "Budget",
     "Reward",
     "load_spec",
+    "load_section",
     "dump_spec",
     "json_schema",
     "Bounded",
@@ -130,6 +131,26 @@ def load_spec(obj: Spec | dict | str | Path) -> Spec:
         raise SpecError(errors_from_validation(e), source) from None
     except (TypeError, ValueError, RecursionError) as e:  # pydantic passes some input errors through raw
         raise SpecError([((), f"invalid spec: {e}")], source) from e
+
+
+def load_section(cls: type[StrictModel], obj: Any, path: str) -> Any:
+    """``obj`` (an instance of ``cls`` or the mapping a YAML file would give) validated as ``cls``.
+
+    Every API that takes a piece of a spec (``budget=``, ``reward=``, ``options=``) accepts the
+    same dict a spec file holds; problems raise :class:`evefx.SpecError` with paths under ``path``.
+
+    Example:
+        >>> load_section(Budget, {"kind": "avg_bits", "max": 3.0}, "search.budget").max
+        3.0
+    """
+    if isinstance(obj, cls):
+        return obj
+    if not isinstance(obj, dict):
+        raise SpecError([(tuple(path.split(".")), f"must be a {cls.__name__} or a mapping (got {type(obj).__name__})")])
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise SpecError([(tuple(path.split(".")) + p, m) for p, m in errors_from_validation(e)]) from None
 
 
 def dump_spec(spec: Spec, path: str | Path | None = None) -> str:

@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from evefx.errors import SearchError
-from evefx.spec import Reward, SearchSection, Spec, dump_spec, load_spec
+from evefx.spec import Reward, SearchSection, Spec, dump_spec, load_section, load_spec
 from evefx.upgrade.env import EpisodeResult, Evaluate, Finetune, UpgradeEnv
 from evefx.upgrade.specs import spec_with_values
 
@@ -182,7 +182,7 @@ class _RunLog:
 
 
 # ---------------------------------------------------------------------- stable-baselines3
-def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int = 1) -> tuple[type, dict[str, Any]]:
+def algorithm_kwargs(section: SearchSection | dict[str, Any], episode_length: int, n_actions: int = 1) -> tuple[type, dict[str, Any]]:
     """The SB3 class and constructor keywords for ``section`` (rl-zoo3-style ``hyperparams``).
 
     ``policy`` (default ``MlpPolicy``), ``noise_type`` (``normal`` or ``ornstein-uhlenbeck``) with
@@ -195,7 +195,9 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
 
     Example:
         >>> cls, kw = algorithm_kwargs(SearchSection(algorithm="td3", hyperparams={"noise_std": 0.2}), 10)
+        >>> cls, kw = algorithm_kwargs({"algorithm": "td3"}, 10)  # the dict a spec file holds works too
     """
+    section = load_section(SearchSection, section, "search")
     import stable_baselines3 as sb3
     from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 

@@ -314,3 +314,12 @@ def test_fine_tuning_does_not_reseed_the_agents_random_streams():
             env.step(np.array([0.0], dtype=np.float32))
         draws.append((np.random.normal(), float(torch.rand(1))))  # FineTune seeds fit(); the agent must not see it
     assert draws[0] != draws[1]
+
+
+def test_budget_and_reward_take_the_dict_a_spec_file_holds():
+    """Issue 12, item 6: budget={"kind": ..., "max": ...} used to raise AttributeError: 'dict' object has no attribute 'kind'."""
+    env = UpgradeEnv(quantized(), accuracy, budget={"kind": "avg_bits", "max": 3.0}, reward={"mode": "constrained"})
+    assert env.budget == Budget(kind="avg_bits", max=3.0) and env.reward_cfg.mode == "constrained"
+    with pytest.raises(evefx.SpecError) as err:
+        UpgradeEnv(quantized(), accuracy, budget={"kind": "avg_bits", "maximum": 3.0})
+    assert str(err.value).splitlines()[1].startswith("search.budget.maximum: unknown field")
