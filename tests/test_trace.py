@@ -69,10 +69,24 @@ def test_concrete_args_pass_through():
 
 
 def test_wrong_input_shape_is_a_shape_error(demo_net):
-    with pytest.raises(ShapeError, match=r"example inputs of shape \[\(2, 3, 28, 28\)\] do not fit the model"):
+    # issue 12, item 9: one line naming the layer, the shape it got and the shape it expects (no traceback, no meta)
+    with pytest.raises(ShapeError) as err:
         evefx.transform(demo_net, {"passes": []}, torch.zeros(2, 3, 28, 28))
-    with pytest.raises(ShapeError, match="takes 1 to 1 inputs"):
+    assert str(err.value) == (
+        "layer features.0 (Conv2d) got an input of shape (2, 3, 28, 28) but expects (N, 1, H, W); example inputs "
+        "(2, 3, 28, 28) do not fit the model: give inputs of the shape it takes (example_inputs, trace.input_shape, "
+        "--input-shape)")
+    with pytest.raises(ShapeError, match=r"^layer classifier\.1 \(Linear\) got an input of shape \(1, 1024\) but expects \(\.\.\., 256\); "):
+        evefx.transform(demo_net, {"passes": []}, torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ShapeError, match=r"^the model takes 1 input \(x\), got 2 example inputs; give one example input per argument"):
         evefx.transform(demo_net, {"passes": []}, (torch.zeros(1, 1, 28, 28), torch.zeros(1)))
+
+
+def test_wrong_input_shape_prints_no_traceback(demo_net, capsys):
+    with pytest.raises(ShapeError):
+        evefx.transform(demo_net, {"passes": []}, torch.zeros(2, 3, 28, 28))
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
 
 
 def test_input_shape_from_spec_records_shapes(demo_net):
