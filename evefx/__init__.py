@@ -43,6 +43,7 @@ _LAZY = {
     "observe": "evefx.api",
     "reset": "evefx.api",
     "set_mode": "evefx.api",
+    "never_pruned": "evefx.api",
     "EveParameter": "evefx.api",
     "Observations": "evefx.api",
     "prune_step": "evefx.prune_ops",

@@ -29,6 +29,7 @@ __all__ = [
     "reset",
     "set_mode",
     "eve_modules",
+    "never_pruned",
 ]
 
 STATIC_COLUMNS = (
@@ -258,3 +259,25 @@ def set_mode(
     for m in gm.modules():
         if isinstance(m, EveHooks):
             m.set_mode(**flags)
+
+
+def never_pruned(gm: nn.Module) -> list[str]:
+    """Layers whose channel pruner has never pruned (no :func:`evefx.prune_step` since transform, or a
+    checkpoint saved before one): their masks keep every channel, so an export would be the unpruned
+    model with no-op ``Mul`` nodes. Empty when every pruner has stepped (or there is none).
+
+    Example:
+        >>> gm = evefx.transform(DemoNet(), "examples/specs/prune.yaml")
+        >>> evefx.never_pruned(gm)
+        ['features.0', 'features.3', 'features.6', 'classifier.1']
+    """
+    from evefx.modules.prune import ChannelPruner
+
+    layers = []
+    if isinstance(gm, fx.GraphModule):
+        for _name, prov, module in eve_modules(gm):
+            if isinstance(module, ChannelPruner) and int(module.steps_done) == 0 and prov["layer"] not in layers:
+                layers.append(prov["layer"])
+    else:
+        layers = [n for n, m in gm.named_modules() if isinstance(m, ChannelPruner) and int(m.steps_done) == 0]
+    return layers

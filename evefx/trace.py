@@ -81,11 +81,18 @@ def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None
         path = tracer.failed_in[-1] if tracer.failed_in else ("", type(model).__name__)
         where = f"module {path[0]!r} ({path[1]})" if path[0] else f"the top-level module ({path[1]})"
         line = _user_frame(e)
+        if path[0]:
+            hint = (f"add {path[1]!r} to trace.leaf_modules in the spec to keep it opaque, "
+                    "or fix the data-dependent input with trace.concrete_args.")
+        else:
+            # the root is traced through whatever leaf_modules says: naming it there cannot help
+            hint = (f"the top-level module cannot be a leaf (evefx must see its layers): move the untraceable "
+                    f"code of {path[1]}.forward into a submodule and add that class to trace.leaf_modules, "
+                    "or fix the data-dependent input with trace.concrete_args.")
         raise TraceError(
             f"torch.fx cannot trace {where}: {type(e).__name__}: {e}\n"
             + (f"  at {line}\n" if line else "")
-            + f"  hint: add {path[1]!r} to trace.leaf_modules in the spec to keep it opaque, "
-            "or fix the data-dependent input with trace.concrete_args."
+            + f"  hint: {hint}"
         ) from e
     gm = cls(tracer.root, graph, type(model).__name__)
     gm.training = model.training

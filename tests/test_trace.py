@@ -49,6 +49,18 @@ def test_untraceable_module_named_with_source_line_and_hint():
     assert "trace.leaf_modules" in msg
 
 
+def test_untraceable_top_level_module_hint_does_not_suggest_making_it_a_leaf():
+    """Issue 12, item 12: the old hint said "add 'Gate' to trace.leaf_modules", which cannot work for the root."""
+    with pytest.raises(TraceError) as info:
+        trace(Gate(), TraceOptions(leaf_modules=("Gate",)))
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("torch.fx cannot trace the top-level module (Gate): TraceError: ")
+    assert lines[-1] == (
+        "  hint: the top-level module cannot be a leaf (evefx must see its layers): move the untraceable code of "
+        "Gate.forward into a submodule and add that class to trace.leaf_modules, or fix the data-dependent input "
+        "with trace.concrete_args.")
+
+
 def test_leaf_modules_by_class_name_and_glob():
     for leaf in ("Gate", "gate", "tests.test_trace.Gate"):
         gm = trace(WithGate(), TraceOptions(leaf_modules=(leaf,)))

@@ -649,6 +649,11 @@ def search_from_spec(
         from evefx.upgrade.ray_backend import import_ray
 
         import_ray()
+    from evefx.api import eve_parameters
+
+    if not eve_parameters(transform(model, spec)):  # say it before minutes of training, not after
+        raise SearchError("the spec has no eve parameters to search: set upgrade_bits: true in a quantize section "
+                          "or upgrade_ratio: true in a prune section")
     if data == "mnist5k":
         full = mnist5k("train")
         n_val = 1000
