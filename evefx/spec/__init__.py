@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from evefx.errors import EvefxWarning, SpecError
-from evefx.spec.base import Bounded, Section, Select, StrictModel, TraceOptions
+from evefx.spec.base import Bounded, NestedErrors, Section, Select, StrictModel, TraceOptions
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
 from evefx.spec.quantize import QuantizeSection, QuantizerConfig
@@ -74,6 +74,24 @@ class Spec(StrictModel):
     """Sections run in order; each inserts its modules after the layers it selects."""
     search: SearchSection | None = None
     """Settings of ``evefx search`` (the RL upgrader)."""
+
+    @model_validator(mode="after")
+    def _prune_before_quantize(self) -> Spec:
+        # A pruner placed after quantizers reads quantized codes: the quantizer on the next layer's
+        # input turns masked zeros back into codes, so no channel is ever prunable (and export fails
+        # parity). Refuse the order here, where `evefx validate` sees it, instead of failing later.
+        first_quantize = next((i for i, p in enumerate(self.passes) if p.kind == "quantize"), None)
+        if first_quantize is None:
+            return self
+        errors = [
+            (("passes", i), f"a prune section after a quantize section (passes[{first_quantize}]) cannot prune: the "
+             "quantizers hide which channels the pruner zeroes, so prune_step finds nothing to prune; "
+             f"move this section before passes[{first_quantize}] (prune, then quantize)")
+            for i, p in enumerate(self.passes) if p.kind == "prune" and i > first_quantize
+        ]
+        if errors:
+            raise NestedErrors(errors)
+        return self
 
 
 def _parse_text(text: str, source: str | None) -> Any:
