@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
-from evefx.errors import ShapeError, TraceError
+from evefx.errors import EvefxError, ShapeError, TraceError
 from evefx.plan import type_matches
 from evefx.spec import TraceOptions, load_section
 
@@ -127,8 +127,8 @@ class _ShapeRecorder(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = fx.Interpreter.run_node(self, n)
-        except ShapeError:
-            raise
+        except EvefxError:
+            raise  # a module's own error (a quantizer meeting NaN) already names the layer
         except Exception as e:
             args, _ = self.fetch_args_kwargs_from_env(n)
             got = ", ".join(_shape_text(a) for a in args if isinstance(a, torch.Tensor)) or "no tensor"

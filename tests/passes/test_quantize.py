@@ -79,7 +79,7 @@ def test_idempotent_and_nothing_to_do(demo_net, mnist_batch):
 
 def test_selection_matching_nothing_is_an_error(demo_net):
     spec = {"passes": [{"kind": "quantize", "select": {"names": ["nope.*"]}}]}
-    with pytest.raises(PlanError, match=r"passes\[0\]\.select matches no layer"):
+    with pytest.raises(PlanError, match=r"passes\[0\]\.select\.names: 'nope\.\*' matches no layer"):
         evefx.transform(demo_net, spec)
 
 
