@@ -123,7 +123,9 @@ def fit(
                 metrics = evaluate(model, val)
                 row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
             history.append(row)
-            log.info("epoch %d: %s", epoch, row)
+            log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%%s (%.1f s)", description, epoch, epochs,
+                     row["train_loss"], row["train_accuracy"],
+                     f", val accuracy {row['val_accuracy']:.2f}%" if "val_accuracy" in row else "", row["seconds"])
             if max_steps is not None and steps >= max_steps:
                 break
     if log_csv is not None:

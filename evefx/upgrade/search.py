@@ -15,7 +15,7 @@ replay buffer (their rewards are in the CSV, so nothing is evaluated twice) and 
 remaining episodes: only the episode in flight when the run stopped is lost.
 
 Example:
-    >>> result = search(gm, lambda m: evaluate(m, val)["accuracy"], gm.spec.search, run_dir="runs/mp")
+    >>> result = search(gm, lambda m: evaluate(m, val)["accuracy"], gm.spec.search, run_dir="out/mp")
     >>> result.best["accuracy"], result.spec_path
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def read_episodes(run_dir: str | Path) -> list[dict[str, Any]]:
     """The finished episodes logged in ``run_dir/episodes.csv`` (a row cut short by a kill is dropped).
 
     Example:
-        >>> max(read_episodes("runs/mp"), key=lambda r: r["reward"])["values"]
+        >>> max(read_episodes("out/mp"), key=lambda r: r["reward"])["values"]
     """
     path = Path(run_dir) / "episodes.csv"
     if not path.exists():
@@ -482,7 +482,7 @@ def plot_search(rows: Sequence[dict[str, Any]], best: dict[str, Any], path: str 
     """PNG of the best configuration's value per eve parameter and of the reward per episode.
 
     Example:
-        >>> plot_search(read_episodes("runs/mp"), json.load(open("runs/mp/best.json")), "mp.png")
+        >>> plot_search(read_episodes("out/mp"), json.load(open("out/mp/best.json")), "mp.png")
     """
     import matplotlib
 
@@ -547,7 +547,7 @@ def search(
 
     Example:
         >>> result = search(gm, evaluate, {"algorithm": "td3", "episodes": 50, "budget": {"kind": "avg_bits", "max": 3}},
-        ...                 run_dir="runs/td3")
+        ...                 run_dir="out/td3")
     """
     spec = load_spec(spec) if spec is not None else getattr(gm, "spec", None)
     if spec is None:
@@ -632,8 +632,8 @@ def search_from_spec(
     training again, so its episodes continue from the very same model.
 
     Example:
-        >>> search_from_spec(DemoNet(), "examples/specs/mixed_precision.yaml", run_dir="runs/mp")
-        $ evefx search --model examples.models:DemoNet --spec examples/specs/mixed_precision.yaml --run-dir runs/mp
+        >>> search_from_spec(DemoNet(), "examples/specs/mixed_precision.yaml", run_dir="out/mp")
+        $ evefx search --model examples.models:DemoNet --spec examples/specs/mixed_precision.yaml --run-dir out/mp
     """
     from torch.utils.data import DataLoader, Subset
 
