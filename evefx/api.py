@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "set_mode",
     "eve_modules",
     "never_pruned",
+    "load_checkpoint",
 ]
 
 STATIC_COLUMNS = (
@@ -136,6 +138,12 @@ class Observations:
     values: np.ndarray
 
     def row(self, layer: str) -> dict[str, float]:
+        if layer not in self.layers:
+            import difflib
+
+            close = difflib.get_close_matches(layer, self.layers, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UnknownNameError(f"no layer {layer!r} in these observations; {hint}layers: {', '.join(self.layers)}")
         i = self.layers.index(layer)
         return dict(zip(self.columns, self.values[i].tolist()))
 
@@ -256,9 +264,18 @@ def set_mode(
     if step is not None and step not in ("single", "multi"):
         raise OptionError(f"set_mode(step={step!r}): step must be 'single' or 'multi'")
     flags: dict[str, Any] = {k: v for k, v in dict(spiking=spiking, quantized=quantized, pruned=pruned, step=step).items() if v is not None}
+    found = False
     for m in gm.modules():
         if isinstance(m, EveHooks):
             m.set_mode(**flags)
+            found = True
+    if flags and not found:
+        import warnings
+
+        from evefx.errors import EvefxWarning
+
+        warnings.warn(f"set_mode({', '.join(f'{k}={v!r}' for k, v in flags.items())}): {type(gm).__name__} has no evefx "
+                      "modules, so nothing changed; pass the module evefx.transform returned", EvefxWarning, stacklevel=2)
 
 
 def never_pruned(gm: nn.Module) -> list[str]:
@@ -281,3 +298,29 @@ def never_pruned(gm: nn.Module) -> list[str]:
     else:
         layers = [n for n, m in gm.named_modules() if isinstance(m, ChannelPruner) and int(m.steps_done) == 0]
     return layers
+
+
+def load_checkpoint(module: nn.Module, path: str | Path, what: str = "checkpoint") -> None:
+    """Load the state_dict saved at ``path`` into ``module``, or raise one :class:`~evefx.EvefxError`
+    line saying what does not fit (a missing file, not a state_dict, keys of another model).
+
+    Example:
+        >>> load_checkpoint(gm, "out/demo/demo_w8a8.pt")
+    """
+    from evefx.errors import EvefxError
+
+    try:
+        state = torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # missing, unreadable or not a torch file
+        raise EvefxError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise EvefxError(f"{what} {path} holds a {type(state).__name__}, not a state_dict (save model.state_dict())")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0].rstrip(":")
+        missing = [k for k in module.state_dict() if k not in state][:3]
+        unexpected = [k for k in state if k not in module.state_dict()][:3]
+        detail = "; ".join(p for p in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "") if p)
+        raise EvefxError(f"{what} {path} does not fit this model ({detail or first}): save it from the model "
+                         "transformed with the same spec (evefx transform --out, or torch.save(gm.state_dict()))") from e

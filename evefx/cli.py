@@ -222,17 +222,22 @@ def transform(
     """Transform a model with a spec and print the change table."""
     try:
         gm = _transform(model, spec, input_shape, model_kwargs)
-    except EvefxError as e:
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(gm.report)
-    if out is not None:
-        import torch
+    target = out
+    try:
+        if out is not None:
+            import torch
 
-        torch.save(gm.state_dict(), out)
-        console.print(f"wrote state_dict to {out}")
-    if report is not None:
-        report.write_text(json.dumps(gm.report.to_dict(), indent=2), encoding="utf-8")
-        console.print(f"wrote report to {report}")
+            torch.save(gm.state_dict(), out)
+            console.print(f"wrote state_dict to {out}")
+        target = report
+        if report is not None:
+            report.write_text(json.dumps(gm.report.to_dict(), indent=2), encoding="utf-8")
+            console.print(f"wrote report to {report}")
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
+        _fail(EvefxError(f"cannot write {target}: {str(e).splitlines()[0]}; check that its folder exists"))
 
 
 def _flat_options(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -263,7 +268,7 @@ def inspect(
 
     try:
         gm = _transform(model, spec, input_shape, model_kwargs)
-    except EvefxError as e:
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     attached: dict[str, list[str]] = {}
     bits: dict[str, list[str]] = {}
@@ -315,7 +320,7 @@ def export(
     """Export a transformed model to ONNX (int8 QDQ when quantized) and print the size/parity table."""
     import torch
 
-    from evefx.api import never_pruned
+    from evefx.api import load_checkpoint, never_pruned
     from evefx.export import calibrate, export_onnx
 
     try:
@@ -325,7 +330,7 @@ def export(
             raise EvefxError("give --input-shape or trace.input_shape in the spec: export needs example inputs")
         gm = _transform(model, spec, ",".join(map(str, shape)), model_kwargs)
         if checkpoint is not None:
-            gm.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+            load_checkpoint(gm, checkpoint, "--checkpoint")
         else:
             gen = torch.Generator().manual_seed(0)
             calibrate(gm, [torch.rand(shape, generator=gen) for _ in range(calibrate_batches)])
@@ -339,7 +344,7 @@ def export(
                                  "or --allow-unpruned to export it anyway")
             warnings.warn(msg, EvefxWarning, stacklevel=1)
         report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check)
-    except EvefxError as e:
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(report.table())
 
@@ -394,7 +399,7 @@ def search(
         result = search_from_spec(load_model(model, parse_kwargs(model_kwargs)), spec_in, run_dir=resume or run_dir,
                                   data=data, data_root=data_root, weights=weights, epochs=epochs,
                                   resume=resume is not None)
-    except EvefxError as e:
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(f"best accuracy {result.best['accuracy']:.2f}% at cost {result.best['cost']:.4g}; wrote {result.spec_path}")
 
@@ -420,7 +425,7 @@ def demo(
         _fail(EvefxError(f"evefx demo runs from a checkout of evefx (it needs examples/): {e}"))
     try:
         demo_main(epochs=epochs, out=out, console=console)
-    except EvefxError as e:
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
 
 

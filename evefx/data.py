@@ -47,6 +47,9 @@ def mnist(root: str | Path, split: str = "train", download: bool = False):
     """Full MNIST through ``torchvision.datasets.MNIST`` (pixels in [0, 1]); for users who have it."""
     from torchvision import datasets, transforms
 
+    if split not in ("train", "test"):
+        raise OptionError(f"split must be 'train' or 'test' (got {split!r})")
+
     return datasets.MNIST(str(root), train=(split == "train"), download=download, transform=transforms.ToTensor())
 
 

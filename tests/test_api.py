@@ -104,3 +104,12 @@ def test_two_models_share_no_state(demo_net, mnist_batch):
     a(mnist_batch)
     assert evefx.eve_parameters(b)[0].value == 1.0
     assert all(p.calls == 0 for p in b.modules() if isinstance(p, Probe))
+
+
+def test_unknown_layer_in_observations_and_set_mode_on_a_plain_model(demo_net, mnist_batch):
+    """Further instances found for issue 12: a bare ValueError from tuple.index, and a silent no-op."""
+    obs = evefx.observe(probe_model(demo_net))
+    with pytest.raises(evefx.UnknownNameError, match=r"^no layer 'feature.0' in these observations; did you mean 'features.0'\? "):
+        obs.row("feature.0")
+    with pytest.warns(evefx.EvefxWarning, match=r"set_mode\(quantized=False\): DemoNet has no evefx modules, so nothing changed"):
+        evefx.set_mode(demo_net, quantized=False)

@@ -202,3 +202,22 @@ def test_help_shows_defaults_the_same_way_and_demo_says_what_it_does():
         assert "[default: (trace.input_shape)]" in text or "[default: (search.episodes)]" in text, command
     demo = " ".join(runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "250"}).output.replace("│", " ").split())
     assert "quantize, export, spike and prune" in demo and "summary table" in demo
+
+
+def test_bad_checkpoint_and_output_folder_are_one_line_errors(tmp_path):
+    """Further instances found for issue 12: a missing or foreign checkpoint and a missing output folder gave tracebacks."""
+    demo = str(ROOT / "examples/specs/demo.yaml")
+    missing = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", demo,
+                                  "--out", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "nope.pt")])
+    assert missing.exit_code == 1 and missing.output.startswith(f"error: cannot read --checkpoint {tmp_path / 'nope.pt'}: ")
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    foreign = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", demo,
+                                  "--out", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "other.pt")])
+    assert foreign.exit_code == 1
+    assert foreign.output.startswith(f"error: --checkpoint {tmp_path / 'other.pt'} does not fit this model (missing [")
+    assert "unexpected ['fc.weight']" in foreign.output
+    nofolder = runner.invoke(app, ["transform", "--model", "examples.models:DemoNet", "--spec", demo,
+                                   "--out", str(tmp_path / "no" / "m.pt")])
+    assert nofolder.exit_code == 1 and f"error: cannot write {tmp_path / 'no' / 'm.pt'}: " in nofolder.output

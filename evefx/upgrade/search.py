@@ -678,7 +678,9 @@ def search_from_spec(
         log.info("resume: starting weights loaded from %s", start)
     else:
         if weights is not None:
-            model.load_state_dict(torch.load(weights))
+            from evefx.api import load_checkpoint
+
+            load_checkpoint(model, weights, "--weights")
         elif epochs > 0:
             fit(model, loader(), None, epochs, lr=3e-3, seed=spec.search.seed, progress=progress, description="float")
         gm = transform(model.eval(), spec)
