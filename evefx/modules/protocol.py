@@ -83,7 +83,12 @@ class EveHooks:
         return {}
 
     def get_eve(self, name: str) -> float:
-        value = getattr(self, name)
+        try:
+            value = getattr(self, name)
+        except AttributeError:
+            raise UnknownNameError(
+                f"{type(self).__name__} has no eve parameter {name!r}; it has {sorted(self.eve_ranges()) or 'none'}"
+            ) from None
         if isinstance(value, torch.Tensor):
             return float(value.detach().float().mean()) if value.numel() != 1 else float(value.item())
         return float(value)
