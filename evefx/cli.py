@@ -73,7 +73,7 @@ def main(
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-        root.setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING)  # every command starts quiet (one process may run several, as tests do)
 
 
 def _log_progress() -> None:
