@@ -298,7 +298,7 @@ def inspect(
         options.add_column("option", no_wrap=True)
         for members in groups.values():
             options.add_column(", ".join(members))
-        for i, key in enumerate(k for k, _ in next(iter(groups))):
+        for key in (k for k, _ in next(iter(groups))):
             options.add_row(key, *(dict(g)[key] for g in groups))
         console.print(options)
 

@@ -14,7 +14,6 @@ Run: ``evefx demo``, ``python -m examples.demo`` or ``python examples/demo.py`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 from pathlib import Path
