@@ -16,7 +16,9 @@ from typing import Any
 
 from evefx.errors import (
     EvefxError,
+    EvefxWarning,
     ExportError,
+    OptionError,
     PassError,
     PlanError,
     PruneError,
@@ -25,6 +27,7 @@ from evefx.errors import (
     ShapeError,
     SpecError,
     TraceError,
+    UnknownNameError,
 )
 from evefx.spec import Spec, dump_spec, load_spec
 
@@ -40,6 +43,7 @@ _LAZY = {
     "observe": "evefx.api",
     "reset": "evefx.api",
     "set_mode": "evefx.api",
+    "never_pruned": "evefx.api",
     "EveParameter": "evefx.api",
     "Observations": "evefx.api",
     "prune_step": "evefx.channels",
@@ -65,11 +69,20 @@ __all__ = [
     "PruneError",
     "ExportError",
     "SearchError",
+    "OptionError",
+    "UnknownNameError",
+    "EvefxWarning",
     *_LAZY,
 ]
 
 
+# submodules reachable as attributes after a plain ``import evefx`` (``evefx.data.loaders()``)
+_SUBMODULES = ("data", "train", "upgrade", "export")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"evefx.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

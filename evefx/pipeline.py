@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from evefx.errors import EvefxError, ShapeError
+from evefx.modules.protocol import EveHooks
 from evefx.passes import Sequential, pass_for
 from evefx.report import TransformReport
 from evefx.spec import Spec, load_spec
@@ -39,6 +40,19 @@ class EveModule(fx.GraphModule):
         rebuild, args = super().__reduce__()
         node_meta = {n.name: _portable(n.meta) for n in self.graph.nodes}
         return (_rebuild_eve_module, (rebuild, args, node_meta, dict(self.meta)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.meta.get("evefx_shapes_pending") and args and not kwargs:
+            # transformed without example inputs: the first batch records the shapes (once, in eval
+            # mode, no grad, no statistic updated), so pruning and observations work after training
+            del self.meta["evefx_shapes_pending"]
+            propagate_shapes(self, args)
+            for m in self.modules():
+                if isinstance(m, EveHooks):
+                    m.reset_state()
+            log.info("evefx: shapes recorded from the first batch (%s)", ", ".join(
+                str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)))
+        return super().__call__(*args, **kwargs)
 
     @property
     def spec(self) -> Spec:
@@ -90,7 +104,8 @@ def transform(
     """Trace a copy of ``model`` and apply ``spec``'s passes in order. ``model`` is never touched.
 
     ``example_inputs`` (or ``trace.input_shape`` in the spec) lets evefx propagate shapes, which
-    observations and MAC counts use. Transforming an ``EveModule`` again with the same spec
+    pruning, observations and MAC counts use; without them, the first batch the module runs
+    records the shapes. Transforming an ``EveModule`` again with the same spec
     changes nothing.
 
     Example:
@@ -113,12 +128,15 @@ def transform(
         gm = model_copy
     else:
         gm = trace(model_copy, spec.trace, cls=EveModule)
-    if inputs is not None and not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+    has_shapes = any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
+    if inputs is not None and not has_shapes:
         propagate_shapes(gm, inputs)
     params_before = _count_params(gm)
     result = Sequential([pass_for(s, f"passes[{i}]") for i, s in enumerate(spec.passes)])(gm)
     gm = result.graph_module
     gm.recompile()
+    if inputs is None and not has_shapes:
+        gm.meta["evefx_shapes_pending"] = True  # the first call records them (see EveModule.__call__)
     gm.meta["evefx_spec"] = spec
     gm.meta["evefx_report"] = TransformReport(result.changes, params_before, _count_params(gm))
     log.info("evefx.transform: %d changes", len(result.changes))

@@ -11,13 +11,18 @@ Precedence, in order:
 4. ``exclude_last`` removes the network's last conv/linear layer (the classifier);
 5. ``overrides`` patch the options of the layers their ``names`` match (later ones win);
    they never add or remove layers.
-An empty selection and an override that matches no selected layer are errors.
+An empty selection and an override that matches no selected layer are errors, and so is every
+part of a selector that can only be a typo: a ``types`` entry that names no class of the model and
+no ``torch.nn`` class, a ``names`` or ``exclude`` glob that matches no candidate layer. Each error
+suggests the closest known names.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 from torch import fx, nn
 
@@ -57,6 +62,44 @@ def type_matches(module: nn.Module, wanted: str) -> bool:
     return any(c.__name__ == wanted for c in type(module).__mro__)
 
 
+@lru_cache(maxsize=1)
+def _torch_module_names() -> frozenset[str]:
+    return frozenset(n for n, obj in vars(nn).items() if isinstance(obj, type) and issubclass(obj, nn.Module))
+
+
+def _suggest(word: str, known: list[str] | set[str] | frozenset[str], n: int = 2) -> str:
+    close = difflib.get_close_matches(word, sorted(known), n=n, cutoff=0.6)
+    return f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+
+
+def _check_selector_words(gm: fx.GraphModule, section: Section, spec_path: str, candidates: list[fx.Node]) -> None:
+    """Every ``types`` entry names a class that exists; every ``names``/``exclude`` glob matches a candidate."""
+    select = section.select
+    if select.types is not None:
+        in_model = {c.__name__ for m in gm.modules() for c in type(m).__mro__}
+        known = in_model | _torch_module_names()
+        for t in select.types:
+            if "." in t:
+                if _resolve_dotted(t) is None and not any(type_matches(m, t) for m in gm.modules()):
+                    raise PlanError(
+                        f"{spec_path}.select.types: cannot import class {t!r} and no module of the model has that "
+                        f"dotted class path; check the spelling or that its package is importable"
+                    )
+            elif t not in known:
+                raise PlanError(
+                    f"{spec_path}.select.types: unknown class name {t!r} (no module of the model and no torch.nn "
+                    f"class is called that); {_suggest(t, known)}write a class name such as Conv2d or a dotted path"
+                )
+    names = [str(n.target) for n in candidates]
+    for field in ("names", "exclude"):
+        for glob in getattr(select, field) or ():
+            if not any(fnmatch.fnmatchcase(name, glob) for name in names):
+                raise PlanError(
+                    f"{spec_path}.select.{field}: {glob!r} matches no layer; {_suggest(glob, names, 1)}"
+                    f"candidates: {', '.join(names) or '(none)'}"
+                )
+
+
 def _describe(gm: fx.GraphModule, nodes: list[fx.Node]) -> str:
     return ", ".join(f"{n.target} ({type(module_of(gm, n)).__name__})" for n in nodes) or "(none)"
 
@@ -75,6 +118,7 @@ def plan_section(
     """
     select = section.select
     candidates = layer_nodes(gm, accepts)
+    _check_selector_words(gm, section, spec_path, candidates)
     chosen: list[fx.Node] = []
     types = select.types
     for node in candidates:

@@ -13,11 +13,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
-from evefx.errors import ShapeError, TraceError
+from evefx.errors import EvefxError, ShapeError, TraceError
 from evefx.plan import type_matches
-from evefx.spec import TraceOptions
+from evefx.spec import TraceOptions, load_section
 
 __all__ = ["EveTracer", "trace", "propagate_shapes"]
 
@@ -63,9 +64,16 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def trace(model: nn.Module, options: TraceOptions | None = None, cls: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
-    """Trace ``model`` (not copied: pass a copy) into a ``cls`` GraphModule, or raise :class:`TraceError`."""
-    options = options or TraceOptions()
+def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None,
+          cls: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
+    """Trace ``model`` (not copied: pass a copy) into a ``cls`` GraphModule, or raise :class:`TraceError`.
+
+    ``options`` is a :class:`TraceOptions` or the dict a spec's ``trace:`` holds.
+
+    Example:
+        >>> gm = trace(copy.deepcopy(model), {"leaf_modules": ["MyAttention"]})
+    """
+    options = load_section(TraceOptions, options or {}, "trace")
     tracer = EveTracer(options.leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=options.concrete_args)
@@ -73,15 +81,84 @@ def trace(model: nn.Module, options: TraceOptions | None = None, cls: type[fx.Gr
         path = tracer.failed_in[-1] if tracer.failed_in else ("", type(model).__name__)
         where = f"module {path[0]!r} ({path[1]})" if path[0] else f"the top-level module ({path[1]})"
         line = _user_frame(e)
+        if path[0]:
+            hint = (f"add {path[1]!r} to trace.leaf_modules in the spec to keep it opaque, "
+                    "or fix the data-dependent input with trace.concrete_args.")
+        else:
+            # the root is traced through whatever leaf_modules says: naming it there cannot help
+            hint = (f"the top-level module cannot be a leaf (evefx must see its layers): move the untraceable "
+                    f"code of {path[1]}.forward into a submodule and add that class to trace.leaf_modules, "
+                    "or fix the data-dependent input with trace.concrete_args.")
         raise TraceError(
             f"torch.fx cannot trace {where}: {type(e).__name__}: {e}\n"
             + (f"  at {line}\n" if line else "")
-            + f"  hint: add {path[1]!r} to trace.leaf_modules in the spec to keep it opaque, "
-            "or fix the data-dependent input with trace.concrete_args."
+            + f"  hint: {hint}"
         ) from e
     gm = cls(tracer.root, graph, type(model).__name__)
     gm.training = model.training
     return gm
+
+
+_SPATIAL = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+def _shape_text(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    return type(value).__name__
+
+
+def _expected_input(module: nn.Module) -> str | None:
+    """What ``module`` takes, as a shape pattern (``(N, 1, H, W)``), when evefx knows it."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        dims = len(module.kernel_size)
+        return f"(N, {module.in_channels}, {', '.join(_SPATIAL.get(dims, ('*',) * dims))})"
+    if isinstance(module, nn.Linear):
+        return f"(..., {module.in_features})"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return f"(N, {module.num_features}, ...)"
+    return None
+
+
+class _ShapeRecorder(ShapeProp):
+    """ShapeProp that fails with one :class:`ShapeError` line (the layer, the shape it got, the shape
+    it expects) instead of printing a traceback and dumping ``node.meta``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except EvefxError:
+            raise  # a module's own error (a quantizer meeting NaN) already names the layer
+        except Exception as e:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            got = ", ".join(_shape_text(a) for a in args if isinstance(a, torch.Tensor)) or "no tensor"
+            if n.op == "call_module":
+                module = self.module.get_submodule(str(n.target))
+                where = f"layer {n.target} ({type(module).__name__})"
+                expected = _expected_input(module)
+            else:
+                where = f"node {n.name} ({getattr(n.target, '__name__', n.target)})"
+                expected = None
+            if expected is not None:
+                detail = f"{where} got an input of shape {got} but expects {expected}"
+            else:
+                first = (str(e).strip().splitlines() or [""])[0]
+                detail = f"{where} fails on inputs of shape {got}: {type(e).__name__}: {first}"
+            raise ShapeError(f"{detail}; {self.hint}") from e
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        tm = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tm
+        n.meta["type"] = type(result)
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
@@ -92,22 +169,22 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # placeholders with a default have args
     if not (len(required) <= len(example_inputs) <= len(placeholders)):
+        count = f"{len(required)}" if len(required) == len(placeholders) else f"{len(required)} to {len(placeholders)}"
         raise ShapeError(
-            f"the model takes {len(required)} to {len(placeholders)} inputs "
-            f"({', '.join(n.name for n in placeholders)}), got {len(example_inputs)} example inputs"
+            f"the model takes {count} input{'s' if len(placeholders) != 1 else ''} "
+            f"({', '.join(n.name for n in placeholders)}), got {len(example_inputs)} example inputs; "
+            f"give one example input per argument of forward"
         )
-    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+    shapes = ", ".join(_shape_text(x) for x in example_inputs)
     modes = [(m, m.training) for m in gm.modules()]
     gm.eval()
+    recorder = _ShapeRecorder(gm)
+    recorder.extra_traceback = False  # fx.Interpreter would append the node's text and "Original traceback"
+    recorder.hint = (f"example inputs {shapes} do not fit the model: give inputs of the shape it takes "
+                     "(example_inputs, trace.input_shape, --input-shape)")
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise ShapeError(
-            f"example inputs of shape {shapes} do not fit the model: {str(e).splitlines()[0]}\n"
-            f"  {type(cause).__name__}: {cause}\n  hint: check trace.input_shape / example_inputs"
-        ) from e
+            recorder.propagate(*example_inputs)
     finally:
         for m, mode in modes:
             m.training = mode

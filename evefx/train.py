@@ -18,6 +18,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from evefx.errors import OptionError
+
 __all__ = ["fit", "evaluate", "seed_everything", "extra_losses"]
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd' or pass a torch.optim.Optimizer")
+    raise OptionError(f"unknown optimizer {name!r}; use 'adam' or 'sgd' or pass a torch.optim.Optimizer")
 
 
 def fit(
@@ -121,7 +123,9 @@ def fit(
                 metrics = evaluate(model, val)
                 row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
             history.append(row)
-            log.info("epoch %d: %s", epoch, row)
+            log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%%s (%.1f s)", description, epoch, epochs,
+                     row["train_loss"], row["train_accuracy"],
+                     f", val accuracy {row['val_accuracy']:.2f}%" if "val_accuracy" in row else "", row["seconds"])
             if max_steps is not None and steps >= max_steps:
                 break
     if log_csv is not None:

@@ -20,7 +20,7 @@ Accuracies are on the 1,000 test images, averaged over the seeds (weight init an
 Run:
     .venv/bin/python examples/pruning.py            # 4 criteria x 25/50/75%, 2 seeds (~15 min on 2 busy cores)
     .venv/bin/python examples/pruning.py --quick    # 2 criteria x 50%, 1 epoch each (smoke test)
-    .venv/bin/python examples/pruning.py --criteria l1_norm taylor --ratios 0.5 --out runs/prune
+    .venv/bin/python examples/pruning.py --criteria l1_norm taylor --ratios 0.5 --out out/prune
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def run(criteria: list[str], ratios: list[float], epochs: int, finetune: int, se
         more = copy.deepcopy(base)  # the same extra training as a pruned row, without pruning
         fit(more, train, None, epochs=1, seed=seed, progress=False)
         fine_tune(more, train, test, finetune, seed + 1)
-        gm = evefx.transform(base, {}, EXAMPLE)
+        gm = evefx.transform(base, {"passes": []}, EXAMPLE)
         base_rows.append({"accuracy": base_acc, "more": evaluate(more, test)["accuracy"],
                           "params": count_params(base), "macs": count_macs(gm)})
         for c in criteria:
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="prune in this many steps spread over the lr 1e-2 fine-tuning (default 1: one shot)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds averaged per row (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("runs/pruning"), help="folder for the PNG and JSON")
+    parser.add_argument("--out", type=Path, default=Path("out/pruning"), help="folder for the PNG and JSON")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

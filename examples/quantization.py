@@ -11,7 +11,7 @@ Run:
     .venv/bin/python examples/quantization.py                 # every row, 3 seeds (a few minutes on 2 cores)
     .venv/bin/python examples/quantization.py --from-scratch  # quantized rows from random weights
     .venv/bin/python examples/quantization.py --quick         # 1 epoch, 1 seed, 3 rows (smoke test)
-    .venv/bin/python examples/quantization.py --rows W8A8 W4A4 --out runs/quant
+    .venv/bin/python examples/quantization.py --rows W8A8 W4A4 --out out/quant
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ QUICK_ROWS = ["float", "W8A8", "W4A4"]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    gm = model if isinstance(model, torch.fx.GraphModule) else evefx.transform(model, {})
+    gm = model if isinstance(model, torch.fx.GraphModule) else evefx.transform(model, {"passes": []})
     return sum(r["bytes"] for r in quant_summary(gm))
 
 
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--from-scratch", action="store_true",
                         help="train quantized rows from random weights instead of from the float network")
     parser.add_argument("--rows", nargs="*", default=None, help=f"subset of rows; known: {', '.join(ROWS)}")
-    parser.add_argument("--out", type=Path, default=Path("runs/quantization"), help="folder for the PNG and JSON")
+    parser.add_argument("--out", type=Path, default=Path("out/quantization"), help="folder for the PNG and JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the network is tiny: 1 is as fast)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -1,6 +1,7 @@
 """Search DemoNet's bit widths and pruning ratios with the RL upgrader, at a small size.
 
-    python examples/search.py              # about a minute on a laptop CPU
+    python examples/search.py              # about 5 minutes on 2 CPU cores
+    python examples/search.py --episodes 6 --final-epochs 0   # smoke test
     python examples/search.py --episodes 200 --out out/search
 
 Two searches: mixed precision (examples/specs/mixed_precision.yaml: weights and activations in

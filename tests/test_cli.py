@@ -9,6 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+import evefx
 from evefx.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,8 @@ def test_transform_user_errors_are_one_line(tmp_path):
 
 
 def test_inspect_lists_what_each_pass_put_there():
-    result = runner.invoke(app, ["inspect", "--model", "examples.models:DemoNet", "--spec", str(ROOT / "examples/specs/demo.yaml")])
+    result = runner.invoke(app, ["inspect", "--model", "examples.models:DemoNet", "--spec", str(ROOT / "examples/specs/demo.yaml")],
+                           terminal_width=250)
     assert result.exit_code == 0, result.output
     assert "features.0" in result.output and "passes[0] activation" in result.output
 
@@ -85,3 +87,137 @@ def test_export_without_shape_is_a_clear_error(tmp_path):
     spec.write_text("passes: [{kind: quantize}]\n")
     result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(spec), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "give --input-shape or trace.input_shape" in result.output
+
+
+# ---- issue 12: one clear error per user mistake, nothing silently a no-op -----------------------------------------
+
+MYNETS = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(4, width)
+
+    def forward(self, x):
+        return self.fc(x)
+'''
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"evefx {evefx.__version__}"
+
+
+def test_validate_rejects_an_empty_file_and_warns_without_version(tmp_path):
+    """Item 1: an empty spec file validated "ok"; a missing schema_version was accepted without a word."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = runner.invoke(app, ["validate", str(empty)])
+    assert result.exit_code == 1
+    assert f"{empty}: <spec>: the file is empty; write at least `schema_version: 1`" in result.output
+    unversioned = tmp_path / "v.yaml"
+    unversioned.write_text("passes: [{kind: quantize}]\n")
+    result = runner.invoke(app, ["validate", str(unversioned)])
+    assert result.exit_code == 0
+    assert f"warning: {unversioned}: no schema_version; assuming schema_version: 1" in result.output
+
+
+def test_model_that_needs_arguments_says_how_and_model_kwargs_builds_it(tmp_path, monkeypatch):
+    """Item 10: a constructor with required arguments gave a raw TypeError traceback."""
+    (tmp_path / "mynets.py").write_text(MYNETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tmp_path / "s.yaml"
+    spec.write_text("schema_version: 1\npasses: [{kind: quantize}]\n")
+    result = runner.invoke(app, ["transform", "--model", "mynets:Net", "--spec", str(spec)])
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.output.strip() == (
+        "error: cannot build mynets:Net: missing a required argument: 'width'; pass its arguments as JSON with "
+        "--model-kwargs '{\"name\": value}', or point --model at a factory function that needs none")
+    ok = runner.invoke(app, ["transform", "--model", "mynets:Net", "--model-kwargs", '{"width": 3}', "--spec", str(spec)])
+    assert ok.exit_code == 0, ok.output
+    assert "QuantLinear" in ok.output or "fc" in ok.output
+    bad = runner.invoke(app, ["transform", "--model", "mynets:Net", "--model-kwargs", "[3]", "--spec", str(spec)])
+    assert bad.exit_code == 1 and "--model-kwargs must be a JSON/YAML mapping" in bad.output
+
+
+def test_inspect_shows_bits_and_resolved_options_per_layer():
+    """Item 15: inspect showed module names only, not the bits or the options the plan resolved."""
+    result = runner.invoke(app, ["inspect", "--model", "examples.models:DemoNet", "--spec",
+                                 str(ROOT / "examples/specs/mixed_precision.yaml")], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
+    assert "I8 W8 A8" in rows["features.0"] and "W4 A4" in rows["features.3"]
+    options = [line for line in result.output.splitlines() if line.startswith("│ weight.bits ")]
+    assert len(options) == 1 and [c.strip() for c in options[0].split("│")[2:4]] == ["8", "4"]
+    assert "passes[0] (quantize): options as resolved per layer" in result.output
+
+
+def test_export_refuses_pruners_that_never_pruned(tmp_path):
+    """Item 4: a prune spec exported without a pruned checkpoint gave an unpruned float file and no word."""
+    out = tmp_path / "p.onnx"
+    result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(ROOT / "examples/specs/prune.yaml"),
+                                 "--out", str(out), "--calibrate-batches", "1"])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip() == (
+        "error: the pruners of features.0, features.3, features.6, classifier.1 have never pruned (no --checkpoint "
+        "was given): the file would be the unpruned model with no-op Mul nodes; pass --checkpoint of a model pruned "
+        "with evefx.prune_step, or --allow-unpruned to export it anyway")
+
+
+def test_search_without_eve_parameters_fails_before_training(tmp_path):
+    """Item 15: the search trained for minutes, then failed because the spec has no eve parameters."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("schema_version: 1\npasses: [{kind: quantize}]\nsearch: {episodes: 2}\n")
+    start = time.perf_counter()
+    result = runner.invoke(app, ["search", "--model", "examples.models:DemoNet", "--spec", str(spec),
+                                 "--run-dir", str(tmp_path / "run"), "--episodes", "1", "--seed", "3"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == ("error: the spec has no eve parameters to search: set upgrade_bits: true in a "
+                                     "quantize section or upgrade_ratio: true in a prune section")
+    assert time.perf_counter() - start < 20 and not (tmp_path / "run" / "start.pt").exists()
+
+
+def test_search_episodes_and_seed_override_the_spec(tmp_path, monkeypatch):
+    import evefx.upgrade
+
+    seen = {}
+
+    def fake(model, spec, **kwargs):
+        seen["search"] = spec.search
+        raise evefx.SearchError("stop here")
+
+    monkeypatch.setattr(evefx.upgrade, "search_from_spec", fake)
+    result = runner.invoke(app, ["search", "--model", "examples.models:DemoNet", "--spec",
+                                 str(ROOT / "examples/specs/mixed_precision.yaml"), "--episodes", "3", "--seed", "7"])
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert seen["search"].episodes == 3 and seen["search"].seed == 7 and seen["search"].algorithm == "ddpg"
+
+
+def test_help_shows_defaults_the_same_way_and_demo_says_what_it_does():
+    for command in ("transform", "inspect", "export", "search"):
+        text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"}).output.replace("│", " ").split())
+        assert "[default: (trace.input_shape)]" in text or "[default: (search.episodes)]" in text, command
+    demo = " ".join(runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "250"}).output.replace("│", " ").split())
+    assert "quantize, export, spike and prune" in demo and "summary table" in demo
+
+
+def test_bad_checkpoint_and_output_folder_are_one_line_errors(tmp_path):
+    """Further instances found for issue 12: a missing or foreign checkpoint and a missing output folder gave tracebacks."""
+    demo = str(ROOT / "examples/specs/demo.yaml")
+    missing = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", demo,
+                                  "--out", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "nope.pt")])
+    assert missing.exit_code == 1 and missing.output.startswith(f"error: cannot read --checkpoint {tmp_path / 'nope.pt'}: ")
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    foreign = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", demo,
+                                  "--out", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "other.pt")])
+    assert foreign.exit_code == 1
+    assert foreign.output.startswith(f"error: --checkpoint {tmp_path / 'other.pt'} does not fit this model (missing [")
+    assert "unexpected ['fc.weight']" in foreign.output
+    nofolder = runner.invoke(app, ["transform", "--model", "examples.models:DemoNet", "--spec", demo,
+                                   "--out", str(tmp_path / "no" / "m.pt")])
+    assert nofolder.exit_code == 1 and f"error: cannot write {tmp_path / 'no' / 'm.pt'}: " in nofolder.output

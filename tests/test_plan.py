@@ -45,7 +45,31 @@ def test_type_matches_subclasses_and_dotted_paths():
 
 def test_nothing_matches_names_spec_path_and_candidates(gm):
     with pytest.raises(PlanError, match=r"passes\[0\]\.select matches no layer; candidates: features\.0 \(Conv2d\)"):
-        plan(gm, {"kind": "quantize", "select": {"names": ["nope.*"]}})
+        plan(gm, {"kind": "quantize", "select": {"names": ["features.*"], "regex": "classifier.*"}})
+
+
+def test_misspelt_type_is_an_error_with_suggestion(gm):
+    """Issue 12, item 2: `types: [Conv2d, Linaer]` used to quantize the convs only, without a word."""
+    with pytest.raises(PlanError) as err:
+        plan(gm, {"kind": "quantize", "select": {"types": ["Conv2d", "Linaer"]}})
+    assert str(err.value) == (
+        "passes[0].select.types: unknown class name 'Linaer' (no module of the model and no torch.nn class is "
+        "called that); did you mean 'Linear', 'LazyLinear'? write a class name such as Conv2d or a dotted path")
+    with pytest.raises(PlanError, match=r"^passes\[0\]\.select\.types: cannot import class 'torch\.nn\.Linaer'"):
+        plan(gm, {"kind": "quantize", "select": {"types": ["torch.nn.Linaer"]}})
+    # a real torch.nn class the model does not use is fine (a spec may serve several models)
+    assert plan(gm, {"kind": "quantize", "select": {"types": ["Conv1d", "Linear"]}}) == ["classifier.1", "classifier.3"]
+
+
+def test_globs_that_match_no_layer_are_errors(gm):
+    """Issue 12, item 2: an exclude (or names) glob that matches nothing is a typo, not a no-op."""
+    with pytest.raises(PlanError) as err:
+        plan(gm, {"kind": "quantize", "select": {"exclude": ["fetures.0"]}})
+    assert str(err.value) == (
+        "passes[0].select.exclude: 'fetures.0' matches no layer; did you mean 'features.0'? "
+        "candidates: features.0, features.3, features.6, classifier.1, classifier.3")
+    with pytest.raises(PlanError, match=r"^passes\[0\]\.select\.names: 'nope\.\*' matches no layer; "):
+        plan(gm, {"kind": "quantize", "select": {"names": ["features.*", "nope.*"]}})
 
 
 def test_unsupported_type_is_an_error(gm):

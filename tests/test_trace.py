@@ -49,6 +49,18 @@ def test_untraceable_module_named_with_source_line_and_hint():
     assert "trace.leaf_modules" in msg
 
 
+def test_untraceable_top_level_module_hint_does_not_suggest_making_it_a_leaf():
+    """Issue 12, item 12: the old hint said "add 'Gate' to trace.leaf_modules", which cannot work for the root."""
+    with pytest.raises(TraceError) as info:
+        trace(Gate(), TraceOptions(leaf_modules=("Gate",)))
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("torch.fx cannot trace the top-level module (Gate): TraceError: ")
+    assert lines[-1] == (
+        "  hint: the top-level module cannot be a leaf (evefx must see its layers): move the untraceable code of "
+        "Gate.forward into a submodule and add that class to trace.leaf_modules, or fix the data-dependent input "
+        "with trace.concrete_args.")
+
+
 def test_leaf_modules_by_class_name_and_glob():
     for leaf in ("Gate", "gate", "tests.test_trace.Gate"):
         gm = trace(WithGate(), TraceOptions(leaf_modules=(leaf,)))
@@ -69,10 +81,24 @@ def test_concrete_args_pass_through():
 
 
 def test_wrong_input_shape_is_a_shape_error(demo_net):
-    with pytest.raises(ShapeError, match=r"example inputs of shape \[\(2, 3, 28, 28\)\] do not fit the model"):
-        evefx.transform(demo_net, {}, torch.zeros(2, 3, 28, 28))
-    with pytest.raises(ShapeError, match="takes 1 to 1 inputs"):
-        evefx.transform(demo_net, {}, (torch.zeros(1, 1, 28, 28), torch.zeros(1)))
+    # issue 12, item 9: one line naming the layer, the shape it got and the shape it expects (no traceback, no meta)
+    with pytest.raises(ShapeError) as err:
+        evefx.transform(demo_net, {"passes": []}, torch.zeros(2, 3, 28, 28))
+    assert str(err.value) == (
+        "layer features.0 (Conv2d) got an input of shape (2, 3, 28, 28) but expects (N, 1, H, W); example inputs "
+        "(2, 3, 28, 28) do not fit the model: give inputs of the shape it takes (example_inputs, trace.input_shape, "
+        "--input-shape)")
+    with pytest.raises(ShapeError, match=r"^layer classifier\.1 \(Linear\) got an input of shape \(1, 1024\) but expects \(\.\.\., 256\); "):
+        evefx.transform(demo_net, {"passes": []}, torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ShapeError, match=r"^the model takes 1 input \(x\), got 2 example inputs; give one example input per argument"):
+        evefx.transform(demo_net, {"passes": []}, (torch.zeros(1, 1, 28, 28), torch.zeros(1)))
+
+
+def test_wrong_input_shape_prints_no_traceback(demo_net, capsys):
+    with pytest.raises(ShapeError):
+        evefx.transform(demo_net, {"passes": []}, torch.zeros(2, 3, 28, 28))
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
 
 
 def test_input_shape_from_spec_records_shapes(demo_net):
@@ -84,5 +110,5 @@ def test_input_shape_from_spec_records_shapes(demo_net):
 def test_shape_propagation_changes_no_statistics(demo_net):
     demo_net.train()
     before = demo_net.features[1].running_mean.clone()
-    gm = evefx.transform(demo_net, {}, torch.rand(8, 1, 28, 28))
+    gm = evefx.transform(demo_net, {"passes": []}, torch.rand(8, 1, 28, 28))
     assert torch.equal(gm.get_submodule("features.1").running_mean, before) and gm.training and gm.get_submodule("features.1").training

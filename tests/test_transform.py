@@ -21,7 +21,7 @@ def test_torchvision_models_preserve_computation(name):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     x = torch.rand(1, 3, 64, 64)
-    gm = evefx.transform(model, {}, x)
+    gm = evefx.transform(model, {"passes": []}, x)
     assert isinstance(gm, EveModule) and not gm.report.modified
     assert torch.allclose(gm(x), model(x), atol=1e-5)
 
@@ -29,7 +29,7 @@ def test_torchvision_models_preserve_computation(name):
 def test_user_model_is_never_touched(demo_net, mnist_batch):
     before = copy.deepcopy(demo_net.state_dict())
     expected = demo_net(mnist_batch)
-    evefx.transform(demo_net, {}, mnist_batch)
+    evefx.transform(demo_net, {"passes": []}, mnist_batch)
     assert all(torch.equal(before[k], v) for k, v in demo_net.state_dict().items())
     assert torch.equal(demo_net(mnist_batch), expected)
     assert type(demo_net).__name__ == "DemoNet"
@@ -48,7 +48,7 @@ class TwoInOut(nn.Module):
 def test_call_signature_and_output_structure():
     torch.manual_seed(0)
     model = TwoInOut()
-    gm = evefx.transform(model, {})
+    gm = evefx.transform(model, {"passes": []})
     assert list(inspect.signature(gm.forward).parameters) == ["x", "y", "scale"]
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     out, ref = gm(x, y, 2.0), model(x, y, 2.0)
@@ -64,7 +64,7 @@ def test_spec_and_report_survive_deepcopy(demo_net):
 
 
 def test_transforming_a_transformed_module_changes_nothing(demo_net, mnist_batch):
-    gm = evefx.transform(demo_net, {})
+    gm = evefx.transform(demo_net, {"passes": []})
     again = evefx.transform(gm, gm.spec)
     assert not again.report.modified and again is not gm
     assert torch.allclose(again(mnist_batch), gm(mnist_batch))
@@ -72,7 +72,7 @@ def test_transforming_a_transformed_module_changes_nothing(demo_net, mnist_batch
 
 def test_not_a_module():
     with pytest.raises(EvefxError, match="needs a torch.nn.Module"):
-        evefx.transform(lambda x: x, {})
+        evefx.transform(lambda x: x, {"passes": []})
 
 
 def test_bad_spec_is_spec_error_before_anything_else(demo_net):

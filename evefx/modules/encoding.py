@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evefx.errors import ShapeError
+from evefx.errors import OptionError, ShapeError
 from evefx.modules.protocol import EveHooks
 
 __all__ = ["PoissonEncoder", "DirectEncoder", "MeanDecoder"]
@@ -30,7 +30,7 @@ class _TimeModule(EveHooks, nn.Module):
     def __init__(self, timesteps: int):
         super().__init__()
         if timesteps < 1:
-            raise ValueError(f"timesteps must be >= 1 (got {timesteps})")
+            raise OptionError(f"timesteps must be >= 1 (got {timesteps})")
         self.timesteps = int(timesteps)
         self.spiking = True
         self.step_mode = "multi"

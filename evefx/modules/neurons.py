@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evefx.errors import ShapeError
+from evefx.errors import OptionError, ShapeError
 from evefx.modules.protocol import EveHooks, EveRange
 from evefx.modules.surrogate import SURROGATES, surrogate as surrogate_class
 
@@ -332,13 +332,13 @@ class SpikingNeuron(EveHooks, nn.Module):
     ):
         super().__init__()
         if timesteps < 1:
-            raise ValueError(f"timesteps must be >= 1 (got {timesteps})")
+            raise OptionError(f"timesteps must be >= 1 (got {timesteps})")
         if neuron_wise and not channels:
-            raise ValueError("neuron_wise=True needs channels=<number of channels> (dim 1 of the input)")
+            raise OptionError("neuron_wise=True needs channels=<number of channels> (dim 1 of the input)")
         if surrogate not in SURROGATES:
-            raise ValueError(f"unknown surrogate {surrogate!r}; valid names: {', '.join(SURROGATES)}")
+            raise OptionError(f"unknown surrogate {surrogate!r}; valid names: {', '.join(SURROGATES)}")
         if learnable_reset and reset is None:
-            raise ValueError("learnable_reset needs a hard reset value (reset=None means soft reset)")
+            raise OptionError("learnable_reset needs a hard reset value (reset=None means soft reset)")
         self.timesteps = int(timesteps)
         self.channels = channels
         self.neuron_wise = bool(neuron_wise)
@@ -382,7 +382,7 @@ class SpikingNeuron(EveHooks, nn.Module):
             self.spiking = bool(flags["spiking"])
         if flags.get("step") is not None:
             if flags["step"] not in ("single", "multi"):
-                raise ValueError(f"step must be 'single' or 'multi' (got {flags['step']!r})")
+                raise OptionError(f"set_mode(step={flags['step']!r}): step must be 'single' or 'multi'")
             self.step_mode = flags["step"]
             self._v = None
 
@@ -526,7 +526,7 @@ class LIFNeuron(SpikingNeuron):
                  tau_range: tuple[float, float] = (1.0, 16.0), **kwargs: Any):
         super().__init__(timesteps, threshold, reset, **kwargs)
         if tau < 1.0:
-            raise ValueError(f"tau must be >= 1 (got {tau}); tau = 1 means no memory")
+            raise OptionError(f"tau must be >= 1 (got {tau}); tau = 1 means no memory")
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.tau_range = tau_range
 
@@ -558,7 +558,7 @@ class PLIFNeuron(SpikingNeuron):
                  **kwargs: Any):
         super().__init__(timesteps, threshold, reset, **kwargs)
         if tau <= 1.0:
-            raise ValueError(f"PLIF needs tau > 1 (got {tau}): 1/tau = sigmoid(w) lies in (0, 1)")
+            raise OptionError(f"PLIF needs tau > 1 (got {tau}): 1/tau = sigmoid(w) lies in (0, 1)")
         self.w = nn.Parameter(torch.tensor(-math.log(float(tau) - 1.0)))
 
     @property

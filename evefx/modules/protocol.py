@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from evefx.errors import OptionError, UnknownNameError
+
 __all__ = ["EveRange", "EveHooks", "is_eve_module"]
 
 
@@ -30,6 +32,27 @@ class EveRange:
     def clip(self, value: float) -> float | int:
         value = min(max(float(value), self.low), self.high)
         return int(round(value)) if self.integer else value
+
+    def check(self, value: float, what: str = "value") -> float | int:
+        """``value`` if it lies in the range (a whole number when ``integer``), else :class:`OptionError`.
+
+        Values within float32 rounding of a bound count as inside (a buffer read back as a Python
+        float may exceed ``high`` by 1e-8) and come back clipped.
+
+        Example:
+            >>> EveRange(2, 8, integer=True).check(4.0)
+            4
+            >>> EveRange(2, 8, integer=True).check(99, "bits")
+            Traceback (most recent call last):
+            evefx.errors.OptionError: bits must be a whole number between 2 and 8 (got 99)
+        """
+        v = float(value)
+        tol = 1e-6 * max(1.0, abs(self.low), abs(self.high))
+        whole = "a whole number " if self.integer else ""
+        bad = not (self.low - tol <= v <= self.high + tol) or (self.integer and abs(v - round(v)) > 1e-6)
+        if bad:
+            raise OptionError(f"{what} must be {whole}between {self.low:g} and {self.high:g} (got {value!r})")
+        return self.clip(v)
 
     def from_unit(self, action: float) -> float | int:
         """Map ``action`` in [-1, 1] onto the range (integers rounded)."""
@@ -60,15 +83,23 @@ class EveHooks:
         return {}
 
     def get_eve(self, name: str) -> float:
-        value = getattr(self, name)
+        try:
+            value = getattr(self, name)
+        except AttributeError:
+            raise UnknownNameError(
+                f"{type(self).__name__} has no eve parameter {name!r}; it has {sorted(self.eve_ranges()) or 'none'}"
+            ) from None
         if isinstance(value, torch.Tensor):
             return float(value.detach().float().mean()) if value.numel() != 1 else float(value.item())
         return float(value)
 
     def set_eve(self, name: str, value: float) -> None:
+        """Set eve parameter ``name``; a value outside its range raises :class:`OptionError`."""
         if name not in self.eve_ranges():
-            raise KeyError(f"{type(self).__name__} has no eve parameter {name!r}; it has {sorted(self.eve_ranges())}")
-        value = self.eve_ranges()[name].clip(value)
+            raise UnknownNameError(
+                f"{type(self).__name__} has no eve parameter {name!r}; it has {sorted(self.eve_ranges()) or 'none'}"
+            )
+        value = self.eve_ranges()[name].check(value, f"{type(self).__name__}.{name}")
         current = getattr(self, name)
         if isinstance(current, torch.Tensor):
             with torch.no_grad():

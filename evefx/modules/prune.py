@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from evefx.errors import OptionError, PruneError, ShapeError
 from evefx.modules.protocol import EveHooks, EveRange
 
 __all__ = ["ChannelPruner", "CRITERIA"]
@@ -77,11 +78,13 @@ class ChannelPruner(EveHooks, nn.Module):
     ):
         super().__init__()
         if criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+            raise OptionError(f"ChannelPruner: unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
         if num_channels < 1:
-            raise ValueError(f"num_channels must be positive (got {num_channels})")
+            raise OptionError(f"ChannelPruner: num_channels must be positive (got {num_channels})")
         if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1) (got {ratio})")
+            raise OptionError(f"ChannelPruner: ratio must be in [0, 1) (got {ratio})")
+        if scope not in ("layer", "global"):
+            raise OptionError(f"ChannelPruner: scope must be 'layer' or 'global' (got {scope!r})")
         self.num_channels = int(num_channels)
         self.criterion = criterion
         self.dim = int(dim)
@@ -128,7 +131,7 @@ class ChannelPruner(EveHooks, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[self.dim] != self.num_channels:
-            raise ValueError(
+            raise ShapeError(
                 f"ChannelPruner expects {self.num_channels} channels on dim {self.dim}, got shape {tuple(x.shape)}"
             )
         if self.training and (self.criterion != "taylor" or torch.is_grad_enabled()):
@@ -173,7 +176,7 @@ class ChannelPruner(EveHooks, nn.Module):
         """Set the mask from a boolean (or 0/1) keep-vector."""
         keep = torch.as_tensor(keep).reshape(-1)
         if keep.numel() != self.num_channels:
-            raise ValueError(f"mask needs {self.num_channels} entries (got {keep.numel()})")
+            raise ShapeError(f"ChannelPruner.set_mask: the mask needs {self.num_channels} entries (got {keep.numel()})")
         with torch.no_grad():
             self.mask.copy_(keep.to(self.mask.dtype) > 0.5)
 

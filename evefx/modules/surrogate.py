@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from evefx.errors import OptionError
+
 __all__ = [
     "Surrogate",
     "Sigmoid",
@@ -318,7 +320,7 @@ def surrogate(name: str) -> type[Surrogate]:
     try:
         return SURROGATES[name]
     except KeyError:
-        raise ValueError(f"unknown surrogate {name!r}; valid names: {', '.join(SURROGATES)}") from None
+        raise OptionError(f"unknown surrogate {name!r}; valid names: {', '.join(SURROGATES)}") from None
 
 
 def spike_fn(name: str, alpha: float = 2.0) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -330,7 +332,7 @@ def spike_fn(name: str, alpha: float = 2.0) -> Callable[[torch.Tensor], torch.Te
     """
     cls = surrogate(name)
     if not alpha > 0:
-        raise ValueError(f"surrogate alpha must be > 0 (got {alpha})")
+        raise OptionError(f"surrogate alpha must be > 0 (got {alpha})")
     alpha = float(alpha)
 
     def fn(u: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,15 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from evefx.errors import SpecError
-from evefx.spec.base import Bounded, Section, Select, StrictModel, TraceOptions
+from evefx.errors import EvefxWarning, SpecError
+from evefx.spec.base import Bounded, NestedErrors, Section, Select, StrictModel, TraceOptions
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
 from evefx.spec.quantize import QuantizeSection, QuantizerConfig
@@ -45,6 +46,7 @@ __all__ = [
     "Budget",
     "Reward",
     "load_spec",
+    "load_section",
     "dump_spec",
     "json_schema",
     "Bounded",
@@ -73,6 +75,24 @@ class Spec(StrictModel):
     search: SearchSection | None = None
     """Settings of ``evefx search`` (the RL upgrader)."""
 
+    @model_validator(mode="after")
+    def _prune_before_quantize(self) -> Spec:
+        # A pruner placed after quantizers reads quantized codes: the quantizer on the next layer's
+        # input turns masked zeros back into codes, so no channel is ever prunable (and export fails
+        # parity). Refuse the order here, where `evefx validate` sees it, instead of failing later.
+        first_quantize = next((i for i, p in enumerate(self.passes) if p.kind == "quantize"), None)
+        if first_quantize is None:
+            return self
+        errors = [
+            (("passes", i), f"a prune section after a quantize section (passes[{first_quantize}]) cannot prune: the "
+             "quantizers hide which channels the pruner zeroes, so prune_step finds nothing to prune; "
+             f"move this section before passes[{first_quantize}] (prune, then quantize)")
+            for i, p in enumerate(self.passes) if p.kind == "prune" and i > first_quantize
+        ]
+        if errors:
+            raise NestedErrors(errors)
+        return self
+
 
 def _parse_text(text: str, source: str | None) -> Any:
     try:
@@ -87,7 +107,11 @@ def _parse_text(text: str, source: str | None) -> Any:
 def load_spec(obj: Spec | dict | str | Path) -> Spec:
     """Validate ``obj`` (a ``Spec``, a dict, YAML/JSON text, or a path) into a :class:`Spec`.
 
-    Raises :class:`evefx.SpecError` listing every problem, one a line.
+    Raises :class:`evefx.SpecError` listing every problem, one a line. An empty spec (an empty
+    file, ``""``, ``None``, ``{}``) is an error: it is almost always a wrong path or a file saved
+    half-way; a spec that deliberately changes nothing says so with ``passes: []``. A spec file or
+    text without ``schema_version`` gets an :class:`evefx.EvefxWarning` saying that version 1 is
+    assumed (a dict built in Python is taken as the current version without a word).
 
     Example:
         >>> load_spec("examples/specs/demo.yaml").passes[0].kind
@@ -97,6 +121,7 @@ def load_spec(obj: Spec | dict | str | Path) -> Spec:
         return obj
     source: str | None = None
     data: Any = obj
+    document = isinstance(obj, (str, Path))
     if isinstance(obj, Path) or (
         isinstance(obj, str) and "\n" not in obj and obj.strip().endswith((".yaml", ".yml", ".json"))
     ):
@@ -109,16 +134,41 @@ def load_spec(obj: Spec | dict | str | Path) -> Spec:
         data = _parse_text(text, source)
     elif isinstance(obj, str):
         data = _parse_text(obj, None)
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        what = "the file is empty" if source else f"the spec is empty (got {obj!r})"
+        raise SpecError([((), f"{what}; write at least `schema_version: 1` and `passes: [...]` "
+                              "(`passes: []` for a spec that changes nothing)")], source)
     if not isinstance(data, dict):
         raise SpecError([((), f"a spec must be a mapping at the top level (got {type(data).__name__})")], source)
+    if document and "schema_version" not in data:
+        warnings.warn(f"{source or 'spec text'}: no schema_version; assuming schema_version: 1 "
+                      "(add `schema_version: 1` to silence this)", EvefxWarning, stacklevel=2)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
         raise SpecError(errors_from_validation(e), source) from None
     except (TypeError, ValueError, RecursionError) as e:  # pydantic passes some input errors through raw
         raise SpecError([((), f"invalid spec: {e}")], source) from e
+
+
+def load_section(cls: type[StrictModel], obj: Any, path: str) -> Any:
+    """``obj`` (an instance of ``cls`` or the mapping a YAML file would give) validated as ``cls``.
+
+    Every API that takes a piece of a spec (``budget=``, ``reward=``, ``options=``) accepts the
+    same dict a spec file holds; problems raise :class:`evefx.SpecError` with paths under ``path``.
+
+    Example:
+        >>> load_section(Budget, {"kind": "avg_bits", "max": 3.0}, "search.budget").max
+        3.0
+    """
+    if isinstance(obj, cls):
+        return obj
+    if not isinstance(obj, dict):
+        raise SpecError([(tuple(path.split(".")), f"must be a {cls.__name__} or a mapping (got {type(obj).__name__})")])
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise SpecError([(tuple(path.split(".")) + p, m) for p, m in errors_from_validation(e)]) from None
 
 
 def dump_spec(spec: Spec, path: str | Path | None = None) -> str:

@@ -6,7 +6,7 @@ spec (``best.yaml``). Nothing below ``evefx.upgrade`` imports it.
 
 Example:
     >>> from evefx.upgrade import search
-    >>> result = search(gm, lambda m: evaluate(m, val)["accuracy"], run_dir="runs/mp")
+    >>> result = search(gm, lambda m: evaluate(m, val)["accuracy"], run_dir="out/mp")
     >>> evefx.transform(model, result.spec_path)
 """
 from __future__ import annotations

@@ -31,7 +31,7 @@ from torch import fx, nn
 from evefx.api import EveParameter, eve_parameters, observe, reset
 from evefx.errors import SearchError
 from evefx.modules.protocol import EveRange
-from evefx.spec import Budget, Reward
+from evefx.spec import Budget, Reward, load_section
 from evefx.upgrade.costs import CostModel, cheap_end
 
 __all__ = ["UpgradeEnv", "EpisodeResult", "PARAM_FEATURES", "accuracy_of", "Accuracy", "FineTune", "apply_pruning"]
@@ -171,7 +171,8 @@ class UpgradeEnv(gym.Env):
         evaluate: ``evaluate(gm) -> accuracy`` in percent (or a dict with ``"accuracy"``).
         finetune: ``finetune(gm, steps)``, run after applying a configuration when ``finetune_steps > 0``.
         finetune_steps: training steps per episode (``search.finetune_steps``).
-        budget: the cost and its bound (``search.budget``).
+        budget: the cost and its bound (``search.budget``): a :class:`~evefx.spec.Budget` or the same
+            dict a spec file holds (``{"kind": "avg_bits", "max": 3.0}``).
         reward: ``penalty`` (accuracy - lam * cost / max) or ``constrained`` (values lowered from the
             last parameter back until the cost fits; reward = accuracy). Accuracy enters as a fraction.
         example_inputs: a batch for activation statistics in the observations and for latency.
@@ -193,8 +194,8 @@ class UpgradeEnv(gym.Env):
         *,
         finetune: Finetune | None = None,
         finetune_steps: int = 0,
-        budget: Budget = Budget(),
-        reward: Reward = Reward(),
+        budget: Budget | dict[str, Any] = Budget(),
+        reward: Reward | dict[str, Any] = Reward(),
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
         apply: Callable[[nn.Module], Any] | None = None,
         names: Sequence[str] | None = None,
@@ -204,8 +205,8 @@ class UpgradeEnv(gym.Env):
         self.evaluate_fn = evaluate
         self.finetune_fn = finetune
         self.finetune_steps = int(finetune_steps)
-        self.budget = budget
-        self.reward_cfg = reward
+        self.budget = budget = load_section(Budget, budget, "search.budget")
+        self.reward_cfg = reward = load_section(Reward, reward, "search.reward")
         self.apply_fn = apply
         params = eve_parameters(gm)
         if names is not None:

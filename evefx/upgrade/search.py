@@ -15,7 +15,7 @@ replay buffer (their rewards are in the CSV, so nothing is evaluated twice) and 
 remaining episodes: only the episode in flight when the run stopped is lost.
 
 Example:
-    >>> result = search(gm, lambda m: evaluate(m, val)["accuracy"], gm.spec.search, run_dir="runs/mp")
+    >>> result = search(gm, lambda m: evaluate(m, val)["accuracy"], gm.spec.search, run_dir="out/mp")
     >>> result.best["accuracy"], result.spec_path
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from evefx.errors import SearchError
-from evefx.spec import Reward, SearchSection, Spec, dump_spec, load_spec
+from evefx.spec import Reward, SearchSection, Spec, dump_spec, load_section, load_spec
 from evefx.upgrade.env import EpisodeResult, Evaluate, Finetune, UpgradeEnv
 from evefx.upgrade.specs import spec_with_values
 
@@ -87,7 +87,7 @@ def read_episodes(run_dir: str | Path) -> list[dict[str, Any]]:
     """The finished episodes logged in ``run_dir/episodes.csv`` (a row cut short by a kill is dropped).
 
     Example:
-        >>> max(read_episodes("runs/mp"), key=lambda r: r["reward"])["values"]
+        >>> max(read_episodes("out/mp"), key=lambda r: r["reward"])["values"]
     """
     path = Path(run_dir) / "episodes.csv"
     if not path.exists():
@@ -182,7 +182,7 @@ class _RunLog:
 
 
 # ---------------------------------------------------------------------- stable-baselines3
-def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int = 1) -> tuple[type, dict[str, Any]]:
+def algorithm_kwargs(section: SearchSection | dict[str, Any], episode_length: int, n_actions: int = 1) -> tuple[type, dict[str, Any]]:
     """The SB3 class and constructor keywords for ``section`` (rl-zoo3-style ``hyperparams``).
 
     ``policy`` (default ``MlpPolicy``), ``noise_type`` (``normal`` or ``ornstein-uhlenbeck``) with
@@ -195,7 +195,9 @@ def algorithm_kwargs(section: SearchSection, episode_length: int, n_actions: int
 
     Example:
         >>> cls, kw = algorithm_kwargs(SearchSection(algorithm="td3", hyperparams={"noise_std": 0.2}), 10)
+        >>> cls, kw = algorithm_kwargs({"algorithm": "td3"}, 10)  # the dict a spec file holds works too
     """
+    section = load_section(SearchSection, section, "search")
     import stable_baselines3 as sb3
     from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
@@ -480,7 +482,7 @@ def plot_search(rows: Sequence[dict[str, Any]], best: dict[str, Any], path: str 
     """PNG of the best configuration's value per eve parameter and of the reward per episode.
 
     Example:
-        >>> plot_search(read_episodes("runs/mp"), json.load(open("runs/mp/best.json")), "mp.png")
+        >>> plot_search(read_episodes("out/mp"), json.load(open("out/mp/best.json")), "mp.png")
     """
     import matplotlib
 
@@ -545,7 +547,7 @@ def search(
 
     Example:
         >>> result = search(gm, evaluate, {"algorithm": "td3", "episodes": 50, "budget": {"kind": "avg_bits", "max": 3}},
-        ...                 run_dir="runs/td3")
+        ...                 run_dir="out/td3")
     """
     spec = load_spec(spec) if spec is not None else getattr(gm, "spec", None)
     if spec is None:
@@ -630,8 +632,8 @@ def search_from_spec(
     training again, so its episodes continue from the very same model.
 
     Example:
-        >>> search_from_spec(DemoNet(), "examples/specs/mixed_precision.yaml", run_dir="runs/mp")
-        $ evefx search --model examples.models:DemoNet --spec examples/specs/mixed_precision.yaml --run-dir runs/mp
+        >>> search_from_spec(DemoNet(), "examples/specs/mixed_precision.yaml", run_dir="out/mp")
+        $ evefx search --model examples.models:DemoNet --spec examples/specs/mixed_precision.yaml --run-dir out/mp
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -647,6 +649,11 @@ def search_from_spec(
         from evefx.upgrade.ray_backend import import_ray
 
         import_ray()
+    from evefx.api import eve_parameters
+
+    if not eve_parameters(transform(model, spec)):  # say it before minutes of training, not after
+        raise SearchError("the spec has no eve parameters to search: set upgrade_bits: true in a quantize section "
+                          "or upgrade_ratio: true in a prune section")
     if data == "mnist5k":
         full = mnist5k("train")
         n_val = 1000
@@ -671,7 +678,9 @@ def search_from_spec(
         log.info("resume: starting weights loaded from %s", start)
     else:
         if weights is not None:
-            model.load_state_dict(torch.load(weights))
+            from evefx.api import load_checkpoint
+
+            load_checkpoint(model, weights, "--weights")
         elif epochs > 0:
             fit(model, loader(), None, epochs, lr=3e-3, seed=spec.search.seed, progress=progress, description="float")
         gm = transform(model.eval(), spec)

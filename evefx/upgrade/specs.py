@@ -12,9 +12,11 @@ Example:
 """
 from __future__ import annotations
 
+import copy
+import fnmatch
 import glob
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from evefx.api import EveParameter
@@ -46,11 +48,64 @@ def override_for(p: EveParameter, value: float) -> dict[str, Any]:
     raise SearchError(f"eve parameter {p.name}: kind {p.kind!r} has no spec field evefx knows how to write")
 
 
+def _leaves(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,)
+
+
+def _drop(d: dict[str, Any], path: tuple[str, ...]) -> None:
+    """Remove the leaf at ``path`` from ``d`` and the blocks it leaves empty."""
+    if len(path) == 1:
+        d.pop(path[0], None)
+        return
+    inner = d.get(path[0])
+    if isinstance(inner, dict):
+        _drop(inner, path[1:])
+        if not inner:
+            d.pop(path[0])
+
+
+def _merge_overrides(overrides: list[dict[str, Any]], per_layer: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold the searched per-layer patches into a section's ``overrides``.
+
+    An option that an existing override sets only for searched layers (its names are all plain
+    layer names, each searched with that option) is dropped from it, so no stale value stays behind
+    a later one; an override left with nothing but ``names`` goes. A searched layer that already
+    has an override of its own gets the patch merged into it; otherwise one is appended.
+    """
+    out: list[dict[str, Any]] = []
+    done: set[str] = set()
+    for j, ov in enumerate(overrides):
+        ov = copy.deepcopy(dict(ov))
+        names = list(ov.get("names") or [])
+        own = next((layer for layer in per_layer if names in ([layer], [glob.escape(layer)])), None)
+        if own is not None and any(fnmatch.fnmatchcase(own, g) for later in overrides[j + 1:] for g in later["names"]):
+            own = None  # a later override also reaches the layer: append the values after it instead
+        if own is not None and own not in done:  # the layer's own override: the searched values go in it
+            ov = {"names": names, **deep_merge({k: v for k, v in ov.items() if k != "names"}, per_layer[own])}
+            done.add(own)
+        elif all(glob.escape(n) == n and n in per_layer for n in names):
+            for path in list(_leaves({k: v for k, v in ov.items() if k != "names"})):
+                if all(path in set(_leaves(per_layer[n])) for n in names):
+                    _drop(ov, path)
+        if set(ov) - {"names"}:
+            out.append(ov)
+    out += [{"names": [glob.escape(layer)], **patch} for layer, patch in per_layer.items() if layer not in done]
+    return out
+
+
 def spec_with_values(spec: Spec, params: Sequence[EveParameter], values: Mapping[str, float]) -> Spec:
-    """``spec`` with one override per searched layer appended to the section that owns it (later
-    overrides win, so the searched values replace the section's and earlier overrides' values).
+    """``spec`` with the searched values written as per-layer ``overrides`` of the sections that own
+    them, merged with the overrides already there: a value the search replaced does not linger in an
+    earlier override (see :func:`_merge_overrides`), so ``best.yaml`` says each layer's value once.
 
     Raises :class:`~evefx.SearchError` naming the section when the result does not validate.
+
+    Example:
+        >>> spec_with_values(gm.spec, evefx.eve_parameters(gm), {"features.0.weight_quantizer.bits": 3})
     """
     patches: dict[int, dict[str, dict[str, Any]]] = {}
     for p in params:
@@ -65,9 +120,7 @@ def spec_with_values(spec: Spec, params: Sequence[EveParameter], values: Mapping
     data = spec.model_dump(mode="json")
     for index, per_layer in patches.items():
         section = data["passes"][index]
-        section["overrides"] = list(section.get("overrides") or []) + [
-            {"names": [glob.escape(layer)], **patch} for layer, patch in per_layer.items()
-        ]
+        section["overrides"] = _merge_overrides(list(section.get("overrides") or []), per_layer)
     try:
         return load_spec(data)
     except EvefxError as e:

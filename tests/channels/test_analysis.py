@@ -112,3 +112,14 @@ def test_missing_shapes_are_explained(demo_net):
     with pytest.raises(PruneError, match="example_inputs"):
         evefx.prune_step(gm)
     assert evefx.prune_step(gm, X28)["features.0"] == (2, 4)
+
+
+def test_batches_that_ran_record_the_shapes(demo_net):
+    """Issue 12, item 7: after training batches, prune_step still said "pass example_inputs"."""
+    gm = evefx.transform(demo_net, PRUNE)  # no example inputs, no trace.input_shape
+    reference = evefx.transform(demo_net, PRUNE, X28)
+    gm.train()
+    reference.train()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gm(x), reference(x))  # recording the shapes changes nothing the batch computes
+    assert evefx.prune_step(gm) == evefx.prune_step(reference)

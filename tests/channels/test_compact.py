@@ -63,11 +63,14 @@ def test_with_quantization_masks_work_but_compact_refuses_quantized_layers(demo_
     gm = evefx.transform(demo_net, {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X28)
     assert not any(n.meta.get("evefx", {}).get("role") == "input" and n.meta["evefx"]["layer"] == "features.3" for n in gm.graph.nodes)
     assert evefx.prune_step(gm)["features.3"] == (4, 8)
-    # quantizers after the pruners would turn masked zeros into codes: nothing is prunable, and it says so
-    caplog.clear()
-    gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize"}, {"kind": "prune"}]}, X28)
-    assert evefx.prune_step(gm)["features.3"] == (8, 8)
-    assert "no channel of layer features.3 can be pruned" in caplog.text
+    # quantizers before the pruners would turn masked zeros into codes: nothing would be prunable, so the
+    # spec refuses the order and says which to use (issue 12, item 3)
+    with pytest.raises(evefx.SpecError) as err:
+        evefx.transform(demo_net, {"passes": [{"kind": "quantize"}, {"kind": "prune"}]}, X28)
+    assert str(err.value).splitlines()[1] == (
+        "passes[1]: a prune section after a quantize section (passes[0]) cannot prune: the quantizers hide which "
+        "channels the pruner zeroes, so prune_step finds nothing to prune; move this section before passes[0] "
+        "(prune, then quantize)")
 
 
 def test_constant_fold_goes_into_a_following_batchnorm_when_the_conv_has_no_bias():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evefx.errors import ShapeError
+from evefx.errors import OptionError, ShapeError
 from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron, multi_step
 from evefx.modules.surrogate import ATan
 
@@ -263,7 +263,9 @@ def test_eve_parameters_only_with_upgrade():
     n = LIFNeuron(threshold=0.5, tau=3.0, channels=2, neuron_wise=True, upgrade=True)
     assert set(n.eve_ranges()) == {"threshold", "tau"}
     n.set_eve("threshold", 1.5)
-    n.set_eve("tau", 100.0)  # clipped to the range
+    with pytest.raises(OptionError, match=r"^LIFNeuron.tau must be between 1 and 16 \(got 100.0\)$"):
+        n.set_eve("tau", 100.0)  # out of range: an error, never silently clipped (issue 12, item 5)
+    n.set_eve("tau", 16.0)
     assert n.get_eve("threshold") == 1.5 and n.threshold.tolist() == [1.5, 1.5]
     assert n.get_eve("tau") == 16.0
     assert set(PLIFNeuron(upgrade=True).eve_ranges()) == {"threshold"}

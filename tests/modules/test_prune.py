@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from evefx.errors import OptionError, ShapeError, UnknownNameError
 from evefx.modules.protocol import EveRange
 from evefx.modules.prune import ChannelPruner
 
@@ -104,9 +105,11 @@ def test_eve_protocol_ratio_only_when_upgradable():
     assert ChannelPruner(4).eve_ranges() == {}
     p = ChannelPruner(4, ratio=0.25, max_ratio=0.8)
     assert p.eve_ranges() == {"ratio": EveRange(0.0, 0.8)}
-    p.set_eve("ratio", 0.95)
+    p.set_eve("ratio", 0.8)
     assert p.get_eve("ratio") == pytest.approx(0.8)
-    with pytest.raises(KeyError):
+    with pytest.raises(OptionError, match=r"^ChannelPruner.ratio must be between 0 and 0.8 \(got 0.95\)$"):
+        p.set_eve("ratio", 0.95)
+    with pytest.raises(UnknownNameError, match=r"^ChannelPruner has no eve parameter 'ratio'; it has none$"):
         ChannelPruner(4).set_eve("ratio", 0.1)
 
 
@@ -122,9 +125,11 @@ def test_state_travels_with_state_dict_and_instances_share_nothing():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="criterion"):
+    # EvefxErrors that are still ValueErrors (issue 12, item 11)
+    with pytest.raises(OptionError, match=r"^ChannelPruner: unknown criterion 'magic'; use one of l1_norm, fire_rate, kl_div, taylor$"):
         ChannelPruner(3, criterion="magic")
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(OptionError, match=r"^ChannelPruner: ratio must be in \[0, 1\) \(got 1.0\)$"):
         ChannelPruner(3, ratio=1.0)
-    with pytest.raises(ValueError, match="expects 3 channels"):
+    with pytest.raises(ShapeError, match=r"^ChannelPruner expects 3 channels on dim 1, got shape \(1, 4\)$"):
         ChannelPruner(3)(torch.ones(1, 4))
+    assert issubclass(OptionError, ValueError) and issubclass(ShapeError, ValueError)

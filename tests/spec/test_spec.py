@@ -158,3 +158,39 @@ def test_random_input_raises_only_spec_error(data):
         load_spec(data) if isinstance(data, dict) else load_spec({"passes": data})
     except SpecError:
         pass
+
+
+@pytest.mark.parametrize("empty", [None, "", {}, "\n"])
+def test_empty_spec_is_an_error(empty):
+    """Issue 12, item 1: an empty spec used to validate "ok" and transform to nothing."""
+    with pytest.raises(SpecError) as info:
+        load_spec(empty)
+    assert str(info.value).splitlines()[1] == (
+        f"<spec>: the spec is empty (got {empty!r}); write at least `schema_version: 1` and `passes: [...]` "
+        "(`passes: []` for a spec that changes nothing)")
+
+
+def test_empty_spec_file_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).splitlines()[1] == (
+        f"{path}: <spec>: the file is empty; write at least `schema_version: 1` and `passes: [...]` "
+        "(`passes: []` for a spec that changes nothing)")
+    assert load_spec({"passes": []}).passes == ()  # an explicit "change nothing" spec is fine
+
+
+def test_missing_schema_version_in_a_file_warns_with_the_assumed_version(tmp_path):
+    from evefx import EvefxWarning
+
+    path = tmp_path / "s.yaml"
+    path.write_text("passes: [{kind: prune}]\n")
+    with pytest.warns(EvefxWarning, match=r"s\.yaml: no schema_version; assuming schema_version: 1"):
+        assert load_spec(path).schema_version == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_spec("schema_version: 1\npasses: [{kind: prune}]\n")
+        load_spec({"passes": [{"kind": "prune"}]})  # a dict built in Python is the current version

@@ -314,3 +314,33 @@ def test_fine_tuning_does_not_reseed_the_agents_random_streams():
             env.step(np.array([0.0], dtype=np.float32))
         draws.append((np.random.normal(), float(torch.rand(1))))  # FineTune seeds fit(); the agent must not see it
     assert draws[0] != draws[1]
+
+
+def test_budget_and_reward_take_the_dict_a_spec_file_holds():
+    """Issue 12, item 6: budget={"kind": ..., "max": ...} used to raise AttributeError: 'dict' object has no attribute 'kind'."""
+    env = UpgradeEnv(quantized(), accuracy, budget={"kind": "avg_bits", "max": 3.0}, reward={"mode": "constrained"})
+    assert env.budget == Budget(kind="avg_bits", max=3.0) and env.reward_cfg.mode == "constrained"
+    with pytest.raises(evefx.SpecError) as err:
+        UpgradeEnv(quantized(), accuracy, budget={"kind": "avg_bits", "maximum": 3.0})
+    assert str(err.value).splitlines()[1].startswith("search.budget.maximum: unknown field")
+
+
+def test_spec_with_values_merges_with_the_overrides_already_there():
+    """Issue 12, item 8: best.yaml kept the original override of a layer and added a conflicting one after it."""
+    spec = {"passes": [{"kind": "quantize", "upgrade_bits": True, "min_bits": 2, "max_bits": 8,
+                        "weight": {"bits": 4}, "activation": {"bits": 4, "signed": False, "symmetric": False},
+                        "overrides": [{"names": ["0", "4"], "weight": {"bits": 8}, "activation": {"bits": 8},
+                                       "fold_bn": False},
+                                      {"names": ["2"], "weight": {"bits": 6}}]}]}
+    gm = evefx.transform(mlp(), spec, torch.zeros(1, 8))
+    params = evefx.eve_parameters(gm)
+    values = dict(zip([p.name for p in params], [3, 5, 2, 4, 7, 6]))
+    best = spec_with_values(gm.spec, params, values).passes[0]
+    assert [dict(o) for o in best.overrides] == [
+        {"names": ["0", "4"], "fold_bn": False},  # the searched bits left it; what the search did not set stays
+        {"names": ["2"], "weight": {"bits": 2}, "activation": {"bits": 4}},  # merged into the layer's own override
+        {"names": ["0"], "weight": {"bits": 3}, "activation": {"bits": 5}},
+        {"names": ["4"], "weight": {"bits": 7}, "activation": {"bits": 6}},
+    ]
+    fresh = evefx.transform(mlp(), spec_with_values(gm.spec, params, values), torch.zeros(1, 8))
+    assert {p.name: p.value for p in evefx.eve_parameters(fresh)} == values
