@@ -311,6 +311,14 @@ def markdown(rows: dict[str, dict[str, str]], columns: tuple[str, ...], header: 
     return "\n".join(lines) + "\n"
 
 
+def _header(steps: int, done: int, total: int) -> str:
+    import onnxruntime
+
+    partial = "" if done == total else f" Partial: {done} of {total} models measured so far."
+    return (f"Measured by `python bench/zoo.py --steps {steps} --out docs/zoo.md` on {cpu_description()}; "
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}.{partial}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -331,12 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = run_model(name, columns, steps, Path(tmp))
             print(f"{name} ({time.perf_counter() - start:.0f} s): " + "; ".join(f"{k}: {v}" for k, v in rows[name].items()),
                   flush=True)
-    header = (f"Measured by `python bench/zoo.py` ({steps} float training steps per model) on {cpu_description()}; "
-              f"torch {torch.__version__}.")
-    table = markdown(rows, columns, header)
+            if args.out:  # after every model, so a long run that is stopped keeps what it measured
+                Path(args.out).write_text(markdown(rows, columns, _header(steps, len(rows), len(models))))
+    table = markdown(rows, columns, _header(steps, len(rows), len(models)))
     print(table)
-    if args.out:
-        Path(args.out).write_text(table)
     return 0 if all(not v.startswith("FAIL") for r in rows.values() for v in r.values()) else 1
 
 

@@ -61,7 +61,9 @@ def test_demo_logs_progress_line_by_line_and_ends_with_summary_and_paths(tmp_pat
 
     monkeypatch.setattr(demo, "loaders", small)
     stdout = io.StringIO()
-    with caplog.at_level(logging.INFO):
+    # the loggers' own levels too: a CLI test run earlier in this process leaves "evefx" at WARNING
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="evefx"), \
+            caplog.at_level(logging.INFO, logger="examples"):
         demo.main(epochs=1, out=tmp_path, console=Console(file=stdout, width=200))
     lines = [r.getMessage() for r in caplog.records]
     assert [m for m in lines if m.startswith("demo: ")][1:] == [

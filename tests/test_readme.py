@@ -59,9 +59,7 @@ def blocks(path: Path) -> list[Block]:
 ALL = [b for path in DOCS for b in blocks(path)]
 
 # blocks that fail for a reason filed elsewhere: ``{block id prefix: reason}``; they run, and pass or xfail
-KNOWN = {
-    "docs/export.md": "export parity of a freshly calibrated DemoNet fails at random weights (the export issue)",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ Tolerances (also in the README):
 * a float model: ``1e-4 + 1e-3 * max|y|``.
 
 For classifier-shaped outputs (``[N, K]``, ``K > 1``) top-1 decisions must agree on at least 99.5%
-of the rows; a row agrees when onnxruntime's top class is one of PyTorch's top classes (quantized
-logits often tie, and a tie has no single PyTorch decision). Models with quantizers below 8 bits are
+of the rows; a row agrees when onnxruntime's top class scores, in PyTorch, within one step of the
+output quantizer of PyTorch's best (quantized logits often tie, and classes closer than the file's
+resolution have no single decision). End to end, at least 95% of the elements must be within
+tolerance (:data:`WITHIN_MIN`; op by op, all). Models with quantizers below 8 bits are
 held to the element-wise rule only (top-1 agreement is reported): onnxruntime rounds each bias to the
 grid ``s_x * s_w`` of its integer accumulator, which at 2-4 bits moves a few percent of the codes by
 one step, and one step of a 4-bit logit reorders near-ties. When a check fails, :func:`first_divergence` re-runs both sides with every module's
@@ -214,7 +216,7 @@ def _compare_outputs(pairs: Sequence[tuple[list[np.ndarray], list[Any]]], steps:
             if step is not None:
                 worst_steps = max(worst_steps or 0.0, d / step)
             if i == 0 and e.ndim == 2 and e.shape[1] > 1:
-                agree += _top1_agree(e, g)
+                agree += _top1_agree(e, g, step or 0.0)
                 rows += e.shape[0]
     top1 = 100.0 * agree / rows if rows else None
     within = within_num / within_den if within_den else 1.0
@@ -258,11 +260,13 @@ def degenerate_outputs(reference: nn.Module, batches: Sequence[Any]) -> str | No
     return None
 
 
-def _top1_agree(expected: np.ndarray, got: np.ndarray) -> int:
-    """Rows where onnxruntime's top class is one of PyTorch's top classes (quantized logits tie often)."""
+def _top1_agree(expected: np.ndarray, got: np.ndarray, step: float = 0.0) -> int:
+    """Rows where onnxruntime's top class is one of PyTorch's top classes: in PyTorch it scores within
+    one output quantization step (``step``; 0 for a float output) of the best. Classes closer than
+    one step are a tie at the file's resolution, which a one-step rounding difference decides."""
     best = expected.max(axis=1, keepdims=True)
     picked = np.take_along_axis(expected, got.argmax(axis=1)[:, None], axis=1)
-    return int((picked == best).sum())
+    return int((picked >= best - step * (1 + 1e-4)).sum())
 
 
 def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: set[str]) -> dict[str, np.ndarray]:

@@ -635,7 +635,9 @@ class _QuantLayerMixin:
       deploy, the division by ``f`` undoes the fold so that BatchNorm sees the float model's
       pre-activation, and BN's batch statistics (and running-statistics updates) are the float
       model's. With quantization off this equals ``BN(conv(x))`` up to float rounding.
-    * eval: ``y = conv(x, Q(W_f), b_f)``: a single conv, exactly the exported graph.
+    * eval: ``y = conv(x, Q(W_f), b_f)``: a single conv, exactly the exported graph. With the
+      quantizer of its input known (:meth:`set_input_quantizer`), ``b_f`` is rounded to the grid
+      ``s_x * s_w`` on which integer kernels store it as int32, as the exported file does.
     """
 
     weight: nn.Parameter
@@ -651,6 +653,27 @@ class _QuantLayerMixin:
         self.weight_quantizer = weight_quantizer
         self.bn = bn
         return self
+
+    def set_input_quantizer(self, quantizer: Quantizer | None) -> None:
+        """Name the quantizer whose codes this layer reads (per tensor). In eval mode the bias is then
+        rounded to ``s_x * s_w``, the int32 grid integer kernels (and the exported file) keep it on:
+        left in float, it is what most separates PyTorch from onnxruntime in a deep network (each
+        output channel shifted by up to half a unit, every rounding after it moved with it).
+
+        Example:
+            >>> qconv.set_input_quantizer(input_quantizer)
+        """
+        # a plain reference, not a submodule: the quantizer is registered where it runs
+        object.__setattr__(self, "_input_quantizer", quantizer)
+
+    def _deployed_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        q = self.__dict__.get("_input_quantizer")
+        wq = self.weight_quantizer
+        if bias is None or q is None or not (q.enabled and wq.enabled) or q.num_channels is not None \
+                or not (bool(q.initialized) and bool(wq.initialized)):
+            return bias
+        step = (q.scale.detach().reshape(()) * wq.scale.detach()).to(bias.dtype)
+        return torch.round(bias / step) * step
 
     def _fold_factor(self) -> torch.Tensor:
         bn = self.bn
@@ -674,11 +697,11 @@ class _QuantLayerMixin:
         return w, beta + (bias - self.bn.running_mean) * f
 
     def _forward_quant(self, x: torch.Tensor, apply: Any) -> torch.Tensor:
-        if self.bn is None:
-            return apply(x, self.weight_quantizer(self.weight), self.bias)
         if not self.training:
             w, b = self.folded_weight_bias()
-            return apply(x, self.weight_quantizer(w), b)
+            return apply(x, self.weight_quantizer(w), self._deployed_bias(b))
+        if self.bn is None:
+            return apply(x, self.weight_quantizer(self.weight), self.bias)
         f = self._fold_factor().reshape([-1] + [1] * (self.weight.dim() - 1))
         # conv(x, Q(W f)) / f == conv(x, Q(W f) / f), and Q(W f) / f is W quantized with scale s / f:
         # one pass over the weights, none over the activations

@@ -204,6 +204,7 @@ class QuantizePass(SectionPass):
                 inserted = self._quantize_input(gm, node, layer, section.activation)
                 if inserted is not None:
                     changes.append(inserted)
+            self._link_input_quantizer(gm, node)
         self.current_node = None
         return PassResult(gm, bool(changes), tuple(changes))
 
@@ -217,6 +218,17 @@ class QuantizePass(SectionPass):
         ):
             src = src.args[0]
         return src
+
+    def _link_input_quantizer(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """Tell a weight-quantized layer which quantizer's codes it reads, so its eval bias is rounded
+        as integer kernels store it (see ``set_input_quantizer``)."""
+        layer = module_of(gm, node)
+        inp = node.args[0] if node.args else None
+        if not isinstance(layer, QUANT_LAYER_TYPES) or not isinstance(inp, fx.Node):
+            return
+        src = self._source(gm, inp)
+        if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(module_of(gm, src), Quantizer):
+            layer.set_input_quantizer(module_of(gm, src))
 
     def _quantize_input(self, gm: fx.GraphModule, node: fx.Node, layer: str, cfg: QuantizerConfig) -> Change | None:
         inp = node.args[0] if node.args else None
