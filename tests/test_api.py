@@ -7,9 +7,6 @@ import torch
 
 import evefx
 from evefx.api import STATIC_COLUMNS
-from evefx.passes import Sequential
-from evefx.pipeline import EveModule
-from evefx.trace import propagate_shapes, trace
 from tests.probe import Probe
 from tests.helpers import probe_model
 

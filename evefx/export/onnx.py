@@ -39,23 +39,20 @@ import torch
 from torch import fx, nn
 
 from evefx.errors import ExportError, PruneError
-from evefx.export.emulate import local_cpu_class, u8s8_saturation
-from evefx.export.parity import (
-    TOP1_MIN,
-    Parity,
-    check_parity,
-    degenerate_outputs,
-    graph_parity,
-    first_divergence,
-    flatten_outputs,
-    ort_session,
+from evefx.export.check import (
+    check_file,
+    deployment_target,
+    failure_text,
+    float_weights_between_qdq,
+    set_aside,
+    stand_in_inputs,
 )
-from evefx.export.qdq import QDQ, deployable
+from evefx.export.parity import TOP1_MIN, Parity, degenerate_outputs, flatten_outputs, ort_session
+from evefx.export.qdq import deployable
 from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
-from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement, scope_of
+from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
-from evefx.spec.quantize import SATURATION_FREE_WEIGHT_CODES
 
 __all__ = ["export_onnx", "onnx_accuracy", "layer_bits", "deployment_target", "MIN_QDQ_OPSET"]
 
@@ -65,7 +62,6 @@ MIN_QDQ_OPSET = 13
 """Per-channel ``DequantizeLinear`` (the ``axis`` attribute) needs opset 13."""
 
 _REAL_CHUNK = 256
-_STAND_IN_SAMPLES = 64  # parity inputs when the caller gives no real data
 
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -198,28 +194,6 @@ def _quiet_output() -> Iterator[dict[str, str]]:
             captured["text"] = tmp.read().decode(errors="replace")
 
 
-def deployment_target(model: nn.Module) -> str:
-    """The CPUs a quantized model's int8 file computes the same on: ``portable`` when no signed weight
-    code leaves ``[-64, 63]`` (no int16 pair sum of an AVX2 u8s8 kernel can saturate), otherwise the
-    target its spec states (``x86-vnni`` or ``arm``; ``x86-vnni`` for a hand-built model).
-
-    Example:
-        >>> deployment_target(evefx.transform(net, {"passes": [{"kind": "quantize"}]}))
-        'portable'
-    """
-    lo, hi = SATURATION_FREE_WEIGHT_CODES
-    wide = False
-    for m in model.modules():
-        if isinstance(m, QUANT_LAYER_TYPES) and m.weight_quantizer.enabled and m.weight_quantizer.signed:
-            qmin, qmax = m.weight_quantizer.quant_range()
-            wide = wide or qmin < lo or qmax > hi
-    if not wide:
-        return "portable"
-    spec = getattr(model, "spec", None)
-    stated = {p.target for p in getattr(spec, "passes", ()) if getattr(p, "kind", None) == "quantize"} - {"portable"}
-    return sorted(stated)[0] if stated else "x86-vnni"
-
-
 def _metadata(model: onnx.ModelProto, original: nn.Module, bits: dict[str, Any], quantized: bool, target: str) -> None:
     import evefx
 
@@ -329,9 +303,9 @@ def export_onnx(
     rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
     rewrites["pruned_channels_removed"] = removed
     bits = layer_bits(gm)
-    floating = _float_weights_between_qdq(model) if quantized else []
+    floating = float_weights_between_qdq(model) if quantized else []
     if floating:
-        failed = _set_aside(path)
+        failed = set_aside(path)
         raise ExportError(
             f"{path}: layer {floating[0]} has float weights but a quantized input; onnxruntime would quantize "
             f"those weights itself and the file would not compute what PyTorch does. Quantize its weights too "
@@ -342,7 +316,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        failed = _set_aside(path)
+        failed = set_aside(path)
         raise ExportError(f"{path}: the exported graph fails onnx.checker ({e}); the file was moved to {failed}; "
                           f"report a bug with this message") from e
     onnx.save(model, str(path))
@@ -358,141 +332,24 @@ def export_onnx(
     if is_stochastic(gm):
         log.warning("%s: the model draws random spikes (Poisson encoder); PyTorch and onnxruntime cannot be "
                     "compared sample by sample, so parity was not checked", path)
-        return _replace(report, parity=Parity(0, 0.0, 0.0, "not checked: random Poisson encoder", 1.0, None, None,
-                                              True, False))
-    batches = [inputs, *_chunks(real_inputs if real_inputs is not None else _stand_in_inputs(inputs))]
+        return replace(report, parity=Parity(0, 0.0, 0.0, "not checked: random Poisson encoder", 1.0, None, None,
+                                             True, False))
+    batches = [inputs, *_chunks(real_inputs if real_inputs is not None else stand_in_inputs(inputs))]
     why = degenerate_outputs(gm, batches)
     if why is not None:
-        failed = _set_aside(path)
+        failed = set_aside(path)
         raise ExportError(
             f"{path}: cannot check the file: the model's {why} on the parity inputs, so any file would "
             f"agree with it; train or calibrate the model first (evefx.export.calibrate), or pass real_inputs. "
             f"The unchecked file was moved to {failed}"
         )
-    report = _check(gm, deploy, path, batches, report, tolerance, top1_min)
+    report = check_file(gm, deploy, path, batches, report, tolerance, top1_min)
     if not report.passed:
-        failed = _set_aside(path)
-        err = ExportError(f"{_failure_text(report)}; the file was moved to {failed}")
+        failed = set_aside(path)
+        err = ExportError(f"{failure_text(report)}; the file was moved to {failed}")
         err.report = replace(report, path=str(failed))  # type: ignore[attr-defined]
         raise err
     return report
-
-
-def _stand_in_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """No real inputs given: 64 standard-normal samples shaped like the example (fixed seed)."""
-    log.warning("export_onnx: no real_inputs; parity is checked on %d random samples, which may not exercise "
-                "the model as data does (pass real_inputs=held-out data)", _STAND_IN_SAMPLES)
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for t in inputs:
-        if t.is_floating_point():
-            out.append(torch.randn((_STAND_IN_SAMPLES, *t.shape[1:]), generator=g, dtype=t.dtype).to(t.device))
-        else:
-            out.append(t[:1].expand(_STAND_IN_SAMPLES, *t.shape[1:]).clone())
-    return tuple(out)
-
-
-def _check(gm: nn.Module, deploy: nn.Module, path: Path, batches: list[tuple[torch.Tensor, ...]],
-           report: ExportReport, tolerance: float | None, top1_min: float) -> ExportReport:
-    """The three comparisons and the emulation of the other CPU class (see :class:`ExportReport`)."""
-    here = local_cpu_class()
-    graph = graph_parity(gm, str(path), batches, tolerance=tolerance, top1_min=top1_min)
-    kernels = check_parity(None, str(path), batches, tolerance=tolerance, top1_min=top1_min)
-    parity = check_parity(gm, str(path), batches, tolerance=tolerance, top1_min=top1_min)
-    emulated = tuple(u8s8_saturation(str(path), batches)) if report.quantized else ()
-    # a file built for VNNI/ARM kernels is not expected to run right on this CPU when it lacks them
-    local_binding = not (report.target in ("x86-vnni", "arm") and here == "x86-avx2")
-    failing = []
-    if not graph.passed:
-        failing.append("graph")
-    if local_binding and not kernels.passed:
-        failing.append("kernels")
-    if local_binding and not parity.passed:
-        failing.append("parity")
-    if report.target == "portable" and any(r.saturated for r in emulated):
-        failing.append("avx2_u8s8")
-    if "graph" in failing:
-        parity = replace(parity, first_divergence=graph.first_divergence or _divergence(gm, deploy, path, batches))
-    elif "parity" in failing:
-        parity = replace(parity, first_divergence=_divergence(gm, deploy, path, batches))
-    if not local_binding:
-        log.warning("%s targets %s; this CPU (%s) runs other kernels, so only the graph was checked against PyTorch",
-                    path, report.target, here)
-    return replace(report, parity=parity, graph=graph, kernel_check=kernels, avx2_u8s8=emulated, cpu=here,
-                   failing=tuple(failing))
-
-
-def _divergence(gm: nn.Module, deploy: nn.Module, path: Path, batches: list[tuple[torch.Tensor, ...]]) -> str | None:
-    steps = {name: m.qp.step for name, m in deploy.named_modules() if isinstance(m, QDQ)} or None
-    for batch in batches:
-        # quantizer outputs first (each may differ by one step); then every module's output
-        where = first_divergence(gm, str(path), batch, steps) if steps else None
-        where = where or first_divergence(gm, str(path), batch, None)
-        if where:
-            return where
-    return None
-
-
-def _failure_text(report: ExportReport) -> str:
-    parts = []
-    for name, what in (("graph", "the QDQ graph (onnxruntime, optimizations off) vs PyTorch"),
-                       ("kernels", "this CPU's integer kernels vs the QDQ graph"),
-                       ("parity", "this CPU's onnxruntime vs PyTorch")):
-        p = {"graph": report.graph, "kernels": report.kernel_check, "parity": report.parity}[name]
-        if name == "graph" and name in report.failing and p is not None and p.first_divergence:
-            parts.append(f"{what}: {p.first_divergence}")
-        elif name in report.failing and p is not None:
-            top1 = f", top-1 agreement {p.top1_agreement:.2f}%" if p.top1_agreement is not None else ""
-            steps = f" ({p.max_steps:.2f} steps)" if p.max_steps is not None else ""
-            parts.append(f"{what}: max |diff| {p.max_abs_diff:.4g}{steps} > tolerance {p.tolerance:.4g} ({p.rule}); "
-                         f"{100 * p.within_tolerance:.3f}% of the elements within tolerance{top1}")
-    if "avx2_u8s8" in report.failing:
-        bad = [r for r in report.avx2_u8s8 if r.saturated]
-        parts.append("on x86 CPUs without VNNI the u8s8 kernels would saturate in "
-                     + ", ".join(f"{r.layer} ({100 * r.outputs_changed:.1f}% of outputs)" for r in bad)
-                     + "; quantize with target: portable (the default) or state target: x86-vnni")
-    where = report.parity.first_divergence if report.parity is not None else None
-    if where and report.graph is not None and where == report.graph.first_divergence:
-        where = None  # already named
-    tail = f"; first diverging node: {where}" if where else ""
-    return f"{report.path}: the exported file is wrong: " + "; ".join(parts) + tail
-
-
-def _float_weights_between_qdq(model: onnx.ModelProto) -> list[str]:
-    """Conv/Gemm/MatMul nodes between a ``DequantizeLinear`` input and a ``QuantizeLinear`` output
-    (directly or after a ReLU) whose weight is a float initializer: onnxruntime's optimizer quantizes
-    such weights itself (int8, a scale of its own choosing), so the file would not run what PyTorch
-    computes. (With a float output it leaves the node in float.)"""
-    inits = {i.name: i for i in model.graph.initializer}
-    prod = {o: n for n in model.graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
-
-    def quantized_after(tensor: str) -> bool:
-        nxt = users.get(tensor, [])
-        if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip"):
-            nxt = users.get(nxt[0].output[0], [])
-        return bool(nxt) and all(n.op_type == "QuantizeLinear" for n in nxt)
-
-    hits = []
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            src = prod.get(node.input[0])
-            weight = inits.get(node.input[1])
-            if src is not None and src.op_type == "DequantizeLinear" and weight is not None \
-                    and weight.data_type == onnx.TensorProto.FLOAT and quantized_after(node.output[0]):
-                hits.append(scope_of(node) or node.name)
-    return hits
-
-
-def _set_aside(path: Path) -> Path:
-    """Move a file that failed its check out of the requested path (``x.onnx`` -> ``x.failed.onnx``)."""
-    failed = path.with_name(path.stem + ".failed" + path.suffix)
-    if path.exists():
-        os.replace(path, failed)
-    return failed
 
 
 def _remove_pruned_channels(gm: nn.Module) -> tuple[nn.Module, int]:
@@ -511,8 +368,6 @@ def _remove_pruned_channels(gm: nn.Module) -> tuple[nn.Module, int]:
         return gm, 0
 
 
-def _replace(report: ExportReport, **changes: Any) -> ExportReport:
-    return replace(report, **changes)
 
 
 def onnx_accuracy(path: str | Path, loader: Iterable[Any], threads: int = 1) -> float:

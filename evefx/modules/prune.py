@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from evefx.errors import OptionError, PruneError, ShapeError
+from evefx.errors import OptionError, ShapeError
 from evefx.modules.protocol import EveHooks, EveRange
 
 __all__ = ["ChannelPruner", "CRITERIA"]

@@ -127,7 +127,7 @@ class Section(StrictModel):
                 continue
             for key in patch:
                 if key in self.NOT_OVERRIDABLE:
-                    errors.append((("overrides", i, key), f"cannot be overridden per layer; set it on the section"))
+                    errors.append((("overrides", i, key), "cannot be overridden per layer; set it on the section"))
             if any(key in self.NOT_OVERRIDABLE for key in patch):
                 continue
             try:
