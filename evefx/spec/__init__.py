@@ -21,7 +21,7 @@ from evefx.errors import SpecError
 from evefx.spec.base import Bounded, Section, Select, StrictModel, TraceOptions
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
-from evefx.spec.quantize import QuantizeSection, QuantizerConfig
+from evefx.spec.quantize import AdaRoundConfig, CalibrationConfig, QuantizeSection, QuantizerConfig
 from evefx.spec.search import Budget, Reward, SearchSection
 from evefx.spec.spike import SURROGATES, NeuronConfig, SpikeSection, SurrogateConfig
 
@@ -34,6 +34,8 @@ __all__ = [
     "TraceOptions",
     "QuantizeSection",
     "QuantizerConfig",
+    "CalibrationConfig",
+    "AdaRoundConfig",
     "SpikeSection",
     "NeuronConfig",
     "SurrogateConfig",
