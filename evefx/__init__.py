@@ -46,6 +46,12 @@ _LAZY = {
     "compact": "evefx.prune_ops",
     "compact_report": "evefx.prune_ops",
     "export_onnx": "evefx.export",
+    "calibrate": "evefx.ptq",
+    "CalibrationReport": "evefx.ptq",
+    "post_training_quantize": "evefx.ptq",
+    "PTQReport": "evefx.ptq",
+    "sensitivity": "evefx.ptq",
+    "SensitivityReport": "evefx.ptq",
 }
 
 __all__ = [
