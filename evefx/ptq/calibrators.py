@@ -563,15 +563,15 @@ class _Modes:
 
     def __enter__(self) -> _Modes:
         self.training = [(m, m.training) for m in self.model.modules()]
-        self.enabled = [(q, q._enabled) for q in self.model.modules() if isinstance(q, Quantizer)]
+        self.enabled = [(q, q.enabled) for q in self.model.modules() if isinstance(q, Quantizer)]
         self.model.eval()
-        for q, _ in self.enabled:
-            q._enabled = self.quantized and q._enabled
+        for q, on in self.enabled:
+            q.set_mode(quantized=self.quantized and on)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for q, e in self.enabled:
-            q._enabled = e
+        for q, on in self.enabled:
+            q.set_mode(quantized=on)
         for m, t in self.training:
             m.training = t
 
@@ -607,8 +607,8 @@ def calibrate(
     if not targets:
         raise QuantizationError("calibrate: the model has no evefx quantizer (transform it with a quantize section first)")
     data = inputs_only(batches)
-    limits = [t.batches for t in targets if t.batches is not None]
-    limit = num_batches or (max(limits) if limits else None)
+    limits = [t.batches for t in targets]
+    limit = num_batches or (max(limits) if limits and None not in limits else None)  # type: ignore[type-var]
     if limit is not None:
         data = data[:limit]
     if not data:

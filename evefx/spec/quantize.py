@@ -78,6 +78,13 @@ class AdaRoundConfig(StrictModel):
     batch_size: Bounded(int, 1, 1_000_000) = 32
     """Samples per Adam step."""
 
+    @model_validator(mode="after")
+    def _beta_anneals_down(self) -> AdaRoundConfig:
+        start, end = self.beta
+        if not 0 < end <= start:
+            raise ValueError(f"beta must be [start, end] with start >= end > 0 (got {list(self.beta)})")
+        return self
+
 
 class QuantizeSection(Section):
     """Insert weight and/or activation quantizers at the selected conv/linear layers.

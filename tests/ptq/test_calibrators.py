@@ -141,3 +141,20 @@ def test_calibrate_without_quantizers_or_data_is_an_error():
 
 def test_top_level_alias():
     assert evefx.calibrate is calibrate
+
+
+def test_set_range_sets_scale_and_zero_point_and_refuses_bad_ranges():
+    q = Quantizer(bits=8, symmetric=False, signed=False)
+    q.set_range(-1.0, 3.0)
+    assert bool(q.initialized) and float(q.scale) == pytest.approx(4.0 / 255) and int(q.zero_point) == 64
+    assert float(q.range_min) == -1.0 and float(q.range_max) == 3.0
+    with pytest.raises(QuantizationError, match="finite lo <= hi"):
+        q.set_range(2.0, 1.0)
+    pc = Quantizer(bits=4, granularity="per_channel", num_channels=3)
+    pc.set_range(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(pc.scale, torch.tensor([1.0, 2.0, 3.0]) / 7)
+
+
+def test_adaround_beta_must_anneal_down():
+    with pytest.raises(evefx.SpecError, match="beta"):
+        evefx.load_spec({"passes": [{"kind": "quantize", "adaround": {"beta": [2, 20]}}]})
