@@ -196,7 +196,7 @@ def _expected_error(h: Histogram, grid: Grid, lo: torch.Tensor, hi: torch.Tensor
 
 def mse_range(h: Histogram, grid: Grid, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The range of least expected squared quantization error among ranges shrunk from the
-    histogram's: ``[0, hi * k / steps]`` on magnitudes (``steps`` = 100), else
+    histogram's: ``[0, hi * k / steps]`` on magnitudes and one-sided data (``steps`` = 100), else
     ``[lo * a / steps, hi * b / steps]`` (``steps`` = 24 per side). Ties keep the wider range.
 
     Example:
@@ -206,7 +206,7 @@ def mse_range(h: Histogram, grid: Grid, steps: int | None = None) -> tuple[torch
     """
     means = _bin_means(h)
     best_err = best_lo = best_hi = None
-    if grid.magnitude:
+    if grid.magnitude or bool((h.lo == 0).all()):  # magnitudes, or one-sided data (after a ReLU)
         n = steps or MSE_GRID
         candidates = [(torch.zeros_like(h.lo), h.hi * k / n) for k in range(n, 0, -1)]
     else:
@@ -225,11 +225,43 @@ def mse_range(h: Histogram, grid: Grid, steps: int | None = None) -> tuple[torch
     return best_lo, best_hi
 
 
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """onnxruntime's ``smooth_distribution``: give empty bins ``eps`` of mass, taken evenly from the
+    others; ``eps`` shrinks when that would empty a small bin (onnxruntime gives up there)."""
+    zeros = p == 0
+    n_zero, n_nonzero = int(zeros.sum()), p.size - int(zeros.sum())
+    if n_nonzero == 0:
+        return None
+    eps = min(eps, 0.5 * float(p[~zeros].min()) * n_nonzero / max(n_zero, 1))
+    out = p.astype(np.float64) + eps * zeros - (eps * n_zero / n_nonzero) * ~zeros
+    return out if (out > 0).all() else None
+
+
+def _kl(p: np.ndarray, sliced: np.ndarray, levels: int) -> float:
+    """KL(P || Q) of TensorRT's entropy calibration: P the reference (clipped outliers included),
+    Q the ``sliced`` bins merged into ``levels`` chunks whose counts are spread evenly over their
+    non-empty bins; both normalised and smoothed as onnxruntime does."""
+    i = sliced.size
+    if i < levels or p.sum() == 0:
+        return math.inf
+    nonzero = sliced != 0
+    bounds = np.floor(np.linspace(0, i, levels + 1)).astype(np.int64)
+    chunk = np.repeat(np.arange(levels), np.diff(bounds))
+    chunk_sum = np.bincount(chunk, weights=sliced, minlength=levels)
+    chunk_nz = np.bincount(chunk, weights=nonzero.astype(np.float64), minlength=levels)
+    q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nz[chunk], 1.0), 0.0)
+    if q.sum() == 0:
+        return math.inf
+    ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum())
+    if ps is None or qs is None:
+        return math.inf
+    return float(np.sum(ps * np.log(ps / qs)))
+
+
 def _kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
     """TensorRT's entropy calibration on one histogram of magnitudes: the number of bins ``i``
     (``levels`` <= i <= bins) minimising KL(P || Q), with P the first ``i`` bins plus the clipped
-    outliers in the last of them, and Q those ``i`` bins merged into ``levels`` chunks whose counts
-    are spread evenly over their non-empty bins."""
+    outliers in the last of them (see :func:`_kl`)."""
     bins = counts.size
     if bins <= levels or counts.sum() == 0:
         return bins
@@ -242,20 +274,7 @@ def _kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
     for i in candidates:
         p = counts[:i].astype(np.float64).copy()
         p[-1] += tail[i]
-        nonzero = counts[:i] != 0
-        bounds = np.floor(np.linspace(0, i, levels + 1)).astype(np.int64)
-        chunk = np.repeat(np.arange(levels), np.diff(bounds))
-        chunk_sum = np.bincount(chunk, weights=counts[:i], minlength=levels)
-        chunk_nz = np.bincount(chunk, weights=nonzero.astype(np.float64), minlength=levels)
-        q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nz[chunk], 1.0), 0.0)
-        p_sum, q_sum = p.sum(), q.sum()
-        if q_sum == 0:
-            continue
-        p, q = p / p_sum, q / q_sum
-        mask = p > 0
-        if np.any(q[mask] == 0):  # P has mass where Q has none: infinite divergence
-            continue
-        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        kl = _kl(p, counts[:i], levels)
         if kl < best_kl - 1e-12:
             best_kl, best_i = kl, i
     return best_i
@@ -265,8 +284,9 @@ def entropy_range(h: Histogram, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
     """The KL-divergence threshold (TensorRT, onnxruntime's Entropy calibrator) of each channel.
 
     On magnitudes the search runs over the histogram of ``|x|`` with as many quantized levels as
-    the grid has codes on ``[0, t]``; asymmetric grids search ranges shrunk symmetrically from
-    both ends of the histogram with all ``qmax - qmin + 1`` levels.
+    the grid has codes on ``[0, t]``; asymmetric grids on one-sided data (``lo = 0``, after a ReLU)
+    search ``[0, t]`` with all ``qmax - qmin + 1`` levels, on two-sided data ranges shrunk
+    symmetrically (in bins) from both ends of the histogram.
 
     Example:
         >>> entropy_range(Histogram.of(torch.randn(10000).abs(), 0.0, 5.0, 2048), Grid(-128, 127, True, True))
@@ -277,6 +297,10 @@ def entropy_range(h: Histogram, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
     for c in range(h.channels):
         if grid.magnitude:
             i = _kl_threshold_bin(counts[c], grid.magnitude_levels)
+            lo_out[c], hi_out[c] = 0.0, edges[c, i]
+            continue
+        if float(h.lo[c]) == 0.0:  # one-sided data (after a ReLU): every code lies on [0, t]
+            i = _kl_threshold_bin(counts[c], grid.qmax - grid.qmin + 1)
             lo_out[c], hi_out[c] = 0.0, edges[c, i]
             continue
         # asymmetric: fold the histogram about the bin holding 0 is not possible in general, so
@@ -291,30 +315,11 @@ def entropy_range(h: Histogram, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
             p = counts[c, left:right].astype(np.float64).copy()
             p[0] += counts[c, :left].sum()
             p[-1] += counts[c, right:].sum()
-            kl = _kl_of(p, counts[c, left:right], levels)
+            kl = _kl(p, counts[c, left:right], levels)
             if kl < best_kl - 1e-12:
                 best_kl, best = kl, (edges[c, left], edges[c, right])
         lo_out[c], hi_out[c] = best[0], best[1]
     return lo_out, hi_out
-
-
-def _kl_of(p: np.ndarray, sliced: np.ndarray, levels: int) -> float:
-    i = sliced.size
-    if i < levels:
-        return math.inf
-    nonzero = sliced != 0
-    bounds = np.floor(np.linspace(0, i, levels + 1)).astype(np.int64)
-    chunk = np.repeat(np.arange(levels), np.diff(bounds))
-    chunk_sum = np.bincount(chunk, weights=sliced, minlength=levels)
-    chunk_nz = np.bincount(chunk, weights=nonzero.astype(np.float64), minlength=levels)
-    q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nz[chunk], 1.0), 0.0)
-    if p.sum() == 0 or q.sum() == 0:
-        return math.inf
-    p, q = p / p.sum(), q / q.sum()
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return math.inf
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
 def choose_range(h: Histogram, method: Method, grid: Grid, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:

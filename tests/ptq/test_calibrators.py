@@ -48,11 +48,14 @@ def test_mse_range_keeps_the_full_range_without_outliers():
 def test_entropy_range_matches_the_hand_computed_kl_search():
     # magnitudes 0.5 x4, 1.5 x2, 3.5 x1 in 4 unit bins; 2 levels (2-bit signed: codes 0, 1 on [0, t]).
     # i=2: P=[4,3]/7, Q=[4,2]/6: KL = 4/7 ln(6/7) + 3/7 ln(9/7) = 0.0196
-    # i=3: P=[4,2,1]/7 but Q=[4,2,0]/6 has no mass in bin 2: infinite
-    # i=4: P=[4,2,0,1]/7, Q=[3,3,0,1]/7: KL = 4/7 ln(4/3) + 2/7 ln(2/3) = 0.0485
+    # i=3: P=[4,2,1]/7 but Q=[4,2,0]/6 has no mass in bin 2; smoothed (onnxruntime's eps = 1e-4 moved
+    #      into the empty bin) Q=[4/6-5e-5, 2/6-5e-5, 1e-4]: KL = 0.906
+    # i=4: P=[4,2,0,1]/7, Q=[3,3,0,1]/7 (both smoothed alike in bin 2): KL ~ 4/7 ln(4/3) + 2/7 ln(2/3) = 0.0485
     kl2 = 4 / 7 * math.log(6 / 7) + 3 / 7 * math.log(9 / 7)
+    q3 = [4 / 6 - 5e-5, 2 / 6 - 5e-5, 1e-4]
+    kl3 = sum(p * math.log(p / q) for p, q in zip([4 / 7, 2 / 7, 1 / 7], q3))
     kl4 = 4 / 7 * math.log(4 / 3) + 2 / 7 * math.log(2 / 3)
-    assert kl2 < kl4
+    assert kl2 < kl4 < kl3 and kl3 == pytest.approx(0.906, abs=1e-3)
     x = torch.tensor([0.5] * 4 + [1.5] * 2 + [3.5])
     lo, hi = entropy_range(Histogram.of(x, 0.0, 4.0, 4), Grid(-2, 1, symmetric=True, signed=True))
     assert (float(lo), float(hi)) == (0.0, 2.0)
@@ -158,3 +161,13 @@ def test_set_range_sets_scale_and_zero_point_and_refuses_bad_ranges():
 def test_adaround_beta_must_anneal_down():
     with pytest.raises(evefx.SpecError, match="beta"):
         evefx.load_spec({"passes": [{"kind": "quantize", "adaround": {"beta": [2, 20]}}]})
+
+
+def test_asymmetric_grids_on_one_sided_data_search_the_upper_end_only():
+    x = torch.cat([torch.ones(10000), torch.tensor([100.0])])
+    grid = Grid(0, 3, symmetric=False, signed=False)
+    assert [float(v) for v in mse_range(Histogram.of(x, 0.0, 100.0, 2048), grid)] == [0.0, 3.0]
+    gen = torch.Generator().manual_seed(0)
+    relu = torch.cat([torch.randn(50000, generator=gen).clamp_min(0), torch.full((5,), 50.0)])
+    lo, hi = entropy_range(Histogram.of(relu, 0.0, 50.0, 2048), Grid(0, 255, symmetric=False, signed=False))
+    assert float(lo) == 0.0 and 2.0 < float(hi) < 10.0
