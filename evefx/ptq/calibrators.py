@@ -119,12 +119,14 @@ class Histogram:
     squares: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    zeros: torch.Tensor | None = None
+    """``[C]``: how many of the counted values are exactly 0 (ReLU outputs); they are in ``counts`` too."""
 
     @classmethod
     def empty(cls, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> Histogram:
         lo, hi = lo.double().reshape(-1), hi.double().reshape(-1)
         z = torch.zeros(lo.numel(), bins, dtype=torch.float64)
-        return cls(z, z.clone(), z.clone(), lo, hi)
+        return cls(z, z.clone(), z.clone(), lo, hi, torch.zeros(lo.numel(), dtype=torch.float64))
 
     @classmethod
     def of(cls, x: torch.Tensor, lo: float | torch.Tensor, hi: float | torch.Tensor, bins: int) -> Histogram:
@@ -156,6 +158,8 @@ class Histogram:
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(x).reshape(-1))
         self.sums.view(-1).index_add_(0, flat, x.reshape(-1))
         self.squares.view(-1).index_add_(0, flat, x.square().reshape(-1))
+        zeros = (x == 0).sum(dim=1).double()
+        self.zeros = zeros if self.zeros is None else self.zeros + zeros
 
 
 def percentile_range(h: Histogram, percentile: float, magnitude: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +287,8 @@ def _kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
 def entropy_range(h: Histogram, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """The KL-divergence threshold (TensorRT, onnxruntime's Entropy calibrator) of each channel.
 
-    On magnitudes the search runs over the histogram of ``|x|`` with as many quantized levels as
+    Exact zeros are left out (0 is on every grid). On magnitudes the search runs over the
+    histogram of ``|x|`` with as many quantized levels as
     the grid has codes on ``[0, t]``; asymmetric grids on one-sided data (``lo = 0``, after a ReLU)
     search ``[0, t]`` with all ``qmax - qmin + 1`` levels, on two-sided data ranges shrunk
     symmetrically (in bins) from both ends of the histogram.
@@ -291,7 +296,15 @@ def entropy_range(h: Histogram, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
     Example:
         >>> entropy_range(Histogram.of(torch.randn(10000).abs(), 0.0, 5.0, 2048), Grid(-128, 127, True, True))
     """
-    counts = h.counts.numpy()
+    # exact zeros (half of a ReLU's outputs) are exact on every grid: left out of the search, where
+    # their spike in the first bin would dominate the divergence of every candidate
+    counts = h.counts.numpy().copy()
+    if h.zeros is not None:
+        first = 0 if grid.magnitude else None
+        for c in range(h.channels):
+            k = first if first is not None else int(((0.0 - h.lo[c]) / (h.hi[c] - h.lo[c]).clamp_min(1e-300) * h.bins)
+                                                     .floor().clamp(0, h.bins - 1))
+            counts[c, k] -= float(h.zeros[c])
     edges = h.edges()
     lo_out, hi_out = torch.zeros(h.channels, dtype=torch.float64), torch.zeros(h.channels, dtype=torch.float64)
     for c in range(h.channels):
