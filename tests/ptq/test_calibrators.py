@@ -171,3 +171,12 @@ def test_asymmetric_grids_on_one_sided_data_search_the_upper_end_only():
     relu = torch.cat([torch.randn(50000, generator=gen).clamp_min(0), torch.full((5,), 50.0)])
     lo, hi = entropy_range(Histogram.of(relu, 0.0, 50.0, 2048), Grid(0, 255, symmetric=False, signed=False))
     assert float(lo) == 0.0 and 2.0 < float(hi) < 10.0
+
+
+def test_entropy_ignores_the_spike_of_exact_zeros_after_a_relu():
+    gen = torch.Generator().manual_seed(0)
+    relu = torch.randn(100000, generator=gen).clamp_min(0)  # half of the values are exactly 0
+    h = Histogram.of(relu, 0.0, float(relu.max()), 2048)
+    assert float(h.zeros) == float((relu == 0).sum())
+    _, hi = entropy_range(h, Grid(0, 255, symmetric=False, signed=False))
+    assert float((relu > float(hi)).float().mean()) < 0.01  # the spike at 0 used to pull it down to ~25% clipped
