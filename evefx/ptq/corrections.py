@@ -13,8 +13,8 @@ user's model, which is never touched).
   the quantized model's (layer by layer in graph order, so every correction sees the ones before).
 * :func:`adaround` (Nagel et al. 2020, "Up or down? Adaptive rounding for post-training
   quantization"): per layer, learn for every weight whether it rounds up or down by minimising
-  ``|| W x - W~ x ||^2`` on the layer's inputs in the quantized model against the float model's
-  outputs, with the rectified sigmoid and the annealed regulariser of the paper. The chosen codes
+  ``|| f(W~ x_q) - f(W x_fp) ||^2`` (``f`` the ReLU that follows the layer, if any) on the layer's
+  inputs in the quantized model against the float model's outputs, with the rectified sigmoid and the annealed regulariser of the paper. The chosen codes
   are written back as weights that lie exactly on the weight quantizer's grid. A layer keeps nearest
   rounding when that is better on the same objective.
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from evefx.errors import QuantizationError
-from evefx.graph import LAYER_TYPES, layer_nodes, module_of
+from evefx.graph import LAYER_TYPES, layer_nodes, module_of, output_block
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
 from evefx.ptq.calibrators import _call, _Modes, inputs_only
 
@@ -468,6 +468,22 @@ class _Adam:
         self.p.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
+def _following_relu(gm: nn.Module, name: str) -> bool:
+    """Whether layer ``name``'s output goes straight into a ReLU (its BatchNorm folded)."""
+    if not isinstance(gm, fx.GraphModule):
+        return False
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == name), None)
+    if node is None:
+        return False
+    block = output_block(gm, node)
+    act = block.act
+    if block.bn is not None or act is None:
+        return False
+    if act.op == "call_module":
+        return type(module_of(gm, act)) is nn.ReLU
+    return (act.op == "call_function" and act.target in (F.relu, torch.relu)) or (act.op == "call_method" and act.target in ("relu", "relu_"))
+
+
 def _adaround_layer(gm: nn.Module, ref: nn.Module, name: str, data: list[Any], cfg: Any, seed: int,
                     tick: Any) -> AdaRoundResult:
     start = time.perf_counter()
@@ -477,6 +493,9 @@ def _adaround_layer(gm: nn.Module, ref: nn.Module, name: str, data: list[Any], c
     y = _collect(ref, name, data, cfg.samples, quantized=False, want="output")
     n = min(x.shape[0], y.shape[0])
     x, y = x[:n], y[:n]
+    # the paper's objective runs through the activation that follows: || f(W x) - f(W~ x) ||^2
+    act = torch.relu if _following_relu(gm, name) else (lambda t: t)
+    y = act(y)
     wq = layer.weight_quantizer
     scale, zero, qmin, qmax, axis = wq.qparams()
     w = layer.weight.detach().float()
@@ -497,7 +516,7 @@ def _adaround_layer(gm: nn.Module, ref: nn.Module, name: str, data: list[Any], c
     def loss_of(wt: torch.Tensor) -> float:
         total, count = 0.0, 0
         for i in range(0, n, 256):
-            d = _apply(layer, x[i:i + 256], wt, bias) - y[i:i + 256]
+            d = act(_apply(layer, x[i:i + 256], wt, bias)) - y[i:i + 256]
             total += float(d.double().square().sum())
             count += d.numel()
         return total / max(count, 1)
@@ -511,7 +530,7 @@ def _adaround_layer(gm: nn.Module, ref: nn.Module, name: str, data: list[Any], c
     for it in range(cfg.iterations):
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
         h = _rect_sigmoid(v)
-        rec = (_apply(layer, x[idx], weight_of(h), bias) - y[idx]).square().mean()
+        rec = (act(_apply(layer, x[idx], weight_of(h), bias)) - y[idx]).square().mean()
         loss = rec
         if it >= warm:
             frac = (it - warm) / max(cfg.iterations - warm, 1)

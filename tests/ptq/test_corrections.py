@@ -182,3 +182,12 @@ def test_post_training_quantize_with_plain_spec_only_calibrates():
     report = post_training_quantize(gm, batches(), progress=False)
     assert report.equalized == [] and report.adaround == {} and report.bias_deltas == {}
     assert all(bool(q.initialized) for q in gm.modules() if isinstance(q, Quantizer))
+
+
+def test_adaround_reconstructs_through_the_following_relu():
+    from evefx.ptq.corrections import _following_relu
+
+    gm = transformed(tiny())
+    assert _following_relu(gm, "conv1")  # its BatchNorm is folded: conv1 -> relu1
+    assert _following_relu(gm, "fc1") and not _following_relu(gm, "fc2")
+    assert not _following_relu(tiny(), "conv1")  # not a graph
