@@ -312,7 +312,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 epoch, 128 calibration images, fewer rows")
     p.add_argument("--no-sensitivity", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the rows here (JSON)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: small ops do not wait on each other)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.epochs, args.calib = 1, 128
     logging.basicConfig(level=logging.WARNING)
