@@ -180,3 +180,19 @@ def test_entropy_ignores_the_spike_of_exact_zeros_after_a_relu():
     assert float(h.zeros) == float((relu == 0).sum())
     _, hi = entropy_range(h, Grid(0, 255, symmetric=False, signed=False))
     assert float((relu > float(hi)).float().mean()) < 0.01  # the spike at 0 used to pull it down to ~25% clipped
+
+
+def test_calibrate_a_hand_built_model_without_provenance():
+    from torch import nn
+
+    from evefx.modules.quant import QuantLinear
+
+    torch.manual_seed(0)
+    fc = nn.Linear(4, 3)
+    model = nn.Sequential(QuantLinear.from_float(fc, Quantizer(bits=8, granularity="per_channel", num_channels=3)),
+                          Quantizer(bits=8, symmetric=False, signed=False))
+    x = torch.randn(16, 4)
+    report = calibrate(model, [x], progress=False, method="percentile", percentile=100.0)
+    roles = {r.name: (r.role, r.method) for r in report.rows}
+    assert roles == {"0.weight_quantizer": ("weight", "minmax"), "1": ("activation", "percentile")}
+    assert torch.allclose(model[0].weight_quantizer.range_max, fc.weight.detach().abs().amax(dim=1))  # symmetric
