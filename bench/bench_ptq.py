@@ -288,10 +288,11 @@ def sensitivity_row(model: nn.Module, calib: list[torch.Tensor], test: list[Any]
         return evaluate(g, test)["accuracy"]
 
     mixed = accuracy_of({"weight": W8, "overrides": list(overrides)})
+    knap = accuracy_of({"weight": W8, "overrides": list(report.to_overrides(3.0, method="knapsack"))})
     uniform = accuracy_of({"weight": {"bits": 3, "granularity": "per_channel"}})
     alloc = report.allocate(3.0)
     console.log(f"sensitivity: spearman(SQNR, drop@2) = {rho:.2f}; to_overrides(3.0) {alloc} -> {mixed:.2f}% vs uniform W3 {uniform:.2f}%")
-    return {"model": "demo", "row": "sensitivity", "spearman_sqnr_drop2": rho, "mixed_3bit": mixed, "uniform_3bit": uniform,
+    return {"model": "demo", "row": "sensitivity", "spearman_sqnr_drop2": rho, "mixed_3bit": mixed, "knapsack_3bit": knap, "uniform_3bit": uniform,
             "allocation": alloc, "seconds": secs}
 
 
@@ -339,7 +340,8 @@ def main() -> None:
     for r in rows:
         if r["row"] == "sensitivity":
             console.print(f"sensitivity (demo): Spearman(-weight SQNR, drop @2 bits) = {r['spearman_sqnr_drop2']:.2f}; "
-                          f"to_overrides(3.0 avg bits) {r['mixed_3bit']:.2f}% vs uniform 3-bit weights {r['uniform_3bit']:.2f}%")
+                          f"to_overrides(3.0 avg bits) greedy {r['mixed_3bit']:.2f}% / knapsack {r['knapsack_3bit']:.2f}% vs uniform 3-bit "
+                          f"weights {r['uniform_3bit']:.2f}%")
     console.print(f"machine: {machine()}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

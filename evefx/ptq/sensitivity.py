@@ -137,9 +137,13 @@ class SensitivityReport:
         plt.close(fig)
         return path
 
-    def allocate(self, avg_bits: float) -> dict[str, int]:
+    def allocate(self, avg_bits: float, method: Literal["greedy", "knapsack"] = "greedy") -> dict[str, int]:
         """Bits per layer with a weight-count-weighted average of at most ``avg_bits`` and the least
-        summed drop the greedy allocation finds (see the module docstring)."""
+        summed drop: ``greedy`` (see the module docstring), or ``knapsack``, the exact
+        multiple-choice knapsack by dynamic programming over the budget in 1/2000 steps (layer
+        costs rounded up, so the budget always holds), ties broken by the SQNR lost."""
+        if method not in ("greedy", "knapsack"):
+            raise QuantizationError(f"allocate: method must be greedy or knapsack (got {method!r})")
         options = {layer: sorted(set(self.bits) | {self.current_bits[layer]}, reverse=True) for layer in self.layers}
         total = sum(self.params.values())
         if total == 0:
@@ -148,6 +152,8 @@ class SensitivityReport:
         if lowest > avg_bits + 1e-9:
             raise QuantizationError(f"to_overrides: a budget of {avg_bits} average bits is below the lowest "
                                     f"reachable ({lowest:.3g} with every layer at its fewest bits); measure lower bits")
+        if method == "knapsack":
+            return self._knapsack(options, avg_bits * total)
         index = {layer: 0 for layer in self.layers}
 
         def avg() -> float:
@@ -174,13 +180,42 @@ class SensitivityReport:
             index[best] += 1
         return {layer: options[layer][index[layer]] for layer in self.layers}
 
+    def _knapsack(self, options: dict[str, list[int]], budget: float, units: int = 2000) -> dict[str, int]:
+        unit = budget / units
+        top = {layer: self._sqnr(layer, options[layer][0]) for layer in self.layers}
+
+        def value(layer: str, b: int) -> tuple[float, float]:
+            q, q0 = self._sqnr(layer, b), top[layer]
+            return (max(self.drop(layer, b), 0.0), (q0 - q) if q is not None and q0 is not None else 0.0)
+
+        # best[c] = (drop, sqnr lost, choices) using at most c units
+        inf = (math.inf, math.inf)
+        best: list[tuple[tuple[float, float], dict[str, int]]] = [((0.0, 0.0), {}) for _ in range(units + 1)]
+        for layer in self.layers:
+            new: list[tuple[tuple[float, float], dict[str, int]]] = [(inf, {}) for _ in range(units + 1)]
+            for b in options[layer]:
+                cost = math.ceil(self.params[layer] * b / unit - 1e-9) if unit > 0 else 0
+                v = value(layer, b)
+                for c in range(cost, units + 1):
+                    (d, l), choice = best[c - cost]
+                    if d == math.inf:
+                        continue
+                    cand = (d + v[0], l + v[1])
+                    if cand < new[c][0]:
+                        new[c] = (cand, {**choice, layer: b})
+            best = new
+        (d, _), choice = min(best, key=lambda t: t[0])
+        if d == math.inf:
+            raise QuantizationError("to_overrides: no allocation fits the budget after rounding; raise it slightly")
+        return choice
+
     def _sqnr(self, layer: str, bits: int) -> float | None:
         for r in self.rows:
             if r.layer == layer and r.bits == bits:
                 return r.output_sqnr if r.output_sqnr is not None else r.weight_sqnr
         return None
 
-    def to_overrides(self, avg_bits: float) -> tuple[dict[str, Any], ...]:
+    def to_overrides(self, avg_bits: float, method: Literal["greedy", "knapsack"] = "greedy") -> tuple[dict[str, Any], ...]:
         """Spec overrides (``{names: [layer], weight: {bits: b}}``, and ``activation`` too when the
         activations were lowered) for the allocation of :meth:`allocate`; layers keeping their
         current bits get none. Append them to the quantize section's ``overrides``.
@@ -190,7 +225,7 @@ class SensitivityReport:
             >>> section.model_copy(update={"overrides": section.overrides + report.to_overrides(3.0)})
         """
         out = []
-        for layer, b in self.allocate(avg_bits).items():
+        for layer, b in self.allocate(avg_bits, method).items():
             if b == self.current_bits[layer]:
                 continue
             patch: dict[str, Any] = {"names": [layer]}

@@ -93,3 +93,18 @@ def test_sensitivity_needs_calibrated_quantizers_and_a_known_mode():
         sensitivity(gm, lambda m: 0.0, what="bias")  # type: ignore[arg-type]
     assert evefx.sensitivity is sensitivity
     assert not any(q.training for q in gm.modules() if isinstance(q, Quantizer))
+
+
+def test_knapsack_allocation_is_exact_where_greedy_is_not():
+    from evefx.ptq.sensitivity import SensitivityRow
+
+    # a: lowering 8 -> 4 costs 1.0, 4 -> 2 then only 0.1 more (non-convex); b: 0.6 per step
+    report = SensitivityReport(layers=["a", "b"], bits=(8, 4, 2), what="weight", baseline=0.0, float_metric=0.0,
+                               params={"a": 100, "b": 100}, current_bits={"a": 8, "b": 8})
+    drops = {"a": (0.0, 1.0, 1.1), "b": (0.0, 0.6, 1.2)}
+    report.rows = [SensitivityRow(layer, b, -d, d, None, None) for layer, ds in drops.items() for b, d in zip((8, 4, 2), ds)]
+    # budget 5 average bits (1000 bit-params): {a: 2, b: 8} drops 1.1 < greedy's {a: 4, b: 4} 1.6
+    assert report.allocate(5.0, method="knapsack") == {"a": 2, "b": 8}
+    assert sum(drops[k][(8, 4, 2).index(v)] for k, v in report.allocate(5.0).items()) >= 1.1
+    with pytest.raises(QuantizationError, match="greedy or knapsack"):
+        report.allocate(5.0, method="dp")  # type: ignore[arg-type]
