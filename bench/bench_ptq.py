@@ -243,24 +243,37 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> list[dict[str, 
     except Exception as e:
         console.log(f"{name}: torch.ao failed: {e}")
     for label, section in evefx_rows(args.quick):
-        gm = evefx.transform(model, {"passes": [{"kind": "quantize", **section}]}, x_cal[:1])
-        t = time.perf_counter()
-        evefx.post_training_quantize(gm, calib, progress=False)
-        secs = time.perf_counter() - t
-        torch_acc = evaluate(gm, test_batches)["accuracy"]
-        out = tmp / f"{name}.{label.replace(' ', '_').replace('+', '').replace('(', '').replace(')', '')}.onnx"
-        parity = "passed"
         try:
-            export_onnx(gm, x_cal[:1], out, real_inputs=calib[0])
-        except ExportError as e:
-            parity = "FAILED: " + str(e).split(";")[0].split(": ", 1)[-1][:60]
-            export_onnx(gm, x_cal[:1], out, check=False)
-        onnx_acc = onnx_accuracy(out, test_batches)
-        rows.append({"model": name, "row": label, "torch": torch_acc, "onnx": onnx_acc, "seconds": secs, "parity": parity})
-        console.log(f"{name}: {label} torch {torch_acc:.2f} onnx {onnx_acc:.2f} ({secs:.1f} s, parity {parity})")
+            rows.append(evefx_row(name, label, section, model, calib, test_batches, x_cal, tmp))
+        except Exception as e:  # one failing row must not lose the others
+            console.log(f"{name}: {label} failed: {type(e).__name__}: {e}")
+            rows.append({"model": name, "row": label, "torch": None, "onnx": None, "seconds": float("nan"),
+                         "parity": f"error: {type(e).__name__}"})
     if name == "demo" and not args.no_sensitivity:
-        rows.append(sensitivity_row(model, calib, test_batches, x_cal))
+        try:
+            rows.append(sensitivity_row(model, calib, test_batches, x_cal))
+        except Exception as e:
+            console.log(f"sensitivity failed: {type(e).__name__}: {e}")
     return rows
+
+
+def evefx_row(name: str, label: str, section: dict[str, Any], model: nn.Module, calib: list[torch.Tensor],
+              test_batches: list[Any], x_cal: torch.Tensor, tmp: Path) -> dict[str, Any]:
+    gm = evefx.transform(model, {"passes": [{"kind": "quantize", **section}]}, x_cal[:1])
+    t = time.perf_counter()
+    evefx.post_training_quantize(gm, calib, progress=False)
+    secs = time.perf_counter() - t
+    torch_acc = evaluate(gm, test_batches)["accuracy"]
+    out = tmp / f"{name}.{label.replace(' ', '_').replace('+', '').replace('(', '').replace(')', '')}.onnx"
+    parity = "passed"
+    try:
+        export_onnx(gm, x_cal[:1], out, real_inputs=calib[0])
+    except ExportError as e:
+        parity = "FAILED: " + str(e).split(";")[0].split(": ", 1)[-1][:60]
+        export_onnx(gm, x_cal[:1], out, check=False)
+    onnx_acc = onnx_accuracy(out, test_batches)
+    console.log(f"{name}: {label} torch {torch_acc:.2f} onnx {onnx_acc:.2f} ({secs:.1f} s, parity {parity})")
+    return {"model": name, "row": label, "torch": torch_acc, "onnx": onnx_acc, "seconds": secs, "parity": parity}
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
