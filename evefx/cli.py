@@ -344,6 +344,7 @@ def sensitivity_cmd(
     bits: str = typer.Option("8,4,2", help="bit widths each layer is lowered to, one at a time"),
     what: str = typer.Option("weight", help="weight, activation or both"),
     budget: Optional[float] = typer.Option(None, help="average weight bits: print/write overrides for it"),
+    allocation: str = typer.Option("greedy", help="greedy or knapsack (exact) allocation for --budget"),
     calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
     batch_size: int = typer.Option(64, help="calibration batch size"),
     png: Optional[Path] = typer.Option(None, help="write the bar chart here"),
@@ -375,7 +376,7 @@ def sensitivity_cmd(
                 with torch.no_grad():
                     return -float((m(x) - y).square().mean())
         result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])  # type: ignore[arg-type]
-        patch = result.to_overrides(budget) if budget is not None else None
+        patch = result.to_overrides(budget, allocation) if budget is not None else None  # type: ignore[arg-type]
     except EvefxError as e:
         _fail(e)
     console.print(result)

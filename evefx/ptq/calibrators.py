@@ -465,13 +465,13 @@ class CalibrationReport:
 
     def table(self, title: str = "evefx calibration") -> Table:
         t = Table(title=f"{title} ({self.samples} samples in {self.batches} batches, {self.seconds:.2f} s)")
-        for col in ("quantizer", "role", "bits", "method", "range", "observed", "SQNR dB", "clipped %"):
-            t.add_column(col, justify="left" if col in ("quantizer", "role", "method") else "right")
+        for col in ("layer", "role", "bits", "method", "range", "SQNR dB", "clip %"):
+            t.add_column(col, justify="left" if col in ("layer", "role", "method") else "right",
+                         no_wrap=True, min_width=12 if col == "layer" else None)
         for r in self.rows:
-            t.add_row(r.name, r.role, str(r.bits), r.method, f"[{r.lo:.4g}, {r.hi:.4g}]",
-                      f"[{r.observed_lo:.4g}, {r.observed_hi:.4g}]",
+            t.add_row(r.layer, r.role, str(r.bits), r.method, f"{r.lo:.3g}..{r.hi:.3g}",
                       "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}",
-                      "-" if r.clipped is None else f"{100 * r.clipped:.3f}")
+                      "-" if r.clipped is None else f"{100 * r.clipped:.2f}")
         return t
 
     def __rich__(self) -> Table:
@@ -670,6 +670,11 @@ def calibrate(
         o_lo = float(obs.mn.min()) if not obs.grid.magnitude else (-float(obs.mx.max()) if obs.grid.signed else 0.0)
         rows.append(QuantizerCalibration(t.name, t.layer, t.role, int(t.quantizer.bits), t.method,
                                          float(lo.min()), float(hi.max()), o_lo, float(obs.mx.max())))
+    order: dict[str, int] = {}
+    for r in rows:
+        order.setdefault(r.layer, len(order))
+    roles = {"input": 0, "weight": 1, "activation": 2}
+    rows.sort(key=lambda r: (order[r.layer], roles.get(r.role, 3)))
     rows = _with_errors(gm, rows, data[0])
     report = CalibrationReport(rows, len(data), sum(_batch_size(b) for b in data), time.perf_counter() - start)
     log.info("calibrated %d quantizers on %d batches in %.2f s", len(rows), len(data), report.seconds)

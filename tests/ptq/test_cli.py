@@ -58,7 +58,7 @@ def test_sensitivity_end_to_end(tmp_path):
     png, ov = tmp_path / "s.png", tmp_path / "o.yaml"
     result = runner.invoke(app, ["sensitivity", "--model", "examples.models:DemoNet", "--checkpoint", str(ckpt), "--spec", str(spec),
                                  "--data", str(data), "--bits", "4,2", "--budget", "3", "--png", str(png),
-                                 "--overrides", str(ov), "--calib-samples", "32"])
+                                 "--overrides", str(ov), "--calib-samples", "32", "--allocation", "knapsack"])
     assert result.exit_code == 0, result.output
     assert png.exists() and "drop @2" in result.output
     patches = yaml.safe_load(ov.read_text())["overrides"]
