@@ -196,3 +196,10 @@ def test_calibrate_a_hand_built_model_without_provenance():
     roles = {r.name: (r.role, r.method) for r in report.rows}
     assert roles == {"0.weight_quantizer": ("weight", "minmax"), "1": ("activation", "percentile")}
     assert torch.allclose(model[0].weight_quantizer.range_max, fc.weight.detach().abs().amax(dim=1))  # symmetric
+
+
+def test_entropy_on_two_sided_data_with_an_asymmetric_grid_clips_both_outliers():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50000, generator=gen), torch.tensor([-40.0, 40.0])])
+    lo, hi = entropy_range(Histogram.of(x, -40.0, 40.0, 2048), Grid(0, 255, symmetric=False, signed=False))
+    assert -10.0 < float(lo) < -2.0 and 2.0 < float(hi) < 10.0
