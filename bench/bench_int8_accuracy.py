@@ -36,8 +36,8 @@ def seed_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 10),
     )
 
 
@@ -86,11 +86,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--qat-epochs", type=int, default=2)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"CPU: {cpu_description()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
+        for name in args.models:
             rows = [run(name, s, args.epochs, args.qat_epochs, Path(tmp)) for s in range(args.seeds)]
             for s, r in enumerate(rows):
                 print(f"{name} seed {s}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)

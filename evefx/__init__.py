@@ -52,6 +52,12 @@ _LAZY = {
     "export_onnx": "evefx.export",
     "export_nir": "evefx.export.nir",
     "import_nir": "evefx.export.nir",
+    "calibrate": "evefx.ptq",
+    "CalibrationReport": "evefx.ptq",
+    "post_training_quantize": "evefx.ptq",
+    "PTQReport": "evefx.ptq",
+    "sensitivity": "evefx.ptq",
+    "SensitivityReport": "evefx.ptq",
 }
 
 __all__ = [

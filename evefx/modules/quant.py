@@ -384,6 +384,28 @@ class Quantizer(EveHooks, nn.Module):
             else:
                 self._refresh_from_range()
 
+    def set_range(self, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
+        """Set the tracked range to ``[lo, hi]`` (scalars, or per-channel vectors) chosen by a
+        calibrator, mark the quantizer initialised and derive the scale and zero point from it
+        (as :func:`affine_from_range` does, also for a learned scale, which training may then refine).
+
+        Example:
+            >>> q = Quantizer(bits=8); q.set_range(-1.0, 2.0); float(q.scale)
+            0.015748...
+        """
+        with torch.no_grad():
+            lo_t = torch.as_tensor(lo, dtype=self.range_min.dtype).expand_as(self.range_min)
+            hi_t = torch.as_tensor(hi, dtype=self.range_max.dtype).expand_as(self.range_max)
+            if not (bool(torch.isfinite(lo_t).all()) and bool(torch.isfinite(hi_t).all())) or bool((lo_t > hi_t).any()):
+                raise QuantizationError(f"{self.name}: set_range needs finite lo <= hi (got {lo}, {hi})")
+            self.range_min.copy_(lo_t)
+            self.range_max.copy_(hi_t)
+            self.initialized.fill_(True)
+            qmin, qmax = self.quant_range()
+            scale, zero = affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero)
+
     def set_mode(self, **flags: Any) -> None:
         if flags.get("quantized") is not None:
             self._enabled = bool(flags["quantized"])

@@ -22,7 +22,7 @@ from evefx.errors import EvefxWarning, SpecError
 from evefx.spec.base import Bounded, NestedErrors, Section, Select, StrictModel, TraceOptions
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
-from evefx.spec.quantize import QuantizeSection, QuantizerConfig
+from evefx.spec.quantize import AdaRoundConfig, CalibrationConfig, QuantizeSection, QuantizerConfig
 from evefx.spec.search import Budget, Reward, SearchSection
 from evefx.spec.spike import SURROGATES, NeuronConfig, SpikeSection, SurrogateConfig
 
@@ -35,6 +35,8 @@ __all__ = [
     "TraceOptions",
     "QuantizeSection",
     "QuantizerConfig",
+    "CalibrationConfig",
+    "AdaRoundConfig",
     "SpikeSection",
     "NeuronConfig",
     "SurrogateConfig",

@@ -7,7 +7,8 @@ from pydantic import model_validator
 
 from evefx.spec.base import Bounded, Section, StrictModel
 
-__all__ = ["QuantizerConfig", "QuantizeSection", "TARGETS", "SATURATION_FREE_WEIGHT_CODES"]
+__all__ = ["QuantizerConfig", "QuantizeSection", "CalibrationConfig", "AdaRoundConfig", "TARGETS",
+           "SATURATION_FREE_WEIGHT_CODES"]
 
 TARGETS = ("portable", "x86-vnni", "arm")
 """CPU classes an int8 file can be built for (see ``QuantizeSection.target``)."""
@@ -39,6 +40,58 @@ class QuantizerConfig(StrictModel):
     """Make the scale a trained parameter for ``round`` too (always true for lsq/llsq)."""
     regularization: Literal["l1", "l2"] = "l2"
     """Only for ``llsq``: the norm of the quantization-error regulariser."""
+
+
+class CalibrationConfig(StrictModel):
+    """How ``evefx.calibrate`` chooses each quantizer's range from calibration data (post-training).
+
+    Example (YAML):
+        calibration: {method: entropy, batches: 16}
+    """
+
+    method: Literal["minmax", "percentile", "mse", "entropy"] = "minmax"
+    """Activation ranges: minmax (observed extremes), percentile (the ``percentile`` of |x|, or of
+    both tails when asymmetric, as onnxruntime does), mse (the clipping range of least expected
+    squared quantization error on the histogram) or entropy (the threshold of least KL divergence
+    between the histogram and its quantized version, as TensorRT and onnxruntime do)."""
+    percentile: Bounded(float, 50.0, 100.0) = 99.99
+    """Only for ``percentile``: the share of values (in percent) that the range keeps unclipped."""
+    batches: Bounded(int, 1, 1_000_000) | None = None
+    """Use at most this many calibration batches (default: all that are given)."""
+    bins: Bounded(int, 16, 65536) = 2048
+    """Histogram bins per tensor (per channel for per-channel quantizers)."""
+    weight_method: Literal["minmax", "mse"] = "minmax"
+    """Weight ranges: minmax, or mse (least squared rounding error, per tensor or per channel)."""
+
+
+class AdaRoundConfig(StrictModel):
+    """Learned rounding of the weights, layer by layer (AdaRound, Nagel et al. 2020).
+
+    Example (YAML):
+        adaround: {iterations: 1000}
+    """
+
+    iterations: Bounded(int, 1, 1_000_000) = 1000
+    """Adam steps per layer."""
+    lr: Bounded(float, 0.0, 1.0, low_open=True) = 1e-2
+    """Adam learning rate of the rounding variables."""
+    reg_weight: Bounded(float, 0.0, 1e6) = 0.01
+    """Weight of the regulariser that drives each rounding choice to 0 or 1 (lambda in the paper)."""
+    beta: tuple[float, float] = (20.0, 2.0)
+    """Start and end of the annealed exponent of the regulariser."""
+    warm_start: Bounded(float, 0.0, 1.0) = 0.2
+    """Fraction of the iterations run without the regulariser."""
+    samples: Bounded(int, 1, 1_000_000) = 256
+    """Calibration samples (images) whose layer inputs are kept for the reconstruction objective."""
+    batch_size: Bounded(int, 1, 1_000_000) = 32
+    """Samples per Adam step."""
+
+    @model_validator(mode="after")
+    def _beta_anneals_down(self) -> AdaRoundConfig:
+        start, end = self.beta
+        if not 0 < end <= start:
+            raise ValueError(f"beta must be [start, end] with start >= end > 0 (got {list(self.beta)})")
+        return self
 
 
 class QuantizeSection(Section):
@@ -80,6 +133,16 @@ class QuantizeSection(Section):
     """Lowest bit width the upgrader may choose."""
     max_bits: Bounded(int, 1, 16) = 8
     """Highest bit width the upgrader may choose."""
+    calibration: CalibrationConfig = CalibrationConfig()
+    """Post-training calibration of the ranges (``evefx.calibrate``); per-layer overrides apply."""
+    bias_correction: bool = False
+    """Post-training: shift each quantized layer's bias so that its mean output on the calibration
+    data equals the float model's (empirical bias correction)."""
+    equalize: bool = False
+    """Post-training: cross-layer equalization of consecutive conv/linear pairs through ReLU
+    (Nagel et al. 2019); a pair is equalized when both of its layers have it."""
+    adaround: AdaRoundConfig | None = None
+    """Post-training: learn whether each weight rounds up or down (AdaRound); ``null``: nearest rounding."""
 
     @model_validator(mode="after")
     def _bits_range(self) -> QuantizeSection:

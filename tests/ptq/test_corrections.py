@@ -1,0 +1,193 @@
+"""Equalization preserves the float function and equalizes ranges; bias correction zeroes the mean
+output error; AdaRound never does worse than nearest rounding on its own objective."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import evefx
+from evefx.errors import QuantizationError
+from evefx.modules.quant import Quantizer
+from evefx.ptq import (
+    adaround,
+    bake_batchnorm,
+    bias_correction,
+    calibrate,
+    equalization_pairs,
+    equalize,
+    float_reference,
+    post_training_quantize,
+)
+from evefx.ptq.corrections import _in_ranges, _mean_outputs, _out_ranges
+from evefx.spec import AdaRoundConfig
+from tests.ptq.models import batches, tiny, transformed
+
+
+def test_bake_batchnorm_keeps_the_eval_output():
+    gm = transformed(tiny())
+    evefx.set_mode(gm, quantized=False)
+    x = batches(1)[0]
+    y = gm(x)
+    assert bake_batchnorm(gm.conv1) and gm.conv1.bn is None
+    assert torch.allclose(gm(x), y, atol=1e-6)
+    assert not bake_batchnorm(gm.conv1)  # nothing left to bake
+
+
+def test_equalization_pairs_follow_relu_pool_flatten_and_quantizers():
+    gm = transformed(tiny())
+    pairs = {(p.first, p.second): p.repeat for p in equalization_pairs(gm)}
+    assert pairs == {("conv1", "conv2"): 1, ("conv2", "fc1"): 4, ("fc1", "fc2"): 1}
+
+
+def test_no_pair_across_a_branch():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.b(y) + y  # a's output has two users: scaling it would change the sum
+
+    assert equalization_pairs(torch.fx.symbolic_trace(Branchy())) == []
+
+
+def test_equalize_preserves_the_float_function_and_equalizes_ranges():
+    model = tiny()
+    gm = transformed(model)
+    evefx.set_mode(gm, quantized=False)
+    x = batches(1)[0]
+    pairs = equalize(gm)
+    assert torch.allclose(gm(x), model(x), atol=1e-5)
+    for p in pairs:
+        r1, r2 = _out_ranges(gm.get_submodule(p.first)), _in_ranges(gm.get_submodule(p.second), p.repeat)
+        assert torch.allclose(r1, r2, rtol=1e-3), (p, r1, r2)
+        assert p.after < 1.001 < p.before
+    assert equalize(gm, layers=["conv1"]) == []  # a pair needs both of its layers
+
+
+def test_equalize_a_single_pair_exactly():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        seq[0].weight.mul_(torch.tensor([100.0, 0.01, 1.0, 3.0, 0.5])[:, None])
+    gm = torch.fx.symbolic_trace(copy.deepcopy(seq))
+    x = torch.randn(7, 3)
+    (pair,) = equalize(gm, iterations=1)
+    assert torch.allclose(gm(x), seq(x), atol=1e-4)
+    w1, w2 = gm.get_submodule("0").weight, gm.get_submodule("2").weight
+    # after one step both channels have the range sqrt(r1 r2) of the originals
+    r1, r2 = seq[0].weight.abs().amax(dim=1), seq[2].weight.abs().amax(dim=0)
+    expected = torch.sqrt(r1 * r2)
+    assert torch.allclose(w1.abs().amax(dim=1), expected, rtol=1e-5)
+    assert torch.allclose(w2.abs().amax(dim=0), expected, rtol=1e-5)
+
+
+def test_bias_correction_makes_the_mean_output_error_zero():
+    gm = transformed(tiny(), weight={"bits": 3, "granularity": "per_tensor"})
+    data = batches()
+    calibrate(gm, data, progress=False)
+    ref = float_reference(gm)
+    names = ["conv1", "conv2", "fc1", "fc2"]
+    target = _mean_outputs(ref, names, data, quantized=False)
+    before = _mean_outputs(gm, names, data, quantized=True)
+    assert max(float((target[n] - before[n]).abs().max()) for n in names) > 1e-3
+    deltas = bias_correction(gm, data, reference=ref)
+    assert set(deltas) == set(names)
+    after = _mean_outputs(gm, names, data, quantized=True)
+    for n in names:
+        assert float((target[n] - after[n]).abs().max()) < 1e-5, n
+
+
+def test_bias_correction_of_selected_layers_and_unknown_names():
+    gm = transformed(tiny(), weight={"bits": 4})
+    calibrate(gm, batches(), progress=False)
+    fc1_bias = gm.fc1.bias.detach().clone()
+    assert set(bias_correction(gm, batches(), layers=["fc2"])) == {"fc2"}
+    assert torch.equal(gm.fc1.bias, fc1_bias)
+    with pytest.raises(QuantizationError, match="not quantized layers.*nope"):
+        bias_correction(gm, batches(), layers=["nope"])
+
+
+@torch.no_grad()
+def _layer_loss(layer, x, y, w):
+    return float((nn.functional.linear(x, w, layer.bias) - y).double().square().mean())
+
+
+def test_adaround_beats_nearest_rounding_on_its_objective_and_stays_on_the_grid():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    gm = evefx.transform(model, {"passes": [{"kind": "quantize", "weight": {"bits": 3}, "activation": None}]},
+                         torch.zeros(1, 16))
+    data = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    calibrate(gm, data, progress=False)
+    ref = float_reference(gm)
+    scale = gm.get_submodule("0").weight_quantizer.scale.clone()
+    results = adaround(gm, data, config=AdaRoundConfig(iterations=300, samples=256, batch_size=64, lr=0.05),
+                       reference=ref, progress=False)
+    r = results["0"]
+    assert r.loss_final <= r.loss_nearest and r.kept and r.loss_learned < 0.97 * r.loss_nearest and r.flipped > 0
+    w = gm.get_submodule("0").weight.detach()
+    codes = w / scale.reshape(-1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # exactly on the weight quantizer's grid
+    assert torch.equal(gm.get_submodule("0").weight_quantizer.scale, scale)
+    # the objective measured independently: the layer's output against the float model's
+    x = torch.cat(data)
+    y = ref(x)
+    nearest = torch.round(ref.get_submodule("0").weight / scale.reshape(-1, 1)).clamp(-4, 3) * scale.reshape(-1, 1)
+    assert _layer_loss(gm.get_submodule("0"), x, y, w) < _layer_loss(gm.get_submodule("0"), x, y, nearest)
+
+
+def test_adaround_keeps_nearest_when_learning_does_not_help():
+    torch.manual_seed(0)
+    gm = evefx.transform(nn.Sequential(nn.Linear(8, 4)), {"passes": [{"kind": "quantize", "activation": None}]},
+                         torch.zeros(1, 8))
+    data = [torch.randn(32, 8)]
+    calibrate(gm, data, progress=False)
+    # a huge learning rate with a single step scrambles the rounding: nearest must be kept
+    r = adaround(gm, data, config=AdaRoundConfig(iterations=1, lr=1.0, warm_start=0.0, reg_weight=1000.0),
+                 progress=False)["0"]
+    assert r.loss_final == min(r.loss_learned, r.loss_nearest) and r.loss_final <= r.loss_nearest
+
+
+def test_adaround_needs_calibrated_quantizers():
+    gm = transformed(tiny())
+    with pytest.raises(QuantizationError, match="not calibrated"):
+        adaround(gm, batches(1), progress=False)
+
+
+def test_post_training_quantize_runs_the_steps_the_spec_asks_for():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = transformed(model, weight={"bits": 4}, equalize=True, bias_correction=True,
+                     adaround={"iterations": 30, "samples": 32},
+                     overrides=[{"names": ["fc2"], "adaround": None, "bias_correction": False}])
+    report = post_training_quantize(gm, batches(), progress=False)
+    assert {(p.first, p.second) for p in report.equalized} == {("conv1", "conv2"), ("conv2", "fc1"), ("fc1", "fc2")}
+    assert set(report.adaround) == {"conv1", "conv2", "fc1"}
+    assert set(report.bias_deltas) == {"conv1", "conv2", "fc1"}
+    assert set(report.seconds) == {"equalize", "calibrate", "adaround", "bias_correction"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the trained model is untouched
+    assert "adaround" in report.to_dict() and report.table().row_count > 0
+    # still a working quantized model close to the float one
+    x = batches(1)[0]
+    assert torch.allclose(gm(x), model(x), atol=0.5)
+
+
+def test_post_training_quantize_with_plain_spec_only_calibrates():
+    gm = transformed(tiny())
+    report = post_training_quantize(gm, batches(), progress=False)
+    assert report.equalized == [] and report.adaround == {} and report.bias_deltas == {}
+    assert all(bool(q.initialized) for q in gm.modules() if isinstance(q, Quantizer))
+
+
+def test_adaround_reconstructs_through_the_following_relu():
+    from evefx.ptq.corrections import _following_relu
+
+    gm = transformed(tiny())
+    assert _following_relu(gm, "conv1")  # its BatchNorm is folded: conv1 -> relu1
+    assert _following_relu(gm, "fc1") and not _following_relu(gm, "fc2")
+    assert not _following_relu(tiny(), "conv1")  # not a graph
