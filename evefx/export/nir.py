@@ -510,6 +510,7 @@ def export_nir(gm: nn.Module, path: str | os.PathLike | None = None, example_inp
     size = None
     if path is not None:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # as export_onnx does
         try:
             _nir().write(str(path), graph)
         except OSError as e:

@@ -99,7 +99,12 @@ def test_bias_correction_makes_the_mean_output_error_zero():
     assert set(deltas) == set(names)
     after = _mean_outputs(gm, names, data, quantized=True)
     for n in names:
-        assert float((target[n] - after[n]).abs().max()) < 1e-5, n
+        # in eval mode the bias sits on the int32 grid s_x * s_w the file stores it on: the corrected
+        # bias is exact up to half a step of that grid
+        layer = gm.get_submodule(n)
+        q = layer.__dict__.get("_input_quantizer")
+        half = 0.5 * float((q.scale * layer.weight_quantizer.scale).max()) if q is not None else 0.0
+        assert float((target[n] - after[n]).abs().max()) < 1e-5 + half, n
 
 
 def test_bias_correction_of_selected_layers_and_unknown_names():
