@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
+    "recorded_inputs",
     "Block",
     "LAYER_TYPES",
     "ACTIVATION_MODULES",
@@ -221,3 +222,20 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
 
 # ``operator`` is re-exported for passes that match residual additions.
 ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+
+def recorded_inputs(gm: fx.GraphModule) -> list[tuple[str, torch.Size | None, torch.dtype | None]]:
+    """Each input (placeholder) of ``gm`` with the shape and dtype shape propagation recorded for it
+    (``None`` where nothing was recorded: the model was transformed without example inputs).
+
+    Example:
+        >>> recorded_inputs(evefx.transform(DemoNet(), spec, torch.zeros(1, 1, 28, 28)))
+        [('x', torch.Size([1, 1, 28, 28]), torch.float32)]
+    """
+    out: list[tuple[str, torch.Size | None, torch.dtype | None]] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            meta = node.meta.get("tensor_meta")
+            shape = getattr(meta, "shape", None)
+            out.append((node.name, shape, getattr(meta, "dtype", None) if shape is not None else None))
+    return out

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from evefx.channels.analysis import ConsumerSite, DependencyGraph, Site, analyze, ensure_shapes, pruners_of, shape_of
 from evefx.channels.rules import MaskedValue, RuleRegistry
 from evefx.errors import PruneError, ShapeError
-from evefx.graph import describe_node, module_of, output_block, remove_node
+from evefx.graph import describe_node, module_of, output_block, recorded_inputs, remove_node
 from evefx.trace import propagate_shapes
 
 __all__ = ["CompactReport", "compact", "compact_report", "count_macs", "count_params"]
@@ -112,16 +112,13 @@ def compact_report(gm: fx.GraphModule) -> CompactReport:
 def _example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
     out = []
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        meta = n.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
-            raise PruneError(f"input {n.name!r} has no shape; pass example_inputs to evefx.compact")
-        if meta.dtype.is_floating_point:
-            out.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+    for name, shape, dtype in recorded_inputs(gm):
+        if shape is None or dtype is None:
+            raise PruneError(f"input {name!r} has no shape; pass example_inputs to evefx.compact")
+        if dtype.is_floating_point:
+            out.append(torch.randn(tuple(shape), generator=gen).to(dtype))
         else:
-            out.append(torch.zeros(tuple(meta.shape), dtype=meta.dtype))
+            out.append(torch.zeros(tuple(shape), dtype=dtype))
     return tuple(out)
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import fx, nn
 
 from evefx.errors import ExportError
+from evefx.graph import recorded_inputs
 from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
 from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron, SpikingNeuron
 
@@ -124,16 +125,13 @@ def _example_input(gm: fx.GraphModule, example_input: Any) -> tuple:
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     args = []
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        meta = n.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
+    for name, shape, dtype in recorded_inputs(gm):
+        if shape is None:
             raise ExportError(
-                f"NIR export needs the input shape: input {n.name} has no recorded shape; pass example_input="
+                f"NIR export needs the input shape: input {name} has no recorded shape; pass example_input="
                 f"torch.zeros(1, ...) (or transform the model with example inputs)"
             )
-        args.append(torch.zeros((1, *tuple(meta.shape)[1:]), dtype=meta.dtype))
+        args.append(torch.zeros((1, *tuple(shape)[1:]), dtype=dtype))
     return tuple(args)
 
 
