@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "recorded_inputs",
+    "calls_one_of",
     "Block",
     "LAYER_TYPES",
     "ACTIVATION_MODULES",
@@ -88,14 +89,27 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+def calls_one_of(gm: fx.GraphModule, node: Any, modules: tuple[type, ...], functions: Any = (),
+                 methods: Any = ()) -> bool:
+    """Whether ``node`` calls a module of one of the ``modules`` types, one of the ``functions``, or a
+    tensor method named in ``methods`` (the three ways one op appears in a traced graph).
+
+    Example:
+        >>> calls_one_of(gm, node, (nn.ReLU,), {F.relu, torch.relu}, {"relu", "relu_"})
+    """
+    if not isinstance(node, fx.Node):
+        return False
     if node.op == "call_module":
-        return isinstance(module_of(gm, node), ACTIVATION_MODULES)
+        return isinstance(module_of(gm, node), modules)
     if node.op == "call_function":
-        return node.target in _ACTIVATION_FUNCTIONS
+        return node.target in functions
     if node.op == "call_method":
-        return node.target in _ACTIVATION_METHODS
+        return node.target in methods
     return False
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return calls_one_of(gm, node, ACTIVATION_MODULES, _ACTIVATION_FUNCTIONS, _ACTIVATION_METHODS)
 
 
 def output_block(gm: fx.GraphModule, node: fx.Node) -> Block:

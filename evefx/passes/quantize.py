@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from evefx.errors import PassError, QuantizationError
 from evefx.graph import (
+    calls_one_of,
     insert_after,
     layer_nodes,
     mark,
@@ -211,10 +212,8 @@ class QuantizePass(SectionPass):
     def _source(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         """Follow ``node`` back through ops that keep values on a quantization grid."""
         src: Any = node
-        while isinstance(src, fx.Node) and src.args and (
-            (src.op == "call_module" and isinstance(module_of(gm, src), _PASS_THROUGH_MODULES))
-            or (src.op == "call_function" and src.target in _PASS_THROUGH_FUNCTIONS)
-            or (src.op == "call_method" and src.target in _PASS_THROUGH_METHODS)
+        while isinstance(src, fx.Node) and src.args and calls_one_of(
+            gm, src, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS, _PASS_THROUGH_METHODS
         ):
             src = src.args[0]
         return src
@@ -242,11 +241,7 @@ class QuantizePass(SectionPass):
             if prov.get("pass") == self.name and prov.get("role") == "input":
                 node.replace_input_with(inp, user)
                 return None
-        non_negative = isinstance(src, fx.Node) and (
-            (src.op == "call_module" and isinstance(module_of(gm, src), _NON_NEGATIVE_MODULES))
-            or (src.op == "call_function" and src.target in _NON_NEGATIVE_FUNCTIONS)
-            or (src.op == "call_method" and src.target in _NON_NEGATIVE_METHODS)
-        )
+        non_negative = calls_one_of(gm, src, _NON_NEGATIVE_MODULES, _NON_NEGATIVE_FUNCTIONS, _NON_NEGATIVE_METHODS)
         # per tensor (integer kernels take one input scale); a symmetric unsigned grid would clip
         # negative inputs to 0, so it becomes signed unless the input is known to be non-negative
         update: dict[str, Any] = {"granularity": "per_tensor"}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from evefx.errors import QuantizationError
-from evefx.graph import LAYER_TYPES, layer_nodes, module_of, output_block
+from evefx.graph import LAYER_TYPES, calls_one_of, layer_nodes, module_of, output_block
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
 from evefx.ptq.calibrators import _call, _Modes, inputs_only
 
@@ -126,13 +126,7 @@ class EqualizedPair:
 
 
 def _passes_scale(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(module_of(gm, node), _HOMOGENEOUS_MODULES)
-    if node.op == "call_function":
-        return node.target in _HOMOGENEOUS_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _HOMOGENEOUS_METHODS
-    return False
+    return calls_one_of(gm, node, _HOMOGENEOUS_MODULES, _HOMOGENEOUS_FUNCTIONS, _HOMOGENEOUS_METHODS)
 
 
 def _in_features(m: nn.Module) -> int:
