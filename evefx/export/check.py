@@ -26,7 +26,7 @@ from evefx.export.emulate import local_cpu_class, u8s8_saturation
 from evefx.export.parity import check_parity, first_divergence, graph_parity
 from evefx.export.qdq import QDQ
 from evefx.export.report import ExportReport
-from evefx.export.rewrite import scope_of
+from evefx.export.rewrite import consumers, producers, scope_of
 from evefx.modules.quant import QUANT_LAYER_TYPES
 from evefx.spec.quantize import SATURATION_FREE_WEIGHT_CODES
 
@@ -147,11 +147,7 @@ def float_weights_between_qdq(model: onnx.ModelProto) -> list[str]:
     such weights itself (int8, a scale of its own choosing), so the file would not run what PyTorch
     computes. (With a float output it leaves the node in float.)"""
     inits = {i.name: i for i in model.graph.initializer}
-    prod = {o: n for n in model.graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
+    prod, users = producers(model.graph), consumers(model.graph)
 
     def quantized_after(tensor: str) -> bool:
         nxt = users.get(tensor, [])

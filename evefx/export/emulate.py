@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from evefx.export.rewrite import consumers, producers
+
 __all__ = ["SaturationRow", "u8s8_saturation", "cpu_flags", "local_cpu_class", "INT16_MIN", "INT16_MAX"]
 
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -109,11 +111,7 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 def _u8s8_layers(model: onnx.ModelProto) -> list[_Layer]:
     graph = model.graph
     inits = _initializers(graph)
-    prod = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    prod, users = producers(graph), consumers(graph)
     layers = []
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:

@@ -26,6 +26,8 @@ from onnx import helper, numpy_helper
 
 __all__ = [
     "scope_of",
+    "producers",
+    "consumers",
     "constants_to_initializers",
     "quantize_biases",
     "requantize_data_movement",
@@ -113,7 +115,7 @@ def _constant_outputs(graph: onnx.GraphProto) -> set[str]:
     return {n.output[0] for n in graph.node if n.op_type == "Constant"} | {i.name for i in graph.initializer}
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {name: node for node in graph.node for name in node.output}
 
 
@@ -121,7 +123,7 @@ def _inits(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {i.name: i for i in graph.initializer}
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -137,7 +139,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     what runs; the rounding moves a bias by at most ``0.5 * s_x * s_w``.
     """
     graph = model.graph
-    prod, inits = _producers(graph), _inits(graph)
+    prod, inits = producers(graph), _inits(graph)
     new_nodes: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     taken = set(inits) | {n for node in graph.node for n in node.output}
     done = 0
