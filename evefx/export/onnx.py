@@ -340,7 +340,7 @@ def export_onnx(
         failed = set_aside(path)
         raise ExportError(
             f"{path}: cannot check the file: the model's {why} on the parity inputs, so any file would "
-            f"agree with it; train or calibrate the model first (evefx.export.calibrate), or pass real_inputs. "
+            f"agree with it; train or calibrate the model first (evefx.calibrate), or pass real_inputs. "
             f"The unchecked file was moved to {failed}"
         )
     report = check_file(gm, deploy, path, batches, report, tolerance, top1_min)

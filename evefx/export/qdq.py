@@ -60,7 +60,7 @@ class QParams:
         if not bool(quantizer.initialized):
             raise ExportError(
                 f"{name}: quantizer {quantizer.name!r} was never calibrated (no batch has passed through it), "
-                f"so it has no scale to export; train the model or run evefx.export.calibrate(gm, batches) first"
+                f"so it has no scale to export; train the model or run evefx.calibrate(gm, batches) first"
             )
         bits = int(quantizer.bits)
         if bits > MAX_EXPORT_BITS:
@@ -254,25 +254,22 @@ def _float_layer(layer: nn.Module) -> nn.Module:
     return new
 
 
-@torch.no_grad()
 def calibrate(model: nn.Module, batches: Any) -> nn.Module:
-    """Post-training calibration in place: run ``batches`` (tensors or tuples of tensors) with every
-    quantizer tracking ranges and everything else (BatchNorm, dropout) in eval mode; returns the
-    model in eval mode. Use it before exporting a model that was transformed but not trained.
+    """Calibrate every quantizer of ``model`` in place and return the model (in eval mode).
+
+    The older name of :func:`evefx.calibrate`, kept so existing scripts keep working: it runs the
+    same calibration (each quantizer's method from its spec section, BatchNorm and dropout in eval
+    mode) without a progress bar, and returns the model instead of the report. A model without
+    quantizers is returned unchanged.
 
     Example:
         >>> calibrate(gm, [torch.rand(8, 1, 28, 28) for _ in range(4)])
     """
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, Quantizer):
-            module.train()
-    try:
-        for batch in batches:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-    finally:
-        model.eval()
-    return model
+    from evefx.ptq import calibrate as calibrate_with_report  # the PTQ package builds on export
+
+    if any(isinstance(m, Quantizer) for m in model.modules()):
+        calibrate_with_report(model, batches, progress=False)
+    return model.eval()
 
 
 def safe_deepcopy(model: nn.Module) -> nn.Module:
