@@ -13,7 +13,7 @@ import torch
 
 from evefx.errors import OptionError, UnknownNameError
 
-__all__ = ["EveRange", "EveHooks", "is_eve_module"]
+__all__ = ["EveRange", "EveHooks"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,3 @@ class EveHooks:
 
     def set_mode(self, **flags: Any) -> None:
         return None
-
-
-def is_eve_module(module: Any) -> bool:
-    """True for modules that follow the eve protocol."""
-    return isinstance(module, EveHooks)

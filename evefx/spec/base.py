@@ -107,7 +107,6 @@ class Section(StrictModel):
     Overrides change options, never membership: a layer must be selected by ``select``.
     """
 
-    DEFAULT_TYPES: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
     NOT_OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"kind", "select", "overrides", "exclude_last"})
 
     select: Select = Select()
