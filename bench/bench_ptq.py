@@ -41,6 +41,7 @@ import json
 import logging
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -53,11 +54,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-import evefx
-from evefx.data import loaders, mnist5k
-from evefx.errors import ExportError
-from evefx.export import export_onnx, onnx_accuracy
-from evefx.train import evaluate, fit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
+
+import evefx  # noqa: E402
+from evefx.data import loaders, mnist5k  # noqa: E402
+from evefx.errors import ExportError  # noqa: E402
+from evefx.export import export_onnx, onnx_accuracy  # noqa: E402
+from evefx.train import evaluate, fit  # noqa: E402
 
 console = Console()
 
