@@ -318,6 +318,10 @@ def export(
                                        "held-out images (else random inputs, 64 for parity)"),
     opset: int = typer.Option(17, help="ONNX opset"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
+    tolerance: Optional[float] = typer.Option(None, help="a stated absolute tolerance for the outputs, replacing the "
+                                              "one-step rules (for deep networks that amplify rounding ties; the "
+                                              "op-by-op checks still apply)"),
+    top1_min: float = typer.Option(99.5, help="required top-1 agreement of PyTorch and onnxruntime, percent"),
     allow_unpruned: bool = typer.Option(False, help="export even when the spec's pruners have never pruned "
                                         "(the file is then the unpruned model)"),
 ) -> None:
@@ -354,7 +358,8 @@ def export(
                 raise EvefxError(f"{msg}; pass --checkpoint of a model pruned with evefx.prune_step, "
                                  "or --allow-unpruned to export it anyway")
             warnings.warn(msg, EvefxWarning, stacklevel=1)
-        report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check, real_inputs=held_out)
+        report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check, real_inputs=held_out,
+                             tolerance=tolerance, top1_min=top1_min)
     except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(report.table())

@@ -94,15 +94,18 @@ def check_file(gm: nn.Module, deploy: nn.Module, path: Path, batches: list[tuple
         failing.append("parity")
     if report.target == "portable" and any(r.saturated for r in emulated):
         failing.append("avx2_u8s8")
+    kernel_ops = None
     if "graph" in failing:
         parity = replace(parity, first_divergence=graph.first_divergence or _divergence(gm, deploy, path, batches))
-    elif "parity" in failing:
-        parity = replace(parity, first_divergence=_divergence(gm, deploy, path, batches))
+    elif "kernels" in failing or "parity" in failing:
+        # op by op on this CPU's kernels: a kernel computing an op differently, or ties amplified end to end?
+        kernel_ops = graph_parity(gm, str(path), batches, tolerance=tolerance, top1_min=top1_min, kernels=True)
+        parity = replace(parity, first_divergence=kernel_ops.first_divergence or _divergence(gm, deploy, path, batches))
     if not local_binding:
         log.warning("%s targets %s; this CPU (%s) runs other kernels, so only the graph was checked against PyTorch",
                     path, report.target, here)
-    return replace(report, parity=parity, graph=graph, kernel_check=kernels, avx2_u8s8=emulated, cpu=here,
-                   failing=tuple(failing))
+    return replace(report, parity=parity, graph=graph, kernel_check=kernels, kernel_ops=kernel_ops,
+                   avx2_u8s8=emulated, cpu=here, failing=tuple(failing))
 
 
 def _divergence(gm: nn.Module, deploy: nn.Module, path: Path, batches: list[tuple[torch.Tensor, ...]]) -> str | None:
@@ -134,6 +137,13 @@ def failure_text(report: ExportReport) -> str:
         parts.append("on x86 CPUs without VNNI the u8s8 kernels would saturate in "
                      + ", ".join(f"{r.layer} ({100 * r.outputs_changed:.1f}% of outputs)" for r in bad)
                      + "; quantize with target: portable (the default) or state target: x86-vnni")
+    ops = report.kernel_ops
+    if ops is not None and ops.first_divergence is None:
+        parts.append(f"op by op every quantizer is within one step of PyTorch's on this CPU's kernels "
+                     f"(max {ops.max_steps:.2f} steps given the same codes), so no op is computed wrongly: one-step "
+                     f"rounding ties grow through the network end to end; state a budget "
+                     f"(tolerance= and top1_min=, CLI --tolerance and --top1-min) if the figures above are acceptable, or raise the bits of the "
+                     f"layers where the difference starts")
     where = report.parity.first_divergence if report.parity is not None else None
     if where and report.graph is not None and where == report.graph.first_divergence:
         where = None  # already named

@@ -352,34 +352,60 @@ def first_divergence(
     return None
 
 
-def _forced_graph(model: onnx.ModelProto, quantizers: set[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of ``model`` in which the output of every activation quantizer (its ``DequantizeLinear``)
-    is read from a new graph input of the same name, and what the graph computed there is exposed as
-    an extra output ``<name>__computed``. Returns the model and ``{quantizer scope: tensor name}``."""
+def _forced_graph(model: onnx.ModelProto, quantizers: set[str], codes: bool = False
+                  ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, tuple[np.ndarray, np.ndarray, int]]]:
+    """A copy of ``model`` in which the output of every activation quantizer is read from a new graph
+    input of the same name, and what the graph computed there is exposed as an extra output
+    ``<name>__computed``. The forced tensor is the quantizer's ``DequantizeLinear`` output (float),
+    or with ``codes`` its ``QuantizeLinear`` output (the integer codes), which leaves every
+    ``DequantizeLinear -> op -> QuantizeLinear`` group intact for onnxruntime to fuse into its
+    integer kernels. Returns the model, ``{quantizer scope: tensor name}`` and, for ``codes``,
+    ``{scope: (scale, zero point, axis)}`` to turn PyTorch's values into codes."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    inits = {i.name for i in graph.initializer}
+    inits = {i.name: i for i in graph.initializer}
     outputs = {o.name for o in graph.output}
+    op = "QuantizeLinear" if codes else "DequantizeLinear"
     by_scope: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if (node.op_type == "DequantizeLinear" and node.input[0] not in inits and scope_of(node) in quantizers
-                and not node.name.endswith(("_requant_dq", "_bias_dq"))):
+        if (node.op_type == op and node.input[0] not in inits and scope_of(node) in quantizers
+                and not node.name.endswith(("_requant_q", "_requant_dq", "_bias_dq"))):
             by_scope.setdefault(scope_of(node), []).append(node)
     forced: dict[str, str] = {}
+    grids: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
     for scope, nodes in by_scope.items():
         if len(nodes) != 1 or nodes[0].output[0] in outputs:
             continue  # a quantizer applied twice has no single reference value; a graph output needs no forcing
         node = nodes[0]
         name = node.output[0]
+        elem = onnx.TensorProto.FLOAT
+        if codes:
+            if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+                continue
+            zero = numpy_helper.to_array(inits[node.input[2]])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            grids[scope] = (numpy_helper.to_array(inits[node.input[1]]).astype(np.float64), zero, axis)
+            elem = inits[node.input[2]].data_type
         node.output[0] = name + "__computed"
-        graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        graph.output.append(helper.make_tensor_value_info(name + "__computed", onnx.TensorProto.FLOAT, None))
+        graph.input.append(helper.make_tensor_value_info(name, elem, None))
+        graph.output.append(helper.make_tensor_value_info(name + "__computed", elem, None))
         forced[scope] = name
-    return model, forced
+    return model, forced, grids
+
+
+def _as_codes(value: np.ndarray, grid: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
+    """PyTorch's quantizer output (on its grid) as the codes ``QuantizeLinear`` writes."""
+    scale, zero, axis = grid
+    shape = [1] * value.ndim
+    if scale.ndim and scale.size > 1:
+        shape[axis] = scale.size
+    info = np.iinfo(zero.dtype)
+    q = np.rint(value / scale.reshape(shape)) + zero.astype(np.float64).reshape(shape)
+    return np.clip(q, info.min, info.max).astype(zero.dtype)
 
 
 def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *, tolerance: float | None = None,
-                 top1_min: float = TOP1_MIN) -> Parity:
+                 top1_min: float = TOP1_MIN, kernels: bool = False) -> Parity:
     """PyTorch vs the QDQ graph as written (onnxruntime, optimizations off), **op by op**: every
     activation quantizer's output in the graph is computed from PyTorch's values of the quantizers
     before it and must lie within one of its quantization steps of PyTorch's; the graph outputs
@@ -388,6 +414,11 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
     network), so any larger difference is an op the file computes differently. ``first_divergence``
     names the first quantizer (in graph order) that fails.
 
+    With ``kernels`` the same comparison runs on this CPU's integer kernels: every quantizer's
+    codes are fed from PyTorch's values and onnxruntime fuses and optimizes the graph as deployment
+    does. It tells a kernel that computes an op differently (many steps off at that op) from
+    one-step ties amplified end to end by a deep network (every op within one step).
+
     Example:
         >>> graph_parity(gm, "model.onnx", [x]).passed
         True
@@ -395,11 +426,11 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
     model = onnx.load(onnx_path)
     ref = safe_deepcopy(reference).eval().cpu()
     quantizers = {n: m for n, m in ref.named_modules() if isinstance(m, Quantizer) and m.enabled and bool(m.initialized)}
-    forced_model, forced = _forced_graph(model, set(quantizers))
+    forced_model, forced, grids = _forced_graph(model, set(quantizers), codes=kernels)
     if not forced:
-        return check_parity(reference, onnx_path, batches, tolerance=tolerance, top1_min=top1_min, optimize=False,
+        return check_parity(reference, onnx_path, batches, tolerance=tolerance, top1_min=top1_min, optimize=kernels,
                             within_min=1.0)
-    session = ort_session(forced_model.SerializeToString(), optimize=False)
+    session = ort_session(forced_model.SerializeToString(), optimize=kernels)
     real_inputs = [i.name for i in model.graph.input]
     out_names = [o.name for o in session.get_outputs()]
     n_out = len(model.graph.output)
@@ -415,20 +446,26 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
         values = _module_outputs(ref, inputs, set(forced))
         expected = _run_torch(ref, inputs)
         feed = {n: t.detach().cpu().numpy() for n, t in zip(real_inputs, inputs)}
-        feed.update({forced[s]: values[s] for s in forced if s in values})
+        feed.update({forced[s]: _as_codes(values[s], grids[s]) if kernels else values[s] for s in forced if s in values})
         got = dict(zip(out_names, session.run(None, feed)))
         for scope in order:
             if scope not in values:
                 continue
             step = float(quantizers[scope].qparams()[0].max())
-            g = np.asarray(got[forced[scope] + "__computed"], dtype=np.float32).reshape(values[scope].shape)
-            d = float(np.max(np.abs(g - values[scope]))) / step if values[scope].size else 0.0
+            g = np.asarray(got[forced[scope] + "__computed"]).reshape(values[scope].shape)
+            if kernels:  # codes: compare in steps directly
+                want = _as_codes(values[scope], grids[scope]).astype(np.int64)
+                d = float(np.max(np.abs(g.astype(np.int64) - want))) if want.size else 0.0
+            else:
+                d = float(np.max(np.abs(g.astype(np.float32) - values[scope]))) / step if values[scope].size else 0.0
             worst_q = max(worst_q, d)
             if first is None and d > 1 + 1e-4:
-                first = f"{scope} (computed from PyTorch's inputs): {d:.2f} quantization steps"
+                how = "this CPU's kernels, from PyTorch's codes" if kernels else "computed from PyTorch's inputs"
+                first = f"{scope} ({how}): {d:.2f} quantization steps"
         pairs.append((expected, [got[n] for n in out_names[:n_out]]))
     outputs = _compare_outputs(pairs, steps, bool(quantizers), tolerance, top1_min, required)
     return Parity(outputs.samples, outputs.max_abs_diff, outputs.tolerance,
-                  outputs.rule + "; every quantizer within one step of PyTorch's given the same inputs",
+                  outputs.rule + "; every quantizer within one step of PyTorch's given the same inputs"
+                  + (" (this CPU's integer kernels)" if kernels else ""),
                   outputs.within_tolerance, max(worst_q, outputs.max_steps or 0.0), outputs.top1_agreement,
                   outputs.passed and first is None, required, first)

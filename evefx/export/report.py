@@ -61,7 +61,8 @@ class ExportReport:
     * ``parity``: PyTorch vs onnxruntime as deployed on this CPU (integer kernels), or None with
       ``check=False``; ``graph``: PyTorch vs the QDQ graph as written (onnxruntime with optimizations
       off: float Q/DQ, no integer kernel), which shows an export that computes something else;
-      ``kernel_check``: this CPU's kernels vs that graph; ``avx2_u8s8``: per integer layer, what an
+      ``kernel_check``: this CPU's kernels vs that graph (``kernel_ops``: the same op by op, run when
+      it or ``parity`` fails, to tell a wrong kernel from ties amplified end to end); ``avx2_u8s8``: per integer layer, what an
       x86 CPU without VNNI would compute differently (:mod:`evefx.export.emulate`), so a VNNI
       machine sees it too;
     * ``target`` (``portable``, ``x86-vnni``, ``arm``; ``any`` for float files), ``cpu`` (this
@@ -86,6 +87,7 @@ class ExportReport:
     target: str = "any"
     graph: Parity | None = None
     kernel_check: Parity | None = None
+    kernel_ops: Parity | None = None
     avx2_u8s8: tuple[SaturationRow, ...] = ()
     cpu: str | None = None
     failing: tuple[str, ...] = ()
@@ -121,6 +123,7 @@ class ExportReport:
             "cpu": self.cpu,
             "graph": None if self.graph is None else self.graph.to_dict(),
             "kernel_check": None if self.kernel_check is None else self.kernel_check.to_dict(),
+            "kernel_ops": None if self.kernel_ops is None else self.kernel_ops.to_dict(),
             "avx2_u8s8": [r.to_dict() for r in self.avx2_u8s8],
             "failing": list(self.failing),
             "passed": self.passed,
@@ -154,7 +157,8 @@ class ExportReport:
             if par.top1_agreement is not None:
                 t.add_row("top-1 agreement", f"{par.top1_agreement:.2f}%")
             for label, check in (("PyTorch vs QDQ graph (optimizations off)", self.graph),
-                                 (f"kernels vs graph (this CPU: {self.cpu})", self.kernel_check)):
+                                 (f"kernels vs graph (this CPU: {self.cpu})", self.kernel_check),
+                                 ("kernels vs PyTorch, op by op", self.kernel_ops)):
                 if check is not None:
                     t.add_row(label, _verdict(check))
             if self.quantized and self.graph is not None:

@@ -133,3 +133,29 @@ def test_without_real_inputs_parity_runs_on_64_samples(tmp_path, caplog):
     report = export_onnx(_qat(W8, A8), X0, tmp_path / "m.onnx", kernels=False)
     assert report.parity.samples == 65 and report.graph.samples == 65
     assert "no real_inputs; parity is checked on 64 random samples" in caplog.text
+
+
+def test_kernels_op_by_op_feed_pytorch_codes_and_stay_within_one_step(tmp_path):
+    from evefx.export.parity import graph_parity
+
+    gm = _qat(W8, A8)
+    path = tmp_path / "p.onnx"
+    export_onnx(gm, X0, path, check=False, kernels=False)
+    ops = graph_parity(gm, str(path), [_data(128, 3)], kernels=True)
+    assert ops.passed and ops.first_divergence is None and ops.max_steps <= 1
+    assert ops.rule.endswith("(this CPU's integer kernels)")
+
+
+@pytest.mark.skipif(not AVX2_ONLY, reason="needs an x86 CPU without VNNI (its u8s8 kernels saturate)")
+def test_kernels_op_by_op_name_the_saturating_layer(tmp_path):
+    from evefx.export.parity import graph_parity
+
+    gm = _vnni_model()
+    path = tmp_path / "v.onnx"
+    export_onnx(gm, X0, path, check=False, kernels=False)
+    x = _data(256, 1)
+    assert graph_parity(gm, str(path), [x]).passed  # the graph as written is right
+    ops = graph_parity(gm, str(path), [x], kernels=True)
+    saturated = [r.layer for r in u8s8_saturation(str(path), [x]) if r.saturated]
+    assert not ops.passed and ops.first_divergence.startswith(saturated[0].replace(".", "_"))
+    assert "this CPU's kernels, from PyTorch's codes" in ops.first_divergence
