@@ -182,7 +182,8 @@ class QuantizePass(SectionPass):
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
-                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight")
+                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight",
+                     channel_axis=planned.channel_axis)
                 changes.append(self.change("replaced", node, layer,
                                            f"{type(module).__name__} -> {type(new).__name__} ({_describe(cfg)})"))
                 if bn is not None:
@@ -193,13 +194,15 @@ class QuantizePass(SectionPass):
                     remove_node(gm, bn_node)
             if section.activation is not None:
                 cfg = section.activation
-                axis = -1 if base is nn.Linear else 1
+                # per channel along the layer's channel axis: 1 after a conv, -1 after a Linear
+                axis = planned.channel_axis if planned.channel_axis is not None else 1
                 aq = make_quantizer(cfg, name=f"{layer} (activation)", num_channels=channels, ch_axis=axis,
                                     bit_range=self._bit_range(section, cfg, layer, "activation"))
                 aq.train(module.training)
                 last = output_block(gm, node).last
                 new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
-                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation")
+                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation",
+                     channel_axis=axis)
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
             if section.quantize_inputs and section.activation is not None:
                 inserted = self._quantize_input(gm, node, layer, section.activation)
