@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import evefx
-from evefx.errors import OptionError, ShapeError
+from evefx.errors import ExportError, OptionError, ShapeError
 from evefx.export import calibrate
 from evefx.graph import marked, module_of
 from evefx.modules.attention import DecomposedMultiheadAttention
@@ -176,6 +176,13 @@ def test_per_channel_activation_quantizer_axis_and_export(tmp_path):
     assert axes == {-1}
 
 
+def test_nir_export_refuses_a_linear_on_tokens_with_the_reason(tmp_path):
+    gm = evefx.transform(TokenMLP(), {"passes": [SPIKE]}, torch.randn(1, 5, 8))
+    with pytest.raises(ExportError, match=r"NIR export: fc1 \(Linear\) reads \(5, 8\) per sample .* NIR's Affine maps one "
+                                          r"vector"):
+        evefx.export_nir(gm.eval(), tmp_path / "m.nir", dt=1e-3)
+
+
 # ----------------------------------------------------------------------------- decomposed attention
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kdim", [None, 6])
@@ -231,6 +238,20 @@ def test_transformer_encoder_traces_through_and_preserves_computation(batch_firs
     model.train()  # the reference path (no nested-tensor fast path) to compare against
     with torch.no_grad():
         assert torch.allclose(traced_with_mask(x, None, padding), model(x, None, padding), atol=1e-5)
+
+
+def test_select_exclude_last_and_report_on_a_vit():
+    model = tiny_vit()
+    section = {**W8A8, "select": {"names": ["*.self_attention.*"], "exclude": ["*.out_proj"]}}
+    gm = evefx.transform(model, {"passes": [section]}, torch.randn(1, 3, 16, 16))
+    weights = [n.meta["evefx"]["layer"] for n in marked(gm, "quantize", role="weight")]
+    assert weights == [f"encoder.layers.encoder_layer_{i}.self_attention.{p}_proj" for i in (0, 1) for p in "qkv"]
+    replaced = [c for c in gm.report.changes if c.action == "replaced"]
+    assert [c.layer for c in replaced] == weights and all("Linear -> QuantLinear" in c.detail for c in replaced)
+    # exclude_last leaves the classifier (heads.head) analog; everything else before it spikes
+    gm = evefx.transform(model, {"passes": [SPIKE]}, torch.randn(1, 3, 16, 16))
+    layers = [n.meta["evefx"]["layer"] for n in marked(gm, "spike", role="neuron")]
+    assert layers[0] == "conv_proj" and layers[-1] == "encoder.layers.encoder_layer_1.mlp.3" and len(layers) == 13
 
 
 def test_leaf_modules_keep_attention_opaque():
