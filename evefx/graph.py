@@ -183,12 +183,22 @@ def remove_node(gm: fx.GraphModule, node: fx.Node) -> None:
             gm.delete_submodule(str(node.target))
 
 
-def mark(node: fx.Node, *, pass_name: str, layer: str, spec_path: str, role: str) -> None:
-    """Record which pass put ``node`` there, for which layer and spec section (``node.meta["evefx"]``)."""
-    node.meta["evefx"] = {"pass": pass_name, "layer": layer, "spec_path": spec_path, "role": role}
+def mark(node: fx.Node, *, pass_name: str, layer: str, spec_path: str, role: str,
+         channel_axis: int | None = None) -> None:
+    """Record which pass put ``node`` there, for which layer and spec section (``node.meta["evefx"]``),
+    and, for per-channel modules, the axis of their input that holds the layer's channels
+    (``channel_axis``: 1 after a conv, -1 after a Linear; ``None`` when it does not apply).
+
+    Example:
+        >>> mark(node, pass_name="spike", layer="fc1", spec_path="passes[0]", role="neuron", channel_axis=-1)
+        >>> provenance(node)["channel_axis"]
+        -1
+    """
+    node.meta["evefx"] = {"pass": pass_name, "layer": layer, "spec_path": spec_path, "role": role,
+                          "channel_axis": channel_axis}
 
 
-def provenance(node: fx.Node) -> dict[str, str] | None:
+def provenance(node: fx.Node) -> dict[str, Any] | None:
     return node.meta.get("evefx")
 
 

@@ -26,8 +26,9 @@ from functools import lru_cache
 
 from torch import fx, nn
 
-from evefx.errors import PlanError
+from evefx.errors import PlanError, ShapeError
 from evefx.graph import LAYER_TYPES, layer_nodes, module_of
+from evefx.layers import channel_axis, out_channels
 from evefx.spec import Section
 
 __all__ = ["PlannedLayer", "plan_section", "type_matches"]
@@ -35,12 +36,17 @@ __all__ = ["PlannedLayer", "plan_section", "type_matches"]
 
 @dataclass(frozen=True)
 class PlannedLayer:
-    """One layer a section will act on, with the section as it applies to that layer."""
+    """One layer a section will act on, with the section as it applies to that layer.
+
+    ``channel_axis`` is the axis of the layer's output that holds its channels (1 for a conv, -1
+    for a Linear, see :func:`evefx.layers.channel_axis`), checked against the propagated shapes.
+    """
 
     name: str
     node: fx.Node
     module: nn.Module
     section: Section
+    channel_axis: int | None = None
 
 
 def _resolve_dotted(path: str) -> type | None:
@@ -158,6 +164,23 @@ def plan_section(
                 f"selected: {', '.join(names)}"
             )
     return {
-        str(n.target): PlannedLayer(str(n.target), n, module_of(gm, n), section.for_layer(str(n.target)))
+        str(n.target): PlannedLayer(str(n.target), n, module_of(gm, n), section.for_layer(str(n.target)),
+                                    _checked_axis(gm, n, spec_path))
         for n in chosen
     }
+
+
+def _checked_axis(gm: fx.GraphModule, node: fx.Node, spec_path: str) -> int | None:
+    """The layer's channel axis, after checking that its recorded output shape has its channels there."""
+    module = module_of(gm, node)
+    axis, channels = channel_axis(module), out_channels(module)
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if axis is None or channels is None or shape is None:
+        return axis
+    if not -len(shape) <= axis < len(shape) or shape[axis] != channels:
+        raise ShapeError(
+            f"{spec_path}: layer {node.target} ({type(module).__name__}) has {channels} output channels, which "
+            f"evefx expects on dim {axis} of its output, but its output has shape {tuple(shape)}; "
+            f"add {str(node.target)!r} to select.exclude"
+        )
+    return axis

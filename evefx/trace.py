@@ -1,5 +1,11 @@
 """torch.fx tracing with evefx's rules, and shape propagation with clear errors.
 
+Before tracing, attention is made traceable on the (copied) model: every ``nn.MultiheadAttention``
+becomes a :class:`~evefx.modules.attention.DecomposedMultiheadAttention` (q/k/v/out ``nn.Linear``
+layers that every pass can select) and ``nn.TransformerEncoder``/``nn.TransformerEncoderLayer`` their
+reference-path subclasses, except inside modules the spec keeps opaque (``trace.leaf_modules``;
+naming ``MultiheadAttention`` there keeps attention a float leaf).
+
 Example:
     >>> gm = trace(model, TraceOptions(leaf_modules=("MyAttention",)))
     >>> propagate_shapes(gm, (torch.zeros(1, 3, 224, 224),))
@@ -17,10 +23,15 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from evefx.errors import EvefxError, ShapeError, TraceError
+from evefx.modules.attention import (
+    DecomposedMultiheadAttention,
+    TraceableTransformerEncoder,
+    TraceableTransformerEncoderLayer,
+)
 from evefx.plan import type_matches
 from evefx.spec import TraceOptions, load_section
 
-__all__ = ["EveTracer", "trace", "propagate_shapes"]
+__all__ = ["EveTracer", "trace", "propagate_shapes", "decompose_attention"]
 
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
@@ -35,12 +46,18 @@ class EveTracer(fx.Tracer):
         self._stack: list[tuple[str, str]] = []
         self.failed_in: list[tuple[str, str]] | None = None
 
+    def is_user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Whether the spec's ``trace.leaf_modules`` names this module (by glob or class)."""
+        return any(fnmatch.fnmatchcase(module_qualified_name, pattern) or type_matches(m, pattern)
+                   for pattern in self.leaf_patterns)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.is_user_leaf(m, module_qualified_name):
+            return True
+        if getattr(m, "evefx_trace_through", False):
+            return False  # evefx's traceable attention: its Linear layers must be in the graph
         if type(m).__module__.startswith("evefx."):
             return True
-        for pattern in self.leaf_patterns:
-            if fnmatch.fnmatchcase(module_qualified_name, pattern) or type_matches(m, pattern):
-                return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -64,6 +81,56 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
+def _is_torch_leaf(m: nn.Module) -> bool:
+    """What ``torch.fx.Tracer`` keeps opaque by default: ``torch.nn`` modules other than containers."""
+    module = type(m).__module__
+    return (module.startswith("torch.nn") or module.startswith("torch.ao.nn")) and not isinstance(
+        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def decompose_attention(model: nn.Module, leaf_modules: Sequence[str] = ()) -> list[str]:
+    """Make ``model``'s attention traceable, in place (pass a copy): every ``nn.MultiheadAttention``
+    becomes a :class:`DecomposedMultiheadAttention` and every ``nn.TransformerEncoder(Layer)`` its
+    reference-path subclass, except within modules that ``leaf_modules`` keeps opaque (there the
+    original modules run, fast path included). ``add_bias_kv``/``add_zero_attn`` attention stays a
+    float leaf. Returns the qualified names of what changed.
+
+    Example:
+        >>> decompose_attention(copy.deepcopy(encoder_net))
+        ['encoder', 'encoder.layers.0', 'encoder.layers.0.self_attn', ...]
+    """
+    tracer = EveTracer(leaf_modules)
+    changed: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}{child_name}"
+            if tracer.is_user_leaf(child, name):
+                continue
+            if type(child) is nn.MultiheadAttention:
+                if child.bias_k is None and not child.add_zero_attn:
+                    setattr(parent, child_name, DecomposedMultiheadAttention.from_float(child))
+                    changed.append(name)
+                continue
+            if type(child) is nn.TransformerEncoderLayer:
+                child.__class__ = TraceableTransformerEncoderLayer  # same state, forward without the fast path
+                changed.append(name)
+            elif type(child) is nn.TransformerEncoder:
+                child.__class__ = TraceableTransformerEncoder
+                changed.append(name)
+            elif _is_torch_leaf(child) or type(child).__module__.startswith("evefx."):
+                continue
+            visit(child, name + ".")
+
+    for cls, traceable in ((nn.TransformerEncoderLayer, TraceableTransformerEncoderLayer),
+                           (nn.TransformerEncoder, TraceableTransformerEncoder)):
+        if type(model) is cls:  # the root itself (its children are visited below)
+            model.__class__ = traceable
+            changed.append("")
+    visit(model, "")
+    return changed
+
+
 def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None,
           cls: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
     """Trace ``model`` (not copied: pass a copy) into a ``cls`` GraphModule, or raise :class:`TraceError`.
@@ -74,6 +141,7 @@ def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None
         >>> gm = trace(copy.deepcopy(model), {"leaf_modules": ["MyAttention"]})
     """
     options = load_section(TraceOptions, options or {}, "trace")
+    decompose_attention(model, options.leaf_modules)
     tracer = EveTracer(options.leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=options.concrete_args)

@@ -138,11 +138,12 @@ def _example_input(gm: fx.GraphModule, example_input: Any) -> tuple:
 # --------------------------------------------------------------------------------------------------
 # the export
 # --------------------------------------------------------------------------------------------------
-def _np(t: torch.Tensor | float, shape: tuple[int, ...] | None = None, dtype=np.float32) -> np.ndarray:
+def _np(t: torch.Tensor | float, shape: tuple[int, ...] | None = None, dtype=np.float32, axis: int = 0) -> np.ndarray:
+    """``t`` as an array, broadcast to ``shape``; a per-channel ``[C]`` lies along ``axis`` of ``shape``."""
     a = t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
     if shape is not None:
-        if a.ndim == 1 and len(shape) > 1:  # per-channel [C] -> [C, 1, 1, ...]
-            a = a.reshape(a.shape[0], *([1] * (len(shape) - 1)))
+        if a.ndim == 1 and len(shape) > 1:  # per-channel [C] -> [C, 1, 1, ...] (axis 0) or [C] (last axis)
+            a = a.reshape(a.shape[0], *([1] * (len(shape) - 1 - axis % len(shape))))
         a = np.broadcast_to(a, shape)
     return np.ascontiguousarray(a, dtype=dtype)
 
@@ -304,6 +305,10 @@ class _Builder:
                        padding=_pair(m.padding, nd), dilation=_pair(m.dilation, nd), groups=int(m.groups), bias=b)
             self.emit(n, node, "weights as trained", arg=x)
         elif type(m) is nn.Linear:
+            if len(self.step_shape(x)) != 1:
+                raise ExportError(f"NIR export: {n.target} (Linear) reads {self.step_shape(x)} per sample (tokens or "
+                                  f"channels-last features); NIR's Affine maps one vector: flatten before the layer, "
+                                  f"or export the model to ONNX instead")
             w = _np(m.weight)
             node = nir.Affine(weight=w, bias=_np(m.bias)) if m.bias is not None else nir.Linear(weight=w)
             self.emit(n, node, "weights as trained", arg=x)
@@ -350,8 +355,9 @@ class _Builder:
             raise ExportError(f"NIR export: {where} is not one of IFNeuron/LIFNeuron/PLIFNeuron")
         self.timesteps.add(m.timesteps)
         shape = self.step_shape(n)
-        th = _np(m.threshold, shape)
-        reset = _np(m.reset, shape)
+        axis = m.channel_axis - 1 if m.channel_axis > 0 else m.channel_axis  # an axis of one sample, not [B, ...]
+        th = _np(m.threshold, shape, axis=axis)
+        reset = _np(m.reset, shape, axis=axis)
         if m.leaky:
             k = float(m.leak().detach()) if isinstance(m.leak(), torch.Tensor) else float(m.leak())
             tau_steps = 1.0 / k
@@ -529,25 +535,32 @@ def _uniform(a: np.ndarray, what: str, where: str) -> float:
     return float(a.flat[0]) if a.size else 0.0
 
 
-def _per_channel(a: np.ndarray, what: str, where: str) -> tuple[torch.Tensor, bool]:
-    """A per-neuron parameter as evefx's ``[C]`` (per channel) or scalar."""
+def _per_channel(a: np.ndarray, what: str, where: str) -> tuple[torch.Tensor, bool, int]:
+    """A per-neuron parameter as evefx's ``[C]`` (per channel) or scalar, and the neuron's channel axis:
+    1 when it varies along the first axis of a sample (``[C, H, W]``), -1 along the last (``[N, C]``)."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim == 0 or np.all(a == a.flat[0]):
-        return torch.tensor(float(a.flat[0]), dtype=torch.float32), False
+        return torch.tensor(float(a.flat[0]), dtype=torch.float32), False, 1
     per = a.reshape(a.shape[0], -1)
-    if not np.all(per == per[:, :1]):
-        raise ExportError(f"import_nir: {where}: {what} varies within a channel; evefx holds one per channel")
-    return torch.from_numpy(per[:, 0].astype(np.float32)), True
+    if np.all(per == per[:, :1]):
+        return torch.from_numpy(per[:, 0].astype(np.float32)), True, 1
+    last = a.reshape(-1, a.shape[-1])
+    if np.all(last == last[:1]):  # channels-last neurons (after a Linear on tokens)
+        return torch.from_numpy(last[0].astype(np.float32)), True, -1
+    raise ExportError(f"import_nir: {where}: {what} varies within a channel; evefx holds one per channel")
 
 
 def _neuron_from_nir(name: str, node: Any, dt: float, timesteps: int) -> SpikingNeuron:
     nir = _nir()
     where = f"node {name!r} ({type(node).__name__})"
-    th, th_wise = _per_channel(node.v_threshold, "v_threshold", where)
-    reset, r_wise = _per_channel(node.v_reset, "v_reset", where)
+    th, th_wise, th_axis = _per_channel(node.v_threshold, "v_threshold", where)
+    reset, r_wise, r_axis = _per_channel(node.v_reset, "v_reset", where)
     shape = np.asarray(node.v_threshold).shape
-    channels = int(shape[0]) if shape else None
     wise = th_wise or r_wise
+    axis = th_axis if th_wise else r_axis
+    if th_wise and r_wise and th_axis != r_axis:
+        raise ExportError(f"import_nir: {where}: v_threshold and v_reset vary along different axes")
+    channels = (int(shape[0]) if axis == 1 else int(shape[-1])) if shape else None
     if isinstance(node, nir.LIF):
         if not np.allclose(node.v_leak, node.v_reset, rtol=1e-6, atol=1e-7):
             raise ExportError(f"import_nir: {where}: v_leak differs from v_reset; an evefx LIF leaks toward its reset "
@@ -560,13 +573,14 @@ def _neuron_from_nir(name: str, node: Any, dt: float, timesteps: int) -> Spiking
         if tau < 1.0:
             raise ExportError(f"import_nir: {where}: tau / dt = {tau:g} < 1 step; evefx's Euler step needs tau >= dt "
                               f"(pass the dt the file was written with)")
-        neuron: SpikingNeuron = LIFNeuron(timesteps, 1.0, 0.0, tau=tau, channels=channels, neuron_wise=wise)
+        neuron: SpikingNeuron = LIFNeuron(timesteps, 1.0, 0.0, tau=tau, channels=channels, neuron_wise=wise,
+                                          channel_axis=axis)
     elif isinstance(node, nir.IF):
         r = _uniform(node.r, "r", where) * dt
         if not np.isclose(r, 1.0, rtol=1e-6):
             raise ExportError(f"import_nir: {where}: r * dt = {r:g}; evefx's IF adds its input once per step "
                               f"(r = 1/dt): pass the dt the file was written with")
-        neuron = IFNeuron(timesteps, 1.0, 0.0, channels=channels, neuron_wise=wise)
+        neuron = IFNeuron(timesteps, 1.0, 0.0, channels=channels, neuron_wise=wise, channel_axis=axis)
     else:  # pragma: no cover - callers dispatch
         raise ExportError(f"import_nir: {where} is not a neuron")
     with torch.no_grad():

@@ -297,7 +297,9 @@ class SpikingNeuron(EveHooks, nn.Module):
         timesteps: ``T``; multi-step inputs are ``[T*B, ...]``.
         threshold: firing threshold (initial value when learnable).
         reset: hard-reset value; ``None`` for a soft reset (subtract the threshold).
-        channels: number of channels (dim 1 of one step); needed with ``neuron_wise``.
+        channels: number of channels (the ``channel_axis`` of one step); needed with ``neuron_wise``.
+        channel_axis: the feature axis of one step ``[B, ...]``: 1 after a conv (``[B, C, H, W]``),
+            -1 after a Linear or in a channels-last block (``[B, N, C]``, ``[B, H, W, C]``).
         neuron_wise: one threshold/reset per channel instead of one for the layer.
         learnable_threshold / learnable_reset: train them by gradient (``nn.Parameter``).
         time_dependent: False detaches the membrane between steps.
@@ -318,6 +320,7 @@ class SpikingNeuron(EveHooks, nn.Module):
         reset: float | None = 0.0,
         *,
         channels: int | None = None,
+        channel_axis: int = 1,
         neuron_wise: bool = False,
         learnable_threshold: bool = False,
         learnable_reset: bool = False,
@@ -334,13 +337,16 @@ class SpikingNeuron(EveHooks, nn.Module):
         if timesteps < 1:
             raise OptionError(f"timesteps must be >= 1 (got {timesteps})")
         if neuron_wise and not channels:
-            raise OptionError("neuron_wise=True needs channels=<number of channels> (dim 1 of the input)")
+            raise OptionError("neuron_wise=True needs channels=<number of channels> (the size of channel_axis)")
+        if channel_axis == 0:
+            raise OptionError("channel_axis cannot be 0: dim 0 is the (time-folded) batch")
         if surrogate not in SURROGATES:
             raise OptionError(f"unknown surrogate {surrogate!r}; valid names: {', '.join(SURROGATES)}")
         if learnable_reset and reset is None:
             raise OptionError("learnable_reset needs a hard reset value (reset=None means soft reset)")
         self.timesteps = int(timesteps)
         self.channels = channels
+        self.channel_axis = int(channel_axis)
         self.neuron_wise = bool(neuron_wise)
         self.time_dependent = bool(time_dependent)
         self.binary = bool(binary)
@@ -406,7 +412,7 @@ class SpikingNeuron(EveHooks, nn.Module):
         }
 
     def channel_firing_rates(self) -> torch.Tensor:
-        """Firing rate of every channel (dim 1 of a step), as a float64 tensor ``[C]``.
+        """Firing rate of every channel (``channel_axis`` of a step), as a float64 tensor ``[C]``.
 
         Example:
             >>> neuron.channel_firing_rates()[:3]
@@ -418,12 +424,13 @@ class SpikingNeuron(EveHooks, nn.Module):
 
     @torch.no_grad()
     def _record(self, out: torch.Tensor, h: torch.Tensor, restart: bool) -> None:
-        """Accumulate spike counts per channel (channel = dim 2 of ``[T, B, C, ...]``)."""
+        """Accumulate spike counts per channel (``channel_axis`` of a step in ``[T, B, ...]``)."""
         fired = out if self.binary else (out != 0).to(out.dtype)
         if fired.dim() > 2:
-            dims = [d for d in range(fired.dim()) if d != 2]
+            cdim = self.channel_axis % (fired.dim() - 1) + 1
+            dims = [d for d in range(fired.dim()) if d != cdim]
             spikes = fired.sum(dim=dims).double()
-            count = fired.numel() // fired.shape[2]
+            count = fired.numel() // fired.shape[cdim]
         else:
             spikes = fired.sum().double().reshape(1)
             count = fired.numel()
@@ -437,10 +444,10 @@ class SpikingNeuron(EveHooks, nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def _shaped(self, p: torch.Tensor | None, step_ndim: int) -> torch.Tensor | None:
-        """A per-channel ``[C]`` tensor viewed to broadcast over one step ``[B, C, ...]``."""
+        """A per-channel ``[C]`` tensor viewed to broadcast over one step along ``channel_axis``."""
         if p is None or p.dim() == 0:
             return p
-        return p.view(p.shape[0], *([1] * (step_ndim - 2)))
+        return p.view(p.shape[0], *([1] * (step_ndim - 1 - self.channel_axis % step_ndim)))
 
     def _dynamics(self) -> _Dynamics:
         cls = surrogate_class(self.surrogate)
@@ -450,10 +457,13 @@ class SpikingNeuron(EveHooks, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spiking:
             return F.leaky_relu(x, self.ann_slope) if self.leaky else F.relu(x)
-        if self.neuron_wise and (x.dim() < 2 or x.shape[1] != self.channels):
+        axis = self.channel_axis
+        if self.neuron_wise and (x.dim() < 2 or not -x.dim() <= axis < x.dim() or x.shape[axis] != self.channels):
+            got = x.shape[axis] if x.dim() > 1 and -x.dim() <= axis < x.dim() else 1
             raise ShapeError(
                 f"{type(self).__name__} has {self.channels} per-channel thresholds but its input has shape "
-                f"{tuple(x.shape)} (channels are dim 1); build it with channels={x.shape[1] if x.dim() > 1 else 1}"
+                f"{tuple(x.shape)} (channels are dim {self.channel_axis}); build it with channels={got} or "
+                f"the channel_axis of the layer it follows (1 after a conv, -1 after a Linear)"
             )
         if self.step_mode == "single":
             return self._single_step(x)
@@ -497,6 +507,7 @@ class SpikingNeuron(EveHooks, nn.Module):
         reset = "soft" if self.reset is None else f"hard to {self.get_eve('reset'):g}"
         return (f"timesteps={self.timesteps}, threshold={self.get_eve('threshold'):g}, reset={reset}, "
                 f"surrogate={self.surrogate}(alpha={self.alpha:g}), neuron_wise={self.neuron_wise}, "
+                + (f"channel_axis={self.channel_axis}, " if self.channel_axis != 1 else "") +
                 f"mode={'spiking' if self.spiking else 'ann'}/{self.step_mode}")
 
 

@@ -104,7 +104,7 @@ class Sequential(Pass):
                 where = f" at {describe_node(gm, p.current_node)}" if p.current_node is not None else ""
                 raise PassError(
                     f"{p.spec_path or p.name}: the {p.name} pass failed{where}: {type(e).__name__}: {e}. "
-                    f"Exclude that layer from the section's select, or report a bug with this message."
+                    f"Add that layer to {p.spec_path or 'the section'}.select.exclude, or report a bug with this message."
                 ) from e
             log.debug("%s (%s): %d changes", p.name, p.spec_path, len(result.changes))
             changes += result.changes

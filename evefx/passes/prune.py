@@ -61,7 +61,7 @@ class PrunePass(SectionPass):
                 out_channels(module),
                 section.criterion,
                 section.ratio,
-                dim=-1 if isinstance(module, nn.Linear) else 1,
+                dim=planned.channel_axis,
                 max_ratio=section.max_ratio if section.upgrade_ratio else None,
                 min_channels=section.min_channels,
                 steps=steps,
@@ -70,7 +70,8 @@ class PrunePass(SectionPass):
             pruner.train(module.training)
             last = output_block(gm, node).last
             new = insert_after(gm, last, pruner, f"{last.name}_pruner")
-            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="pruner")
+            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="pruner",
+                 channel_axis=planned.channel_axis)
             changes.append(self.change(
                 "inserted", new, layer,
                 f"ChannelPruner({pruner.num_channels}, {section.criterion}, ratio={section.ratio:g}, {section.scope})",

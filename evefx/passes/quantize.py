@@ -10,7 +10,8 @@ For every planned layer, in graph order:
 * ``quantize_inputs`` (with ``activation``): a :class:`~evefx.modules.quant.Quantizer` is inserted
   on the layer's input edge when that input does not already come from a quantizer (looking back
   through flatten/reshape/dropout/max-pool, which keep a quantized tensor on its grid): the network
-  input, a residual sum, pooled features. Layers reading the same tensor share one input quantizer;
+  input, a residual sum, pooled features, or a per-channel activation quantizer (integer kernels
+  take one input scale, so such an input is re-quantized per tensor). Layers reading the same tensor share one input quantizer;
   other readers of that tensor (a residual branch) keep the float value;
 * ``upgrade_bits``: every weight/activation quantizer's bits become an eve parameter in
   ``[min_bits, max_bits]`` (input quantizers keep the activation's starting bits).
@@ -182,7 +183,8 @@ class QuantizePass(SectionPass):
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
-                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight")
+                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight",
+                     channel_axis=planned.channel_axis)
                 changes.append(self.change("replaced", node, layer,
                                            f"{type(module).__name__} -> {type(new).__name__} ({_describe(cfg)})"))
                 if bn is not None:
@@ -193,13 +195,15 @@ class QuantizePass(SectionPass):
                     remove_node(gm, bn_node)
             if section.activation is not None:
                 cfg = section.activation
-                axis = -1 if base is nn.Linear else 1
+                # per channel along the layer's channel axis: 1 after a conv, -1 after a Linear
+                axis = planned.channel_axis if planned.channel_axis is not None else 1
                 aq = make_quantizer(cfg, name=f"{layer} (activation)", num_channels=channels, ch_axis=axis,
                                     bit_range=self._bit_range(section, cfg, layer, "activation"))
                 aq.train(module.training)
                 last = output_block(gm, node).last
                 new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
-                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation")
+                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation",
+                     channel_axis=axis)
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
             if section.quantize_inputs and section.activation is not None:
                 inserted = self._quantize_input(gm, node, layer, section.activation)
@@ -234,8 +238,11 @@ class QuantizePass(SectionPass):
         if not isinstance(inp, fx.Node):
             return None
         src = self._source(gm, inp)
-        if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(module_of(gm, src), Quantizer):
-            return None  # already on an evefx grid (an activation quantizer, or a shared input quantizer)
+        if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(module_of(gm, src), Quantizer)
+                and module_of(gm, src).num_channels is None):
+            return None  # already on a per-tensor evefx grid (an activation quantizer, or a shared input quantizer)
+        # a per-channel activation grid is re-quantized per tensor: integer kernels take one input scale
+        # (onnxruntime's MatMulIntegerToFloat refuses a per-channel input zero point)
         for user in inp.users:  # another layer reading the same tensor already quantized it: share
             prov = user.meta.get("evefx") or {}
             if prov.get("pass") == self.name and prov.get("role") == "input":

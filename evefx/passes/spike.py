@@ -50,8 +50,9 @@ _TIME_INVARIANT = frozenset({
 })
 
 
-def make_neuron(section: SpikeSection, channels: int | None) -> SpikingNeuron:
-    """The neuron a ``kind: spike`` section asks for (one layer's section, overrides applied).
+def make_neuron(section: SpikeSection, channels: int | None, channel_axis: int | None = 1) -> SpikingNeuron:
+    """The neuron a ``kind: spike`` section asks for (one layer's section, overrides applied), with
+    its channels on ``channel_axis`` of its input (1 after a conv, -1 after a Linear).
 
     Example:
         >>> make_neuron(SpikeSection(kind="spike"), channels=16)
@@ -59,7 +60,8 @@ def make_neuron(section: SpikeSection, channels: int | None) -> SpikingNeuron:
     """
     cfg = section.neuron
     kwargs = dict(
-        channels=channels, neuron_wise=cfg.neuron_wise and channels is not None,
+        channels=channels, channel_axis=1 if channel_axis is None else channel_axis,
+        neuron_wise=cfg.neuron_wise and channels is not None,
         learnable_threshold=cfg.learnable_threshold, learnable_reset=cfg.learnable_reset,
         time_dependent=cfg.time_dependent, binary=cfg.binary, surrogate=cfg.surrogate.name,
         alpha=cfg.surrogate.alpha, upgrade=section.upgrade_threshold,
@@ -104,12 +106,13 @@ class SpikePass(SectionPass):
             if section.timesteps != timesteps:
                 raise PassError(f"{self.spec_path}.overrides: timesteps cannot differ per layer ({layer})")
             self.current_node = planned.node
-            neuron = make_neuron(section, out_channels(planned.module))
+            neuron = make_neuron(section, out_channels(planned.module), planned.channel_axis)
             neuron.train(planned.module.training)
             block = output_block(gm, planned.node)
             before = block.bn or block.layer
             new = insert_after(gm, before, neuron, f"{layer}.neuron")
-            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="neuron")
+            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="neuron",
+                 channel_axis=planned.channel_axis)
             kind = type(neuron).__name__
             if block.act is not None:
                 act_name = block.act.target if block.act.op == "call_module" else getattr(block.act.target, "__name__", block.act.target)

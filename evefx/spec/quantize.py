@@ -112,7 +112,9 @@ class QuantizeSection(Section):
     quantize_inputs: bool = True
     """Also quantize each selected layer's input when it is not already the output of an evefx
     activation quantizer (network inputs, residual sums, pooled features), so that onnxruntime
-    runs every selected layer as an integer kernel. The input quantizer takes the ``activation``
+    runs every selected layer as an integer kernel; an input written by a per-channel activation
+    quantizer is re-quantized per tensor (integer kernels take one input scale). The input
+    quantizer takes the ``activation``
     settings, per tensor; a symmetric unsigned ``activation`` becomes signed unless the input
     comes straight from a ReLU (asymmetric grids cover negative inputs through the zero point).
     Its bits stay fixed under ``upgrade_bits``. Needs ``activation``."""
