@@ -48,8 +48,8 @@ from evefx.export.check import (
     stand_in_inputs,
 )
 from evefx.export.parity import TOP1_MIN, Parity, degenerate_outputs, flatten_outputs, ort_session
-from evefx.export.packed import MIN_PACKED_OPSET, pack_weights, packed_layers, require_opset, upgrade_opset, weight_bytes
-from evefx.export.qdq import deployable
+from evefx.export.packed import MIN_PACKED_OPSET, name_weight_nodes, pack_weights, packed_layers, require_opset, upgrade_opset, weight_bytes
+from evefx.export.qdq import QuantizedWeightLayer, deployable
 from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
 from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
@@ -321,6 +321,7 @@ def export_onnx(
 
     model = onnx.load(str(path))
     rewrites = {"constants_to_initializers": constants_to_initializers(model)}
+    name_weight_nodes(model, {n: m.codes.numpy() for n, m in deploy.named_modules() if isinstance(m, QuantizedWeightLayer)})
     rewrites["requantized_data_movement"] = requantize_data_movement(model)
     rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
     rewrites["pruned_channels_removed"] = removed

@@ -37,7 +37,7 @@ from evefx.errors import ExportError
 from evefx.export.rewrite import consumers, producers, scope_of
 from evefx.modules.quant import QUANT_LAYER_TYPES
 
-__all__ = ["PACKED_MAX_BITS", "MIN_PACKED_OPSET", "MATMULNBITS_BLOCK", "packed_layers", "require_opset",
+__all__ = ["PACKED_MAX_BITS", "MIN_PACKED_OPSET", "MATMULNBITS_BLOCK", "packed_layers", "require_opset", "name_weight_nodes",
            "upgrade_opset", "int4_tensor", "int4_codes", "pack_weights", "matmulnbits_weights",
            "matmulnbits_codes", "weight_bytes"]
 
@@ -119,6 +119,36 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except Exception as e:  # the converter lacks an adapter for some op
         raise ExportError(f"cannot convert the exported graph from opset {current} to {opset} ({e}); "
                           f"export with weight_storage: int8 and opset {current}") from e
+
+
+def name_weight_nodes(model: onnx.ModelProto, codes: dict[str, np.ndarray]) -> dict[str, str]:
+    """Rename each weight ``DequantizeLinear`` to ``/<layer>/DequantizeLinear`` with the layer's
+    qualified name; returns ``{layer: node name}``.
+
+    The TorchScript exporter names a node after the attribute names of its modules, which in a
+    GraphModule lose their parents (``layer1.0.conv1`` and ``layer2.0.conv1`` are both ``conv1``,
+    ``conv1_1``): a layer is found by that attribute name and by its integer codes (``codes``:
+    layer -> codes), taken in graph order, so later steps can key the nodes by layer.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    left = dict(codes)
+    named: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.name.endswith("_bias_dq"):
+            continue
+        scope = scope_of(node)
+        array = None
+        for layer, c in left.items():
+            attr = layer.rsplit(".", 1)[-1]
+            if scope != attr and not re.fullmatch(re.escape(attr) + r"_\d+", scope):
+                continue
+            array = numpy_helper.to_array(inits[node.input[0]]) if array is None else array
+            if array.shape == tuple(c.shape) and np.array_equal(array, c):
+                node.name = f"/{layer}/DequantizeLinear"
+                named[layer] = node.name
+                del left[layer]
+                break
+    return named
 
 
 # ----------------------------------------------------------------------------- INT4/UINT4 tensors
@@ -260,7 +290,7 @@ def _to_matmulnbits(graph: onnx.GraphProto, gemm: onnx.NodeProto, prod: dict[str
         graph.initializer.append(numpy_helper.from_array(zp.reshape(-1), inputs[-1]))
     if len(gemm.input) > 2 and gemm.input[2]:
         inputs += [""] * (5 - len(inputs)) + [_float_bias(graph, gemm.input[2], prod, inits, layer)]
-    name = gemm.name.rsplit("/", 1)[0] + "/MatMulNBits" if "/" in gemm.name else f"{layer}_MatMulNBits"
+    name = f"/{layer}/MatMulNBits"
     return helper.make_node("MatMulNBits", inputs, list(gemm.output), name=name, domain="com.microsoft",
                             K=k, N=n, bits=4, block_size=block, accuracy_level=0)
 

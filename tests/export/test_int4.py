@@ -15,6 +15,7 @@ from evefx.errors import ExportError
 from evefx.export import export_onnx
 from evefx.export.packed import (int4_codes, int4_tensor, matmulnbits_codes, matmulnbits_weights, weight_bytes)
 from evefx.export.parity import ort_session
+from evefx.export.rewrite import scope_of
 from evefx.export.qdq import deployable, QuantizedWeightLayer
 from evefx.data import mnist5k
 from evefx.modules.quant import levels
@@ -140,7 +141,7 @@ def _file_codes(path) -> dict[str, np.ndarray]:
     inits = {i.name: i for i in model.graph.initializer}
     out = {}
     for node in model.graph.node:
-        layer = node.name.strip("/").split("/")[-2] if "/" in node.name.strip("/") else ""
+        layer = scope_of(node)
         if node.op_type == "MatMulNBits":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
@@ -261,3 +262,23 @@ def test_packed_below_opset_21_is_refused(tmp_path):
     assert not path.exists()
     with pytest.raises(ExportError, match=r"export_onnx\(weight_storage=...\): layer features.0 .* opset 20"):
         export_onnx(_quantized(_trained(), storage="int8"), X0, path, opset=20, weight_storage="packed")
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv1(x)) + x
+
+
+def test_nested_modules_are_packed_by_qualified_name(tmp_path):
+    """Two blocks with a child of the same attribute name (``conv1``, as in torchvision's ResNet):
+    each is found by its qualified name (``blocks.0.conv1``, ``blocks.1.conv1``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Sequential(_Block(4), _Block(4)), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)).eval()
+    report = export_onnx(_quantized(net), X0, tmp_path / "nested.onnx", check=False, kernels=False)
+    assert {k: v["form"] for k, v in report.weights.items()} == {
+        "0": "int4", "2.0.conv1": "int4", "2.1.conv1": "int4", "4": "matmulnbits"}
