@@ -9,7 +9,9 @@ The steps:
    forward over the timesteps, so the file keeps the module's call signature);
 3. :mod:`~evefx.export.rewrite` names the constants, stores biases of fusable Conv/Gemm nodes as
    int32 and re-quantizes after Flatten/MaxPool/Reshape, so onnxruntime fuses into integer kernels;
-4. metadata (evefx version, spec, per-layer bits), ``onnx.checker.check_model(full_check=True)``;
+   with ``weight_storage: packed``, :mod:`~evefx.export.packed` stores weights of <= 4 bits as
+   INT4/UINT4 (opset 21) and Linear layers as ``MatMulNBits``;
+4. metadata (evefx version, spec, per-layer bits and weight bytes), ``onnx.checker.check_model(full_check=True)``;
 5. parity with the PyTorch module (see :mod:`~evefx.export.parity`); a failure raises
    :class:`~evefx.errors.ExportError` with the figures and the first diverging node.
 

@@ -128,7 +128,8 @@ def name_weight_nodes(model: onnx.ModelProto, codes: dict[str, np.ndarray]) -> d
     The TorchScript exporter names a node after the attribute names of its modules, which in a
     GraphModule lose their parents (``layer1.0.conv1`` and ``layer2.0.conv1`` are both ``conv1``,
     ``conv1_1``): a layer is found by that attribute name and by its integer codes (``codes``:
-    layer -> codes), taken in graph order, so later steps can key the nodes by layer.
+    layer -> codes), taken in graph order, so later steps can key the nodes by layer. (A child of
+    a container keeps its container's name: ``downsample.0``.)
     """
     inits = {i.name: i for i in model.graph.initializer}
     left = dict(codes)
@@ -137,10 +138,10 @@ def name_weight_nodes(model: onnx.ModelProto, codes: dict[str, np.ndarray]) -> d
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.name.endswith("_bias_dq"):
             continue
         scope = scope_of(node)
+        tails = {scope, re.sub(r"_\d+$", "", scope)}  # conv1, conv1_1; downsample.0 (a container's child)
         array = None
         for layer, c in left.items():
-            attr = layer.rsplit(".", 1)[-1]
-            if scope != attr and not re.fullmatch(re.escape(attr) + r"_\d+", scope):
+            if not any(layer == t or layer.endswith("." + t) for t in tails):
                 continue
             array = numpy_helper.to_array(inits[node.input[0]]) if array is None else array
             if array.shape == tuple(c.shape) and np.array_equal(array, c):

@@ -282,3 +282,21 @@ def test_nested_modules_are_packed_by_qualified_name(tmp_path):
     report = export_onnx(_quantized(net), X0, tmp_path / "nested.onnx", check=False, kernels=False)
     assert {k: v["form"] for k, v in report.weights.items()} == {
         "0": "int4", "2.0.conv1": "int4", "2.1.conv1": "int4", "4": "matmulnbits"}
+
+
+def test_resnet_blocks_are_packed_by_qualified_name(tmp_path):
+    """torchvision's BasicBlock (conv1/conv2 in every block, a Sequential downsample): every conv
+    is found and packed, and the fc runs as MatMulNBits."""
+    import torchvision
+
+    net = torchvision.models.resnet._resnet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], None, False,
+                                            num_classes=10).eval()
+    spec = {"passes": [{"kind": "quantize", "weight_storage": "packed", "weight": {"bits": 4, "granularity": "per_channel"},
+                        "activation": {"bits": 8, "signed": False, "symmetric": False}}]}
+    x = torch.rand(2, 3, 32, 32)
+    gm = evefx.transform(net, spec, x[:1])
+    evefx.export.calibrate(gm, [x])
+    report = export_onnx(gm, x[:1], tmp_path / "r.onnx", check=False, kernels=False)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 12 and {report.weights[n]["form"] for n in convs} == {"int4"}
+    assert report.weights["fc"]["form"] == "matmulnbits"
