@@ -33,7 +33,7 @@ A third part (``--int4``) measures packed 4-bit weights (``weight_storage: packe
   steps: the measurement behind evefx's choice of ``MatMulNBits`` (level 0) for packed Linear layers;
 * resnet18 (random weights, BatchNorm settled as above): fp32, evefx W8A8 (int8), uniform W4A8
   packed, and a mixed-precision W4/W3/W8 model (8-bit first conv and classifier, 3-bit layer4,
-  4-bit elsewhere: 3.3 bits per weight on average) packed: file size, latency (also with
+  4-bit elsewhere: 3.5 bits per weight on average) packed: file size, latency (also with
   onnxruntime's ``session.disable_quant_qdq``, which folds the weight dequantization into float
   weights when the session loads) and parity with PyTorch (op by op and end to end).
 

@@ -237,6 +237,8 @@ def test_mixed_precision_packs_only_4_bit_layers(tmp_path):
     assert forms == {"features.0": "int8", "features.3": "int8", "features.6": "int8",
                      "classifier.1": "matmulnbits", "classifier.3": "matmulnbits"}
     assert report.kernels.get("QLinearConv", 0) == 3
+    # the AVX2 u8s8 emulation replays the int8 convs; no integer kernel reads the 4-bit weights
+    assert sorted(r.layer for r in report.avx2_u8s8) == ["features.0", "features.3", "features.6"]
 
 
 def test_storage_from_spec_overrides_and_argument(tmp_path):
