@@ -11,9 +11,10 @@ rewrites the exported int8 QDQ graph, layer by layer:
   :data:`MATMULNBITS_BLOCK` along the input features, one scale per block, which repeats the channel's
   scale, so the codes and values are exactly the quantizer's), with ``accuracy_level`` 0: float
   compute on the dequantized weights. Level 4 (int8 compute) re-quantizes the input per block and
-  moved 25-30% of the outputs of a test layer by 2-3 steps, so evefx never writes it. Measured on
-  the AVX2-only EPYC (docs/export.md): MatMulNBits is 3-30x faster than Q/DQ int4 + Gemm, so it is
-  the form chosen for every Linear (``linear_form="qdq"`` keeps the Q/DQ form);
+  moved a quarter of a test layer's outputs by 2-3 steps, so evefx never writes it. Measured on
+  the AVX2-only EPYC (``bench/bench_onnx.py --int4``, docs/export.md): MatMulNBits (level 0) is
+  several to tens of times faster than Q/DQ INT4 + Gemm, so it is the form of every packed Linear
+  (``linear_form="qdq"`` keeps the Q/DQ form);
 * 5-8 bit layers keep their int8 codes.
 
 Example:
@@ -48,9 +49,10 @@ MIN_PACKED_OPSET = 21
 """INT4/UINT4 tensors in ``QuantizeLinear``/``DequantizeLinear`` need ONNX opset 21."""
 
 MATMULNBITS_BLOCK = 128
-"""Block length of ``MatMulNBits`` weights along K (one float scale per 128 weights: 3% of the bytes);
-measured on the EPYC, 32 to 1024 run within noise of each other. Inputs narrower than a block use one
-block of the next power of two (at least 16, the kernel's minimum)."""
+"""Block length of ``MatMulNBits`` weights along K: one float scale (4 bytes) per 64 bytes of codes.
+In a probe on the EPYC (Linear 512-4096 x 10-1024, batch 1 and 8) 128 was among the fastest of
+32-1024. Inputs narrower than a block use one block of the next power of two (at least 16, the
+kernel's minimum)."""
 
 LinearForm = Literal["matmulnbits", "qdq"]
 _SPEC_PATH = re.compile(r"^(passes\[(\d+)\])")
