@@ -327,8 +327,12 @@ def export_onnx(
     rewrites["requantized_data_movement"] = requantize_data_movement(model)
     rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
     rewrites["pruned_channels_removed"] = removed
-    model = upgrade_opset(model, opset)
-    forms = pack_weights(model, packed, linear_form) if packed else {}  # type: ignore[arg-type]
+    try:
+        model = upgrade_opset(model, opset)
+        forms = pack_weights(model, packed, linear_form) if packed else {}  # type: ignore[arg-type]
+    except ExportError as e:
+        failed = set_aside(path)  # the exporter's unpacked file is not what was asked for
+        raise ExportError(f"{e}; the unfinished file was moved to {failed}") from e
     rewrites["packed_weights"] = len(forms)
     bits = layer_bits(gm)
     floating = float_weights_between_qdq(model) if quantized else []

@@ -302,3 +302,11 @@ def test_resnet_blocks_are_packed_by_qualified_name(tmp_path):
     convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 12 and {report.weights[n]["form"] for n in convs} == {"int4"}
     assert report.weights["fc"]["form"] == "matmulnbits"
+
+
+def test_unknown_linear_form_is_refused_and_no_file_left(tmp_path):
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"linear_form must be 'matmulnbits' or 'qdq' \(got 'fast'\); the unfinished "
+                                          r"file was moved to .*m.failed.onnx"):
+        export_onnx(_quantized(_trained()), X0, path, linear_form="fast", check=False)
+    assert not path.exists()
