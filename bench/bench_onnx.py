@@ -25,21 +25,36 @@ A second part (``--demo``) trains the demo network (DemoNet on the embedded MNIS
 epochs, then 2 epochs of W8A8 QAT with ``examples/specs/demo.yaml``), exports it and compares the
 held-out accuracy of PyTorch and onnxruntime.
 
+A third part (``--int4``) measures packed 4-bit weights (``weight_storage: packed``, docs/export.md):
+
+* Linear layers alone (the shapes of an MNIST MLP and of transformer blocks), batch 1 and 8: Q/DQ
+  int4 + ``Gemm`` against ``MatMulNBits`` (accuracy level 0: float compute; level 4: int8 compute),
+  next to fp32 and int8 QDQ, with each form's largest difference from the Q/DQ int4 graph in output
+  steps: the measurement behind evefx's choice of ``MatMulNBits`` (level 0) for packed Linear layers;
+* resnet18 (random weights, BatchNorm settled as above): fp32, evefx W8A8 (int8), uniform W4A8
+  packed, and a mixed-precision W4/W3/W8 model (8-bit first conv and classifier, 3-bit layer4,
+  4-bit elsewhere: 3.5 bits per weight on average) packed: file size, latency (also with
+  onnxruntime's ``session.disable_quant_qdq``, which folds the weight dequantization into float
+  weights when the session loads) and parity with PyTorch (op by op and end to end).
+
 Run:
     .venv/bin/python bench/bench_onnx.py                  # latency and size, both models
     .venv/bin/python bench/bench_onnx.py --demo --models  # only the demo accuracy
+    .venv/bin/python bench/bench_onnx.py --int4 --models  # only the packed 4-bit figures
     .venv/bin/python bench/bench_onnx.py --quick          # smoke test
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 import torchvision
@@ -48,6 +63,8 @@ from rich.table import Table
 
 import evefx
 from evefx.export import calibrate, check_parity, export_onnx
+from evefx.export.emulate import cpu_flags
+from evefx.export.parity import graph_parity
 from evefx.graph import marked
 
 SPEC = {"passes": [{"kind": "quantize",
@@ -102,8 +119,10 @@ def ort_int8(fp32: Path, out: Path, batches: list[torch.Tensor], activation: str
                     calibrate_method=CalibrationMethod.MinMax)
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, fold_weights: bool = False) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    if fold_weights:  # constant-fold weight DequantizeLinear nodes at load (no QDQ fusion either)
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -124,7 +143,7 @@ def integer_kernels(path: Path) -> int:
 
 
 def time_files(files: dict[str, Path], batch: int, rounds: int, per_round: int) -> dict[str, float]:
-    sessions = {k: session(p) for k, p in files.items()}
+    sessions = {k: session(p, fold_weights=k.endswith("(folded)")) for k, p in files.items()}
     x = images(batch, 123).numpy()
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
@@ -215,20 +234,154 @@ def demo_accuracy(console: Console, work: Path) -> None:
                   f"onnxruntime {acc_onnx:.2f}%  difference {abs(acc_torch - acc_onnx):.2f} points")
 
 
+def cpu_line() -> str:
+    """The CPU model and the flags that decide which integer kernels onnxruntime runs."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+    flags = cpu_flags()
+    return f"{model}, {os.cpu_count()} cores; " + " ".join(f"{f}{'+' if f in flags else '-'}" for f in wanted)
+
+
+def _linear_file(path: Path, k: int, n: int, form: str, seed: int = 0) -> None:
+    """One Linear layer between uint8 activation Q/DQ pairs, its 4-bit weights stored as ``form``:
+    fp32, int8 (QDQ), int4 (Q/DQ INT4 + Gemm), nbits0 / nbits4 (MatMulNBits, accuracy level 0 / 4)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from evefx.export.packed import int4_tensor, matmulnbits_weights
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-8, 8, size=(n, k))
+    scale = (rng.random(n) * 0.01 + 0.01).astype(np.float32)
+    bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    opsets = [helper.make_opsetid("", 21)]
+    if form == "fp32":
+        nodes = [helper.make_node("Gemm", ["x", "wf", "b"], ["y"], transB=1)]
+        inits.append(numpy_helper.from_array((codes * scale[:, None]).astype(np.float32), "wf"))
+    elif form in ("int8", "int4"):
+        w = numpy_helper.from_array(codes.astype(np.int8), "w") if form == "int8" else int4_tensor(codes, True, "w")
+        z = numpy_helper.from_array(np.zeros(n, np.int8), "z") if form == "int8" else int4_tensor(np.zeros(n), True, "z")
+        inits += [w, numpy_helper.from_array(scale, "s"), z]
+        nodes += [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
+                  helper.make_node("Gemm", ["xd", "wf", "b"], ["y"], transB=1)]
+    else:
+        b, _, block = matmulnbits_weights(codes, np.zeros(n), True)
+        inits += [numpy_helper.from_array(b, "w"), numpy_helper.from_array(np.repeat(scale, b.shape[1]), "s")]
+        nodes.append(helper.make_node("MatMulNBits", ["xd", "w", "s", "", "", "b"], ["y"], domain="com.microsoft", K=k,
+                                      N=n, bits=4, block_size=block, accuracy_level=int(form[-1])))
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    nodes += [helper.make_node("QuantizeLinear", ["y", "xs", "xz"], ["yq"]), helper.make_node("DequantizeLinear", ["yq", "xs", "xz"], ["out"])]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", n])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+
+
+def linear_forms(console: Console, work: Path, quick: bool) -> None:
+    """Latency of the forms of one packed Linear layer, and their difference from the Q/DQ int4 graph."""
+    from evefx.export.parity import ort_session
+
+    forms = ("fp32", "int8", "int4", "nbits0", "nbits4")
+    table = Table(title=f"One Linear layer, 4-bit weights: median latency in microseconds ({THREADS} threads); "
+                        f"in brackets the largest difference from the Q/DQ int4 graph, in output steps (256 inputs)")
+    for col in ("K x N", "batch", *forms):
+        table.add_column(col, justify="right")
+    shapes = [(784, 256), (1024, 1024)] if quick else [(512, 10), (784, 256), (1024, 1024), (4096, 1024)]
+    for k, n in shapes:
+        paths = {f: work / f"linear_{k}_{n}_{f}.onnx" for f in forms}
+        for f, p in paths.items():
+            _linear_file(p, k, n, f)
+        x = (np.random.default_rng(1).standard_normal((256, k)) * 2).astype(np.float32)
+        ref = ort_session(str(paths["int4"]), optimize=False).run(None, {"x": x})[0]
+        steps = {f: float(np.abs(session(p).run(None, {"x": x})[0] - ref).max()) / 0.05 for f, p in paths.items()}
+        for batch in (1, 8):
+            xb = {"x": x[:batch]}
+            lat = {}
+            for f, p in paths.items():
+                s = session(p)
+                s.run(None, xb)
+                times = []
+                for _ in range(20 if quick else 100):
+                    start = time.perf_counter()
+                    s.run(None, xb)
+                    times.append(time.perf_counter() - start)
+                lat[f] = 1e6 * statistics.median(times)
+            table.add_row(f"{k} x {n}", str(batch), *(f"{lat[f]:.0f} [{steps[f]:.0f}]" for f in forms))
+    console.print(table)
+
+
+def mixed_overrides() -> list[dict]:
+    """The mixed-precision resnet18: 8-bit stem and classifier, 3-bit layer4, 4 bits elsewhere."""
+    return [{"names": ["conv1", "fc"], "weight": {"bits": 8}}, {"names": ["layer4.*"], "weight": {"bits": 3}}]
+
+
+def run_int4(quick: bool, work: Path, console: Console) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    calib = [images(4 if quick else 8, i) for i in range(2 if quick else 8)]
+    recalibrate_bn(model, calib)
+    example = images(1, 99)
+    w4 = {"passes": [{**SPEC["passes"][0], "weight": {**SPEC["passes"][0]["weight"], "bits": 4},
+                      "weight_storage": "packed"}]}
+    mixed = {"passes": [{**w4["passes"][0], "overrides": mixed_overrides()}]}
+    files: dict[str, Path] = {"fp32": work / "r18_fp32.onnx"}
+    export_onnx(model, example, files["fp32"], check=False, kernels=False)
+    real = images(8 if quick else 32, 7)
+    for key, spec in (("evefx int8", SPEC), ("W4A8 packed", w4), ("mixed packed", mixed)):
+        gm = evefx.transform(model, spec, example)
+        calibrate(gm, calib)
+        files[key] = work / f"r18_{key.replace(' ', '_')}.onnx"
+        report = export_onnx(gm, example, files[key], check=False, kernels=False)
+        if key != "evefx int8":
+            graph = graph_parity(gm, str(files[key]), [real])
+            e2e = check_parity(gm, str(files[key]), [real])
+            bits = {n: b["weight"] for n, b in report.bits.items() if b.get("weight")}
+            params = {n: gm.get_submodule(n).weight.numel() for n in bits}
+            avg = sum(bits[n] * params[n] for n in bits) / sum(params.values())
+            forms = sorted({w["form"] for w in report.weights.values()})
+            console.print(f"resnet18 {key}: {avg:.2f} bits per weight on average, weights stored as {', '.join(forms)}; "
+                          f"op by op (graph vs PyTorch): {'passed' if graph.passed else 'FAILED'}, max {graph.max_steps:.2f} "
+                          f"steps; end to end on {e2e.samples} images: {100 * e2e.within_tolerance:.1f}% of the logits within "
+                          f"one step, max {e2e.max_steps:.1f} steps, top-1 agreement {e2e.top1_agreement:.1f}%")
+            files[f"{key} (folded)"] = files[key]
+    table = Table(title=f"resnet18, packed 4-bit weights, onnxruntime {ort.__version__}, {THREADS} threads (median latency)")
+    for col in ("batch", "file", "ms", "latency / fp32", "latency / int8", "MB", "size / fp32"):
+        table.add_column(col, justify="right")
+    fp32_size = files["fp32"].stat().st_size
+    for batch in (1, 8):
+        rounds, per_round = (3, 1) if quick else ((9, 3) if batch == 1 else (7, 1))
+        lat = time_files(files, batch, rounds, per_round)
+        for k, p in files.items():
+            size = p.stat().st_size
+            table.add_row(str(batch), k, f"{lat[k]:.2f}", f"{lat[k] / lat['fp32']:.2f}", f"{lat[k] / lat['evefx int8']:.2f}",
+                          f"{size / 1e6:.2f}", f"{size / fp32_size:.3f}")
+    console.print(table)
+    console.print("(folded): the same file, run with session.disable_quant_qdq=1: onnxruntime dequantizes the weights "
+                  "once when the session loads and runs float kernels")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--demo", action="store_true", help="also train and export the demo network")
+    parser.add_argument("--int4", action="store_true", help="also measure packed 4-bit weights (Linear forms, resnet18)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.simplefilter("ignore")
     torch.set_num_threads(THREADS)
     console = Console(width=150)
+    console.print(f"CPU: {cpu_line()}")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.demo:
             demo_accuracy(console, Path(tmp))
+        if args.int4:
+            linear_forms(console, Path(tmp), args.quick)
+            run_int4(args.quick, Path(tmp), console)
         for name in args.models:
             rows += run_model(name, args.quick, Path(tmp), console)
     if not rows:

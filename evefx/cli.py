@@ -316,7 +316,7 @@ def export(
     calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
     data: Optional[str] = typer.Option(None, help="mnist5k: calibrate on its training split and check parity on 256 "
                                        "held-out images (else random inputs, 64 for parity)"),
-    opset: int = typer.Option(17, help="ONNX opset"),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default 17; 21 when the spec stores weights packed)"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
     tolerance: Optional[float] = typer.Option(None, help="a stated absolute tolerance for the outputs, replacing the "
                                               "one-step rules (for deep networks that amplify rounding ties; the "

@@ -9,7 +9,9 @@ The steps:
    forward over the timesteps, so the file keeps the module's call signature);
 3. :mod:`~evefx.export.rewrite` names the constants, stores biases of fusable Conv/Gemm nodes as
    int32 and re-quantizes after Flatten/MaxPool/Reshape, so onnxruntime fuses into integer kernels;
-4. metadata (evefx version, spec, per-layer bits), ``onnx.checker.check_model(full_check=True)``;
+   with ``weight_storage: packed``, :mod:`~evefx.export.packed` stores weights of <= 4 bits as
+   INT4/UINT4 (opset 21) and Linear layers as ``MatMulNBits``;
+4. metadata (evefx version, spec, per-layer bits and weight bytes), ``onnx.checker.check_model(full_check=True)``;
 5. parity with the PyTorch module (see :mod:`~evefx.export.parity`); a failure raises
    :class:`~evefx.errors.ExportError` with the figures and the first diverging node.
 
@@ -48,7 +50,8 @@ from evefx.export.check import (
     stand_in_inputs,
 )
 from evefx.export.parity import TOP1_MIN, Parity, degenerate_outputs, flatten_outputs, ort_session
-from evefx.export.qdq import deployable
+from evefx.export.packed import MIN_PACKED_OPSET, name_weight_nodes, pack_weights, packed_layers, require_opset, upgrade_opset, weight_bytes
+from evefx.export.qdq import QuantizedWeightLayer, deployable
 from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
 from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
@@ -60,6 +63,11 @@ log = logging.getLogger(__name__)
 
 MIN_QDQ_OPSET = 13
 """Per-channel ``DequantizeLinear`` (the ``axis`` attribute) needs opset 13."""
+
+DEFAULT_OPSET = 17
+"""The opset of files without packed weights (those get :data:`~evefx.export.packed.MIN_PACKED_OPSET`)."""
+
+_TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's newest opset; the file is converted up from it
 
 _REAL_CHUNK = 256
 
@@ -194,18 +202,23 @@ def _quiet_output() -> Iterator[dict[str, str]]:
             captured["text"] = tmp.read().decode(errors="replace")
 
 
-def _metadata(model: onnx.ModelProto, original: nn.Module, bits: dict[str, Any], quantized: bool, target: str) -> None:
+def _metadata(model: onnx.ModelProto, original: nn.Module, bits: dict[str, Any], quantized: bool, target: str,
+              weights: dict[str, Any], packed: bool) -> None:
     import evefx
 
     model.producer_name = "evefx"
     model.producer_version = evefx.__version__
-    model.doc_string = "exported by evefx.export_onnx" + (" (int8 QDQ)" if quantized else "")
+    kind = "QDQ with 4-bit weights packed" if packed else "int8 QDQ"
+    model.doc_string = "exported by evefx.export_onnx" + (f" ({kind})" if quantized else "")
     props = {
         "evefx.version": evefx.__version__,
-        "evefx.format": "qdq" if quantized else "float",
+        "evefx.format": ("qdq-packed" if packed else "qdq") if quantized else "float",
         "evefx.target": target if quantized else "any",
         "evefx.bits": json.dumps(bits, sort_keys=True),
     }
+    if quantized:
+        # per layer: int8 | int4 | matmulnbits and the bytes of its codes, scales and zero points
+        props["evefx.weight_bytes"] = json.dumps(weights, sort_keys=True)
     spec = _spec_text(original)
     if spec is not None:
         props["evefx.spec"] = spec
@@ -240,7 +253,9 @@ def export_onnx(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     path: str | Path,
     *,
-    opset: int = 17,
+    opset: int | None = None,
+    weight_storage: str | None = None,
+    linear_form: str = "matmulnbits",
     check: bool = True,
     real_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     tolerance: float | None = None,
@@ -255,7 +270,13 @@ def export_onnx(
         gm: an ``EveModule`` from :func:`evefx.transform` or any ``nn.Module``; it is not modified.
         example_inputs: inputs of one call (a tensor or a tuple); they fix the traced shapes, and the
             batch dimension stays dynamic with ``dynamic_batch``.
-        opset: ONNX opset (at least 13 for quantized models).
+        opset: ONNX opset (at least 13 for quantized models, 21 with packed weights); default 17, or
+            21 when some layer's weights are stored packed.
+        weight_storage: ``int8`` or ``packed`` for every layer, overriding the quantize sections'
+            ``weight_storage`` (None: each layer as its section says). Packed: weights of <= 4 bits as
+            INT4/UINT4 (two per byte), Linear layers as ``MatMulNBits`` (see :mod:`evefx.export.packed`).
+        linear_form: packed Linear layers as ``matmulnbits`` (measured fastest on CPU) or ``qdq``
+            (``DequantizeLinear`` of INT4 codes + ``Gemm``).
         check: compare PyTorch (eval) and onnxruntime on ``example_inputs`` and ``real_inputs``
             (64 random samples when none are given): PyTorch vs the QDQ graph (optimizations off),
             this CPU's kernels vs that graph, PyTorch vs what runs here, and, for int8 files, the
@@ -282,8 +303,11 @@ def export_onnx(
     path = Path(path)
     source, removed = _remove_pruned_channels(gm)
     quantized = any(isinstance(m, Quantizer) and m.enabled for m in gm.modules())
+    packed = packed_layers(gm, weight_storage) if quantized else {}
+    opset = opset if opset is not None else (MIN_PACKED_OPSET if packed else DEFAULT_OPSET)
     if quantized and opset < MIN_QDQ_OPSET:
         raise ExportError(f"quantized models need opset >= {MIN_QDQ_OPSET} for per-channel DequantizeLinear (got {opset})")
+    require_opset(packed, opset)
     deploy = deployable(source)
     with torch.no_grad():
         try:
@@ -295,13 +319,21 @@ def export_onnx(
     input_names = _input_names(gm, len(inputs))
     output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _export(deploy, gm, inputs, path, opset, input_names, output_names, dynamic_batch)
+    _export(deploy, gm, inputs, path, min(opset, _TORCHSCRIPT_MAX_OPSET), input_names, output_names, dynamic_batch)
 
     model = onnx.load(str(path))
     rewrites = {"constants_to_initializers": constants_to_initializers(model)}
+    name_weight_nodes(model, {n: m.codes.numpy() for n, m in deploy.named_modules() if isinstance(m, QuantizedWeightLayer)})
     rewrites["requantized_data_movement"] = requantize_data_movement(model)
     rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
     rewrites["pruned_channels_removed"] = removed
+    try:
+        model = upgrade_opset(model, opset)
+        forms = pack_weights(model, packed, linear_form) if packed else {}  # type: ignore[arg-type]
+    except ExportError as e:
+        failed = set_aside(path)  # the exporter's unpacked file is not what was asked for
+        raise ExportError(f"{e}; the unfinished file was moved to {failed}") from e
+    rewrites["packed_weights"] = len(forms)
     bits = layer_bits(gm)
     floating = float_weights_between_qdq(model) if quantized else []
     if floating:
@@ -312,7 +344,8 @@ def export_onnx(
             f"(weight: {{bits: 8}}) or leave its input in float (quantize_inputs: false, or select.exclude it); "
             f"the file was moved to {failed}")
     target = deployment_target(gm) if quantized else "any"
-    _metadata(model, gm, bits, quantized, target)
+    weights = weight_bytes(model) if quantized else {}
+    _metadata(model, gm, bits, quantized, target, weights, bool(forms))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -325,7 +358,7 @@ def export_onnx(
     report = ExportReport(
         path=str(path), opset=opset, file_bytes=path.stat().st_size, quantized=quantized,
         params=count_parameters(model), ops=dict(Counter(n.op_type for n in model.graph.node)),
-        bits=bits, kernels=kernel_ops, parity=None, rewrites=rewrites, target=target,
+        bits=bits, kernels=kernel_ops, parity=None, rewrites=rewrites, target=target, weights=weights,
     )
     if not check:
         return report

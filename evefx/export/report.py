@@ -23,8 +23,9 @@ INTEGER_KERNELS = frozenset({
 
 
 def count_parameters(model: onnx.ModelProto) -> dict[str, int]:
-    """Initializer elements by kind: ``int8`` (8-bit codes), ``int32`` (bias codes), ``float``
-    (float weights and biases), ``qparams`` (scales and zero points of Q/DQ nodes).
+    """Initializer elements by kind: ``int8`` (8-bit codes), ``int4`` (codes packed two per byte:
+    INT4/UINT4 initializers and ``MatMulNBits`` weights), ``int32`` (bias codes), ``float`` (float
+    weights and biases), ``qparams`` (scales and zero points of Q/DQ and ``MatMulNBits`` nodes).
 
     Example:
         >>> count_parameters(onnx.load("model.onnx"))["int8"]
@@ -35,11 +36,17 @@ def count_parameters(model: onnx.ModelProto) -> dict[str, int]:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear")
         for name in n.input[1:]
     }
-    out = Counter({"int8": 0, "int32": 0, "float": 0, "qparams": 0})
+    nbits = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    qparam_names |= {name for n in model.graph.node if n.op_type == "MatMulNBits" for name in n.input[2:4]}
+    out = Counter({"int8": 0, "int4": 0, "int32": 0, "float": 0, "qparams": 0})
     for init in model.graph.initializer:
         size = int(np.prod(init.dims)) if init.dims else 1
         if init.name in qparam_names:
             out["qparams"] += size
+        elif init.name in nbits:
+            out["int4"] += 2 * size  # bytes of two 4-bit values (with the padding of the last block)
+        elif init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            out["int4"] += size
         elif init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             out["int8"] += size
         elif init.data_type == onnx.TensorProto.INT32:
@@ -58,6 +65,9 @@ class ExportReport:
     * ``ops``: op histogram of the file; ``kernels``: op histogram after onnxruntime's graph
       optimizations (``QLinearConv``... show that Q/DQ were fused into integer kernels), or None;
     * ``bits``: per layer, the true weight/activation bit widths (also in the file's metadata);
+    * ``weights``: per quantized layer, its weight storage (``int8``, ``int4``: INT4/UINT4 codes
+      behind a DequantizeLinear, ``matmulnbits``) and the bytes of codes, scales and zero points
+      (also in the metadata, ``evefx.weight_bytes``);
     * ``parity``: PyTorch vs onnxruntime as deployed on this CPU (integer kernels), or None with
       ``check=False``; ``graph``: PyTorch vs the QDQ graph as written (onnxruntime with optimizations
       off: float Q/DQ, no integer kernel), which shows an export that computes something else;
@@ -91,6 +101,12 @@ class ExportReport:
     avx2_u8s8: tuple[SaturationRow, ...] = ()
     cpu: str | None = None
     failing: tuple[str, ...] = ()
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        """True when some layer's weights are stored as 4-bit codes."""
+        return any(w.get("form") in ("int4", "matmulnbits") for w in self.weights.values())
 
     @property
     def passed(self) -> bool | None:
@@ -117,6 +133,7 @@ class ExportReport:
             "kernels": None if self.kernels is None else dict(self.kernels),
             "integer_kernels": self.integer_kernels,
             "bits": {k: dict(v) for k, v in self.bits.items()},
+            "weights": {k: dict(v) for k, v in self.weights.items()},
             "parity": None if self.parity is None else self.parity.to_dict(),
             "rewrites": dict(self.rewrites),
             "target": self.target,
@@ -134,11 +151,18 @@ class ExportReport:
         t = Table(title=f"ONNX export: {self.path}", show_header=False)
         t.add_column("what")
         t.add_column("value", justify="right")
-        t.add_row("format", ("int8 QDQ" if self.quantized else "float") + f", opset {self.opset}")
+        kind = ("QDQ, 4-bit weights packed" if self.packed else "int8 QDQ") if self.quantized else "float"
+        t.add_row("format", f"{kind}, opset {self.opset}")
         t.add_row("file size", f"{self.file_bytes:,} bytes")
         p = self.params
-        t.add_row("parameters", f"{p.get('int8', 0):,} int8, {p.get('int32', 0):,} int32, {p.get('float', 0):,} float"
+        int4 = f"{p.get('int4', 0):,} int4, " if p.get("int4") else ""
+        t.add_row("parameters", f"{int4}{p.get('int8', 0):,} int8, {p.get('int32', 0):,} int32, {p.get('float', 0):,} float"
                   f" (+{p.get('qparams', 0):,} scales/zero points)")
+        if self.weights:
+            by_form: dict[str, list[int]] = {}
+            for w in self.weights.values():
+                by_form.setdefault(w["form"], []).append(int(w["bytes"]))
+            t.add_row("weight bytes", ", ".join(f"{form} {sum(b):,} ({len(b)} layers)" for form, b in sorted(by_form.items())))
         t.add_row("ops in file", ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items(), key=lambda kv: -kv[1])))
         if self.kernels is not None:
             top = ", ".join(f"{k} {v}" for k, v in sorted(self.kernels.items(), key=lambda kv: -kv[1]))

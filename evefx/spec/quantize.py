@@ -127,6 +127,13 @@ class QuantizeSection(Section):
     int8 range, for CPUs whose kernels accumulate in int32 (AVX-512 VNNI, AVX-VNNI, AMX; ARM
     NEON/SDOT); the file records its target and the export check reports what an AVX2 CPU would
     compute differently."""
+    weight_storage: Literal["int8", "packed"] = "int8"
+    """How ``evefx.export_onnx`` stores the weight codes. ``int8``: one byte per weight whatever
+    the bit width (narrow codes in int8/uint8; any opset >= 13). ``packed``: weights of 4 bits or
+    fewer as INT4/UINT4 initializers, two per byte (ONNX opset 21; export picks opset 21 unless
+    told otherwise), Linear layers as onnxruntime's ``MatMulNBits``; 5-7 bit weights stay int8
+    codes. Per layer through ``overrides`` (``{names: [fc], weight_storage: int8}``);
+    ``export_onnx(weight_storage=...)`` overrides it for every layer (see docs/export.md)."""
     fold_bn: bool = True
     """Fold the BatchNorm that follows a conv into it during training (Jacob et al. 2018)."""
     upgrade_bits: bool = False
