@@ -214,6 +214,10 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
     if m.weight is not None:
         m.weight = _param(m.weight.detach()[idx], m.weight)
         m.bias = _param(m.bias.detach()[idx], m.bias)
+    if isinstance(m, nn.GroupNorm):  # whole groups go (see attention_rules.group_norm)
+        m.num_groups = len(idx) * m.num_groups // m.num_channels
+        m.num_channels = len(idx)
+        return
     if m.running_mean is not None:
         m.running_mean = m.running_mean[idx].clone()
         m.running_var = m.running_var[idx].clone()
@@ -224,6 +228,8 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
 def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.Tensor) -> None:
     """Add to ``site``'s bias what its input channels ``pos`` contribute, constants in ``x`` (its input)."""
     m = site.module
+    if isinstance(m, nn.Linear):  # features on the last axis: bring them to axis 1
+        x = x.reshape(-1, x.shape[-1])
     vals = x[:, pos] if x.dim() > 1 else x[pos]
     k = vals.reshape(vals.shape[0], len(pos), -1)[0, :, 0]
     if not torch.allclose(vals, k.view((1, -1) + (1,) * (vals.dim() - 2)).expand_as(vals), atol=1e-5, rtol=1e-5):
@@ -242,16 +248,44 @@ def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.T
     m.bias.add_(delta)
 
 
-def _rewrite_reshape(node: fx.Node, old: int, new: int) -> None:
-    """Replace the literal size ``old`` of axis 1 in a ``view``/``reshape`` call by ``new``."""
+def _reshape_sizes(gm: fx.GraphModule, node: fx.Node, kept: np.ndarray) -> tuple[int, ...]:
+    """The output shape of a recorded reshape once compacted, from which of its elements stay; the
+    kept elements must form a slice (a product of one index set per axis)."""
+    per_axis = [kept.any(axis=tuple(b for b in range(kept.ndim) if b != a)) for a in range(kept.ndim)]
+    product = per_axis[0]
+    for along in per_axis[1:]:
+        product = np.multiply.outer(product, along)
+    if not np.array_equal(product.reshape(kept.shape), kept):
+        raise PruneError(f"{describe_node(gm, node)}: the kept channels do not form a slice of its output; please report this bug")
+    return tuple(int(v.sum()) for v in per_axis)
+
+
+def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+    """Write the compacted sizes ``new`` into a ``view``/``reshape``/``unflatten`` call whose output had shape ``old``."""
+    if old == new:
+        return
     args = list(node.args)
-    if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        sizes = list(args[1])
-        if len(sizes) > 1 and sizes[1] == old:
-            sizes[1] = new
-            args[1] = type(args[1])(sizes)
-    elif len(args) > 2 and args[2] == old:
-        args[2] = new
+    if node.target in ("unflatten", torch.unflatten):
+        dim = args[1] % len(old) if len(args) > 1 else node.kwargs["dim"] % len(old)
+        first, sizes = dim, list(args[2])
+        slot = (2, None)
+    elif len(args) == 2 and isinstance(args[1], (list, tuple)):
+        first, sizes, slot = 0, list(args[1]), (1, None)
+    else:
+        first, sizes, slot = 0, args[1:], (1, "spread")
+    for k, size in enumerate(sizes):
+        axis = first + k
+        if old[axis] == new[axis] or size == -1:
+            continue
+        if not isinstance(size, int):
+            raise PruneError(
+                f"compact cannot rewrite {describe_node(gm, node)}: the size of its axis {axis} ({old[axis]} -> {new[axis]}) "
+                f"is computed at run time ({size}); write it as a literal, -1, or from the layer (e.g. self.num_heads)")
+        sizes[k] = new[axis]
+    if slot[1] == "spread":
+        args[1:] = sizes
+    else:
+        args[slot[0]] = type(node.args[slot[0]])(sizes)
     node.args = tuple(args)
 
 
@@ -337,8 +371,10 @@ class _Keep:
                     )
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """Per id: whether its channel stays."""
-        return np.array([self.by_root.get(r, True) for r in self.dg.root(ids).reshape(-1).tolist()], dtype=bool)
+        """Per id (any shape): whether its channel stays."""
+        roots, inverse = np.unique(self.dg.root(ids), return_inverse=True)
+        stays = np.array([self.by_root.get(r, True) for r in roots.tolist()], dtype=bool)
+        return stays[inverse].reshape(np.shape(ids))
 
 
 def _constant_folds(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> list[tuple[ConsumerSite, np.ndarray]]:
@@ -383,9 +419,8 @@ def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tu
     for site in dg.norms:
         slicer.add(_Side.NORM, site, keep(site.ids))
     for reshape in dg.reshapes:
-        ids = reshape.ids
-        per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]
-        _rewrite_reshape(reshape.node, int(ids.shape[1]), int(keep(per_index).sum()))
+        kept = keep(reshape.ids)
+        _rewrite_reshape(gm, reshape.node, reshape.ids.shape, _reshape_sizes(gm, reshape.node, kept))
     slicer.apply()
     return channels
 
