@@ -110,11 +110,15 @@ class ChannelAnalysis(fx.Interpreter):
         return self._constant(tuple(value.shape), f"parameter or constant {target} (compaction does not slice it)")
 
     def _constant(self, shape: tuple[int, ...], why: str) -> ChannelMap:
-        """One frozen id for a whole constant tensor (weights passed to a function can be large)."""
-        ids = self.new_ids(1)
+        """Frozen ids for a constant tensor: one per index of its last axis longer than one (a class
+        token's or a layer scale's channels), so that joining it to a stream keeps the stream's channels
+        apart in the reports; never one per element (weights handed to a function can be large)."""
+        axis = max((a for a, n in enumerate(shape) if n > 1), default=None)
+        ids = self.new_ids(shape[axis] if axis is not None else 1)
         self.freeze(ids, why)
-        self.constants.add(int(ids[0]))
-        return ChannelMap(np.broadcast_to(ids.reshape((1,) * len(shape)), shape), np.broadcast_to(np.int8(0), shape))
+        self.constants.update(ids.tolist())
+        view = tuple(len(ids) if a == axis else 1 for a in range(len(shape)))
+        return ChannelMap(np.broadcast_to(ids.reshape(view), shape), np.broadcast_to(np.int8(0), shape))
 
     def _is_constant(self, value: Any) -> bool:
         if isinstance(value, ChannelMap):
