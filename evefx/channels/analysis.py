@@ -9,9 +9,15 @@ kept or removed as a whole. The bipartite graph layers <-> classes (networkx) gi
 groups: a ResNet stage's residual stream is one group; DenseNet-style concatenation keeps each
 producer's classes apart.
 
+A channel map covers the whole tensor, batch axis included, so the channel axis is wherever the
+op put it: axis 1 after a conv, the last axis after a Linear, the heads axis inside attention (see
+:mod:`~evefx.channels.layout_rules` and :mod:`~evefx.channels.attention_rules`). A consumer reads
+its axis with :meth:`ChannelAnalysis.per_channel`, which requires the classes not to vary along
+the others; that is what keeps every choice of classes removable by slicing.
+
 When a class cannot be removed safely it is *frozen* (never pruned), with the reason kept for
 reports: it reaches the model's output or an input, it is split by a reshape (channel shuffle) or a
-channel slice/chunk, it runs through a grouped conv with more outputs than inputs (or the reverse)
+channel slice/chunk, a LayerNorm normalises it, a parameter outside a layer joins it, it runs through a grouped conv with more outputs than inputs (or the reverse)
 or a transposed conv, or a consumer reads it as data rather than as the pruner's zero. A masked
 channel that a BatchNorm or a sigmoid turns into a constant is still removable when its consumer is
 a linear layer or an unpadded conv (``compact`` folds the constant into that consumer's bias).

@@ -260,33 +260,53 @@ def _reshape_sizes(gm: fx.GraphModule, node: fx.Node, kept: np.ndarray) -> tuple
     return tuple(int(v.sum()) for v in per_axis)
 
 
-def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) -> None:
-    """Write the compacted sizes ``new`` into a ``view``/``reshape``/``unflatten`` call whose output had shape ``old``."""
+def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) -> list[str]:
+    """Write the compacted sizes ``new`` into a ``view``/``reshape``/``unflatten`` call whose output had
+    shape ``old``. A size computed at run time is left as it is (read from the compacted tensor it is
+    right); the returned notes name them, for the error if the compacted model then fails."""
     if old == new:
-        return
-    args = list(node.args)
+        return []
+    args, notes = list(node.args), []
     if node.target in ("unflatten", torch.unflatten):
         dim = args[1] % len(old) if len(args) > 1 else node.kwargs["dim"] % len(old)
-        first, sizes = dim, list(args[2])
-        slot = (2, None)
+        first, sizes, slot = dim, list(args[2]), 2
     elif len(args) == 2 and isinstance(args[1], (list, tuple)):
-        first, sizes, slot = 0, list(args[1]), (1, None)
+        first, sizes, slot = 0, list(args[1]), 1
     else:
-        first, sizes, slot = 0, args[1:], (1, "spread")
+        first, sizes, slot = 0, args[1:], None
     for k, size in enumerate(sizes):
         axis = first + k
         if old[axis] == new[axis] or size == -1:
             continue
         if not isinstance(size, int):
-            raise PruneError(
-                f"compact cannot rewrite {describe_node(gm, node)}: the size of its axis {axis} ({old[axis]} -> {new[axis]}) "
-                f"is computed at run time ({size}); write it as a literal, -1, or from the layer (e.g. self.num_heads)")
+            notes.append(f"compact cannot rewrite {describe_node(gm, node)}: the size of its axis {axis} ({old[axis]} -> "
+                         f"{new[axis]}) is computed at run time ({size}); write it as a literal, -1, or from the layer "
+                         f"(e.g. self.num_heads)")
+            continue
         sizes[k] = new[axis]
-    if slot[1] == "spread":
+    if slot is None:
         args[1:] = sizes
     else:
-        args[slot[0]] = type(node.args[slot[0]])(sizes)
+        args[slot] = type(node.args[slot])(sizes)
     node.args = tuple(args)
+    return notes
+
+
+def _size_reads(gm: fx.GraphModule) -> list[str]:
+    """Nodes reading a tensor's sizes at run time (``x.size(-1)``, ``x.shape``)."""
+    return [n.name for n in gm.graph.nodes if n.target == "size" or (n.target is getattr and n.args[1] == "shape")]
+
+
+def _explain(gm: fx.GraphModule, notes: list[str], what: str) -> str:
+    """Why a compacted model may fail or differ: run-time sizes it could not rewrite, or values computed from sizes."""
+    if notes:
+        return "; ".join(notes) + f" ({what})"
+    reads = _size_reads(gm)
+    if reads:
+        return (f"{what}: the graph computes values from tensor sizes at run time ({', '.join(reads[:4])}), which change "
+                f"when channels go (e.g. a scale 1/sqrt(head_dim) read from q.size(-1)); compute them when the layer is "
+                f"built (self.scale), prune with granularity: head, or exclude those layers from select")
+    return f"{what}; please report it"
 
 
 def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = True, atol: float = 1e-4,
@@ -323,7 +343,7 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     reference, captured = _reference_run(new, inputs, folds)
     for site, pos in folds:
         _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
-    channels = _slice(new, dg, keep)
+    channels, notes = _slice(new, dg, keep)
     for node, _p in pruners:
         remove_node(new, node)
     new.graph.lint()
@@ -333,9 +353,11 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     try:
         propagate_shapes(new, inputs)
     except ShapeError as e:
+        if notes:
+            raise PruneError(_explain(new, notes, f"the compacted model does not run: {e}")) from e
         raise PruneError(f"the compacted model does not run: {e}. This is a bug in evefx's channel analysis; please report it") from e
     if verify:
-        _verify(new, inputs, reference, atol)
+        _verify(new, inputs, reference, atol, notes)
     new.meta["evefx_compact"] = CompactReport(params_before, count_params(new), macs_before, count_macs(new), channels)
     log.info("compact: params %d -> %d, MACs %d -> %d", params_before, count_params(new), macs_before, count_macs(new))
     return new
@@ -405,8 +427,9 @@ def _reference_run(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
     return reference, captured
 
 
-def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tuple[int, int]]:
-    """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output channels."""
+def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output
+    channels, and notes on the sizes computed at run time."""
     channels: dict[str, tuple[int, int]] = {}
     slicer = _Slicer(gm)
     for side, sites in ((_Side.OUTPUTS, dg.producers), (_Side.THROUGH, dg.depthwise)):
@@ -418,14 +441,15 @@ def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tu
         slicer.add(_Side.INPUTS, consumer, keep(consumer.ids))
     for site in dg.norms:
         slicer.add(_Side.NORM, site, keep(site.ids))
+    notes = []
     for reshape in dg.reshapes:
         kept = keep(reshape.ids)
-        _rewrite_reshape(gm, reshape.node, reshape.ids.shape, _reshape_sizes(gm, reshape.node, kept))
+        notes += _rewrite_reshape(gm, reshape.node, reshape.ids.shape, _reshape_sizes(gm, reshape.node, kept))
     slicer.apply()
-    return channels
+    return channels, notes
 
 
-def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float) -> None:
+def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float, notes: list[str]) -> None:
     """The compacted model must agree with the masked one (eval mode)."""
     was = gm.training
     gm.eval()
@@ -435,7 +459,7 @@ def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any
     for a, b in zip(_tensors(reference), _tensors(got)):
         if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
             err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
-            raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
+            raise PruneError(_explain(gm, notes, f"the compacted model disagrees with the masked one (max error {err})"))
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

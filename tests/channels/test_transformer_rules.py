@@ -47,10 +47,10 @@ def test_layer_norm_keeps_the_stream_whole_and_the_mlp_width_prunes():
     groups = groups_by_layer(evefx.transform(Tokens(), spec(), TOKENS))
     stream = groups[("embed", "blocks.0.attn.out_proj", "blocks.0.mlp.2", "blocks.1.attn.out_proj", "blocks.1.mlp.2")]
     assert stream.channels == 16 and stream.prunable == 0
-    assert stream.frozen == ("normalised together by blocks.0.norm1 (a LayerNorm's statistics count every channel, "
-                             "so removing one would change the others)",)
+    assert stream.frozen == (("normalised together by blocks.0.norm1 (a LayerNorm's statistics count every channel, "
+                              "so removing one would change the others)"),)
     assert groups[("blocks.0.mlp.0",)].prunable == 32
-    gm, small = prune(Tokens())
+    _gm, small = prune(Tokens())
     for b in ("blocks.0", "blocks.1"):
         assert small.get_submodule(f"{b}.mlp.0").out_features == 16 and small.get_submodule(f"{b}.mlp.2").in_features == 16
         assert small.get_submodule(f"{b}.norm1").normalized_shape == (16,)
@@ -75,7 +75,7 @@ def test_class_token_and_position_embedding_join_the_patch_channels_to_the_strea
     stream = groups[("patch", "block.attn.out_proj", "block.mlp.2")]
     assert stream.channels == 16 and stream.prunable == 0
     assert stream.frozen[0] == "parameter or constant cls_token (compaction does not slice it)"
-    gm, small = prune(TinyViT(), IMAGE)
+    _gm, small = prune(TinyViT(), IMAGE)
     assert small.patch.out_channels == 16 and small.get_submodule("block.mlp.0").out_features == 16
     assert small.get_submodule("block.attn.q_proj").out_features == 8
 
@@ -136,6 +136,30 @@ def test_a_size_computed_at_run_time_is_named():
         evefx.compact(gm)
 
 
+def test_a_scale_read_from_head_dim_at_run_time_is_explained():
+    class RunTimeScale(Attention):
+        def forward(self, x):
+            b, n = x.shape[0], x.shape[1]
+            q, k, v = (p(x).reshape(b, n, 4, 4).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            attn = torch.softmax(q @ k.transpose(-2, -1) * q.size(-1) ** -0.5, dim=-1)
+            return self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, 16))
+
+    model = nn.Sequential(nn.Linear(16, 16), RunTimeScale(), nn.Linear(16, 3))
+    gm = evefx.transform(model, spec("channel"), TOKENS)
+    evefx.prune_step(gm)
+    with pytest.raises(PruneError, match=r"disagrees with the masked one .*computes values from tensor sizes at run time "
+                                         r"\(getattr_1, getattr_2, size\).*self\.scale"):
+        evefx.compact(gm)
+    small = evefx.compact(_prune_heads(model))  # head granularity keeps head_dim: the same model compacts
+    assert small.get_submodule("1.q_proj").out_features == 8
+
+
+def _prune_heads(model):
+    gm = evefx.transform(model, spec("head"), TOKENS)
+    evefx.prune_step(gm)
+    return gm
+
+
 def test_an_unknown_attention_op_names_the_node_the_rule_and_select_exclude():
     class Fast(Attention):
         def forward(self, x):
@@ -171,7 +195,7 @@ def test_multihead_attention_is_opaque_and_the_rest_prunes():
     groups = groups_by_layer(evefx.transform(MHA(), spec(), TOKENS))
     stream = groups[("embed", "mlp.2")]
     assert stream.prunable == 0 and stream.frozen[0].startswith("read inside attn, which evefx does not see into")
-    gm, small = prune(MHA())
+    _gm, small = prune(MHA())
     assert small.get_submodule("mlp.0").out_features == 16 and small.attn.num_heads == 4
 
 
