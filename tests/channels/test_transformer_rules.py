@@ -204,3 +204,34 @@ def test_granularity_is_validated():
         evefx.transform(Tokens(), spec("block"), TOKENS)
     with pytest.raises(OptionError, match="granularity must be 'channel' or 'head'"):
         ChannelPruner(4, granularity="block")
+
+
+def _tiny_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
+
+
+def _tiny_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
+
+
+def _tiny_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=3)
+
+
+@pytest.mark.parametrize(("make", "shape", "mlp"), [
+    (_tiny_vit, (3, 16, 16), {"encoder.layers.encoder_layer_0.mlp.0": 16}),  # MLP 32 -> 16 (MultiheadAttention stays)
+    (_tiny_convnext, (3, 16, 16), {"features.1.0.block.3": 16, "features.3.0.block.3": 32}),  # 32 -> 16, 64 -> 32
+    (_tiny_swin, (3, 8, 8), {"features.1.0.mlp.0": 16, "features.3.0.mlp.0": 32}),  # 32 -> 16, 64 -> 32
+])
+def test_torchvision_transformers_prune_their_mlp_width_and_compact_equals_masked(make, shape, mlp):
+    torch.manual_seed(0)
+    _gm, small = prune(make(), torch.zeros(1, *shape))
+    for name, width in mlp.items():
+        assert small.get_submodule(name).out_features == width
+    assert compact_report(small).params_after < compact_report(small).params_before
