@@ -40,7 +40,7 @@ from evefx.channels.rules import DEFAULT_RULES, ChannelMap, MaskedValue, OpCall,
 if TYPE_CHECKING:
     from evefx.channels.analysis import ChannelAnalysis
 
-__all__ = ["layer_norm", "group_norm", "softmax", "matmul", "opaque", "patch_merging_pad"]
+__all__ = ["layer_norm", "group_norm", "softmax", "matmul", "einsum", "opaque", "patch_merging_pad"]
 
 
 def _name(call: OpCall) -> str:
@@ -162,6 +162,67 @@ def matmul(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     return walk.broadcast_channels(ids, masked, axis)
 
 
+def _labels(spec: str, count: int) -> tuple[list[list[str]], list[str]]:
+    """``"b h i d, b h j d -> b h i j"`` (letters or space-separated names) as axis labels per operand and of the output."""
+    if "->" not in spec or "..." in spec:
+        raise ValueError(spec)
+    ins, out = spec.split("->")
+
+    def split(term: str) -> list[str]:
+        term = term.strip()
+        return term.split() if " " in term else list(term)
+
+    operands = [split(t) for t in ins.split(",")]
+    if len(operands) != count:
+        raise ValueError(spec)
+    return operands, split(out)
+
+
+def einsum(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """``torch.einsum`` with an explicit output: as :func:`matmul`, by axis label. Classes on a
+    summed label merge across the operands (and must be the pruner's zero in one); classes on an
+    output label merge and carry over; anything else freezes."""
+    spec, *rest = call.args
+    maps = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    out = walk.out_shape()
+    try:
+        labels, out_labels = _labels(str(spec), len(maps))
+    except ValueError:
+        raise walk.error(f"einsum equation {spec!r} is not of the form 'ab,bc->ac' with every operand labelled") from None
+    if any(not isinstance(m, ChannelMap) for m in maps) or any(len(lab) != m.ids.ndim for lab, m in zip(labels, maps)):
+        raise walk.error("an operand is not a tensor evefx follows")
+    by_label: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for m, lab in zip(maps, labels):
+        varying = walk.varying_axes(m)
+        if len(varying) > 1:
+            for v in maps:
+                walk.freeze(v.ids, f"multiplied by {call.node.name} (its classes vary along several axes)")
+            return walk.fresh(out[1] if len(out) > 1 else 1, f"computed by {call.node.name}")
+        for axis in varying:
+            by_label.setdefault(lab[axis], []).append(_along(walk, m, axis))
+    carried = [(label, sides) for label, sides in by_label.items() if label in out_labels]
+    for label, sides in by_label.items():
+        if label in out_labels:
+            continue
+        for ids, _ in sides[1:]:
+            walk.union(sides[0][0], ids)
+        zero = np.any([z == MaskedValue.ZERO for _, z in sides], axis=0)
+        if len(sides) < 2 or not zero.all():
+            walk.freeze(np.concatenate([ids for ids, _ in sides]), f"read as data by {call.node.name} (summed over)")
+    if len(carried) > 1:
+        for v in maps:
+            walk.freeze(v.ids, f"its classes and another operand's meet on different axes of {call.node.name}")
+        return walk.fresh(out[1] if len(out) > 1 else 1, f"computed by {call.node.name}")
+    if not carried:
+        return ChannelMap(np.broadcast_to(walk.new_ids(1).reshape((1,) * len(out)), out), np.zeros(out, dtype=np.int8))
+    label, sides = carried[0]
+    for ids, _ in sides[1:]:
+        walk.union(sides[0][0], ids)
+    masked = np.max([z for _, z in sides], axis=0)
+    masked = np.where(masked == MaskedValue.ZERO, MaskedValue.ZERO, MaskedValue.DATA).astype(np.int8)
+    return walk.broadcast_channels(sides[0][0], masked, out_labels.index(label))
+
+
 def opaque(walk: ChannelAnalysis, call: OpCall) -> Any:
     """A layer evefx does not see into (``nn.MultiheadAttention``: its projections are not Linear calls
     in the graph): what it reads is frozen, what it returns is new frozen channels on the last axis."""
@@ -205,6 +266,7 @@ _default((nn.GroupNorm, F.group_norm, torch.group_norm), group_norm)
 _default((nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"),
          softmax)
 _default((torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__"), matmul)
+_default((torch.einsum, "torch.functional.einsum"), einsum)
 _default((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
           nn.TransformerDecoder, nn.Transformer, "torchvision.models.swin_transformer.shifted_window_attention"), opaque)
 _default("torchvision.models.swin_transformer._patch_merging_pad", patch_merging_pad)

@@ -16,7 +16,8 @@ from evefx.errors import OptionError, PruneError, SpecError
 from evefx.modules.prune import ChannelPruner
 
 from tests.channels.nets import masks_of, rand
-from tests.channels.transformer_nets import IMAGE, TOKENS, Attention, ChannelsLast, TinyViT, Tokens, randomise
+from tests.channels.transformer_nets import (IMAGE, TOKENS, Attention, ChannelsLast, EinsumAttention, TinyViT, Tokens,
+                                             randomise)
 
 
 def spec(granularity="channel", **extra):
@@ -116,6 +117,16 @@ def test_channel_granularity_prunes_head_dim_uniformly_across_heads():
     assert (per_head == per_head[:1]).all() and int(per_head[0].sum()) == 2  # the same head_dim entries in every head
     assert reshape_sizes(small)[:4] == [(4, 2)] * 3 + [(8,)]  # head_dim 4 -> 2, num_heads stays 4
     assert small.get_submodule("blocks.0.attn.out_proj").in_features == 8
+
+
+@pytest.mark.parametrize(("granularity", "sizes"), [("head", (2, 4)), ("channel", (4, 2))])
+def test_einsum_attention_prunes_like_matmul(granularity, sizes):
+    model = nn.Sequential(nn.Linear(16, 16), EinsumAttention(), nn.Linear(16, 3))
+    groups = groups_by_layer(evefx.transform(model, spec(granularity), TOKENS))
+    qk = ("1.q_proj", "1.k_proj", "1.v_proj") if granularity == "head" else ("1.q_proj", "1.k_proj")
+    assert groups[qk].channels == 4 and groups[qk].prunable == 4
+    _gm, small = prune(nn.Sequential(nn.Linear(16, 16), EinsumAttention(), nn.Linear(16, 3)), granularity=granularity)
+    assert reshape_sizes(small)[:3] == [sizes] * 3 and small.get_submodule("1.out_proj").in_features == 8
 
 
 def test_a_size_computed_at_run_time_is_named():

@@ -123,3 +123,13 @@ class ChannelsLast(nn.Module):
         x = torch.relu(self.stem(x)).permute(0, 2, 3, 1)
         x = self.fc2(torch.relu(self.norm(self.fc1(x)))).permute(0, 3, 1, 2)
         return self.head(self.conv(torch.relu(self.gn(x))).mean((2, 3)))
+
+
+class EinsumAttention(Attention):
+    """The same attention written with ``torch.einsum`` (as torchvision's MaxViT does)."""
+
+    def forward(self, x):
+        b, n = x.shape[0], x.shape[1]
+        q, k, v = (p(x).reshape(b, n, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * self.scale, dim=-1)
+        return self.out_proj(torch.einsum("bhij,bjhd->bihd", attn, v).reshape(b, n, -1))
