@@ -160,13 +160,15 @@ class ChannelAnalysis(fx.Interpreter):
                 return self.fresh(shape[1] if len(shape) > 1 else 1, f"tensor created by {node.name}")
             return None
         inputs = [self.env.get(a) for a in node.all_input_nodes]
-        if self.rules.lookup(node.op, call.target) is None and all(self._is_constant(v) for v in inputs):
-            # an op on parameters and buffers only (a relative position bias gathered from its table):
-            # its result is another constant, whatever the op
+        try:
+            return self._apply(call)
+        except PruneError:
             meta = node.meta.get("tensor_meta")
-            if hasattr(meta, "shape"):
-                return self._constant(tuple(int(d) for d in meta.shape), f"constant computed by {node.name}")
-        return self._apply(call)
+            if not (all(self._is_constant(v) for v in inputs) and hasattr(meta, "shape")):
+                raise
+            # an op on parameters and buffers only that no rule follows (a relative position bias
+            # gathered from its table with an index buffer): its result is another constant
+            return self._constant(tuple(int(d) for d in meta.shape), f"constant computed by {node.name}")
 
     def _apply(self, call: OpCall) -> Any:
         rule = self.rules.lookup(call.node.op, call.target)
