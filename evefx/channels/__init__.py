@@ -1,7 +1,9 @@
 """Channel pruning on a traced model: which channels are coupled, which to mask, and removing them.
 
 * :mod:`~evefx.channels.rules`: per-op channel rules in a registry users extend with
-  :func:`register_rule` (an op evefx does not know is one rule away);
+  :func:`register_rule` (an op evefx does not know is one rule away); the rules for axis moves
+  are in :mod:`~evefx.channels.layout_rules`, those for norms and attention in
+  :mod:`~evefx.channels.attention_rules`;
 * :mod:`~evefx.channels.analysis`: :func:`analyze`, a ``torch.fx.Interpreter`` on channel ids
   giving the coupled groups (:class:`ChannelGroup`) and the channels that cannot go;
 * :mod:`~evefx.channels.selection`: :func:`prune_step`, the masks from statistics and ratios;
@@ -15,7 +17,7 @@ Example:
 """
 from __future__ import annotations
 
-from evefx.channels import rules
+from evefx.channels import attention_rules, layout_rules, rules
 from evefx.channels.analysis import ChannelAnalysis, ChannelGroup, DependencyGraph, analyze
 from evefx.channels.compact import CompactReport, compact, compact_report, count_macs, count_params
 from evefx.channels.rules import ChannelMap, MaskedValue, OpCall, RuleRegistry, register_rule
@@ -30,6 +32,8 @@ __all__ = [
     "count_params",
     "register_rule",
     "rules",
+    "layout_rules",
+    "attention_rules",
     "ChannelAnalysis",
     "ChannelGroup",
     "ChannelMap",

@@ -9,9 +9,15 @@ kept or removed as a whole. The bipartite graph layers <-> classes (networkx) gi
 groups: a ResNet stage's residual stream is one group; DenseNet-style concatenation keeps each
 producer's classes apart.
 
+A channel map covers the whole tensor, batch axis included, so the channel axis is wherever the
+op put it: axis 1 after a conv, the last axis after a Linear, the heads axis inside attention (see
+:mod:`~evefx.channels.layout_rules` and :mod:`~evefx.channels.attention_rules`). A consumer reads
+its axis with :meth:`ChannelAnalysis.per_channel`, which requires the classes not to vary along
+the others; that is what keeps every choice of classes removable by slicing.
+
 When a class cannot be removed safely it is *frozen* (never pruned), with the reason kept for
 reports: it reaches the model's output or an input, it is split by a reshape (channel shuffle) or a
-channel slice/chunk, it runs through a grouped conv with more outputs than inputs (or the reverse)
+channel slice/chunk, a LayerNorm normalises it, a parameter outside a layer joins it, it runs through a grouped conv with more outputs than inputs (or the reverse)
 or a transposed conv, or a consumer reads it as data rather than as the pruner's zero. A masked
 channel that a BatchNorm or a sigmoid turns into a constant is still removable when its consumer is
 a linear layer or an unpadded conv (``compact`` folds the constant into that consumer's bias).
@@ -24,16 +30,16 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
 from torch import fx, nn
 
 from evefx.channels import rules as rules_module
-from evefx.channels.rules import ChannelMap, MaskedValue, OpCall, RuleRegistry, qualified_name
+from evefx.channels.depgraph import (ChannelGroup, ConsumerSite, DependencyGraph, ReshapeSite, Site, UnionFind, can_fold,
+                                     layer_name, pruners_of, shape_of)
+from evefx.channels.rules import ChannelMap, OpCall, RuleRegistry, qualified_name
 from evefx.errors import EvefxError, PruneError
 from evefx.graph import describe_node, module_of
 from evefx.modules.prune import ChannelPruner
@@ -47,189 +53,15 @@ __all__ = [
     "ReshapeSite",
     "Site",
     "analyze",
+    "can_fold",
     "layer_name",
     "pruners_of",
+    "shape_of",
+    "UnionFind",
 ]
 
 _NEEDS_SHAPES = ("pruning needs shapes: pass example_inputs to evefx.transform / prune_step / compact, "
                  "or set trace.input_shape in the spec")
-
-
-class UnionFind:
-    """Channel ids and the classes they were merged into (the root of a class is its smallest id)."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def fresh(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def roots(self, ids: np.ndarray) -> np.ndarray:
-        return np.array([self.find(int(i)) for i in np.asarray(ids).reshape(-1)], dtype=np.int64).reshape(np.shape(ids))
-
-
-@dataclass(frozen=True)
-class Site:
-    """A layer whose channels compaction slices: ``ids`` per channel (output channels of a
-    producer or pruner, the channels of a depthwise conv or a norm)."""
-
-    node: fx.Node
-    module: nn.Module
-    ids: np.ndarray
-
-
-@dataclass(frozen=True)
-class ConsumerSite(Site):
-    """A layer reading channels (``ids`` per input channel or feature) and, per input, the
-    :class:`~evefx.channels.rules.MaskedValue` a masked channel has there."""
-
-    masked: np.ndarray
-
-
-@dataclass(frozen=True)
-class ReshapeSite:
-    """A ``view``/``reshape`` whose literal channel size compaction rewrites; ``ids`` of its output."""
-
-    node: fx.Node
-    ids: np.ndarray
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Layers whose channels are coupled (one shared mask), as found by :func:`analyze`.
-
-    ``layers`` are the qualified names of the conv/linear layers producing the group's channels
-    (depthwise convs included); ``channels`` the number of channel classes; ``prunable`` how many
-    of them may be removed; ``frozen`` the reasons the others may not.
-
-    Example:
-        >>> analyze(gm).groups()[0]
-        ChannelGroup(layers=('stem.0', 'b1.1', 'b2.1'), channels=8, prunable=8, frozen=())
-    """
-
-    layers: tuple[str, ...]
-    channels: int
-    prunable: int
-    frozen: tuple[str, ...] = ()
-
-
-@dataclass
-class DependencyGraph:
-    """The channel dependencies of a traced model (see the module docstring). Built by :func:`analyze`.
-
-    Example:
-        >>> dg = analyze(gm)
-        >>> [g.layers for g in dg.groups() if len(g.layers) > 1]
-        [('conv1', 'layer1.0.conv2', 'layer1.1.conv2'), ...]
-    """
-
-    gm: fx.GraphModule
-    uf: UnionFind
-    producers: list[Site] = field(default_factory=list)
-    consumers: list[ConsumerSite] = field(default_factory=list)
-    depthwise: list[Site] = field(default_factory=list)
-    norms: list[Site] = field(default_factory=list)
-    pruners: list[Site] = field(default_factory=list)
-    reshapes: list[ReshapeSite] = field(default_factory=list)
-    frozen: dict[int, str] = field(default_factory=dict)
-
-    def root(self, ids: np.ndarray) -> np.ndarray:
-        return self.uf.roots(ids)
-
-    def frozen_roots(self) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for i, why in self.frozen.items():
-            out.setdefault(self.uf.find(i), why)
-        return out
-
-    def layer_graph(self) -> nx.Graph:
-        """Bipartite graph: ``("layer", name)`` -- ``("class", root)`` for every producer, depthwise conv and pruner."""
-        g = nx.Graph()
-        for kind, sites in (("producer", self.producers), ("depthwise", self.depthwise), ("pruner", self.pruners)):
-            for site in sites:
-                name = layer_name(site.node)
-                g.add_node(("layer", name), kind=kind)
-                for r in set(self.root(site.ids).tolist()):
-                    g.add_edge(("layer", name), ("class", r))
-        return g
-
-    def groups(self) -> list[ChannelGroup]:
-        """Coupled groups of producer layers, in graph order of their first layer."""
-        g = self.layer_graph()
-        frozen = self.frozen_roots()
-        pruned_by = {r for s in self.pruners for r in self.root(s.ids).tolist()}
-        order = {layer_name(s.node): i for i, s in enumerate(self.producers + self.depthwise)}
-        out = []
-        for comp in nx.connected_components(g):
-            layers = sorted((n[1] for n in comp if n[0] == "layer" and n[1] in order), key=order.__getitem__)
-            if not layers:
-                continue
-            classes = [n[1] for n in comp if n[0] == "class"]
-            reasons = sorted({frozen[c] for c in classes if c in frozen})
-            prunable = sum(1 for c in classes if c not in frozen and c in pruned_by)
-            out.append(ChannelGroup(tuple(layers), len(classes), prunable, tuple(reasons)))
-        out.sort(key=lambda grp: order[grp.layers[0]])
-        return out
-
-    def freeze_unsafe_reads(self) -> None:
-        """A consumer that sees a class's channel unmasked would change if the channel were removed;
-        a constant it can take into its bias only when every output sees the same inputs (no padding)."""
-        for site in self.consumers:
-            foldable = can_fold(site.module)
-            for i, z in zip(site.ids.tolist(), site.masked.tolist()):
-                if z == MaskedValue.DATA:
-                    self.frozen.setdefault(i, f"read by {site.node.target} without passing a pruner")
-                elif z == MaskedValue.CONSTANT and not foldable:
-                    self.frozen.setdefault(i, f"read by padded {site.node.target} as a non-zero constant")
-
-
-def can_fold(m: nn.Module) -> bool:
-    """Whether a consumer can take a constant input channel into its bias (linear, unpadded conv)."""
-    if isinstance(m, nn.Linear):
-        return True
-    padding = m.padding
-    return padding == "valid" or (not isinstance(padding, str) and not any(padding))
-
-
-def layer_name(node: fx.Node) -> str:
-    """The layer a node stands for: a pruner's own layer, else the node's target."""
-    prov = node.meta.get("evefx")
-    if prov is not None and prov.get("role") == "pruner":
-        return prov["layer"]
-    return str(node.target)
-
-
-def pruners_of(gm: fx.GraphModule) -> list[tuple[fx.Node, ChannelPruner]]:
-    """The ``ChannelPruner`` calls of ``gm``, in graph order."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and isinstance(m := module_of(gm, n), ChannelPruner):
-            out.append((n, m))
-    return out
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    """The shape ``node`` had when shapes were propagated, or ``None``."""
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        return None
-    return tuple(int(d) for d in meta.shape)
 
 
 class ChannelAnalysis(fx.Interpreter):
@@ -249,6 +81,8 @@ class ChannelAnalysis(fx.Interpreter):
         self.rules = rules if rules is not None else rules_module.DEFAULT_RULES
         self.dg = DependencyGraph(gm, UnionFind())
         self.node: fx.Node | None = None
+        self.granularity: dict[int, str] = {}  # class root -> the granularity its pruner asks for
+        self.constants: set[int] = set()  # ids of parameters and buffers read with get_attr
 
     def analyze(self) -> DependencyGraph:
         for node in self.gm.graph.nodes:
@@ -277,10 +111,25 @@ class ChannelAnalysis(fx.Interpreter):
         value = self.fetch_attr(str(target))
         if not isinstance(value, torch.Tensor):
             return None
-        uf = self.dg.uf
-        ids = uf.fresh(max(value.numel(), 1)).reshape(value.shape) if value.dim() else uf.fresh(1)[0:1]
-        self.freeze(ids, f"constant tensor {target}")
-        return ChannelMap(ids if value.dim() else ids.reshape(()), np.zeros(value.shape, dtype=np.int8))
+        # a parameter outside a layer (class token, positional embedding, layer scale): compaction does
+        # not slice it, so it is one frozen class; an op joining it to a stream freezes that stream
+        return self._constant(tuple(value.shape), f"parameter or constant {target} (compaction does not slice it)")
+
+    def _constant(self, shape: tuple[int, ...], why: str) -> ChannelMap:
+        """Frozen ids for a constant tensor: one per index of its last axis longer than one (a class
+        token's or a layer scale's channels), so that joining it to a stream keeps the stream's channels
+        apart in the reports; never one per element (weights handed to a function can be large)."""
+        axis = max((a for a, n in enumerate(shape) if n > 1), default=None)
+        ids = self.new_ids(shape[axis] if axis is not None else 1)
+        self.freeze(ids, why)
+        self.constants.update(ids.tolist())
+        view = tuple(len(ids) if a == axis else 1 for a in range(len(shape)))
+        return ChannelMap(np.broadcast_to(ids.reshape(view), shape), np.broadcast_to(np.int8(0), shape))
+
+    def _is_constant(self, value: Any) -> bool:
+        if isinstance(value, ChannelMap):
+            return bool(self.constants) and bool(np.isin(value.ids, list(self.constants)).all())
+        return True
 
     def output(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for a in self.current.all_input_nodes:
@@ -310,7 +159,16 @@ class ChannelAnalysis(fx.Interpreter):
                 shape = self.out_shape()
                 return self.fresh(shape[1] if len(shape) > 1 else 1, f"tensor created by {node.name}")
             return None
-        return self._apply(call)
+        inputs = [self.env.get(a) for a in node.all_input_nodes]
+        try:
+            return self._apply(call)
+        except PruneError:
+            meta = node.meta.get("tensor_meta")
+            if not (all(self._is_constant(v) for v in inputs) and hasattr(meta, "shape")):
+                raise
+            # an op on parameters and buffers only that no rule follows (a relative position bias
+            # gathered from its table with an index buffer): its result is another constant
+            return self._constant(tuple(int(d) for d in meta.shape), f"constant computed by {node.name}")
 
     def _apply(self, call: OpCall) -> Any:
         rule = self.rules.lookup(call.node.op, call.target)
@@ -334,13 +192,16 @@ class ChannelAnalysis(fx.Interpreter):
 
     def error(self, why: str) -> PruneError:
         """A :class:`PruneError` naming the current node and what the user can do."""
-        return PruneError(
-            f"cannot prune through {describe_node(self.gm, self.current)}: {why}. Exclude the layers feeding it "
-            f"from the prune section's select, or keep that part opaque with trace.leaf_modules."
-        )
+        return PruneError(f"cannot prune through {describe_node(self.gm, self.current)}: {why}. {self._way_out(self.current)}")
+
+    def _way_out(self, node: fx.Node) -> str:
+        feeding = feeding_layers(self.gm, node)
+        example = f" (e.g. select: {{exclude: {feeding}}})" if feeding else ""
+        return (f"Add the layers feeding it to the prune section's select.exclude{example}, or keep that part opaque "
+                f"with trace.leaf_modules.")
 
     def unknown_op(self, call: OpCall) -> PruneError:
-        """The error for an op without a rule: it names the node and the rule to register."""
+        """The error for an op without a rule: it names the node, the rule to register and ``select.exclude``."""
         if call.node.op == "call_module":
             cls = type(call.target)
             name, spelled = cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
@@ -353,8 +214,7 @@ class ChannelAnalysis(fx.Interpreter):
             f"cannot prune through {describe_node(self.gm, call.node)}: evefx does not know how {name} maps "
             f"channels. Register a rule for it, e.g. evefx.channels.register_rule({spelled}, "
             f"evefx.channels.rules.elementwise) if output channel c is input channel c and 0 stays 0 (see "
-            f"evefx.channels.rules for the others), exclude the layers feeding it from the prune section's select, "
-            f"or keep that part opaque with trace.leaf_modules."
+            f"evefx.channels.rules for the others). {self._way_out(call.node)}"
         )
 
     def input(self, call: OpCall, why: str | None = None) -> ChannelMap:
@@ -378,42 +238,66 @@ class ChannelAnalysis(fx.Interpreter):
 
     def freeze(self, ids: np.ndarray, why: str) -> None:
         """Never prune the classes of ``ids``; ``why`` goes into the reports."""
-        for i in np.unique(ids):
-            self.dg.frozen.setdefault(int(i), why)
+        for i in np.unique(self.roots(ids)).tolist():
+            self.dg.frozen.setdefault(i, why)
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        """The class (root id) of every id in ``ids``."""
+        return self.dg.uf.roots(ids)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge the classes of ``a`` and ``b`` element by element (broadcast)."""
-        a, b = np.broadcast_arrays(a, b)
-        pairs = np.unique(np.stack([a.reshape(-1), b.reshape(-1)], axis=1), axis=0)
-        for x, y in pairs:
-            self.dg.uf.union(int(x), int(y))
+        a, b = np.broadcast_arrays(self.roots(a), self.roots(b))
+        differ = a != b
+        if not differ.any():
+            return
+        for x, y in np.unique(np.stack([a[differ], b[differ]], axis=1), axis=0).tolist():
+            self.dg.uf.union(x, y)
 
-    def fresh(self, channels: int, frozen: str | None = None) -> ChannelMap:
-        """New ids for the current node's output: ``channels`` on axis 1, constant along the others."""
-        shape = (1, *self.out_shape()[1:])
-        ids = self.dg.uf.fresh(channels)
+    def new_ids(self, n: int) -> np.ndarray:
+        """``n`` fresh channel ids (one class each)."""
+        return self.dg.uf.fresh(n)
+
+    def fresh(self, channels: int, frozen: str | None = None, axis: int = 1) -> ChannelMap:
+        """New ids for the current node's output: ``channels`` on ``axis``, constant along the others."""
+        shape = self.out_shape()
+        ids = self.new_ids(channels)
         if frozen:
             self.freeze(ids, frozen)
-        view = ids.reshape((1, channels) + (1,) * (len(shape) - 2)) if len(shape) >= 2 else ids
-        return ChannelMap(np.broadcast_to(view, shape), np.zeros(shape, dtype=np.int8))
+        if not shape:
+            return ChannelMap(ids[0:1].reshape(()), np.zeros((), dtype=np.int8))
+        return self.broadcast_channels(ids, np.zeros(channels, dtype=np.int8), axis)
 
-    def per_channel(self, x: ChannelMap) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and masked values per index of axis 1; the ids must not vary along the other axes."""
+    def varying_axes(self, x: ChannelMap) -> list[int]:
+        """The axes along which the classes of ``x`` change (a conv output: ``[1]``; attention
+        queries split into heads: the head or the head-dim axis)."""
+        roots = self.roots(x.ids)
+        return [a for a in range(roots.ndim) if roots.shape[a] > 1 and not (roots == roots.take([0], axis=a)).all()]
+
+    def per_channel(self, x: ChannelMap, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Class ids and masked values per index of ``axis`` (1 for a conv, -1 for a Linear's features);
+        the classes must not vary along the other axes (frozen ones may: they are never removed)."""
         if x.ids.ndim < 2:
             raise self.error(f"expected a tensor with a channel axis, got rank {x.ids.ndim}")
-        ids = x.ids[0].reshape(x.ids.shape[1], -1)
-        if ids.shape[1] and not (ids == ids[:, :1]).all():
-            raise self.error("its channels were rearranged in a way evefx cannot follow (mixed with other axes)")
-        masked = x.masked[0].reshape(x.masked.shape[1], -1).min(axis=1) if x.masked.size else np.zeros(ids.shape[0], np.int8)
-        return ids[:, 0].copy(), masked
+        axis %= x.ids.ndim
+        n = x.ids.shape[axis]
+        roots = np.moveaxis(self.roots(x.ids), axis, 0).reshape(n, -1)
+        varying = roots != roots[:, :1]
+        if varying.any():
+            frozen = {self.dg.uf.find(i) for i in self.dg.frozen}
+            if not set(np.unique(roots[varying.any(axis=1)]).tolist()) <= frozen:
+                raise self.error(f"its channels on axis {axis} are mixed with other axes in a way evefx cannot follow")
+        masked = np.moveaxis(np.broadcast_to(x.masked, x.ids.shape), axis, 0).reshape(n, -1)
+        return roots[:, 0].copy(), (masked.min(axis=1) if masked.size else np.zeros(n, np.int8))
 
-    def broadcast_channels(self, ids: np.ndarray, masked: np.ndarray) -> ChannelMap:
-        """A map for the current node's output whose axis 1 holds ``ids`` (a per-channel op)."""
-        shape = (1, *self.out_shape()[1:])
-        if len(shape) < 2 or shape[1] != len(ids):
-            raise self.error(f"its output {shape} does not keep the {len(ids)} input channels on axis 1")
-        view = (1, len(ids)) + (1,) * (len(shape) - 2)
-        return ChannelMap(np.broadcast_to(ids.reshape(view), shape), np.broadcast_to(masked.reshape(view), shape))
+    def broadcast_channels(self, ids: np.ndarray, masked: np.ndarray, axis: int = 1) -> ChannelMap:
+        """A map for the current node's output whose ``axis`` holds ``ids`` (a per-channel op)."""
+        shape = self.out_shape()
+        axis %= max(len(shape), 1)
+        if not shape or shape[axis] != len(ids):
+            raise self.error(f"its output {shape} does not keep the {len(ids)} input channels on axis {axis}")
+        view = tuple(len(ids) if a == axis else 1 for a in range(len(shape)))
+        return ChannelMap(np.broadcast_to(ids.reshape(view), shape), np.broadcast_to(np.asarray(masked).reshape(view), shape))
 
     def add_producer(self, module: nn.Module, ids: np.ndarray) -> None:
         """The current node makes the channels ``ids`` (compaction slices its outputs)."""
@@ -432,10 +316,39 @@ class ChannelAnalysis(fx.Interpreter):
 
     def add_pruner(self, module: ChannelPruner, ids: np.ndarray) -> None:
         self.dg.pruners.append(Site(self.current, module, ids))
+        for i in ids.tolist():
+            self.granularity.setdefault(i, getattr(module, "granularity", "channel"))
+
+    def granularity_of(self, ids: np.ndarray) -> str | None:
+        """The prune granularity (``channel``/``head``) of the pruners that mask ``ids``, if any."""
+        by_root = {self.dg.uf.find(i): g for i, g in self.granularity.items()}
+        found = {by_root[i] for i in np.unique(self.roots(ids)).tolist() if i in by_root}
+        if len(found) > 1:
+            raise self.error("it splits channels whose pruners ask for different granularities (channel and head)")
+        return found.pop() if found else None
 
     def add_reshape(self, ids: np.ndarray) -> None:
-        """The current ``view``/``reshape`` has a literal channel size to rewrite; ``ids`` of its output."""
-        self.dg.reshapes.append(ReshapeSite(self.current, ids))
+        """The current ``view``/``reshape``/``unflatten`` has literal sizes compaction may rewrite;
+        ``ids`` of its whole output."""
+        self.dg.reshapes.append(ReshapeSite(self.current, np.ascontiguousarray(ids)))
+
+
+def feeding_layers(gm: fx.GraphModule, node: fx.Node, limit: int = 3) -> list[str]:
+    """The nearest conv/Linear layers upstream of ``node`` (qualified names, at most ``limit``), for error messages."""
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo and len(found) < limit:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        m = module_of(gm, n) if n.op == "call_module" else None
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            found.append(str(n.target))
+        else:
+            todo.extend(n.all_input_nodes)
+    return found
 
 
 def ensure_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:

@@ -214,6 +214,10 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
     if m.weight is not None:
         m.weight = _param(m.weight.detach()[idx], m.weight)
         m.bias = _param(m.bias.detach()[idx], m.bias)
+    if isinstance(m, nn.GroupNorm):  # whole groups go (see attention_rules.group_norm)
+        m.num_groups = len(idx) * m.num_groups // m.num_channels
+        m.num_channels = len(idx)
+        return
     if m.running_mean is not None:
         m.running_mean = m.running_mean[idx].clone()
         m.running_var = m.running_var[idx].clone()
@@ -224,6 +228,8 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
 def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.Tensor) -> None:
     """Add to ``site``'s bias what its input channels ``pos`` contribute, constants in ``x`` (its input)."""
     m = site.module
+    if isinstance(m, nn.Linear):  # features on the last axis: bring them to axis 1
+        x = x.reshape(-1, x.shape[-1])
     vals = x[:, pos] if x.dim() > 1 else x[pos]
     k = vals.reshape(vals.shape[0], len(pos), -1)[0, :, 0]
     if not torch.allclose(vals, k.view((1, -1) + (1,) * (vals.dim() - 2)).expand_as(vals), atol=1e-5, rtol=1e-5):
@@ -242,17 +248,65 @@ def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.T
     m.bias.add_(delta)
 
 
-def _rewrite_reshape(node: fx.Node, old: int, new: int) -> None:
-    """Replace the literal size ``old`` of axis 1 in a ``view``/``reshape`` call by ``new``."""
-    args = list(node.args)
-    if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        sizes = list(args[1])
-        if len(sizes) > 1 and sizes[1] == old:
-            sizes[1] = new
-            args[1] = type(args[1])(sizes)
-    elif len(args) > 2 and args[2] == old:
-        args[2] = new
+def _reshape_sizes(gm: fx.GraphModule, node: fx.Node, kept: np.ndarray) -> tuple[int, ...]:
+    """The output shape of a recorded reshape once compacted, from which of its elements stay; the
+    kept elements must form a slice (a product of one index set per axis)."""
+    per_axis = [kept.any(axis=tuple(b for b in range(kept.ndim) if b != a)) for a in range(kept.ndim)]
+    product = per_axis[0]
+    for along in per_axis[1:]:
+        product = np.multiply.outer(product, along)
+    if not np.array_equal(product.reshape(kept.shape), kept):
+        raise PruneError(f"{describe_node(gm, node)}: the kept channels do not form a slice of its output; please report this bug")
+    return tuple(int(v.sum()) for v in per_axis)
+
+
+def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) -> list[str]:
+    """Write the compacted sizes ``new`` into a ``view``/``reshape``/``unflatten`` call whose output had
+    shape ``old``. A size computed at run time is left as it is (read from the compacted tensor it is
+    right); the returned notes name them, for the error if the compacted model then fails."""
+    if old == new:
+        return []
+    args, notes = list(node.args), []
+    if node.target in ("unflatten", torch.unflatten):
+        dim = args[1] % len(old) if len(args) > 1 else node.kwargs["dim"] % len(old)
+        first, sizes, slot = dim, list(args[2]), 2
+    elif len(args) == 2 and isinstance(args[1], (list, tuple)):
+        first, sizes, slot = 0, list(args[1]), 1
+    else:
+        first, sizes, slot = 0, args[1:], None
+    for k, size in enumerate(sizes):
+        axis = first + k
+        if old[axis] == new[axis] or size == -1:
+            continue
+        if not isinstance(size, int):
+            notes.append(f"compact cannot rewrite {describe_node(gm, node)}: the size of its axis {axis} ({old[axis]} -> "
+                         f"{new[axis]}) is computed at run time ({size}); write it as a literal, -1, or from the layer "
+                         f"(e.g. self.num_heads)")
+            continue
+        sizes[k] = new[axis]
+    if slot is None:
+        args[1:] = sizes
+    else:
+        args[slot] = type(node.args[slot])(sizes)
     node.args = tuple(args)
+    return notes
+
+
+def _size_reads(gm: fx.GraphModule) -> list[str]:
+    """Nodes reading a tensor's sizes at run time (``x.size(-1)``, ``x.shape``)."""
+    return [n.name for n in gm.graph.nodes if n.target == "size" or (n.target is getattr and n.args[1] == "shape")]
+
+
+def _explain(gm: fx.GraphModule, notes: list[str], what: str) -> str:
+    """Why a compacted model may fail or differ: run-time sizes it could not rewrite, or values computed from sizes."""
+    if notes:
+        return "; ".join(notes) + f" ({what})"
+    reads = _size_reads(gm)
+    if reads:
+        return (f"{what}: the graph computes values from tensor sizes at run time ({', '.join(reads[:4])}), which change "
+                f"when channels go (e.g. a scale 1/sqrt(head_dim) read from q.size(-1)); compute them when the layer is "
+                f"built (self.scale), prune with granularity: head, or exclude those layers from select")
+    return f"{what}; please report it"
 
 
 def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = True, atol: float = 1e-4,
@@ -289,7 +343,7 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     reference, captured = _reference_run(new, inputs, folds)
     for site, pos in folds:
         _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
-    channels = _slice(new, dg, keep)
+    channels, notes = _slice(new, dg, keep)
     for node, _p in pruners:
         remove_node(new, node)
     new.graph.lint()
@@ -299,9 +353,11 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     try:
         propagate_shapes(new, inputs)
     except ShapeError as e:
+        if notes:
+            raise PruneError(_explain(new, notes, f"the compacted model does not run: {e}")) from e
         raise PruneError(f"the compacted model does not run: {e}. This is a bug in evefx's channel analysis; please report it") from e
     if verify:
-        _verify(new, inputs, reference, atol)
+        _verify(new, inputs, reference, atol, notes)
     new.meta["evefx_compact"] = CompactReport(params_before, count_params(new), macs_before, count_macs(new), channels)
     log.info("compact: params %d -> %d, MACs %d -> %d", params_before, count_params(new), macs_before, count_macs(new))
     return new
@@ -337,8 +393,10 @@ class _Keep:
                     )
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """Per id: whether its channel stays."""
-        return np.array([self.by_root.get(r, True) for r in self.dg.root(ids).reshape(-1).tolist()], dtype=bool)
+        """Per id (any shape): whether its channel stays."""
+        roots, inverse = np.unique(self.dg.root(ids), return_inverse=True)
+        stays = np.array([self.by_root.get(r, True) for r in roots.tolist()], dtype=bool)
+        return stays[inverse].reshape(np.shape(ids))
 
 
 def _constant_folds(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> list[tuple[ConsumerSite, np.ndarray]]:
@@ -369,8 +427,9 @@ def _reference_run(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
     return reference, captured
 
 
-def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tuple[int, int]]:
-    """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output channels."""
+def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Slice every recorded layer and rewrite literal reshape sizes; ``{layer: (before, after)}`` output
+    channels, and notes on the sizes computed at run time."""
     channels: dict[str, tuple[int, int]] = {}
     slicer = _Slicer(gm)
     for side, sites in ((_Side.OUTPUTS, dg.producers), (_Side.THROUGH, dg.depthwise)):
@@ -382,15 +441,15 @@ def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> dict[str, tu
         slicer.add(_Side.INPUTS, consumer, keep(consumer.ids))
     for site in dg.norms:
         slicer.add(_Side.NORM, site, keep(site.ids))
+    notes = []
     for reshape in dg.reshapes:
-        ids = reshape.ids
-        per_index = ids[0].reshape(ids.shape[1], -1)[:, 0]
-        _rewrite_reshape(reshape.node, int(ids.shape[1]), int(keep(per_index).sum()))
+        kept = keep(reshape.ids)
+        notes += _rewrite_reshape(gm, reshape.node, reshape.ids.shape, _reshape_sizes(gm, reshape.node, kept))
     slicer.apply()
-    return channels
+    return channels, notes
 
 
-def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float) -> None:
+def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float, notes: list[str]) -> None:
     """The compacted model must agree with the masked one (eval mode)."""
     was = gm.training
     gm.eval()
@@ -400,7 +459,7 @@ def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any
     for a, b in zip(_tensors(reference), _tensors(got)):
         if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
             err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
-            raise PruneError(f"the compacted model disagrees with the masked one (max error {err}); please report it")
+            raise PruneError(_explain(gm, notes, f"the compacted model disagrees with the masked one (max error {err})"))
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

@@ -210,13 +210,11 @@ def tensor_attribute(walk: ChannelAnalysis, call: OpCall) -> None:
 
 
 def channel_pruner(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """A pruner masks its channel axis (``dim``: 1 after a conv, the last after a Linear): a masked channel is zero."""
     x = walk.input(call, "a ChannelPruner needs a tensor input with known shape")
-    dim = call.target.dim
-    if x.ids.ndim < 2 or dim % x.ids.ndim != 1:
-        raise walk.error(f"channel axis {dim} of a rank-{x.ids.ndim} tensor is not supported (axis 1 only)")
-    ids, _ = walk.per_channel(x)
+    ids, _ = walk.per_channel(x, call.target.dim)
     walk.add_pruner(call.target, ids)
-    return ChannelMap(x.ids, np.full(np.shape(x.masked), MaskedValue.ZERO, dtype=np.int8))
+    return ChannelMap(x.ids, np.full(x.ids.shape, MaskedValue.ZERO, dtype=np.int8))
 
 
 def conv(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
@@ -245,13 +243,14 @@ def conv(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
 
 
 def linear(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """A Linear reads the features on the last axis (any rank: tokens and heads are batch-like axes)
+    and makes fresh ones there."""
     m, x = call.target, walk.input(call)
-    if x.ids.ndim != 2:
-        raise walk.error(f"a Linear on a rank-{x.ids.ndim} input is not supported (rank 2 only)")
-    walk.add_consumer(m, x.ids[0].copy(), x.masked[0].copy())
-    out = walk.fresh(m.out_features)
-    walk.add_producer(m, out.ids[0].copy())
-    return out
+    ids, masked = walk.per_channel(x, -1)
+    walk.add_consumer(m, ids, masked)
+    out = walk.new_ids(m.out_features)
+    walk.add_producer(m, out)
+    return walk.broadcast_channels(out, np.zeros(len(out), dtype=np.int8), -1)
 
 
 def batch_norm(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
@@ -284,8 +283,8 @@ def eve_module(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     """Another evefx module (quantizer, neuron): element-wise, but it may map 0 elsewhere and a
     stateful neuron turns a constant into a spike train: what comes out is data."""
     m, x = call.target, walk.input(call)
-    c = x.ids.shape[1] if x.ids.ndim > 1 else 0
-    per_channel = [n for n, b in (*m.named_parameters(), *m.named_buffers()) if b.dim() and b.shape[0] == c and c > 1]
+    sizes = {x.ids.shape[1], x.ids.shape[-1]} - {1} if x.ids.ndim > 1 else set()
+    per_channel = [n for n, b in (*m.named_parameters(), *m.named_buffers()) if b.dim() and b.shape[0] in sizes]
     if per_channel:
         raise walk.error(f"{type(m).__name__} keeps per-channel state ({', '.join(per_channel)})")
     return ChannelMap(x.ids, np.zeros_like(x.masked))
@@ -326,21 +325,6 @@ def _binary(kind: str) -> Rule:
 add, sub, mul, div = _binary("add"), _binary("sub"), _binary("mul"), _binary("div")
 
 
-def concat(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``torch.cat``: the ids are concatenated exactly as the tensors are."""
-    seq = call.args[0]
-    dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
-    parts = [p if isinstance(p, ChannelMap) else None for p in seq]
-    if any(p is None for p in parts):
-        raise walk.error("it concatenates a tensor evefx does not follow")
-    maps: list[ChannelMap] = parts  # type: ignore[assignment]
-    axis = dim % maps[0].ids.ndim
-    if axis == 0:
-        raise walk.error("it concatenates along the batch axis")
-    return ChannelMap(np.concatenate([p.ids for p in maps], axis=axis),
-                      np.concatenate([np.broadcast_to(p.masked, p.ids.shape) for p in maps], axis=axis))
-
-
 def spatial_function(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     ids, masked = walk.per_channel(walk.input(call))
     if "avg_pool" in getattr(call.target, "__name__", "") and any(
@@ -359,101 +343,22 @@ def pad(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
 
 
 def reduction(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``x.mean(dims)`` and friends over spatial axes only."""
+    """``x.mean(dims)`` and friends over axes the channels do not vary along (spatial positions, tokens)."""
     x = walk.input(call)
     dims = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
     if dims is None:
         raise walk.error("it reduces over every axis, channels included")
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if any(d % x.ids.ndim in (0, 1) for d in dims):
-        raise walk.error("it reduces over the channel (or batch) axis")
-    ids, masked = walk.per_channel(x)
-    return walk.broadcast_channels(ids, masked)
-
-
-def _reshape(walk: ChannelAnalysis, call: OpCall, record: bool) -> ChannelMap:
-    x = walk.input(call)
-    in_shape = (1, *x.ids.shape[1:])
-    out = walk.out_shape()
-    src = call.node.args[0]
-    meta_in = walk.shape_of(src) if isinstance(src, fx.Node) else None
-    if meta_in is not None and meta_in[0] != out[0]:
-        raise walk.error("it reshapes the batch axis")
-    new_shape = (1, *out[1:])
-    ids = np.ascontiguousarray(x.ids).reshape(new_shape)
-    masked = np.ascontiguousarray(x.masked).reshape(new_shape)
-    if len(in_shape) >= 2 and len(new_shape) >= 2:
-        c = in_shape[1]
-        per_channel_const = (x.ids[0].reshape(c, -1) == x.ids[0].reshape(c, -1)[:, :1]).all()
-        merged = [c * int(np.prod(in_shape[2:2 + k])) for k in range(len(in_shape) - 1)]
-        if not (per_channel_const and new_shape[1] in merged):
-            walk.freeze(x.ids, f"channels split by {call.node.name} (e.g. a channel shuffle)")
-        elif record:
-            walk.add_reshape(ids)
+    rank = x.ids.ndim
+    dims = sorted({d % rank for d in ((dims,) if isinstance(dims, int) else tuple(dims))})
+    if set(dims) & set(walk.varying_axes(x)):
+        raise walk.error("it reduces over the channel axis")
+    keepdim = bool(call.args[2] if len(call.args) > 2 else call.kwargs.get("keepdim", False))
+    ids, masked = x.ids, np.broadcast_to(x.masked, x.ids.shape)
+    for d in reversed(dims):
+        ids, masked = ids.take([0], axis=d), masked.min(axis=d, keepdims=True)
+        if not keepdim:
+            ids, masked = ids.squeeze(d), masked.squeeze(d)
     return ChannelMap(ids, masked)
-
-
-def reshape(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``view``/``reshape``: channels may merge with the axes after them (their literal size is rewritten by compact)."""
-    return _reshape(walk, call, record=True)
-
-
-def flatten(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``flatten``/``unflatten``/``nn.Flatten``: as :func:`reshape`, with no literal size to rewrite."""
-    return _reshape(walk, call, record=False)
-
-
-def move_axes(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``permute``/``transpose``/``swapaxes``/``movedim`` with static axes: the ids move as the tensor does."""
-    x = walk.input(call)
-    rest, rank = list(call.node.args[1:]), x.ids.ndim
-    if any(isinstance(a, fx.Node) for a in rest):
-        raise walk.error("its axes are computed at run time")
-    name = call.target if isinstance(call.target, str) else call.target.__name__
-    if name == "permute":
-        axes = [a % rank for a in (rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest)]
-    else:
-        d0, d1 = rest[0] % rank, rest[1] % rank
-        axes = list(range(rank))
-        if name == "movedim":
-            axes.remove(d0)
-            axes.insert(d1, d0)
-        else:
-            axes[d0], axes[d1] = axes[d1], axes[d0]
-    if axes[0] != 0:
-        raise walk.error("it moves the batch axis")
-    return ChannelMap(np.transpose(x.ids, axes), np.transpose(np.broadcast_to(x.masked, x.ids.shape), axes))
-
-
-def split(walk: ChannelAnalysis, call: OpCall) -> list[ChannelMap]:
-    """``chunk``/``split``: splitting the channel axis freezes the channels (the parts' sizes are fixed)."""
-    x = walk.input(call)
-    meta = call.node.meta.get("tensor_meta")
-    if not isinstance(meta, (list, tuple)):
-        raise walk.error("no shape information for its parts")
-    dim = call.args[2] if len(call.args) > 2 else call.kwargs.get("dim", 0)
-    axis = dim % x.ids.ndim
-    if axis == 0:
-        raise walk.error("it splits the batch axis")
-    if axis == 1:
-        walk.freeze(x.ids, f"channels split by {call.node.name}")
-    cuts = np.cumsum([int(m.shape[axis]) for m in meta])[:-1]
-    masked = np.broadcast_to(x.masked, x.ids.shape)
-    return [ChannelMap(i, z) for i, z in zip(np.split(x.ids, cuts, axis=axis), np.split(masked, cuts, axis=axis))]
-
-
-def index(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
-    """``x[:, ...]``: static indexing; slicing the channel axis freezes the channels."""
-    x = walk.input(call)
-    idx = call.node.args[1]
-    key = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in key):
-        raise walk.error("it indexes with a tensor or a run-time value")
-    if not key or not (key[0] == slice(None) or key[0] is Ellipsis and len(key) == 1):
-        raise walk.error("it indexes the batch axis")
-    if len(key) > 1 and key[1] is not Ellipsis and key[1] != slice(None):
-        walk.freeze(x.ids, f"channels sliced by {call.node.name}")
-    return ChannelMap(x.ids[key], np.broadcast_to(x.masked, x.ids.shape)[key])
 
 
 # the defaults
@@ -463,7 +368,6 @@ _default(nn.modules.conv._ConvNd, conv)
 _default(nn.Linear, linear)
 _default(nn.modules.batchnorm._BatchNorm, batch_norm)
 _default(nn.PReLU, prelu)
-_default(nn.Flatten, flatten)
 _default(EveHooks, eve_module)
 _default((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh,
     nn.Mish, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Identity,
@@ -488,17 +392,14 @@ _default((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F
     F.max_pool2d, F.max_pool3d, F.interpolate, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d),
     spatial_function)
 _default(F.pad, pad)
-_default(("mean", "sum", "amax", "amin"), reduction)
+_default(("mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin), reduction)
 _default((operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"), add)
 _default((operator.sub, operator.isub, torch.sub, "sub", "sub_"), sub)
 _default((operator.mul, operator.imul, torch.mul, "mul", "mul_"), mul)
 _default((operator.truediv, operator.itruediv, torch.div, "div", "div_"), div)
-_default((torch.cat, torch.concat, torch.concatenate), concat)
-_default(("view", "reshape", torch.reshape), reshape)
-_default(("flatten", "unflatten", torch.flatten, torch.unflatten), flatten)
-_default((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, "permute", "transpose", "swapaxes", "movedim"), move_axes)
-_default((torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"), split)
-_default(operator.getitem, index)
 _default(("size", "dim", "numel", "nelement"), not_a_tensor)
 _default(builtins.getattr, tensor_attribute)
 del _default
+
+# the rules for axis moves (reshape, permute, cat, index) and for norms and attention register themselves
+from evefx.channels import attention_rules, layout_rules  # noqa: F401  (imported for the registrations)

@@ -55,6 +55,8 @@ class ChannelPruner(EveHooks, nn.Module):
         min_channels: never keep fewer channels than this.
         steps: prune to ``ratio`` in this many equal increments (one per :func:`evefx.prune_step`).
         scope: ``layer`` or ``global``; read by :func:`evefx.prune_step`, ignored here.
+        granularity: ``channel`` or ``head``: where the channels are split into attention heads, prune
+            whole heads or ``head_dim`` entries; read by the channel analysis, ignored here.
 
     ``set_mode(pruned=False)`` makes the module the identity (statistics still accumulate).
 
@@ -75,6 +77,7 @@ class ChannelPruner(EveHooks, nn.Module):
         min_channels: int = 1,
         steps: int = 1,
         scope: Literal["layer", "global"] = "layer",
+        granularity: Literal["channel", "head"] = "channel",
     ):
         super().__init__()
         if criterion not in CRITERIA:
@@ -85,6 +88,8 @@ class ChannelPruner(EveHooks, nn.Module):
             raise OptionError(f"ChannelPruner: ratio must be in [0, 1) (got {ratio})")
         if scope not in ("layer", "global"):
             raise OptionError(f"ChannelPruner: scope must be 'layer' or 'global' (got {scope!r})")
+        if granularity not in ("channel", "head"):
+            raise OptionError(f"ChannelPruner: granularity must be 'channel' or 'head' (got {granularity!r})")
         self.num_channels = int(num_channels)
         self.criterion = criterion
         self.dim = int(dim)
@@ -92,6 +97,7 @@ class ChannelPruner(EveHooks, nn.Module):
         self.min_channels = int(min_channels)
         self.steps = max(1, int(steps))
         self.scope = scope
+        self.granularity = granularity
         self.enabled = True
         self.register_buffer("mask", torch.ones(num_channels))
         self.register_buffer("ratio", torch.tensor(float(ratio)))
@@ -199,4 +205,5 @@ class ChannelPruner(EveHooks, nn.Module):
 
     def extra_repr(self) -> str:
         kept = int((self.mask > 0.5).sum())
-        return f"{self.num_channels}, criterion={self.criterion}, ratio={float(self.ratio):.3g}, kept={kept}, dim={self.dim}"
+        return f"{self.num_channels}, criterion={self.criterion}, ratio={float(self.ratio):.3g}, kept={kept}, dim={self.dim}" + (
+            f", granularity={self.granularity}" if self.granularity != "channel" else "")

@@ -66,6 +66,7 @@ class PrunePass(SectionPass):
                 min_channels=section.min_channels,
                 steps=steps,
                 scope=section.scope,
+                granularity=section.granularity,
             )
             pruner.train(module.training)
             last = output_block(gm, node).last
@@ -74,7 +75,8 @@ class PrunePass(SectionPass):
                  channel_axis=planned.channel_axis)
             changes.append(self.change(
                 "inserted", new, layer,
-                f"ChannelPruner({pruner.num_channels}, {section.criterion}, ratio={section.ratio:g}, {section.scope})",
+                f"ChannelPruner({pruner.num_channels}, {section.criterion}, ratio={section.ratio:g}, {section.scope}"
+                + (f", {section.granularity})" if section.granularity != "channel" else ")"),
             ))
         self.current_node = None
         return PassResult(gm, bool(changes), tuple(changes))

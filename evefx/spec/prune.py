@@ -48,6 +48,12 @@ class PruneSection(Section):
     """Highest ratio the upgrader may choose."""
     min_channels: Bounded(int, 1, 1 << 20) = 1
     """Never keep fewer channels than this in a layer."""
+    granularity: Literal["channel", "head"] = "channel"
+    """Where a Linear's features are split into attention heads (a reshape to ``(..., heads, head_dim)``):
+    ``head`` prunes whole heads (q/k/v rows and the output projection's columns of a head together,
+    ``num_heads`` rewritten), ``channel`` prunes ``head_dim`` uniformly across heads (q with k, v with
+    the output projection). Elsewhere (MLP widths, convs) channels are pruned either way. The residual
+    stream a LayerNorm reads is never pruned (see evefx.channels.attention_rules)."""
     schedule: Annotated[Union[OneShot, Iterative], Field(discriminator="kind")] = OneShot(kind="one_shot")
 
     @model_validator(mode="after")

@@ -22,10 +22,10 @@ def test_unsupported_coupling_names_the_node():
 
         def forward(self, x):
             x = self.conv(x)
-            return self.fc(torch.softmax(x, dim=1).mean((2, 3)))
+            return self.fc(torch.cumsum(x, dim=1).mean((2, 3)))
 
     gm = evefx.transform(Mixer(), PRUNE, X16)
-    with pytest.raises(PruneError, match=r"node 'softmax'.*softmax maps channels"):
+    with pytest.raises(PruneError, match=r"node 'cumsum'.*cumsum maps channels"):
         evefx.prune_step(gm)
 
 
@@ -81,8 +81,9 @@ def test_unknown_op_error_says_how_to_register_a_rule():
     assert str(function.value) == (
         "cannot prune through node 'square' (call_function square): evefx does not know how square maps channels. "
         "Register a rule for it, e.g. evefx.channels.register_rule(torch.square, evefx.channels.rules.elementwise) "
-        "if output channel c is input channel c and 0 stays 0 (see evefx.channels.rules for the others), exclude "
-        "the layers feeding it from the prune section's select, or keep that part opaque with trace.leaf_modules."
+        "if output channel c is input channel c and 0 stays 0 (see evefx.channels.rules for the others). Add the "
+        "layers feeding it to the prune section's select.exclude (e.g. select: {exclude: ['c1']}), or keep that part "
+        "opaque with trace.leaf_modules."
     )
     with pytest.raises(PruneError) as module:
         evefx.prune_step(evefx.transform(Gained(), GAINED, X16))
