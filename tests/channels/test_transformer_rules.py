@@ -189,24 +189,36 @@ def test_an_unknown_attention_op_names_the_node_the_rule_and_select_exclude():
                                  "['q_proj', 'k_proj', 'v_proj']}), or keep that part opaque with trace.leaf_modules.")
 
 
-def test_multihead_attention_is_opaque_and_the_rest_prunes():
-    class MHA(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(16, 16)
-            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
-            self.head = nn.Linear(16, 3)
+class MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
 
-        def forward(self, x):
-            x = self.embed(x)
-            x = x + self.attn(x, x, x, need_weights=False)[0]
-            return self.head((x + self.mlp(x)).mean(1))
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1))
 
-    groups = groups_by_layer(evefx.transform(MHA(), spec(), TOKENS))
+
+def test_multihead_attention_is_decomposed_and_prunes_whole_heads():
+    groups = groups_by_layer(evefx.transform(MHA(), spec("head"), TOKENS))
+    assert groups[("attn.q_proj", "attn.k_proj", "attn.v_proj")].prunable == 4  # heads, q/k/v coupled
+    assert groups[("embed", "attn.out_proj", "mlp.2")].prunable == 16  # no norm: the stream prunes too
+    _gm, small = prune(MHA(), granularity="head")  # compact equals the masked model (checked in prune)
+    assert small.get_submodule("attn.q_proj").out_features == 8 and small.get_submodule("attn.out_proj").in_features == 8
+
+
+def test_multihead_attention_kept_as_a_leaf_is_opaque_and_the_rest_prunes():
+    leaf = {"trace": {"leaf_modules": ["MultiheadAttention"]}, **spec()}
+    groups = groups_by_layer(evefx.transform(MHA(), leaf, TOKENS))
     stream = groups[("embed", "mlp.2")]
     assert stream.prunable == 0 and stream.frozen[0].startswith("read inside attn, which evefx does not see into")
-    _gm, small = prune(MHA())
+    gm = evefx.transform(randomise(MHA()), leaf, TOKENS)
+    evefx.prune_step(gm)
+    small = evefx.compact(gm)
     assert small.get_submodule("mlp.0").out_features == 16 and small.attn.num_heads == 4
 
 
