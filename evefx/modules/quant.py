@@ -212,8 +212,8 @@ class Quantizer(EveHooks, nn.Module):
             (instead of from the very first batch) and trained from there. 0: first batch.
         bits_schedule: ``((step, bits), ...)`` with steps rising from 0: progressive bit lowering.
             At every training forward the quantizer takes the bits of the last entry whose step
-            it has reached (counting its own training forwards), through :meth:`set_bits`, so a
-            learned scale is carried over to the coarser grid. E.g. ``((0, 8), (100, 4), (200, 2))``.
+            it has reached (counting its own training forwards); a learned scale then restarts from
+            the new grid's least-squares fit to that batch (as at initialisation). E.g. ``((0, 8), (100, 4), (200, 2))``.
             The first entry's bits replace ``bits``.
             The count is the buffer ``steps`` (saved with the state dict).
         code_range: ``(lo, hi)`` further limits the codes to ``[max(qmin, lo), min(qmax, hi)]``.
@@ -625,25 +625,30 @@ class Quantizer(EveHooks, nn.Module):
         """A learned scale still following the tracked range (the first ``init_steps`` training forwards)."""
         return self.learnable_scale and self.init_steps > 0 and int(self.steps) < self.init_steps
 
-    def _follow_schedule(self) -> None:
-        """Take the bits the schedule gives at the current step (training forwards only)."""
+    def _follow_schedule(self) -> bool:
+        """Take the bits the schedule gives at the current step (training forwards only); True
+        when they changed."""
         step = int(self.steps)
         bits = next(b for st, b in reversed(self.bits_schedule) if st <= step)  # type: ignore[arg-type]
-        if bits != int(self.bits):
-            log.debug("%s: step %d, bits %d -> %d", self.name, step, int(self.bits), bits)
-            self.set_bits(bits)
+        if bits == int(self.bits):
+            return False
+        log.debug("%s: step %d, bits %d -> %d", self.name, step, int(self.bits), bits)
+        self.set_bits(bits)
+        return True
 
     def _run(self, x: torch.Tensor, fold: torch.Tensor | None) -> torch.Tensor:
         mn, mx = self._batch_range(x, fold)
         with torch.no_grad():
-            if self.training and self.bits_schedule is not None:
-                self._follow_schedule()
+            # a learned step restarts from the new grid's least-squares fit at each stage: carried
+            # over from 4 to 2 bits (set_bits) it collapsed the demo network (docs/quantization.md)
+            restart = self.training and self.bits_schedule is not None and self._follow_schedule()
             warming = self._warming_up()
             if self.training or not bool(self.initialized):
                 self._track(mn, mx)
                 if not self.learnable_scale or warming:
                     self._refresh_from_range()
-                elif not bool(self.initialized) or (self.init_steps and self.training and int(self.steps) == self.init_steps):
+                elif (not bool(self.initialized) or restart
+                      or (self.init_steps and self.training and int(self.steps) == self.init_steps)):
                     self._initialise(x if fold is None else x * fold)
                 self.initialized.fill_(True)
             if self.training and hasattr(self, "steps"):

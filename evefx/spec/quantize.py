@@ -54,10 +54,13 @@ class QuantizerConfig(StrictModel):
     """Make the scale a trained parameter for ``round`` too (always true for lsq/llsq)."""
     regularization: Literal["l1", "l2"] = "l2"
     """Only for ``llsq``: the norm of the quantization-error regulariser."""
-    init_steps: Bounded(int, 0, 1_000_000_000) = 0
+    init_steps: Bounded(int, 0, 1_000_000_000) = 30
     """Only for learned scales (lsq, llsq, ``learnable_scale``): the first ``init_steps`` training
     steps quantize with the tracked range's grid (as ``round``) while the range settles, then the
-    learned scale starts from that range instead of from the first batch. 0: from the first batch."""
+    learned scale starts from that range (LSQ+'s least-squares search) instead of from the first
+    batch. 0: from the first batch (the behaviour before this option). 30 steps is about one epoch
+    of the 4,000-image MNIST split at batch 128; on its validation part W2A2 lsq went from 57 to
+    86% from random weights and from 52 to 89% fine-tuned (docs/quantization.md)."""
     progressive: ProgressiveBits | None = None
     """Lower the bits progressively during training (e.g. 8 -> 4 -> 2); ``null``: ``bits`` throughout."""
 
