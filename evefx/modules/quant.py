@@ -212,8 +212,8 @@ class Quantizer(EveHooks, nn.Module):
             (instead of from the very first batch) and trained from there. 0: first batch.
         bits_schedule: ``((step, bits), ...)`` with steps rising from 0: progressive bit lowering.
             At every training forward the quantizer takes the bits of the last entry whose step
-            it has reached (counting its own training forwards); a learned scale then restarts from
-            the new grid's least-squares fit to that batch (as at initialisation). E.g. ``((0, 8), (100, 4), (200, 2))``.
+            it has reached (counting its own training forwards); a learned scale then starts over
+            as at initialisation (``init_steps`` of range tracking, then the least-squares step). E.g. ``((0, 8), (100, 4), (200, 2))``.
             The first entry's bits replace ``bits``.
             The count is the buffer ``steps`` (saved with the state dict).
         code_range: ``(lo, hi)`` further limits the codes to ``[max(qmin, lo), min(qmax, hi)]``.
@@ -621,9 +621,16 @@ class Quantizer(EveHooks, nn.Module):
             return x
         return self._run(x, None)
 
+    def _stage_step(self) -> int:
+        """Training forwards since the current bits began (since the start without a schedule)."""
+        step = int(self.steps)
+        start = max((st for st, _ in self.bits_schedule if st <= step), default=0) if self.bits_schedule else 0
+        return step - start
+
     def _warming_up(self) -> bool:
-        """A learned scale still following the tracked range (the first ``init_steps`` training forwards)."""
-        return self.learnable_scale and self.init_steps > 0 and int(self.steps) < self.init_steps
+        """A learned scale still following the tracked range (the first ``init_steps`` training
+        forwards of the run, and of every stage of a bits schedule)."""
+        return self.learnable_scale and self.init_steps > 0 and self._stage_step() < self.init_steps
 
     def _follow_schedule(self) -> bool:
         """Take the bits the schedule gives at the current step (training forwards only); True
@@ -639,16 +646,16 @@ class Quantizer(EveHooks, nn.Module):
     def _run(self, x: torch.Tensor, fold: torch.Tensor | None) -> torch.Tensor:
         mn, mx = self._batch_range(x, fold)
         with torch.no_grad():
-            # a learned step restarts from the new grid's least-squares fit at each stage: carried
-            # over from 4 to 2 bits (set_bits) it collapsed the demo network (docs/quantization.md)
-            restart = self.training and self.bits_schedule is not None and self._follow_schedule()
+            # each stage starts as a fresh quantizer would (warm-up, then the least-squares step):
+            # a learned step carried over from 4 to 2 bits (set_bits) collapsed the demo network
+            restart = self.training and self.bits_schedule is not None and self._follow_schedule() and not self.init_steps
             warming = self._warming_up()
             if self.training or not bool(self.initialized):
                 self._track(mn, mx)
                 if not self.learnable_scale or warming:
                     self._refresh_from_range()
                 elif (not bool(self.initialized) or restart
-                      or (self.init_steps and self.training and int(self.steps) == self.init_steps)):
+                      or (self.init_steps and self.training and self._stage_step() == self.init_steps)):
                     self._initialise(x if fold is None else x * fold)
                 self.initialized.fill_(True)
             if self.training and hasattr(self, "steps"):

@@ -133,3 +133,16 @@ def test_bits_schedule_errors():
         Quantizer(2, bits_schedule=((1, 8), (2, 2)))
     with pytest.raises(QuantizationError, match="bits_schedule and bit_range"):
         Quantizer(2, bits_schedule=((0, 8), (2, 2)), bit_range=(2, 8))
+
+
+def test_each_schedule_stage_warms_up_again():
+    torch.manual_seed(0)
+    q = Quantizer(2, "lsq", init_steps=2, bits_schedule=((0, 8), (4, 2))).train()
+    warm = []
+    for _ in range(8):
+        x = torch.randn(32, requires_grad=True)
+        q(x).sum().backward()
+        warm.append(q.scale.grad is None)
+        q.scale.grad = None
+    # steps 0-1 and 4-5 follow the range (straight-through), the others train the step
+    assert warm == [True, True, False, False, True, True, False, False]
