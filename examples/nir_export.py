@@ -36,7 +36,7 @@ from evefx.train import evaluate, fit, seed_everything  # noqa: E402
 from examples.models import DemoNet  # noqa: E402
 
 T = 8
-NEURON = {"threshold": 0.5, "reset": 0.0, "tau": 2.0, "neuron_wise": True, "surrogate": {"name": "atan", "alpha": 2.0}}
+NEURON = {"threshold": 0.5, "reset": 0.0, "tau": 2.0, "neuron_wise": True, "surrogate": {"name": "atan", "alpha": 2.0, "relative": False}}
 
 
 def cpu_model() -> str:

@@ -45,7 +45,7 @@ from examples.models import DemoNet  # noqa: E402
 BASE: dict[str, Any] = {
     "kind": "spike", "timesteps": 8, "encoder": "direct", "exclude_last": True,
     "neuron": {"type": "lif", "threshold": 0.5, "reset": 0.0, "tau": 2.0, "neuron_wise": True,
-               "surrogate": {"name": "atan", "alpha": 2.0}},
+               "surrogate": {"name": "atan", "alpha": 2.0, "relative": False}},
 }
 LR = 5e-3
 BATCH = 64
@@ -86,7 +86,7 @@ def rows() -> dict[str, dict]:
     for name in SURROGATES:
         alpha = SURROGATE_ALPHA[name]
         out[f"sg_{name}"] = variant("surrogate", f"surrogate {name} (alpha {alpha:g})",
-                                    neuron={"surrogate": {"name": name, "alpha": alpha}})
+                                    neuron={"surrogate": {"name": name, "alpha": alpha, "relative": False}})
     out["hybrid"] = variant("hybrid", "hybrid: ANN half, then SNN", hybrid=True)
     return out
 

@@ -60,6 +60,16 @@ class _Dynamics:
     leaky: bool
     parts: Callable[[torch.Tensor, float], tuple[torch.Tensor, float]] | None = None
     """The surrogate's ``derivative_parts`` (derivative = scale * tensor), for the fast backward."""
+    relative: bool = False
+    """The surrogate is taken on ``u / th`` (its width scales with the threshold): ``g'(u/th) / th``."""
+
+
+def _surrogate_grad(dyn: _Dynamics, u: torch.Tensor, th: Any) -> torch.Tensor:
+    """``g'(u)``, or ``g'(u/th)/th`` for a threshold-relative surrogate (``th`` detached)."""
+    if not dyn.relative:
+        return dyn.derivative(u, dyn.alpha)
+    th = th.detach() if isinstance(th, torch.Tensor) else th
+    return dyn.derivative(u / th, dyn.alpha).div_(th)
 
 
 def _as_scalar(p: torch.Tensor | None) -> torch.Tensor | float | None:
@@ -185,7 +195,7 @@ class _MultiStep(torch.autograd.Function):
             return _fast_input_grad(grad_out, h, th, r, k, a, dyn) if need_x else None, None, None, None, None
 
         u = h - th
-        sg = dyn.derivative(u, dyn.alpha)
+        sg = _surrogate_grad(dyn, u, th)
         # the spikes are only needed where something reads them (full passes are the cost here)
         need_fired = not dyn.binary or need_th or need_r or need_k
         fired = h >= th if need_fired else None
@@ -246,7 +256,14 @@ def _fast_input_grad(grad_out: torch.Tensor, h: torch.Tensor, th: Any, r: Any, k
     """dL/dx of a binary neuron with fixed parameters (the common training case) in the fewest
     full passes: with ``sg = scale * d``, the factors ``scale`` and ``k`` ride along in the
     multiply-adds, and since the recurrence is linear ``G`` is carried already multiplied by ``k``."""
-    d, scale = dyn.parts(h - th, dyn.alpha)  # type: ignore[misc]
+    if not dyn.relative:
+        d, scale = dyn.parts(h - th, dyn.alpha)  # type: ignore[misc]
+    elif isinstance(th, torch.Tensor):  # g'(u/th)/th: the per-channel 1/th goes into d
+        d, scale = dyn.parts((h - th).div_(th), dyn.alpha)  # type: ignore[misc]
+        d = d.div_(th)
+    else:
+        d, scale = dyn.parts((h - th).div_(th), dyn.alpha)  # type: ignore[misc]
+        scale = scale / th
     zero = torch.zeros((), dtype=h.dtype, device=h.device)
     G = torch.addcmul(zero, grad_out, d, value=scale * k)  # k dL/dh_t through step t's own output
     if dyn.time_dependent and h.shape[0] > 1:
@@ -273,11 +290,13 @@ def multi_step(
     alpha: float = 2.0,
     binary: bool = True,
     time_dependent: bool = True,
+    relative: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the neuron recurrence over ``x`` ``[T, B, ...]`` in one fused autograd function.
 
     ``threshold``/``reset`` broadcast to one step (``reset=None``: soft reset); ``k = 1/tau``
-    (None: IF). Returns ``(output, pre-spike membrane h)``, both ``[T, B, ...]``.
+    (None: IF). ``relative``: the surrogate's width scales with the threshold (``g'(u/th)/th``).
+    Returns ``(output, pre-spike membrane h)``, both ``[T, B, ...]``.
 
     Example:
         >>> out, h = multi_step(torch.ones(3, 1), 1.0, 0.0, 0.5)
@@ -286,7 +305,7 @@ def multi_step(
     """
     cls = surrogate_class(surrogate)
     dyn = _Dynamics(cls.derivative, float(alpha), reset is not None, binary, time_dependent, k is not None,
-                    cls.derivative_parts)
+                    cls.derivative_parts, relative)
     return _MultiStep.apply(x, threshold, reset, k, dyn)
 
 
@@ -305,6 +324,14 @@ class SpikingNeuron(EveHooks, nn.Module):
         time_dependent: False detaches the membrane between steps.
         binary: False emits ``h - threshold`` where the neuron fires instead of 1.
         surrogate / alpha: the surrogate gradient (see :mod:`evefx.modules.surrogate`).
+        relative_surrogate: take the surrogate on ``u / threshold``, so its width scales with the
+            threshold: ``g'(u/th)/th`` (the same as before at threshold 1). A low threshold then gets
+            a narrow, tall surrogate instead of one that is flat across the membrane's whole range.
+        threshold_std: data-dependent threshold: at the first forward (training, or eval when never
+            trained) the threshold is set to ``threshold_std`` standard deviations of the layer's
+            input current on that batch (``x/tau`` for LIF/PLIF, ``x`` for IF), one value per
+            layer; ``threshold`` is only the value until then. ``None``: ``threshold`` as given.
+            The buffer ``threshold_ready`` records that it happened (saved with the state dict).
         upgrade: expose ``threshold`` (and LIF's ``tau``) as eve parameters for the upgrader.
         ann_slope: negative slope of the LeakyReLU that LIF/PLIF become in non-spiking mode.
         record_in_training: also gather observations in training mode (multi-step forwards
@@ -332,6 +359,8 @@ class SpikingNeuron(EveHooks, nn.Module):
         ann_slope: float = 0.01,
         threshold_range: tuple[float, float] = (0.1, 4.0),
         record_in_training: bool = False,
+        relative_surrogate: bool = False,
+        threshold_std: float | None = None,
     ):
         super().__init__()
         if timesteps < 1:
@@ -342,6 +371,8 @@ class SpikingNeuron(EveHooks, nn.Module):
             raise OptionError("channel_axis cannot be 0: dim 0 is the (time-folded) batch")
         if surrogate not in SURROGATES:
             raise OptionError(f"unknown surrogate {surrogate!r}; valid names: {', '.join(SURROGATES)}")
+        if threshold_std is not None and not threshold_std > 0:
+            raise OptionError(f"threshold_std must be > 0 (got {threshold_std})")
         if learnable_reset and reset is None:
             raise OptionError("learnable_reset needs a hard reset value (reset=None means soft reset)")
         self.timesteps = int(timesteps)
@@ -356,8 +387,12 @@ class SpikingNeuron(EveHooks, nn.Module):
         self.ann_slope = float(ann_slope)
         self.threshold_range = threshold_range
         self.record_in_training = bool(record_in_training)
+        self.relative_surrogate = bool(relative_surrogate)
+        self.threshold_std = None if threshold_std is None else float(threshold_std)
         shape = (channels,) if neuron_wise else ()
         self._register("threshold", torch.full(shape, float(threshold)), learnable_threshold)
+        if self.threshold_std is not None:
+            self.register_buffer("threshold_ready", torch.tensor(False))
         if reset is None:
             self.reset = None
         else:
@@ -452,11 +487,25 @@ class SpikingNeuron(EveHooks, nn.Module):
     def _dynamics(self) -> _Dynamics:
         cls = surrogate_class(self.surrogate)
         return _Dynamics(cls.derivative, self.alpha, self.reset is not None, self.binary, self.time_dependent,
-                         self.leaky, cls.derivative_parts)
+                         self.leaky, cls.derivative_parts, self.relative_surrogate)
+
+    @torch.no_grad()
+    def _init_threshold(self, x: torch.Tensor) -> None:
+        """Data-dependent threshold: ``threshold_std`` standard deviations of this batch's input
+        current. Why: a fixed threshold of 1 sits several deviations above the current of a layer
+        without BatchNorm (or of any layer once LIF divides by tau), so the neurons barely fire at
+        the start and the first epochs learn little (docs/spiking.md)."""
+        k = self.leak()
+        k = float(k.detach()) if isinstance(k, torch.Tensor) else (1.0 if k is None else k)
+        std = float(x.detach().float().std()) * k if x.numel() > 1 else 0.0
+        self.threshold.fill_(self.threshold_std * std if std > 0 else float(self.threshold.mean()))
+        self.threshold_ready.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spiking:
             return F.leaky_relu(x, self.ann_slope) if self.leaky else F.relu(x)
+        if self.threshold_std is not None and not bool(self.threshold_ready):
+            self._init_threshold(x)
         axis = self.channel_axis
         if self.neuron_wise and (x.dim() < 2 or not -x.dim() <= axis < x.dim() or x.shape[axis] != self.channels):
             got = x.shape[axis] if x.dim() > 1 and -x.dim() <= axis < x.dim() else 1
@@ -494,7 +543,7 @@ class SpikingNeuron(EveHooks, nn.Module):
             v = r.detach() if isinstance(r, torch.Tensor) else torch.zeros((), dtype=x.dtype, device=x.device) + r
         h = _integrate(_leak_input(x, k, r, dyn), v, a)
         u = h - th
-        spike = surrogate_class(self.surrogate).apply(u, self.alpha)
+        spike = surrogate_class(self.surrogate).apply(u / th.detach() if dyn.relative else u, self.alpha)
         out = spike if dyn.binary else spike * u
         v = h * (1.0 - spike) + r * spike if dyn.hard else h - th * spike
         self._v = v if dyn.time_dependent else v.detach()

@@ -206,6 +206,16 @@ class Quantizer(EveHooks, nn.Module):
         tracker: ``average`` (EMA of the batch min/max with ``momentum``) or ``global`` (running
             min/max). Ranges update in training only; an uninitialised quantizer run in eval
             initialises from that batch.
+        init_steps: lsq/llsq/learned scales only: the first ``init_steps`` training forwards
+            quantize with the tracked range's grid (as ``round`` does, straight-through) while the
+            range settles; the learned scale is then initialised from that range and the batch
+            (instead of from the very first batch) and trained from there. 0: first batch.
+        bits_schedule: ``((step, bits), ...)`` with steps rising from 0: progressive bit lowering.
+            At every training forward the quantizer takes the bits of the last entry whose step
+            it has reached (counting its own training forwards); a learned scale then starts over
+            as at initialisation (``init_steps`` of range tracking, then the least-squares step). E.g. ``((0, 8), (100, 4), (200, 2))``.
+            The first entry's bits replace ``bits``.
+            The count is the buffer ``steps`` (saved with the state dict).
         code_range: ``(lo, hi)`` further limits the codes to ``[max(qmin, lo), min(qmax, hi)]``.
             ``(-64, 63)`` on int8 weights keeps every pair of u8 x s8 products of an x86 AVX2
             integer kernel inside int16 (``2 * 255 * 64 <= 32767``), so the file computes the same
@@ -243,6 +253,8 @@ class Quantizer(EveHooks, nn.Module):
         reg_weight: float = 1.0,
         bit_range: tuple[int, int] | None = None,
         code_range: tuple[int, int] | None = None,
+        init_steps: int = 0,
+        bits_schedule: tuple[tuple[int, int], ...] | None = None,
         name: str = "",
     ):
         super().__init__()
@@ -270,6 +282,19 @@ class Quantizer(EveHooks, nn.Module):
             code_range = (int(code_range[0]), int(code_range[1]))
             if not code_range[0] <= 0 <= code_range[1] or code_range[0] == code_range[1]:
                 raise QuantizationError(f"{self.name}: code_range must contain 0 and two codes at least (got {code_range})")
+        if int(init_steps) < 0:
+            raise QuantizationError(f"{self.name}: init_steps must be >= 0 (got {init_steps})")
+        if bits_schedule is not None:
+            bits_schedule = tuple((int(st), int(b)) for st, b in bits_schedule)
+            starts = [st for st, _ in bits_schedule]
+            if not bits_schedule or starts[0] != 0 or starts != sorted(set(starts)):
+                raise QuantizationError(f"{self.name}: bits_schedule needs (step, bits) pairs with rising steps "
+                                        f"starting at 0 (got {bits_schedule})")
+            if not all(1 <= b <= 16 for _, b in bits_schedule):
+                raise QuantizationError(f"{self.name}: bits_schedule bits must be between 1 and 16 (got {bits_schedule})")
+            if bit_range is not None:
+                raise QuantizationError(f"{self.name}: bits_schedule and bit_range both set the bits; use one")
+            bits = bits_schedule[0][1]
         per_channel = granularity == "per_channel"
         if per_channel and (num_channels is None or num_channels < 1):
             raise QuantizationError(
@@ -288,12 +313,16 @@ class Quantizer(EveHooks, nn.Module):
         self.reg_weight = float(reg_weight)
         self.bit_range = bit_range
         self.code_range = code_range
+        self.init_steps = int(init_steps)
+        self.bits_schedule = bits_schedule
         self._enabled = True
         self._reg: torch.Tensor | None = None
         self._stats: dict[str, float] = {}
         shape = (self.num_channels,) if per_channel else ()
         self.register_buffer("bits", torch.tensor(int(bits), dtype=torch.int64))
         self.register_buffer("initialized", torch.tensor(False))
+        if self.init_steps or bits_schedule:  # only these need to know how far training has gone
+            self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("range_min", torch.zeros(shape))
         self.register_buffer("range_max", torch.zeros(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
@@ -546,7 +575,8 @@ class Quantizer(EveHooks, nn.Module):
         return best_scale, best_zero
 
     def _fake_quant(
-        self, x: torch.Tensor, fold: torch.Tensor | None = None, batch_range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, fold: torch.Tensor | None = None, batch_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ste: bool = False,
     ) -> torch.Tensor:
         qmin, qmax = self.quant_range()
         scale = self.scale if fold is None else self.scale / fold.detach().reshape(-1)
@@ -557,7 +587,7 @@ class Quantizer(EveHooks, nn.Module):
             zero = torch.zeros((), dtype=torch.int32)  # lets the STE skip two passes
         elif per_row and zero.dim() == 0 and fold is not None:
             zero = zero.expand(scale.shape)
-        if not self.learnable_scale:
+        if not self.learnable_scale or ste:
             may_clip = True
             if batch_range is not None:
                 # codes of the batch's extremes (in the quantizer's domain); within half a step of
@@ -591,17 +621,46 @@ class Quantizer(EveHooks, nn.Module):
             return x
         return self._run(x, None)
 
+    def _stage_step(self) -> int:
+        """Training forwards since the current bits began (since the start without a schedule)."""
+        step = int(self.steps)
+        start = max((st for st, _ in self.bits_schedule if st <= step), default=0) if self.bits_schedule else 0
+        return step - start
+
+    def _warming_up(self) -> bool:
+        """A learned scale still following the tracked range (the first ``init_steps`` training
+        forwards of the run, and of every stage of a bits schedule)."""
+        return self.learnable_scale and self.init_steps > 0 and self._stage_step() < self.init_steps
+
+    def _follow_schedule(self) -> bool:
+        """Take the bits the schedule gives at the current step (training forwards only); True
+        when they changed."""
+        step = int(self.steps)
+        bits = next(b for st, b in reversed(self.bits_schedule) if st <= step)  # type: ignore[arg-type]
+        if bits == int(self.bits):
+            return False
+        log.debug("%s: step %d, bits %d -> %d", self.name, step, int(self.bits), bits)
+        self.set_bits(bits)
+        return True
+
     def _run(self, x: torch.Tensor, fold: torch.Tensor | None) -> torch.Tensor:
         mn, mx = self._batch_range(x, fold)
         with torch.no_grad():
+            # each stage starts as a fresh quantizer would (warm-up, then the least-squares step):
+            # a learned step carried over from 4 to 2 bits (set_bits) collapsed the demo network
+            restart = self.training and self.bits_schedule is not None and self._follow_schedule() and not self.init_steps
+            warming = self._warming_up()
             if self.training or not bool(self.initialized):
                 self._track(mn, mx)
-                if not self.learnable_scale:
+                if not self.learnable_scale or warming:
                     self._refresh_from_range()
-                elif not bool(self.initialized):
+                elif (not bool(self.initialized) or restart
+                      or (self.init_steps and self.training and self._stage_step() == self.init_steps)):
                     self._initialise(x if fold is None else x * fold)
                 self.initialized.fill_(True)
-            if self.learnable_scale and self.training:
+            if self.training and hasattr(self, "steps"):
+                self.steps += 1
+            if self.learnable_scale and self.training and not warming:
                 # An optimizer step may push a learned scale through zero (Adam moves it by about
                 # its learning rate whatever the gradient, more than a small 8-bit weight scale):
                 # keep the step at least 1/_MIN_SPAN of the tracked range's, which trained grids do
@@ -609,7 +668,7 @@ class Quantizer(EveHooks, nn.Module):
                 qmin, qmax = self.quant_range()
                 floor = affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)[0]
                 torch.maximum(self.scale, floor / _MIN_SPAN, out=self.scale)
-        out = self._fake_quant(x, fold, (mn, mx))
+        out = self._fake_quant(x, fold, (mn, mx), ste=warming)
         if self.training and self.fn == "llsq" and torch.is_grad_enabled():
             err = (out - x).abs() if self.regularization == "l1" else (out - x).square()
             if fold is not None:
@@ -640,6 +699,10 @@ class Quantizer(EveHooks, nn.Module):
             parts.append(f"bit_range={self.bit_range}")
         if self.code_range:
             parts.append(f"code_range={self.code_range}")
+        if self.init_steps:
+            parts.append(f"init_steps={self.init_steps}")
+        if self.bits_schedule:
+            parts.append(f"bits_schedule={self.bits_schedule}")
         if not self._enabled:
             parts.append("disabled")
         return ", ".join(parts)

@@ -22,7 +22,7 @@ __all__ = ["Change", "PassResult", "Pass", "Sequential", "SectionPass"]
 
 log = logging.getLogger(__name__)
 
-Action = Literal["inserted", "replaced", "folded", "removed"]
+Action = Literal["inserted", "replaced", "folded", "removed", "modified"]
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def make_quantizer(
         cfg.bits, cfg.fn, cfg.granularity, ch_axis=ch_axis, num_channels=num_channels if per_channel else None,
         symmetric=cfg.symmetric, signed=cfg.signed, tracker=cfg.tracker, momentum=cfg.momentum,
         learnable_scale=cfg.learnable_scale, regularization=cfg.regularization, bit_range=bit_range,
-        code_range=code_range, name=name,
+        code_range=code_range, init_steps=cfg.init_steps, bits_schedule=cfg.bits_schedule(), name=name,
     )
 
 
@@ -157,10 +157,26 @@ class QuantizePass(SectionPass):
             return None  # the BatchNorm or the layer is applied elsewhere too: folding would change that call
         return bn
 
+    @staticmethod
+    def _kept(cfg: QuantizerConfig | None, bits: int | None) -> QuantizerConfig | None:
+        """``cfg`` at ``keep_first_last`` bits (no progressive lowering: the layer stays at those bits)."""
+        if cfg is None or bits is None:
+            return cfg
+        return cfg.model_copy(update={"bits": bits, "progressive": None})
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         changes: list[Change] = []
-        for layer, planned in self.plan(gm).items():
+        plan = self.plan(gm)
+        names = list(plan)
+        for layer, planned in plan.items():
             node, module, section = planned.node, planned.module, planned.section
+            keep = section.keep_first_last
+            is_first, is_last = keep is not None and layer == names[0], keep is not None and layer == names[-1]
+            # keep_first_last: the first layer's weights and input, the last layer's weights, input
+            # and output at ``keep`` bits; the rest of the section applies unchanged
+            weight_cfg = self._kept(section.weight, keep) if is_first or is_last else section.weight
+            act_cfg = self._kept(section.activation, keep) if is_last else section.activation
+            input_cfg = self._kept(section.activation, keep) if is_first or is_last else section.activation
             if marked(gm, self.name, layer) or isinstance(module, QUANT_LAYER_TYPES):
                 log.debug("%s: %s is already quantized; skipped", self.spec_path, layer)
                 continue
@@ -172,8 +188,8 @@ class QuantizePass(SectionPass):
                 )
             self.current_node = node
             channels = out_channels(module)
-            if section.weight is not None:
-                cfg = section.weight
+            if weight_cfg is not None:
+                cfg = weight_cfg
                 wq = make_quantizer(cfg, name=f"{layer} (weight)", num_channels=channels, ch_axis=0,
                                     bit_range=self._bit_range(section, cfg, layer, "weight"),
                                     code_range=weight_code_range(section.target, cfg.signed))
@@ -193,8 +209,8 @@ class QuantizePass(SectionPass):
                     changes.append(Change("folded", bn_node.name, str(bn_node.target), layer, self.spec_path,
                                           f"{type(bn).__name__} folded into {layer}"))
                     remove_node(gm, bn_node)
-            if section.activation is not None:
-                cfg = section.activation
+            if act_cfg is not None:
+                cfg = act_cfg
                 # per channel along the layer's channel axis: 1 after a conv, -1 after a Linear
                 axis = planned.channel_axis if planned.channel_axis is not None else 1
                 aq = make_quantizer(cfg, name=f"{layer} (activation)", num_channels=channels, ch_axis=axis,
@@ -205,13 +221,29 @@ class QuantizePass(SectionPass):
                 mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation",
                      channel_axis=axis)
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
-            if section.quantize_inputs and section.activation is not None:
-                inserted = self._quantize_input(gm, node, layer, section.activation)
+            if section.quantize_inputs and input_cfg is not None:
+                inserted = self._quantize_input(gm, node, layer, input_cfg)
                 if inserted is not None:
                     changes.append(inserted)
+            if is_last and input_cfg is not None:
+                changes += self._keep_input_bits(gm, node, layer, input_cfg.bits)
             self._link_input_quantizer(gm, node)
         self.current_node = None
         return PassResult(gm, bool(changes), tuple(changes))
+
+    def _keep_input_bits(self, gm: fx.GraphModule, node: fx.Node, layer: str, bits: int) -> list[Change]:
+        """``keep_first_last`` on the last layer: the quantizer its input comes from (the previous
+        layer's activation quantizer) takes ``bits`` too."""
+        inp = node.args[0] if node.args else None
+        src = self._source(gm, inp) if isinstance(inp, fx.Node) else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(module_of(gm, src), Quantizer)):
+            return []
+        q = module_of(gm, src)
+        if int(q.bits) == bits and q.bits_schedule is None:
+            return []
+        q.bit_range = q.bits_schedule = None  # fixed at these bits: the upgrader and a schedule leave it alone
+        q.set_bits(bits)
+        return [self.change("modified", src, layer, f"{src.target} at {bits} bits (keep_first_last: the last layer's input)")]
 
     def _source(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         """Follow ``node`` back through ops that keep values on a quantization grid."""

@@ -64,11 +64,14 @@ def make_neuron(section: SpikeSection, channels: int | None, channel_axis: int |
         neuron_wise=cfg.neuron_wise and channels is not None,
         learnable_threshold=cfg.learnable_threshold, learnable_reset=cfg.learnable_reset,
         time_dependent=cfg.time_dependent, binary=cfg.binary, surrogate=cfg.surrogate.name,
-        alpha=cfg.surrogate.alpha, upgrade=section.upgrade_threshold,
+        alpha=cfg.surrogate.alpha, upgrade=section.upgrade_threshold, relative_surrogate=cfg.surrogate.relative,
+        threshold_std=cfg.threshold_std if cfg.threshold is None else None,
     )
     if cfg.type != "if":
         kwargs["tau"] = cfg.tau
-    return _NEURON[cfg.type](section.timesteps, cfg.threshold, cfg.reset, **kwargs)
+    # a data-dependent threshold starts at 1 until the first batch sets it
+    threshold = 1.0 if cfg.threshold is None else cfg.threshold
+    return _NEURON[cfg.type](section.timesteps, threshold, cfg.reset, **kwargs)
 
 
 def _is_tensor_input(node: fx.Node) -> bool:

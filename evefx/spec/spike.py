@@ -27,6 +27,11 @@ class SurrogateConfig(StrictModel):
     """Which surrogate derivative (see ``evefx.modules.surrogate``)."""
     alpha: Bounded(float, 0.0, 1000.0, low_open=True) = 2.0
     """Sharpness of the surrogate: larger is closer to the true step."""
+    relative: bool = True
+    """The surrogate's width scales with the threshold: its derivative is taken on
+    ``u / threshold`` (``g'(u/th) / th``), so ``alpha`` is the sharpness in units of the threshold.
+    At threshold 1 this is the plain ``g'(u)``; with a data-dependent threshold (often 0.1-0.5)
+    a fixed-width surrogate would be flat across the membrane's whole range. ``false``: ``g'(u)``."""
 
 
 class NeuronConfig(StrictModel):
@@ -34,8 +39,13 @@ class NeuronConfig(StrictModel):
 
     type: Literal["if", "lif", "plif"] = "lif"
     """if: integrate and fire; lif: leaky (time constant ``tau``); plif: leaky with a learned tau."""
-    threshold: Bounded(float, 0.0, 1e6, low_open=True) = 1.0
-    """Membrane potential at which the neuron fires."""
+    threshold: Bounded(float, 0.0, 1e6, low_open=True) | None = None
+    """Membrane potential at which the neuron fires (its initial value when learnable).
+    ``null`` (default): data-dependent, set at the first training batch to ``threshold_std``
+    standard deviations of the layer's input current (see ``threshold_std``)."""
+    threshold_std: Bounded(float, 0.0, 1e6, low_open=True) = 1.0
+    """Only with ``threshold: null``: the threshold in standard deviations of the layer's input
+    current on the first training batch (``x / tau`` for lif/plif, ``x`` for if), one per layer."""
     reset: float | None = 0.0
     """Hard reset to this value after a spike; ``null`` for a soft reset (subtract the threshold)."""
     tau: Bounded(float, 1.0, 1e6) = 2.0

@@ -150,8 +150,9 @@ def test_nan_input_names_the_layer(demo_net):
 
 
 def test_training_steps_reach_every_learned_scale(demo_net, mnist_batch):
-    spec = {"passes": [{"kind": "quantize", "weight": {"fn": "lsq", "granularity": "per_channel"},
-                        "activation": {"fn": "llsq", "signed": False}}]}
+    # init_steps 0: learned from the first step (the warm-up's straight-through steps leave .grad None)
+    spec = {"passes": [{"kind": "quantize", "weight": {"fn": "lsq", "granularity": "per_channel", "init_steps": 0},
+                        "activation": {"fn": "llsq", "signed": False, "init_steps": 0}}]}
     gm = evefx.transform(demo_net, spec, mnist_batch).train()
     scales = [m.scale for m in gm.modules() if isinstance(m, Quantizer)]
     assert len(scales) == 11 and all(isinstance(s, nn.Parameter) for s in scales)
@@ -292,3 +293,30 @@ def test_mixed_precision_lsq_activations_survive_lower_bits():
     # the grid of a zero point left mid-range lost ~8 points here; the fix loses less than 1
     # (3-bit logits, 8 levels for 10 classes, cost ~4 points on their own: not what this checks)
     assert before > 75 and after > before - 2
+
+
+def test_keep_first_last_sets_exactly_the_edge_layers_bits(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize", "weight": {"bits": 2}, "activation": {"bits": 2, "signed": False, "symmetric": False},
+                        "keep_first_last": 8}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch)
+    rows = {r["layer"]: (r["w_bits"], r["a_bits"]) for r in quant_summary(gm)}
+    # first: weights 8 (its output feeds the next layer: 2); last: weights and output 8,
+    # and its input (the hidden layer's activation quantizer) 8
+    assert rows == {"features.0": (8, 2), "features.3": (2, 2), "features.6": (2, 2), "classifier.1": (2, 8),
+                    "classifier.3": (8, 8)}
+    inputs = [module_of(gm, n) for n in marked(gm, "quantize", role="input")]
+    assert [int(q.bits) for q in inputs] == [8]  # the image input of features.0
+    modified = [c for c in gm.report.changes if c.action == "modified"]
+    assert [c.target for c in modified] == ["classifier_1_act_quant"]
+    plain = evefx.transform(demo_net, {"passes": [{**spec["passes"][0], "keep_first_last": None}]}, mnist_batch)
+    assert {(r["w_bits"], r["a_bits"]) for r in quant_summary(plain)} == {(2, 2)}
+
+
+def test_progressive_and_init_steps_reach_the_quantizers(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize", "weight": {"bits": 2, "fn": "lsq", "init_steps": 7},
+                        "activation": {"bits": 2, "signed": False, "progressive": {"start_bits": 8, "steps": 4}}}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch)
+    w = gm.get_submodule("features.3").weight_quantizer
+    a = module_of(gm, marked(gm, "quantize", layer="features.3", role="activation")[0])
+    assert (w.init_steps, w.bits_schedule, int(w.bits)) == (7, None, 2)
+    assert (a.bits_schedule, int(a.bits)) == (((0, 8), (2, 4), (4, 2)), 8)

@@ -15,9 +15,9 @@ from evefx.graph import marked, module_of
 from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
 from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron
 from evefx.passes import Sequential
-from evefx.passes.spike import SpikePass, firing_rates
+from evefx.passes.spike import SpikePass, firing_rates, make_neuron
 from evefx.pipeline import EveModule
-from evefx.spec import load_spec
+from evefx.spec import SpikeSection, load_spec
 from evefx.trace import trace
 
 LIF8 = {"passes": [{"kind": "spike", "timesteps": 8, "encoder": "direct"}]}
@@ -206,3 +206,35 @@ def test_two_models_do_not_share_state(demo_net, mnist_batch):
     assert b(mnist_batch).shape == (4, 10)
     assert a.get_submodule("features_0_neuron")._v is not None
     assert b.get_submodule("features_0_neuron")._v is None
+
+
+def test_spec_defaults_learn_faster_than_the_previous_defaults():
+    """Data-dependent threshold + threshold-relative surrogate (the defaults) against the previous
+    defaults (threshold 1, fixed-width surrogate): same seed, same batches, Adam 3e-3, 30 steps, T=4."""
+    from evefx.data import mnist5k
+    from examples.models import DemoNet
+
+    x, y = mnist5k("train").tensors
+    losses = {}
+    for name, neuron in {"previous": {"threshold": 1.0, "surrogate": {"relative": False}}, "defaults": {}}.items():
+        torch.manual_seed(0)
+        gm = evefx.transform(DemoNet(), {"passes": [{"kind": "spike", "timesteps": 4, "neuron": neuron}]},
+                             torch.zeros(1, 1, 28, 28)).train()
+        opt = torch.optim.Adam(gm.parameters(), lr=3e-3)
+        for step in range(30):
+            xb, yb = x[step * 64:(step + 1) * 64], y[step * 64:(step + 1) * 64]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(gm(xb), yb)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            losses[name] = float(torch.nn.functional.cross_entropy(gm.eval()(x[2000:2512]), y[2000:2512]))
+    # measured: previous 2.305 (still at chance), defaults 1.888
+    assert losses["defaults"] < losses["previous"] - 0.2, losses
+
+
+def test_default_neuron_has_data_threshold_and_relative_surrogate():
+    n = make_neuron(SpikeSection(kind="spike"), channels=4)
+    assert (n.threshold_std, n.relative_surrogate) == (1.0, True)
+    fixed = make_neuron(SpikeSection(kind="spike", neuron={"threshold": 0.5}), channels=4)
+    assert fixed.threshold_std is None and fixed.threshold.tolist() == [0.5] * 4

@@ -194,3 +194,21 @@ def test_missing_schema_version_in_a_file_warns_with_the_assumed_version(tmp_pat
         warnings.simplefilter("error")
         load_spec("schema_version: 1\npasses: [{kind: prune}]\n")
         load_spec({"passes": [{"kind": "prune"}]})  # a dict built in Python is the current version
+
+
+def test_training_default_options_round_trip_and_check():
+    spec = load_spec({"schema_version": 1, "passes": [
+        {"kind": "spike"},
+        {"kind": "quantize", "weight": {"bits": 2, "fn": "lsq", "init_steps": 30,
+                                        "progressive": {"start_bits": 8, "steps": 200}}, "keep_first_last": 8},
+    ]})
+    spike, quant = spec.passes
+    assert (spike.neuron.threshold, spike.neuron.threshold_std, spike.neuron.surrogate.relative) == (None, 1.0, True)
+    assert quant.weight.bits_schedule() == ((0, 8), (100, 4), (200, 2))
+    assert quant.activation.bits_schedule() is None and quant.keep_first_last == 8
+    assert load_spec(dump_spec(spec)) == spec
+    with pytest.raises(SpecError, match="start_bits .8. must exceed bits .8."):
+        load_spec({"schema_version": 1, "passes": [{"kind": "quantize", "weight": {"progressive": {}}}]})
+    with pytest.raises(SpecError, match="upgrade_bits and progressive"):
+        load_spec({"schema_version": 1, "passes": [{"kind": "quantize", "upgrade_bits": True,
+                                                    "weight": {"bits": 4, "progressive": {}}}]})

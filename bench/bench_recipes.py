@@ -1,0 +1,173 @@
+"""Spiking and low-bit QAT under a recipe nobody tuned for them: the plain recipe, same for every row.
+
+Recipe: Adam lr 1e-3, batch 128, 10 epochs, the seed tutorial's network (``examples.models.DemoNet``:
+convs 4/8/16 + linear 16) on the embedded MNIST-5k split, spec defaults except what a row names.
+Rows:
+
+* float (10 epochs), and float given 10 more epochs (the reference of fine-tuned rows);
+* LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate) and with today's
+  (data-dependent threshold, threshold-relative surrogate); Poisson input, mean readout, both;
+* W4A4 and W2A2, ``round`` (the spec default ``fn``) and ``lsq``, from random weights and
+  fine-tuned 10 epochs from the trained float network; W2A2 lsq with ``keep_first_last: 8``.
+
+``--split val`` trains on the first 3,500 training images and scores the last 500 (what the
+defaults were chosen on); ``--split test`` (default) trains on all 4,000 and scores the 1,000 test
+images, once. Seeds (weight init and batch order) 0..n-1; mean +- std. One torch thread.
+
+Run:
+    nice -n 5 .venv/bin/python bench/bench_recipes.py                   # every row, 3 seeds
+    .venv/bin/python bench/bench_recipes.py --rows float lif_new --seeds 1 --epochs 1   # smoke test
+Writes ``<out>/runs.jsonl`` (one line per row and seed, as they finish) and ``<out>/table.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import evefx  # noqa: E402
+from evefx.data import mnist5k  # noqa: E402
+from evefx.train import evaluate, fit, seed_everything  # noqa: E402
+from examples.models import DemoNet  # noqa: E402
+
+LR, BATCH = 1e-3, 128
+
+
+def _w(bits: int, fn: str) -> dict:
+    # the spec's weight defaults (per channel, global tracker) with the row's bits and fn
+    return {"bits": bits, "fn": fn, "granularity": "per_channel", "tracker": "global"}
+
+
+def _a(bits: int, fn: str) -> dict:
+    # the spec's activation defaults (asymmetric, unsigned, EMA tracker)
+    return {"bits": bits, "fn": fn, "symmetric": False, "signed": False}
+
+
+def _q(bits: int, fn: str, **section: Any) -> dict:
+    return {"passes": [{"kind": "quantize", "weight": _w(bits, fn), "activation": _a(bits, fn), **section}]}
+
+
+PREVIOUS_SPIKE = {"threshold": 1.0, "surrogate": {"relative": False}}
+# name -> (label, spec or None, start: "scratch" | "finetune")
+ROWS: dict[str, tuple[str, dict | None, str]] = {
+    "float": ("float", None, "scratch"),
+    "float_more": ("float, 10 more epochs", None, "finetune"),
+    "lif_new": ("LIF T=8, spec defaults", {"passes": [{"kind": "spike"}]}, "scratch"),
+    "lif_old": ("LIF T=8, previous defaults", {"passes": [{"kind": "spike", "neuron": PREVIOUS_SPIKE}]}, "scratch"),
+    "w4_round": ("W4A4 round, random init", _q(4, "round"), "scratch"),
+    "w4_lsq": ("W4A4 lsq, random init", _q(4, "lsq"), "scratch"),
+    "w2_round": ("W2A2 round, random init", _q(2, "round"), "scratch"),
+    "w2_lsq": ("W2A2 lsq, random init", _q(2, "lsq"), "scratch"),
+    "ft_w4_lsq": ("W4A4 lsq, fine-tuned", _q(4, "lsq"), "finetune"),
+    "ft_w2_lsq": ("W2A2 lsq, fine-tuned", _q(2, "lsq"), "finetune"),
+    "ft_w2_lsq_keep8": ("W2A2 lsq, keep_first_last: 8, fine-tuned", _q(2, "lsq", keep_first_last=8), "finetune"),
+    "ft_w4_round": ("W4A4 round, fine-tuned", _q(4, "round"), "finetune"),
+    "ft_w2_round": ("W2A2 round, fine-tuned", _q(2, "round"), "finetune"),
+}
+
+
+def cpu() -> str:
+    """The CPU's model name and its SIMD flags that matter here (lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    simd = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "vnni")]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, flags: {' '.join(simd)}"
+
+
+def split(name: str) -> tuple[TensorDataset, TensorDataset]:
+    x, y = mnist5k("train").tensors
+    if name == "val":
+        return TensorDataset(x[:3500], y[:3500]), TensorDataset(x[3500:], y[3500:])
+    return mnist5k("train"), mnist5k("test")
+
+
+def loaders(data: tuple[TensorDataset, TensorDataset], seed: int) -> tuple[DataLoader, DataLoader]:
+    train, held = data
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(train, batch_size=BATCH, shuffle=True, generator=gen), DataLoader(held, batch_size=512)
+
+
+def train(model: torch.nn.Module, data, epochs: int, seed: int) -> float:
+    tr, held = loaders(data, seed)
+    fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False)
+    return evaluate(model, held)["accuracy"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_recipes"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = cpu()
+    print(f"machine: {machine}; torch {torch.__version__}, 1 thread", flush=True)
+    data = split(args.split)
+    runs: list[dict[str, Any]] = []
+    floats: dict[int, tuple[DemoNet, float]] = {}  # seed -> (trained float network, its accuracy)
+    with open(args.out / "runs.jsonl", "a") as log:
+        for name in args.rows:
+            label, spec, start = ROWS[name]
+            for seed in range(args.seeds):
+                t0 = time.perf_counter()
+                if seed not in floats:  # every fine-tuned row starts from this seed's float network
+                    seed_everything(seed)
+                    net = DemoNet()
+                    floats[seed] = (net, train(net, data, args.epochs, seed))
+                if name == "float":
+                    acc = floats[seed][1]
+                else:
+                    if start == "finetune":
+                        init = floats[seed][0]
+                    else:
+                        seed_everything(seed)
+                        init = DemoNet()
+                    model = copy.deepcopy(init) if spec is None else evefx.transform(init, spec, torch.zeros(1, 1, 28, 28))
+                    acc = train(model, data, args.epochs, seed)
+                row = {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
+                       "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1), "machine": machine}
+                runs.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(f"{label:<44} seed {seed}: {acc:6.2f}%  ({row['seconds']:.0f} s)", flush=True)
+    table = summarise(runs, args)
+    print(table)
+    (args.out / "table.md").write_text(table + "\n")
+
+
+def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Markdown table: mean +- std per row, and the difference to the float reference of its start."""
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        by.setdefault(r["row"], []).append(r["accuracy"])
+    mean = {k: sum(v) / len(v) for k, v in by.items()}
+    std = {k: (torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0) for k, v in by.items()}
+    lines = [f"| row ({args.split} split, {args.epochs} epochs, Adam {LR:g}, batch {BATCH}) | accuracy % | vs float |",
+             "|---|---|---|"]
+    for name, accs in by.items():
+        label, _, start = ROWS[name]
+        ref = "float_more" if start == "finetune" and name != "float_more" else "float"
+        delta = f"{mean[name] - mean[ref]:+.2f} (vs {ROWS[ref][0]})" if ref in mean and ref != name else ""
+        lines.append(f"| {label} | {mean[name]:.2f} +- {std[name]:.2f} ({len(accs)} seeds) | {delta} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
