@@ -110,9 +110,11 @@ def test_neuron_channels_last_after_linear_on_tokens():
     first = module_of(gm, neurons[0])
     assert first.channels == 16 and first.channel_axis == -1 and first.threshold.shape == (16,)
     # per-channel thresholds act along the last dim: raise one channel's threshold and only it goes quiet
+    gm.eval()(x)  # the first batch sets the data-dependent thresholds (threshold: null)
     with torch.no_grad():
         first.threshold[3] = 1e6
-    gm.eval()(x)
+    evefx.reset(gm)
+    gm(x)
     rates = first.channel_firing_rates()
     assert rates.shape == (16,) and rates[3] == 0 and rates.sum() > 0
     # non-spiking mode: each neuron is a LeakyReLU on the layer's output (fc2 had no activation)
