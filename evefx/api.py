@@ -17,7 +17,7 @@ from rich.table import Table
 from torch import fx, nn
 
 from evefx.errors import OptionError, UnknownNameError
-from evefx.graph import layer_nodes, module_of
+from evefx.graph import layer_nodes, module_of, provenance
 from evefx.modules.protocol import EveHooks, EveRange
 
 __all__ = [
@@ -81,7 +81,7 @@ class EveParameter:
 def eve_modules(gm: fx.GraphModule) -> Iterator[tuple[str, dict[str, str], nn.Module]]:
     """``(qualified name, provenance, module)`` of every eve-protocol module evefx put in ``gm``."""
     for node in gm.graph.nodes:
-        prov = node.meta.get("evefx")
+        prov = provenance(node)
         if prov is None or node.op != "call_module":
             continue
         root = module_of(gm, node)
@@ -96,7 +96,7 @@ def eve_parameters(gm: fx.GraphModule) -> list[EveParameter]:
     for name, prov, module in eve_modules(gm):
         for kind, rng in module.eve_ranges().items():
             out.append(
-                EveParameter(f"{name}.{kind}", prov["layer"], kind, prov["role"], prov["spec_path"],
+                EveParameter(f"{name}.{kind}", prov.layer, kind, prov.role, prov.spec_path,
                              rng.low, rng.high, rng.integer, module)
             )
     return out
@@ -228,10 +228,10 @@ def observe(gm: fx.GraphModule, example_inputs: torch.Tensor | tuple[Any, ...] |
         for layer, s in _activation_stats(gm, nodes, inputs).items():
             rows[layer].update(s)
     for _name, prov, module in eve_modules(gm):
-        layer = prov["layer"]
+        layer = prov.layer
         if layer in rows:
             for key, value in module.observations().items():
-                rows[layer][f"{prov['role']}.{key}"] = float(value)
+                rows[layer][f"{prov.role}.{key}"] = float(value)
     columns = list(STATIC_COLUMNS)
     for r in rows.values():
         columns += [c for c in r if c not in columns]
@@ -293,8 +293,8 @@ def never_pruned(gm: nn.Module) -> list[str]:
     layers = []
     if isinstance(gm, fx.GraphModule):
         for _name, prov, module in eve_modules(gm):
-            if isinstance(module, ChannelPruner) and int(module.steps_done) == 0 and prov["layer"] not in layers:
-                layers.append(prov["layer"])
+            if isinstance(module, ChannelPruner) and int(module.steps_done) == 0 and prov.layer not in layers:
+                layers.append(prov.layer)
     else:
         layers = [n for n, m in gm.named_modules() if isinstance(m, ChannelPruner) and int(m.steps_done) == 0]
     return layers

@@ -274,12 +274,12 @@ def inspect(
     bits: dict[str, list[str]] = {}
     layers_of: dict[str, list[str]] = {}
     for name, prov, module in eve_modules(gm):
-        layer = prov["layer"]
-        attached.setdefault(layer, []).append(f"{prov['spec_path']} {prov['role']}: {name}")
+        layer = prov.layer
+        attached.setdefault(layer, []).append(f"{prov.spec_path} {prov.role}: {name}")
         if hasattr(module, "bits") and hasattr(module, "quant_range"):
-            bits.setdefault(layer, []).append(f"{prov['role'][:1].upper()}{int(module.bits)}")
-        if layer not in layers_of.setdefault(prov["spec_path"], []):
-            layers_of[prov["spec_path"]].append(layer)
+            bits.setdefault(layer, []).append(f"{prov.role[:1].upper()}{int(module.bits)}")
+        if layer not in layers_of.setdefault(prov.spec_path, []):
+            layers_of[prov.spec_path].append(layer)
     table = Table(title=f"{model} with {spec}")
     for col in ("layer", "module", "bits", "evefx modules"):
         table.add_column(col)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import networkx as nx
 import torch
@@ -34,6 +34,8 @@ __all__ = [
     "replace_module",
     "remove_node",
     "unique_name",
+    "Provenance",
+    "Role",
     "mark",
     "marked",
     "provenance",
@@ -183,22 +185,64 @@ def remove_node(gm: fx.GraphModule, node: fx.Node) -> None:
             gm.delete_submodule(str(node.target))
 
 
-def mark(node: fx.Node, *, pass_name: str, layer: str, spec_path: str, role: str,
+Role = Literal["weight", "activation", "input", "neuron", "encoder", "decoder", "pruner"]
+"""The roles evefx's passes give their nodes: a quantized layer (``weight``), the quantizer after it
+(``activation``) or before it (``input``), a spiking ``neuron``, the ``encoder``/``decoder`` around
+a spiking network, or a channel ``pruner``. A pass of your own may name its own role."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which pass put a node in the graph, for which layer and spec section (``node.meta["evefx"]``).
+
+    ``channel_axis`` is the axis of the node's input that holds the layer's channels (1 after a
+    conv, -1 after a Linear; ``None`` where it does not apply). Read the fields by name; the
+    mapping form (``prov["layer"]``, ``prov["pass"]``) is kept for code written against the
+    earlier dict.
+
+    Example:
+        >>> prov = provenance(node)
+        >>> (prov.pass_name, prov.layer, prov.role, prov.channel_axis)
+        ('spike', 'fc1', 'neuron', -1)
+    """
+
+    pass_name: str
+    layer: str
+    spec_path: str
+    role: Role | str
+    channel_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.role or not isinstance(self.role, str):
+            raise ValueError(f"a provenance role is a non-empty string such as {get_args(Role)} (got {self.role!r})")
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, "pass_name" if key == "pass" else key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+def mark(node: fx.Node, *, pass_name: str, layer: str, spec_path: str, role: Role | str,
          channel_axis: int | None = None) -> None:
-    """Record which pass put ``node`` there, for which layer and spec section (``node.meta["evefx"]``),
-    and, for per-channel modules, the axis of their input that holds the layer's channels
-    (``channel_axis``: 1 after a conv, -1 after a Linear; ``None`` when it does not apply).
+    """Record a node's :class:`Provenance` in ``node.meta["evefx"]``.
 
     Example:
         >>> mark(node, pass_name="spike", layer="fc1", spec_path="passes[0]", role="neuron", channel_axis=-1)
-        >>> provenance(node)["channel_axis"]
+        >>> provenance(node).channel_axis
         -1
     """
-    node.meta["evefx"] = {"pass": pass_name, "layer": layer, "spec_path": spec_path, "role": role,
-                          "channel_axis": channel_axis}
+    node.meta["evefx"] = Provenance(pass_name, layer, spec_path, role, channel_axis)
 
 
-def provenance(node: fx.Node) -> dict[str, Any] | None:
+def provenance(node: fx.Node) -> Provenance | None:
+    """The node's :class:`Provenance`, or None for nodes evefx did not put or change."""
     return node.meta.get("evefx")
 
 
@@ -208,10 +252,10 @@ def marked(
     """Nodes evefx put (or changed) in the graph, filtered by pass, layer and role."""
     out = []
     for n in gm.graph.nodes:
-        p = n.meta.get("evefx")
+        p = provenance(n)
         if p is None:
             continue
-        if (pass_name and p["pass"] != pass_name) or (layer and p["layer"] != layer) or (role and p["role"] != role):
+        if (pass_name and p.pass_name != pass_name) or (layer and p.layer != layer) or (role and p.role != role):
             continue
         out.append(n)
     return out

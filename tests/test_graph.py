@@ -65,8 +65,30 @@ def test_insert_before_output_and_remove_node():
 def test_mark_and_networkx(demo_net):
     gm = fx.symbolic_trace(demo_net)
     first = layer_nodes(gm)[0]
-    mark(first, pass_name="x", layer="features.0", spec_path="passes[0]", role="probe")
-    assert marked(gm, "x") == [first] and marked(gm, "y") == [] and marked(gm, role="probe") == [first]
+    mark(first, pass_name="x", layer="features.0", spec_path="passes[0]", role="weight")
+    assert marked(gm, "x") == [first] and marked(gm, "y") == [] and marked(gm, role="weight") == [first]
     g = to_networkx(gm)
     assert g.nodes[first.name]["module_type"] == "Conv2d"
     assert "x" in {n for n in g.predecessors(first.name)}
+
+
+def test_provenance_is_typed_and_survives_pickling():
+    import pickle
+
+    import pytest
+
+    import evefx
+    from evefx.graph import Provenance, provenance
+    from examples.models import DemoNet
+
+    gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize"}]}, torch.zeros(1, 1, 28, 28))
+    node = marked(gm, "quantize", role="activation")[0]
+    prov = provenance(node)
+    assert isinstance(prov, Provenance) and (prov.pass_name, prov.role, prov.channel_axis) == ("quantize", "activation", 1)
+    assert prov["pass"] == "quantize" and prov["layer"] == prov.layer and prov.get("missing", 7) == 7
+    with pytest.raises(KeyError):
+        prov["missing"]
+    with pytest.raises(ValueError, match="a provenance role is a non-empty string"):
+        Provenance("quantize", "fc", "passes[0]", "")
+    again = pickle.loads(pickle.dumps(gm))
+    assert [provenance(n) for n in marked(again)] == [provenance(n) for n in marked(gm)]

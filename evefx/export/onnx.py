@@ -55,6 +55,7 @@ from evefx.export.qdq import QuantizedWeightLayer, deployable
 from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
 from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
+from evefx.graph import provenance
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
 
 __all__ = ["export_onnx", "onnx_accuracy", "layer_bits", "deployment_target", "MIN_QDQ_OPSET"]
@@ -95,9 +96,9 @@ def _layer_of(model: nn.Module) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     if isinstance(model, fx.GraphModule):
         for node in model.graph.nodes:
-            prov = node.meta.get("evefx")
+            prov = provenance(node)
             if node.op == "call_module" and prov:
-                out[str(node.target)] = (prov["layer"], prov["role"])
+                out[str(node.target)] = (prov.layer, prov.role)
     return out
 
 

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 from torch import fx, nn
 
 from evefx.errors import ExportError
+from evefx.graph import provenance
 from evefx.export.rewrite import consumers, producers, scope_of
 from evefx.modules.quant import QUANT_LAYER_TYPES
 
@@ -94,9 +95,9 @@ def _weight_sections(model: nn.Module) -> dict[str, tuple[int, str]]:
     out: dict[str, tuple[int, str]] = {}
     if isinstance(model, fx.GraphModule):
         for node in model.graph.nodes:
-            prov = node.meta.get("evefx") or {}
-            match = _SPEC_PATH.match(str(prov.get("spec_path", "")))
-            if prov.get("role") == "weight" and match:
+            prov = provenance(node)
+            match = _SPEC_PATH.match(prov.spec_path) if prov is not None else None
+            if prov is not None and prov.role == "weight" and match:
                 out[str(node.target)] = (int(match.group(2)), match.group(1))
     return out
 

@@ -43,6 +43,7 @@ from evefx.graph import (
     marked,
     module_of,
     output_block,
+    provenance,
     remove_node,
     replace_module,
     unique_name,
@@ -276,8 +277,8 @@ class QuantizePass(SectionPass):
         # a per-channel activation grid is re-quantized per tensor: integer kernels take one input scale
         # (onnxruntime's MatMulIntegerToFloat refuses a per-channel input zero point)
         for user in inp.users:  # another layer reading the same tensor already quantized it: share
-            prov = user.meta.get("evefx") or {}
-            if prov.get("pass") == self.name and prov.get("role") == "input":
+            prov = provenance(user)
+            if prov is not None and prov.pass_name == self.name and prov.role == "input":
                 node.replace_input_with(inp, user)
                 return None
         non_negative = calls_one_of(gm, src, _NON_NEGATIVE_MODULES, _NON_NEGATIVE_FUNCTIONS, _NON_NEGATIVE_METHODS)
@@ -326,7 +327,7 @@ def quant_summary(gm: fx.GraphModule) -> list[dict[str, Any]]:
     for n in marked(gm, "quantize", role="activation"):
         q = module_of(gm, n)
         if isinstance(q, Quantizer):
-            a_bits[n.meta["evefx"]["layer"]] = int(q.bits)
+            a_bits[provenance(n).layer] = int(q.bits)
     rows = []
     for node in layer_nodes(gm):
         layer = str(node.target)

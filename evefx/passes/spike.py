@@ -30,7 +30,18 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from evefx.errors import PassError
-from evefx.graph import ACTIVATION_MODULES, insert_after, insert_before_output, mark, marked, module_of, output_block, remove_node, unique_name
+from evefx.graph import (
+    ACTIVATION_MODULES,
+    insert_after,
+    insert_before_output,
+    mark,
+    marked,
+    module_of,
+    output_block,
+    provenance,
+    remove_node,
+    unique_name,
+)
 from evefx.layers import out_channels
 from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
 from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron, SpikingNeuron
@@ -217,5 +228,5 @@ def firing_rates(gm: fx.GraphModule) -> dict[str, float]:
         >>> gm(x); firing_rates(gm)
         {'features.0': 0.21, 'features.3': 0.14, ...}
     """
-    return {node.meta["evefx"]["layer"]: module_of(gm, node).observations().get("firing_rate", 0.0)
+    return {provenance(node).layer: module_of(gm, node).observations().get("firing_rate", 0.0)
             for node in marked(gm, "spike", role="neuron")}

@@ -40,6 +40,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from evefx.graph import Provenance
 from evefx.errors import QuantizationError
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer, affine_from_range
 
@@ -494,21 +495,21 @@ class _Target:
 _SPEC_PATH = re.compile(r"^passes\[(\d+)\]$")
 
 
-def _section_for(gm: nn.Module, prov: dict[str, str] | None) -> Any:
+def _section_for(gm: nn.Module, prov: Provenance | None) -> Any:
     """The quantize section (as it applies to the provenance's layer) that put a quantizer there."""
     if prov is None:
         return None
     spec = getattr(gm, "meta", {}).get("evefx_spec") if isinstance(getattr(gm, "meta", None), dict) else None
-    m = _SPEC_PATH.match(prov.get("spec_path", ""))
+    m = _SPEC_PATH.match(prov.spec_path)
     if spec is None or m is None or int(m.group(1)) >= len(spec.passes):
         return None
     section = spec.passes[int(m.group(1))]
     if getattr(section, "kind", None) != "quantize":
         return None
-    return section.for_layer(prov["layer"])
+    return section.for_layer(prov.layer)
 
 
-def quantizer_targets(gm: nn.Module) -> list[tuple[str, dict[str, str] | None, Quantizer, nn.Module | None]]:
+def quantizer_targets(gm: nn.Module) -> list[tuple[str, Provenance | None, Quantizer, nn.Module | None]]:
     """``(qualified name, provenance or None, quantizer, owning quantized layer or None)`` of every
     quantizer in ``gm`` in module order."""
     from evefx.api import eve_modules
@@ -534,8 +535,8 @@ def _targets(gm: nn.Module, method: Method | None, percentile: float | None, bin
     for name, prov, q, owner in quantizer_targets(gm):
         section = _section_for(gm, prov)
         cfg = section.calibration if section is not None else default
-        role = prov["role"] if prov else ("weight" if owner is not None else "activation")
-        layer = prov["layer"] if prov else name.rsplit(".weight_quantizer", 1)[0]
+        role = prov.role if prov else ("weight" if owner is not None else "activation")
+        layer = prov.layer if prov else name.rsplit(".weight_quantizer", 1)[0]
         if owner is not None:
             m = weight_method or cfg.weight_method
         else:

@@ -69,7 +69,7 @@ def _layer_sections(gm: fx.GraphModule) -> dict[str, Any]:
         if owner is not None and prov is not None:
             section = _section_for(gm, prov)
             if section is not None:
-                out[prov["layer"]] = section
+                out[prov.layer] = section
     return out
 
 

@@ -241,8 +241,8 @@ def _layer_quantizers(gm: nn.Module, what: What) -> dict[str, dict[str, Any]]:
     """layer -> {"weight": quantizer or None, "activation": quantizer or None, "owner": layer module}."""
     out: dict[str, dict[str, Any]] = {}
     for name, prov, q, owner in quantizer_targets(gm):
-        role = prov["role"] if prov else ("weight" if owner is not None else None)
-        layer = prov["layer"] if prov else (name.rsplit(".weight_quantizer", 1)[0] if owner is not None else None)
+        role = prov.role if prov else ("weight" if owner is not None else None)
+        layer = prov.layer if prov else (name.rsplit(".weight_quantizer", 1)[0] if owner is not None else None)
         if layer is None or role not in ("weight", "activation"):
             continue
         entry = out.setdefault(layer, {"weight": None, "activation": None, "owner": None})
