@@ -403,7 +403,7 @@ def search(
                                               "--backend ray)", show_default="RAY_ADDRESS, else a local Ray instance"),
 ) -> None:
     """Search per-layer eve parameters (bits, ratios) with RL; write best.yaml and plots to the run folder."""
-    from evefx.upgrade import search_from_spec
+    from evefx.recipes import search_from_spec
 
     _log_progress()
     try:
