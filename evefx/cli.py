@@ -402,7 +402,8 @@ def search(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster for the episodes, e.g. ray://head:10001 (implies "
                                               "--backend ray)", show_default="RAY_ADDRESS, else a local Ray instance"),
 ) -> None:
-    """Search per-layer eve parameters (bits, ratios) with RL; write best.yaml and plots to the run folder."""
+    """Search per-layer eve parameters (bits, ratios) with the spec's method (search.algorithm: an RL agent or a
+    baseline such as ilp); write best.yaml, pareto.csv and pareto.png and the episode log to the run folder."""
     from evefx.recipes import search_from_spec
 
     _log_progress()

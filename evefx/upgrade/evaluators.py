@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from evefx.errors import SearchError
-from evefx.spec.search import DEFAULT_EVALUATOR
+from evefx.spec.search import DEFAULT_EVALUATOR  # noqa: F401 - re-exported for readers of this module
 
 __all__ = ["EVALUATORS", "DEFAULT_EVALUATOR", "accuracy_of", "apply_pruning", "Accuracy", "FineTune", "BNRecalibrate"]
 

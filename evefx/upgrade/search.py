@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from evefx.errors import SearchError
 from evefx.spec import SearchSection, Spec, dump_spec, load_spec
-from evefx.spec.search import SEARCH_ALGORITHMS
+from evefx.spec.search import DEFAULT_FINETUNE_STEPS, SEARCH_ALGORITHMS
 from evefx.upgrade.agent import DEFAULT_EPISODES, EnvFactory, search_sb3
 from evefx.upgrade.baselines import BASELINES, baseline_values, play_baseline, probes_for
 from evefx.upgrade.env import Evaluate, Finetune, UpgradeEnv
@@ -144,7 +144,8 @@ def search(
         section: the ``search:`` settings (default: ``gm.spec.search``).
         run_dir: folder for logs, checkpoints and results.
         spec: the spec ``gm`` was transformed with (default: ``gm.spec``); ``best.yaml`` extends it.
-        finetune: ``finetune(gm, steps)`` for ``evaluator.kind: finetune`` (``section.finetune_steps``).
+        finetune: ``finetune(gm, steps)`` for ``evaluator.kind: finetune``, the default (``section.finetune_steps``,
+            100 when 0); e.g. ``FineTune(train_set)``. Without one, an unset evaluator means ``none``.
         recalibrate: ``recalibrate(gm)`` for ``evaluator.kind: bn_recalibrate`` (default: the BatchNorm
             statistics re-estimated on ``example_inputs``); e.g. ``BNRecalibrate(train_set)``.
         example_inputs: a batch for activation statistics and latency (default: zeros of ``trace.input_shape``).
@@ -172,16 +173,27 @@ def search(
     if example_inputs is None and spec.trace.input_shape is not None:
         example_inputs = torch.zeros(spec.trace.input_shape)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     rows = read_episodes(run_dir)
     if rows and not resume:
         raise SearchError(f"{run_dir} already holds a search ({len(rows)} episodes); pass resume=True "
                           "(--resume) to go on with it, or choose another folder")
-    env_kwargs = dict(finetune=finetune, finetune_steps=section.finetune_steps if section.evaluator_kind == "finetune" else 0,
+    if section.evaluator.kind is None and section.finetune_steps == 0 and finetune is None:
+        # the default evaluator fine-tunes; without a finetune callback the library cannot
+        log.warning("search: no finetune callback for the default evaluator (a %d-step fine-tune); configurations "
+                    "are evaluated as applied (set search.evaluator.kind to silence this)", DEFAULT_FINETUNE_STEPS)
+        section = section.model_copy(update={"evaluator": section.evaluator.model_copy(update={"kind": "none"})})
+    env_kwargs = dict(finetune=finetune, finetune_steps=section.evaluator_steps,
                       budget=section.budget, reward=section.reward, example_inputs=example_inputs, apply=apply,
                       recalibrate=_recalibrate(section, gm, recalibrate, example_inputs))
     env = UpgradeEnv(gm, evaluate, **env_kwargs)
     names = [p.name for p in env.params]
+    evaluations = _evaluations(section, len(names))
+    probes = probes_for(section, env, section.algorithm if section.algorithm in BASELINES else warm)
+    target = evaluations - probes
+    if target < 1:
+        raise SearchError(f"search.episodes: {evaluations} evaluations leave none after the {probes} sensitivity probes; "
+                          f"give at least {probes + 1} (or fewer hyperparams.sensitivity_bits)")
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the settings are known to work: no stray folder
     meta = {"parameters": names, "section": section.model_dump(mode="json")}
     meta_path = run_dir / "search.json"
     if resume and meta_path.exists():
@@ -192,12 +204,6 @@ def search(
         if old["section"]["algorithm"] != section.algorithm:
             raise SearchError(f"--resume: {run_dir} was searched with {old['section']['algorithm']}, not {section.algorithm}")
     write_json(meta_path, meta)
-    evaluations = _evaluations(section, len(names))
-    probes = probes_for(section, env, section.algorithm if section.algorithm in BASELINES else warm)
-    target = evaluations - probes
-    if target < 1:
-        raise SearchError(f"search.episodes: {evaluations} evaluations leave none after the {probes} sensitivity probes; "
-                          f"give at least {probes + 1} (or fewer hyperparams.sensitivity_bits)")
     if rows:
         log.info("resuming %s: %d of %d episodes already done", run_dir, len(rows), target)
     try:
