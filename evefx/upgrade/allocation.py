@@ -124,7 +124,7 @@ def _options(report: SensitivityReport, name: str) -> list[int]:
 def ilp_allocations(env: UpgradeEnv, report: SensitivityReport, k: int = 1) -> list[dict[str, float]]:
     """Up to ``k`` allocations, best first: the least summed (non-negative) drop with the cost at most
     ``budget.max`` exactly; among equal drops, the one spending more of the budget. Each solution is
-    cut off before the next solve. Needs ``pulp`` (``pip install evefx[search]``).
+    cut off before the next solve. Needs ``pulp`` (a dependency of evefx).
 
     Example:
         >>> ilp_allocations(env, probe_sensitivity(env), k=3)
@@ -132,7 +132,7 @@ def ilp_allocations(env: UpgradeEnv, report: SensitivityReport, k: int = 1) -> l
     try:
         import pulp
     except ImportError as e:
-        raise SearchError("search.algorithm ilp needs pulp: pip install 'evefx[search]' (or pulp)") from e
+        raise SearchError("search.algorithm ilp needs pulp, a dependency of evefx: pip install pulp") from e
     slopes = report.params
     rest = float(env.budget.max) - _intercept(env, slopes)
     names = report.layers
