@@ -37,6 +37,7 @@ def search_from_spec(
     qat_epochs: int = 1,
     resume: bool = False,
     progress: bool = True,
+    pareto_latency: bool = False,
 ) -> SearchResult:
     """What ``evefx search`` runs: train (or load) ``model``, transform it with ``spec``, search with
     ``spec.search``. The reward is scored on a validation split held out of the training images
@@ -110,5 +111,5 @@ def search_from_spec(
     return search(gm, Accuracy(DataLoader(val, batch_size=500)), spec.search, run_dir=run_dir, spec=spec,
                   finetune=FineTune(train, seed=spec.search.seed),
                   recalibrate=BNRecalibrate(train, batches=spec.search.evaluator.batches, seed=spec.search.seed),
-                  example_inputs=batch, resume=resume,
+                  example_inputs=batch, resume=resume, pareto_latency=pareto_latency,
                   progress=progress)

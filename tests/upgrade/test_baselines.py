@@ -147,3 +147,13 @@ def test_ratio_searches_are_refused_by_the_bit_allocators(tmp_path):
     with pytest.raises(SearchError, match="greedy, knapsack and ilp allocate bit widths"):
         search(gm, Accuracy(batches()), {"algorithm": "ilp", "episodes": 20, "budget": {"kind": "macs", "max": 0.8}},
                run_dir=tmp_path, progress=False)
+
+
+def test_pareto_latency_times_the_configurations_on_a_front(tmp_path):
+    result = search(quantized(), Accuracy(batches()), {"algorithm": "random", "episodes": 4, "budget": BUDGET,
+                                                       "evaluator": {"kind": "none"}},
+                    run_dir=tmp_path, progress=False, pareto_latency=True, example_inputs=torch.zeros(1, 8))
+    with open(result.pareto_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all((r["latency"] != "") == bool(set(r["fronts"].split()) & {"avg_bits", "weight_bytes"}) for r in rows)
+    assert any(float(r["latency"]) > 0 for r in rows if r["latency"])
