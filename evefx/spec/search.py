@@ -72,11 +72,12 @@ class Evaluator(StrictModel):
 class SearchSection(StrictModel):
     """The search: an rl-zoo3-style agent or a baseline, each given ``episodes`` evaluations."""
 
-    algorithm: Literal["ddpg", "td3", "sac", "ppo", "a2c", "random", "uniform", "greedy", "knapsack", "ilp", "tpe"] = "ddpg"
+    algorithm: Literal["ddpg", "td3", "sac", "ppo", "a2c", "random", "uniform", "greedy", "knapsack", "ilp", "tpe"] | None = None
     """A stable-baselines3 agent (ddpg, td3, sac, ppo, a2c) or a baseline: random, uniform (the
     dearest single value that fits), greedy/knapsack/ilp (per-layer sensitivities, then an
     allocation under the budget; bit widths only), tpe (Optuna's TPE sampler, needs optuna).
-    The default is the method that ranked best in docs/search.md."""
+    Unset: ilp when every searched parameter is a bit width under an avg_bits or weight_bytes
+    budget (it beat DDPG and random search in docs/search.md), ddpg otherwise (pruning ratios...)."""
     episodes: Bounded(int, 1, 10**7) | None = None
     """Number of evaluations (one episode = one configuration evaluated; sensitivity probes count)."""
     timesteps: Bounded(int, 1, 10**9) | None = None

@@ -58,7 +58,7 @@ def algorithm_kwargs(section: SearchSection | dict[str, Any], episode_length: in
     import stable_baselines3 as sb3
     from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
-    algo = section.algorithm
+    algo = section.algorithm or "ddpg"  # the agent an unset algorithm means when an agent is asked for
     if Credit(section.reward).rewrites and algo not in OFF_POLICY:
         raise SearchError(f"search.reward.credit/baseline: {algo} keeps no replay buffer to credit "
                           "(only ddpg, td3, sac); leave credit: last and baseline: none")
@@ -208,7 +208,7 @@ def search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], U
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     ep_len = len(env.params)
-    off_policy = section.algorithm in OFF_POLICY
+    off_policy = (section.algorithm or "ddpg") in OFF_POLICY
     if section.backend == "ray":  # the environments on Ray actors, the agent stays here
         from evefx.upgrade.ray_backend import RayVecEnv
 

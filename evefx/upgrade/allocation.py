@@ -26,13 +26,18 @@ from evefx.errors import SearchError
 from evefx.ptq.sensitivity import SensitivityReport, SensitivityRow
 from evefx.upgrade.env import UpgradeEnv
 
-__all__ = ["probe_sensitivity", "probe_count", "cost_per_bit", "report_budget", "allocate", "ilp_allocations"]
+__all__ = ["allocatable", "probe_sensitivity", "probe_count", "cost_per_bit", "report_budget", "allocate", "ilp_allocations"]
 
 log = logging.getLogger(__name__)
 
 
+def allocatable(env: UpgradeEnv) -> bool:
+    """True when greedy, knapsack and ilp can search ``env``: bit widths only, under avg_bits or weight_bytes."""
+    return all(p.kind == "bits" for p in env.params) and env.budget.kind in ("avg_bits", "weight_bytes")
+
+
 def _check_bits(env: UpgradeEnv) -> None:
-    if any(p.kind != "bits" for p in env.params) or env.budget.kind not in ("avg_bits", "weight_bytes"):
+    if not allocatable(env):
         raise SearchError(f"search.algorithm: greedy, knapsack and ilp allocate bit widths under an avg_bits or "
                           f"weight_bytes budget (got {env.budget.kind} over {sorted({p.kind for p in env.params})}); "
                           "use random, tpe or an RL agent for pruning ratios and other costs")

@@ -38,6 +38,7 @@ from evefx.errors import SearchError
 from evefx.spec import SearchSection, Spec, dump_spec, load_spec
 from evefx.spec.search import DEFAULT_FINETUNE_STEPS, SEARCH_ALGORITHMS
 from evefx.upgrade.agent import DEFAULT_EPISODES, EnvFactory, search_sb3
+from evefx.upgrade.allocation import allocatable
 from evefx.upgrade.baselines import BASELINES, baseline_values, play_baseline, probes_for
 from evefx.upgrade.env import Evaluate, Finetune, UpgradeEnv
 from evefx.upgrade.evaluators import BNRecalibrate
@@ -186,6 +187,8 @@ def search(
                       budget=section.budget, reward=section.reward, example_inputs=example_inputs, apply=apply,
                       recalibrate=_recalibrate(section, gm, recalibrate, example_inputs))
     env = UpgradeEnv(gm, evaluate, **env_kwargs)
+    if section.algorithm is None:  # the measured default: the ILP where it applies (docs/search.md)
+        section = section.model_copy(update={"algorithm": "ilp" if allocatable(env) and warm is None else "ddpg"})
     names = [p.name for p in env.params]
     evaluations = _evaluations(section, len(names))
     probes = probes_for(section, env, section.algorithm if section.algorithm in BASELINES else warm)

@@ -157,3 +157,17 @@ def test_pareto_latency_times_the_configurations_on_a_front(tmp_path):
         rows = list(csv.DictReader(f))
     assert all((r["latency"] != "") == bool(set(r["fronts"].split()) & {"avg_bits", "weight_bytes"}) for r in rows)
     assert any(float(r["latency"]) > 0 for r in rows if r["latency"])
+
+
+def test_an_unset_algorithm_is_the_ilp_for_bit_widths_and_ddpg_for_ratios(tmp_path):
+    result = search(quantized(), Accuracy(batches()), {"episodes": 14, "budget": BUDGET, "evaluator": {"kind": "none"}},
+                    run_dir=tmp_path / "bits", progress=False)
+    assert result.spec.search.algorithm == "ilp" and result.probes == 13
+    import evefx
+    from tests.upgrade.test_search import mlp
+
+    gm = evefx.transform(mlp(), {"passes": [{"kind": "prune", "ratio": 0.0, "upgrade_ratio": True, "max_ratio": 0.5}]},
+                         torch.zeros(1, 8))
+    pruned = search(gm, Accuracy(batches()), {"episodes": 2, "budget": {"kind": "macs", "max": 0.9},
+                                              "evaluator": {"kind": "none"}}, run_dir=tmp_path / "ratios", progress=False)
+    assert pruned.spec.search.algorithm == "ddpg" and (tmp_path / "ratios" / "checkpoint").exists()
