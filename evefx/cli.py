@@ -406,9 +406,11 @@ def search(
                                               show_default="search.backend"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster for the episodes, e.g. ray://head:10001 (implies "
                                               "--backend ray)", show_default="RAY_ADDRESS, else a local Ray instance"),
+    pareto_latency: bool = typer.Option(False, help="also time the Pareto-front configurations with onnxruntime"),
 ) -> None:
-    """Search per-layer eve parameters (bits, ratios) with RL; write best.yaml and plots to the run folder."""
-    from evefx.upgrade import search_from_spec
+    """Search per-layer eve parameters (bits, ratios) with the spec's method (search.algorithm: an RL agent or a
+    baseline such as ilp); write best.yaml, pareto.csv and pareto.png and the episode log to the run folder."""
+    from evefx.recipes import search_from_spec
 
     _log_progress()
     try:
@@ -431,7 +433,7 @@ def search(
             spec_in = load_spec(data_in)
         result = search_from_spec(load_model(model, parse_kwargs(model_kwargs)), spec_in, run_dir=resume or run_dir,
                                   data=data, data_root=data_root, weights=weights, epochs=epochs,
-                                  resume=resume is not None)
+                                  resume=resume is not None, pareto_latency=pareto_latency)
     except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         _fail(e)
     console.print(f"best accuracy {result.best['accuracy']:.2f}% at cost {result.best['cost']:.4g}; wrote {result.spec_path}")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evefx  # noqa: E402
 from evefx.data import loaders  # noqa: E402
 from evefx.train import evaluate, fit  # noqa: E402
-from evefx.upgrade import search_from_spec  # noqa: E402
+from evefx.recipes import search_from_spec  # noqa: E402
 from evefx.upgrade.env import apply_pruning  # noqa: E402
 from examples.models import DemoNet  # noqa: E402
 

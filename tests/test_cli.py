@@ -181,7 +181,7 @@ def test_search_without_eve_parameters_fails_before_training(tmp_path):
 
 
 def test_search_episodes_and_seed_override_the_spec(tmp_path, monkeypatch):
-    import evefx.upgrade
+    import evefx.recipes
 
     seen = {}
 
@@ -189,7 +189,7 @@ def test_search_episodes_and_seed_override_the_spec(tmp_path, monkeypatch):
         seen["search"] = spec.search
         raise evefx.SearchError("stop here")
 
-    monkeypatch.setattr(evefx.upgrade, "search_from_spec", fake)
+    monkeypatch.setattr(evefx.recipes, "search_from_spec", fake)
     result = runner.invoke(app, ["search", "--model", "examples.models:DemoNet", "--spec",
                                  str(ROOT / "examples/specs/mixed_precision.yaml"), "--episodes", "3", "--seed", "7"])
     assert result.exit_code == 1 and "stop here" in result.output

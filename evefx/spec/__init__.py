@@ -23,7 +23,7 @@ from evefx.spec.base import Bounded, NestedErrors, Section, Select, StrictModel,
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
 from evefx.spec.quantize import AdaRoundConfig, CalibrationConfig, QuantizeSection, QuantizerConfig
-from evefx.spec.search import Budget, Reward, SearchSection
+from evefx.spec.search import Budget, Evaluator, Reward, SearchSection
 from evefx.spec.spike import SURROGATES, NeuronConfig, SpikeSection, SurrogateConfig
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "SearchSection",
     "Budget",
     "Reward",
+    "Evaluator",
     "load_spec",
     "load_section",
     "dump_spec",

@@ -1,4 +1,5 @@
-"""``search:``: the reinforcement-learning upgrader's settings (stable-baselines3 algorithms)."""
+"""``search:``: the upgrader's settings: the search method (a stable-baselines3 agent or a baseline),
+the budget, the reward and how each configuration is evaluated."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -7,7 +8,15 @@ from pydantic import model_validator
 
 from evefx.spec.base import Bounded, StrictModel
 
-__all__ = ["Budget", "Reward", "SearchSection"]
+__all__ = ["Budget", "Reward", "Evaluator", "SearchSection", "SEARCH_ALGORITHMS", "DEFAULT_EVALUATOR", "DEFAULT_FINETUNE_STEPS"]
+
+DEFAULT_EVALUATOR = "finetune"
+"""The evaluator of a search that sets no ``evaluator.kind``: a short fine-tune ranked 24 configurations
+of DemoNet far closer to their final trained accuracy (Spearman 0.66) than BatchNorm re-estimation
+(0.21) or no preparation (0.13); docs/search.md, ``bench/bench_search.py --rank``."""
+DEFAULT_FINETUNE_STEPS = 100
+"""Fine-tuning steps of the ``finetune`` evaluator when ``finetune_steps`` is 0 (the measured setting)."""
+SEARCH_ALGORITHMS = ("ddpg", "td3", "sac", "ppo", "a2c", "random", "uniform", "greedy", "knapsack", "ilp", "tpe")
 
 
 class Budget(StrictModel):
@@ -49,13 +58,28 @@ class Reward(StrictModel):
     follow the last two episodes only (both are measured in docs/search.md)."""
 
 
-class SearchSection(StrictModel):
-    """The search, in the rl-zoo3 style."""
+class Evaluator(StrictModel):
+    """How each configuration is scored before the reward (``evefx.upgrade.evaluators``)."""
 
-    algorithm: Literal["ddpg", "td3", "sac", "ppo", "a2c", "random"] = "ddpg"
-    """A stable-baselines3 algorithm, or ``random`` search as a baseline."""
+    kind: Literal["none", "bn_recalibrate", "finetune"] | None = None
+    """none: evaluated as applied (AMC); bn_recalibrate: BatchNorm statistics re-estimated on
+    ``batches`` training batches first (EagleEye); finetune: ``finetune_steps`` training steps first
+    (HAQ; 100 when 0). Unset: finetune, the measured default (docs/search.md)."""
+    batches: Bounded(int, 1, 10**5) = 8
+    """Batches of 64 training images for bn_recalibrate."""
+
+
+class SearchSection(StrictModel):
+    """The search: an rl-zoo3-style agent or a baseline, each given ``episodes`` evaluations."""
+
+    algorithm: Literal["ddpg", "td3", "sac", "ppo", "a2c", "random", "uniform", "greedy", "knapsack", "ilp", "tpe"] | None = None
+    """A stable-baselines3 agent (ddpg, td3, sac, ppo, a2c) or a baseline: random, uniform (the
+    dearest single value that fits), greedy/knapsack/ilp (per-layer sensitivities, then an
+    allocation under the budget; bit widths only), tpe (Optuna's TPE sampler, needs optuna).
+    Unset: ilp when every searched parameter is a bit width under an avg_bits or weight_bytes
+    budget (it beat DDPG and random search in docs/search.md), ddpg otherwise (pruning ratios...)."""
     episodes: Bounded(int, 1, 10**7) | None = None
-    """Number of episodes (one episode = one configuration evaluated)."""
+    """Number of evaluations (one episode = one configuration evaluated; sensitivity probes count)."""
     timesteps: Bounded(int, 1, 10**9) | None = None
     """Number of environment steps (alternative to ``episodes``)."""
     budget: Budget = Budget()
@@ -66,7 +90,8 @@ class SearchSection(StrictModel):
     n_envs: Bounded(int, 1, 1024) = 1
     """Parallel environments (SubprocVecEnv when > 1 with backend local; Ray actors with backend ray)."""
     finetune_steps: Bounded(int, 0, 10**7) = 0
-    """Training steps after applying a configuration, before it is evaluated."""
+    """Training steps after applying a configuration, before it is evaluated (``evaluator.kind: finetune``)."""
+    evaluator: Evaluator = Evaluator()
     checkpoint_every: Bounded(int, 1, 10**7) = 10
     """Save an SB3 checkpoint every N episodes."""
     backend: Literal["local", "ray"] = "local"
@@ -75,4 +100,21 @@ class SearchSection(StrictModel):
     def _one_length(self) -> SearchSection:
         if self.episodes is not None and self.timesteps is not None:
             raise ValueError("give episodes or timesteps, not both")
+        if self.evaluator.kind in ("none", "bn_recalibrate") and self.finetune_steps > 0:
+            raise ValueError(f"evaluator.kind {self.evaluator.kind} runs no fine-tune: set finetune_steps: 0 "
+                             "or evaluator.kind: finetune")
         return self
+
+    @property
+    def evaluator_kind(self) -> str:
+        """The evaluator in effect (``evaluator.kind``, or what an unset kind means)."""
+        if self.evaluator.kind is not None:
+            return self.evaluator.kind
+        return "finetune" if self.finetune_steps > 0 else DEFAULT_EVALUATOR
+
+    @property
+    def evaluator_steps(self) -> int:
+        """Fine-tuning steps per evaluation in effect (0 unless the evaluator is finetune)."""
+        if self.evaluator_kind != "finetune":
+            return 0
+        return self.finetune_steps or DEFAULT_FINETUNE_STEPS

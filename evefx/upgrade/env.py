@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,7 @@ from evefx.errors import SearchError
 from evefx.modules.protocol import EveRange
 from evefx.spec import Budget, Reward, load_section
 from evefx.upgrade.costs import CostModel, cheap_end
+from evefx.upgrade.evaluators import Accuracy, FineTune, accuracy_of, apply_pruning
 
 __all__ = ["UpgradeEnv", "EpisodeResult", "PARAM_FEATURES", "accuracy_of", "Accuracy", "FineTune", "apply_pruning"]
 
@@ -46,18 +46,6 @@ Evaluate = Callable[[nn.Module], Any]
 Finetune = Callable[[nn.Module, int], Any]
 
 
-def accuracy_of(result: Any) -> float:
-    """Accuracy in percent from what an ``evaluate`` callback returned (a number or ``{"accuracy": ...}``)."""
-    if isinstance(result, Mapping):
-        if "accuracy" not in result:
-            raise SearchError(f"evaluate(gm) returned a mapping without 'accuracy' (keys: {sorted(result)})")
-        result = result["accuracy"]
-    value = float(result)
-    if not math.isfinite(value):
-        raise SearchError(f"evaluate(gm) returned {value}; it must return a finite accuracy in percent")
-    return value
-
-
 @contextlib.contextmanager
 def _global_rng_kept() -> Iterator[None]:
     """Run a callback without it touching the global RNGs the agent draws from: a fine-tuning
@@ -69,21 +57,6 @@ def _global_rng_kept() -> Iterator[None]:
         random.setstate(py)
         np.random.set_state(np_state)
         torch.random.set_rng_state(torch_state)
-
-
-def apply_pruning(gm: nn.Module) -> None:
-    """Recompute the pruning masks from the ratios just set: ``evefx.prune_step`` run until every
-    pruner's schedule is complete, so an iterative schedule reaches its full ratio at once.
-
-    Example:
-        >>> UpgradeEnv(gm, evaluate, apply=apply_pruning)  # the default when ratios are searched
-    """
-    from evefx.modules.prune import ChannelPruner
-    from evefx.channels import prune_step
-
-    pruners = [m for m in gm.modules() if isinstance(m, ChannelPruner)]
-    for _ in range(max([m.steps - int(m.steps_done) for m in pruners] + [1])):
-        prune_step(gm)
 
 
 def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, list[nn.Module]]:
@@ -115,46 +88,6 @@ def _last_fitting(fits: Callable[[float], bool], ok: float, bad: float, iteratio
     return ok
 
 
-class Accuracy:
-    """An ``evaluate`` callback: top-1 accuracy (percent) of the model on ``data`` (batches of ``(x, y)``).
-
-    A plain class (not a closure) so it pickles into ``SubprocVecEnv`` workers.
-
-    Example:
-        >>> env = UpgradeEnv(gm, Accuracy(val_loader))
-    """
-
-    def __init__(self, data: Any):
-        self.data = data
-
-    def __call__(self, gm: nn.Module) -> float:
-        from evefx.train import evaluate
-
-        return evaluate(gm, self.data)["accuracy"]
-
-
-class FineTune:
-    """A ``finetune(gm, steps)`` callback: ``steps`` Adam steps on ``dataset``, shuffled the same way
-    at every call (its own seeded generator), so an episode's result depends only on its values.
-
-    Example:
-        >>> env = UpgradeEnv(gm, Accuracy(val), finetune=FineTune(train_set), finetune_steps=20)
-    """
-
-    def __init__(self, dataset: Any, *, batch_size: int = 64, lr: float = 1e-3, seed: int = 0):
-        self.dataset, self.batch_size, self.lr, self.seed = dataset, batch_size, lr, seed
-
-    def __call__(self, gm: nn.Module, steps: int) -> None:
-        from torch.utils.data import DataLoader
-
-        from evefx.train import fit
-
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(self.seed))
-        epochs = max(1, math.ceil(steps / max(len(loader), 1)))
-        fit(gm, loader, None, epochs, lr=self.lr, seed=self.seed, progress=False, max_steps=steps)
-
-
 class EpisodeResult(dict):
     """What one finished episode produced: ``reward``, ``accuracy`` (percent), ``cost``,
     ``values`` (applied, after the budget wall), ``chosen`` (the agent's values), ``actions``,
@@ -171,6 +104,8 @@ class UpgradeEnv(gym.Env):
         evaluate: ``evaluate(gm) -> accuracy`` in percent (or a dict with ``"accuracy"``).
         finetune: ``finetune(gm, steps)``, run after applying a configuration when ``finetune_steps > 0``.
         finetune_steps: training steps per episode (``search.finetune_steps``).
+        recalibrate: ``recalibrate(gm)``, run after applying a configuration and before any fine-tune
+            (``search.evaluator.kind: bn_recalibrate``: :class:`~evefx.upgrade.BNRecalibrate`).
         budget: the cost and its bound (``search.budget``): a :class:`~evefx.spec.Budget` or the same
             dict a spec file holds (``{"kind": "avg_bits", "max": 3.0}``).
         reward: ``penalty`` (accuracy - lam * cost / max) or ``constrained`` (values lowered from the
@@ -199,12 +134,14 @@ class UpgradeEnv(gym.Env):
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
         apply: Callable[[nn.Module], Any] | None = None,
         names: Sequence[str] | None = None,
+        recalibrate: Callable[[nn.Module], Any] | None = None,
     ):
         super().__init__()
         self.gm = gm
         self.evaluate_fn = evaluate
         self.finetune_fn = finetune
         self.finetune_steps = int(finetune_steps)
+        self.recalibrate_fn = recalibrate
         self.budget = budget = load_section(Budget, budget, "search.budget")
         self.reward_cfg = reward = load_section(Reward, reward, "search.reward")
         self.apply_fn = apply
@@ -421,17 +358,48 @@ class UpgradeEnv(gym.Env):
         """Run one whole configuration (as an episode's end does) and return its result."""
         return self._finish(values, actions)
 
-    def _finish(self, chosen: Mapping[str, float], actions: Sequence[float] | None) -> EpisodeResult:
-        start = time.perf_counter()
-        chosen = {p.name: float(chosen.get(p.name, self.initial_values[p.name])) for p in self.params}
-        values = self.fit_budget(chosen) if self.reward_cfg.mode == "constrained" else chosen
+    def score(self, values: Mapping[str, float]) -> tuple[float, float]:
+        """``(accuracy, cost)`` of ``values`` applied as they are (no budget wall): restore the
+        starting weights, set the values, recalibrate and fine-tune as configured, evaluate.
+        A sensitivity probe (one layer lowered, the rest high) is scored this way."""
+        values = {p.name: float(values.get(p.name, self.initial_values[p.name])) for p in self.params}
         self._restore()
         self.set_values(values)
         cost = self.cost_model(values) if self.cost_model.static else self.cost_model.measure(self.gm)
         with _global_rng_kept():
+            if self.recalibrate_fn is not None:
+                self.recalibrate_fn(self.gm)
             if self.finetune_steps > 0 and self.finetune_fn is not None:
                 self.finetune_fn(self.gm, self.finetune_steps)
             accuracy = accuracy_of(self.evaluate_fn(self.gm))
+        return accuracy, float(cost)
+
+    def actions_for(self, values: Mapping[str, float]) -> list[float]:
+        """The actions an agent plays to choose ``values`` (inverse of :meth:`step`'s mapping; with
+        ``wall: step``, relative to what still fits after the earlier choices): how a baseline's
+        configuration enters an agent's replay buffer (warm start)."""
+        chosen: dict[str, float] = {}
+        out = []
+        for p in self.params:
+            v = float(values.get(p.name, self.initial_values[p.name]))
+            if self.step_wall:
+                rng = self.feasible_range(p, chosen)
+                fair = min(max(self.fair_value(p, chosen), rng.low), rng.high)
+                v = float(rng.clip(min(max(v, rng.low), rng.high)))
+                below, above = fair - rng.low, rng.high - fair
+                a = (v - fair) / below if v < fair and below > 0 else ((v - fair) / above if v > fair and above > 0 else 0.0)
+            else:
+                a = p.range.to_unit(v)
+            a = float(np.float32(min(max(a, -1.0), 1.0)))
+            chosen[p.name] = self._value(p, a, chosen)
+            out.append(a)
+        return out
+
+    def _finish(self, chosen: Mapping[str, float], actions: Sequence[float] | None) -> EpisodeResult:
+        start = time.perf_counter()
+        chosen = {p.name: float(chosen.get(p.name, self.initial_values[p.name])) for p in self.params}
+        values = self.fit_budget(chosen) if self.reward_cfg.mode == "constrained" else chosen
+        accuracy, cost = self.score(values)
         if self.reward_cfg.mode == "constrained":
             reward = accuracy / 100.0
         else:

@@ -17,7 +17,7 @@ import evefx
 from evefx.errors import SearchError
 from evefx.spec import Budget
 from evefx.upgrade import Accuracy, search
-from evefx.upgrade.search import _EnvFactory
+from evefx.upgrade.agent import EnvFactory as _EnvFactory
 from tests.upgrade.test_search import SEARCH, batches, quantized
 
 

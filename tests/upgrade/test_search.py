@@ -138,7 +138,7 @@ def test_credit_all_with_a_baseline_rewards_every_transition_and_resumes_exactly
     stored = buffer.rewards[:35, 0]
     np.testing.assert_allclose(stored, np.repeat(np.float32(expected), 4)[:35])
     # the same rewards as a search that was never stopped would have stored for these episodes
-    from evefx.upgrade.search import _Credit
+    from evefx.upgrade.credit import Credit as _Credit
     from evefx.spec import Reward
 
     c = _Credit(Reward(**section["reward"]))
@@ -222,7 +222,7 @@ def test_warmup_episodes_set_when_an_off_policy_agent_starts_learning(tmp_path):
 
 def test_search_from_spec_trains_once_and_resumes_from_the_saved_start(tmp_path):
     from examples.models import DemoNet
-    from evefx.upgrade import search_from_spec
+    from evefx.recipes import search_from_spec
 
     spec = {"trace": {"input_shape": [1, 1, 28, 28]},
             "passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8}, "select": {"names": ["features.*"]}}],

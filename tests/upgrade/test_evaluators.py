@@ -1,0 +1,87 @@
+"""Evaluators: BatchNorm re-estimation (exact statistics, nothing else touched), each deterministic in a search."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import evefx
+from evefx.errors import SearchError
+from evefx.spec import load_spec
+from evefx.upgrade import Accuracy, BNRecalibrate, FineTune, search
+
+SPEC = {"trace": {"input_shape": [1, 1, 6, 6]},
+        "passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8}, "min_bits": 2, "max_bits": 8,
+                    "activation": {"bits": 8, "signed": False, "symmetric": False}}]}
+
+
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(96, 1, 6, 6, generator=g)
+    return TensorDataset(x, (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long())
+
+
+def test_bn_recalibrate_sets_the_exact_batch_statistics_and_restores_modes():
+    model = convnet().train()
+    bn = model[1]
+    bn.running_mean.fill_(100.0)
+    bn.running_var.fill_(100.0)
+    recal = BNRecalibrate(dataset(), batches=3, batch_size=32, seed=0)
+    recal(model)
+    x = torch.cat(recal._inputs())
+    y = model[0](x)
+    # equal batches: the average of the per-batch means is the mean over all of them
+    per_batch = [model[0](b) for b in recal._inputs()]
+    assert torch.allclose(bn.running_mean, y.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack([b.var((0, 2, 3), unbiased=True) for b in per_batch]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and all(m.training for m in model.modules())  # modes and momentum put back
+
+
+def test_bn_recalibrate_on_a_quantized_model_is_deterministic_and_leaves_quantizers_alone():
+    gm = evefx.transform(convnet(), SPEC)
+    gm.train()
+    gm(dataset().tensors[0])
+    gm.eval()
+    quant = {k: v.clone() for k, v in gm.state_dict().items() if "quant" in k}
+    runs = []
+    for _ in range(2):
+        BNRecalibrate(dataset(), batches=2, batch_size=16)(gm)
+        runs.append({k: v.clone() for k, v in gm.state_dict().items() if "running" in k})
+        assert not any(m.training for m in gm.modules())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(torch.equal(quant[k], gm.state_dict()[k]) for k in quant)
+
+
+@pytest.mark.parametrize("kind", ["none", "bn_recalibrate", "finetune"])
+def test_each_evaluator_is_deterministic_for_a_seed(tmp_path, kind):
+    gm = evefx.transform(convnet(), SPEC)
+    gm.train()
+    gm(dataset().tensors[0])
+    gm.eval()
+    data = [(dataset().tensors[0], dataset().tensors[1])]
+    section = {"algorithm": "random", "episodes": 4, "seed": 1, "budget": {"kind": "avg_bits", "max": 4.0},
+               "evaluator": {"kind": kind, "batches": 2}, "finetune_steps": 3 if kind == "finetune" else 0}
+    kw = {"finetune": FineTune(dataset(), batch_size=16), "recalibrate": BNRecalibrate(dataset(), batches=2)}
+    a = search(gm, Accuracy(data), section, run_dir=tmp_path / "a", progress=False, **kw).episodes
+    b = search(gm, Accuracy(data), section, run_dir=tmp_path / "b", progress=False, **kw).episodes
+    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b] and [r["values"] for r in a] == [r["values"] for r in b]
+
+
+def test_evaluator_settings_are_checked(tmp_path):
+    assert load_spec({**SPEC, "search": {"evaluator": {"kind": "finetune"}}}).search.evaluator_steps == 100
+    with pytest.raises(Exception, match="evaluator.kind none runs no fine-tune"):
+        load_spec({**SPEC, "search": {"evaluator": {"kind": "none"}, "finetune_steps": 5}})
+    spec = load_spec({**SPEC, "search": {}})
+    assert (spec.search.evaluator_kind, spec.search.evaluator_steps) == ("finetune", 100)  # the measured default
+    assert load_spec({**SPEC, "search": {"finetune_steps": 5}}).search.evaluator_steps == 5
+    assert load_spec({**SPEC, "search": {"evaluator": {"kind": "none"}}}).search.evaluator_steps == 0
+    gm = evefx.transform(convnet(), {k: v for k, v in SPEC.items() if k != "trace"}, torch.zeros(1, 1, 6, 6))
+    with pytest.raises(SearchError, match="bn_recalibrate: pass recalibrate=BNRecalibrate"):
+        search(gm, Accuracy([]), {"evaluator": {"kind": "bn_recalibrate"}}, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
