@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters, observe, reset
 from evefx.errors import SearchError
+from evefx.graph import provenance
 from evefx.modules.protocol import EveRange
 from evefx.spec import Budget, Reward, load_section
 from evefx.upgrade.costs import CostModel, cheap_end
@@ -71,11 +72,11 @@ def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, 
     """
     by_layer: dict[tuple[str, str], list[nn.Module]] = {}
     for node in getattr(getattr(gm, "graph", None), "nodes", ()):
-        prov = node.meta.get("evefx") or {}
-        if node.op == "call_module" and prov.get("role") == "input":
+        prov = provenance(node)
+        if node.op == "call_module" and prov is not None and prov.role == "input":
             q = gm.get_submodule(str(node.target))
             if hasattr(q, "set_bits"):
-                by_layer.setdefault((prov.get("spec_path"), prov.get("layer")), []).append(q)
+                by_layer.setdefault((prov.spec_path, prov.layer), []).append(q)
     return {p.name: by_layer[(p.spec_path, p.layer)] for p in params
             if p.kind == "bits" and p.role == "activation" and (p.spec_path, p.layer) in by_layer}
 
