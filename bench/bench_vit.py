@@ -88,7 +88,10 @@ def export_check(model: nn.Module, held) -> str:
     """Export the W8A8 network with the held-out images as real inputs; parity and top-1 agreement."""
     xs = held.tensors[0]
     with tempfile.TemporaryDirectory() as d:
-        rep = evefx.export_onnx(model.eval(), X, Path(d) / "vit_w8a8.onnx", real_inputs=xs)
+        try:
+            rep = evefx.export_onnx(model.eval(), X, Path(d) / "vit_w8a8.onnx", real_inputs=xs)
+        except evefx.EvefxError as err:  # a failed check is a figure too: record its message
+            return f"check failed: {err}"
     p = rep.parity.to_dict() if rep.parity is not None else {}
     return f"passed={rep.passed}, failing={list(rep.failing)}, parity={json.dumps(p)}"
 
