@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--split", choices=["test", "val"], default="test")
     parser.add_argument("--no-export", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("out/bench_vit"))
@@ -165,7 +165,7 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for name, accs in by.items():
         label, _, start = ROWS[name]
         ref = "float_more" if start in ("finetune", "prune") and name != "float_more" else "float"
-        delta = f"{mean[name] - mean[ref]:+.2f} (vs {ROWS[ref][0]})" if ref in mean and ref != name else ""
+        delta = f"{mean[name] - mean[ref]:+.2f} (vs {ROWS[ref][0].replace('N more', f'{args.epochs} more')})" if ref in mean and ref != name else ""
         lines.append(f"| {label.replace('N more', f'{args.epochs} more')} | {mean[name]:.2f} +- {std[name]:.2f} "
                      f"({len(accs)} seeds) | {delta} |")
     return "\n".join(lines)
