@@ -43,10 +43,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import evefx  # noqa: E402
-from bench_recipes import BATCH, LR, cpu, split, train  # noqa: E402  (same recipe, data split, CPU line)
-from evefx.channels import compact_report  # noqa: E402
-from evefx.train import evaluate, seed_everything  # noqa: E402
+from bench_recipes import BATCH, LR, cpu, split, train
+
+import evefx
+from evefx.channels import compact_report
+from evefx.train import evaluate, seed_everything
 
 X = torch.zeros(1, 1, 28, 28)
 HIDDEN, PATCH = 64, 7
