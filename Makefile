@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/evefx demo
 
 test: $(STAMP)
+	$(BIN)/ruff check evefx tests bench examples
 	$(BIN)/python -m pytest -n 2 tests
 
 schema: $(STAMP)

@@ -315,7 +315,7 @@ def sensitivity_row(model: nn.Module, calib: list[torch.Tensor], test: list[Any]
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), platform.processor())
+        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), platform.processor())
     except OSError:
         name = platform.processor()
     return f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

@@ -402,4 +402,4 @@ _default(builtins.getattr, tensor_attribute)
 del _default
 
 # the rules for axis moves (reshape, permute, cat, index) and for norms and attention register themselves
-from evefx.channels import attention_rules, layout_rules  # noqa: F401  (imported for the registrations)
+from evefx.channels import attention_rules, layout_rules  # noqa: E402, F401  (imported last, for their registrations)

@@ -197,10 +197,10 @@ class SensitivityReport:
                 cost = math.ceil(self.params[layer] * b / unit - 1e-9) if unit > 0 else 0
                 v = value(layer, b)
                 for c in range(cost, units + 1):
-                    (d, l), choice = best[c - cost]
+                    (d, lost), choice = best[c - cost]
                     if d == math.inf:
                         continue
-                    cand = (d + v[0], l + v[1])
+                    cand = (d + v[0], lost + v[1])
                     if cand < new[c][0]:
                         new[c] = (cand, {**choice, layer: b})
             best = new

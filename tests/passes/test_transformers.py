@@ -289,7 +289,7 @@ def test_w8a8_attention_projections_export_int8_with_parity(build, tmp_path):
     x = torch.randn(64, 3, 16, 16)
     gm = evefx.transform(model, {"passes": [W8A8]}, x[:1])
     weights = {n.meta["evefx"]["layer"] for n in marked(gm, "quantize", role="weight")}
-    attention = {l.rsplit(".", 1)[0] for l in weights if l.endswith(".q_proj")}
+    attention = {w.rsplit(".", 1)[0] for w in weights if w.endswith(".q_proj")}
     assert len(attention) == 2  # both encoder layers, each with its four projections weight-quantized
     assert {f"{a}.{p}_proj" for a in attention for p in ("q", "k", "v", "out")} <= weights
     calibrate(gm, [x[i:i + 16] for i in range(0, 64, 16)])
