@@ -152,20 +152,29 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "table.md").write_text(table + "\n")
 
 
-def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Markdown table: mean +- std per row, and the difference to the float reference of its start."""
+def summarise(runs: list[dict[str, Any]], args: argparse.Namespace,
+              rows: dict[str, tuple[Any, ...]] | None = None, compared_later: tuple[str, ...] = ("finetune",)) -> str:
+    """Markdown table: mean +- std per row, and the difference to the float reference of its start
+    (rows whose start is in ``compared_later`` against the float network given the same extra
+    epochs). ``rows``: ``{name: (label, spec, start)}``, this bench's ``ROWS`` by default; "N more" in
+    a label reads as the epoch count."""
+    rows = ROWS if rows is None else rows
     by: dict[str, list[float]] = {}
     for r in runs:
         by.setdefault(r["row"], []).append(r["accuracy"])
     mean = {k: sum(v) / len(v) for k, v in by.items()}
     std = {k: (torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0) for k, v in by.items()}
+
+    def label(name: str) -> str:
+        return rows[name][0].replace("N more", f"{args.epochs} more")
+
     lines = [f"| row ({args.split} split, {args.epochs} epochs, Adam {LR:g}, batch {BATCH}) | accuracy % | vs float |",
              "|---|---|---|"]
     for name, accs in by.items():
-        label, _, start = ROWS[name]
-        ref = "float_more" if start == "finetune" and name != "float_more" else "float"
-        delta = f"{mean[name] - mean[ref]:+.2f} (vs {ROWS[ref][0]})" if ref in mean and ref != name else ""
-        lines.append(f"| {label} | {mean[name]:.2f} +- {std[name]:.2f} ({len(accs)} seeds) | {delta} |")
+        start = rows[name][2]
+        ref = "float_more" if start in compared_later and name != "float_more" else "float"
+        delta = f"{mean[name] - mean[ref]:+.2f} (vs {label(ref)})" if ref in mean and ref != name else ""
+        lines.append(f"| {label(name)} | {mean[name]:.2f} +- {std[name]:.2f} ({len(accs)} seeds) | {delta} |")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipes import BATCH, LR, cpu, split, train
+from bench_recipes import BATCH, LR, cpu, split, summarise, train
 
 import evefx
 from evefx.channels import compact_report
@@ -149,27 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                 log.flush()
                 print(f"{label:<44} seed {seed}: {acc:6.2f}%  ({row['seconds']:.0f} s)"
                       + "".join(f"\n    {k}: {v}" for k, v in extra.items()), flush=True)
-    table = summarise(runs, args)
+    table = summarise(runs, args, ROWS, compared_later=("finetune", "prune"))
     print(table)
     (args.out / "table.md").write_text(table + "\n")
-
-
-def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Markdown table: mean +- std per row, and the difference to the float reference of its start."""
-    by: dict[str, list[float]] = {}
-    for r in runs:
-        by.setdefault(r["row"], []).append(r["accuracy"])
-    mean = {k: sum(v) / len(v) for k, v in by.items()}
-    std = {k: (torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0) for k, v in by.items()}
-    lines = [f"| row ({args.split} split, {args.epochs} epochs, Adam {LR:g}, batch {BATCH}) | accuracy % | vs float |",
-             "|---|---|---|"]
-    for name, accs in by.items():
-        label, _, start = ROWS[name]
-        ref = "float_more" if start in ("finetune", "prune") and name != "float_more" else "float"
-        delta = f"{mean[name] - mean[ref]:+.2f} (vs {ROWS[ref][0].replace('N more', f'{args.epochs} more')})" if ref in mean and ref != name else ""
-        lines.append(f"| {label.replace('N more', f'{args.epochs} more')} | {mean[name]:.2f} +- {std[name]:.2f} "
-                     f"({len(accs)} seeds) | {delta} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
