@@ -12,7 +12,8 @@ from __future__ import annotations
 from evefx.export.nir import NIRReport, export_nir, import_nir, spike_traces, to_nir
 from evefx.export.onnx import MIN_QDQ_OPSET, export_onnx, layer_bits, onnx_accuracy
 from evefx.export.parity import Parity, check_parity, first_divergence
-from evefx.export.qdq import QDQ, QParams, QuantizedWeightLayer, calibrate, deployable
+from evefx.export.deploy import Deployed, deployable
+from evefx.export.qdq import QDQ, QParams, QuantizedWeightLayer, calibrate
 from evefx.export.report import ExportReport
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_parity",
     "first_divergence",
     "deployable",
+    "Deployed",
     "calibrate",
     "QParams",
     "QDQ",

@@ -1,18 +1,20 @@
 """``export_onnx``: write an evefx model (or any ``nn.Module``) to ONNX and check it with onnxruntime.
 
-The steps:
+The steps, one function each:
 
-1. :func:`~evefx.export.qdq.deployable` copies the model and swaps quantizers for stand-ins that
-   the TorchScript exporter writes as ``QuantizeLinear``/``DequantizeLinear`` (BatchNorm folded,
-   weights as int8/uint8 codes, per channel on axis 0);
-2. ``torch.onnx.export`` (TorchScript exporter; stateful spiking modules are unrolled by their own
-   forward over the timesteps, so the file keeps the module's call signature);
-3. :mod:`~evefx.export.rewrite` names the constants, stores biases of fusable Conv/Gemm nodes as
-   int32 and re-quantizes after Flatten/MaxPool/Reshape, so onnxruntime fuses into integer kernels;
-   with ``weight_storage: packed``, :mod:`~evefx.export.packed` stores weights of <= 4 bits as
-   INT4/UINT4 (opset 21) and Linear layers as ``MatMulNBits``;
-4. metadata (evefx version, spec, per-layer bits and weight bytes), ``onnx.checker.check_model(full_check=True)``;
-5. parity with the PyTorch module (see :mod:`~evefx.export.parity`); a failure raises
+1. :func:`~evefx.export.deploy.deployable`: an eval-mode CPU copy, pruned channels removed
+   (``evefx.compact``), quantizers swapped for stand-ins that the TorchScript exporter writes as
+   ``QuantizeLinear``/``DequantizeLinear`` (BatchNorm folded, weights as int8/uint8 codes, per
+   channel on axis 0), spiking modules unrolled over the timesteps;
+2. ``_torch_export``: ``torch.onnx.export`` (TorchScript exporter), the module's call signature kept;
+3. ``_rewrite``: :mod:`~evefx.export.rewrite` names the constants, stores biases of fusable Conv/Gemm
+   nodes as int32 and re-quantizes after Flatten/MaxPool/Reshape, so onnxruntime fuses into integer
+   kernels;
+4. ``_pack``: with ``weight_storage: packed``, :mod:`~evefx.export.packed` stores weights of <= 4 bits
+   as INT4/UINT4 (opset 21) and Linear layers as ``MatMulNBits``;
+5. ``_save``: metadata (evefx version, spec, per-layer bits and weight bytes),
+   ``onnx.checker.check_model(full_check=True)``, the file written;
+6. ``_check``: parity with the PyTorch module (see :mod:`~evefx.export.check`); a failure raises
    :class:`~evefx.errors.ExportError` with the figures and the first diverging node.
 
 Example:
@@ -40,7 +42,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from evefx.errors import ExportError, PruneError
+from evefx.errors import ExportError
 from evefx.export.check import (
     check_file,
     deployment_target,
@@ -51,7 +53,8 @@ from evefx.export.check import (
 )
 from evefx.export.parity import TOP1_MIN, Parity, degenerate_outputs, flatten_outputs, ort_session
 from evefx.export.packed import MIN_PACKED_OPSET, name_weight_nodes, pack_weights, packed_layers, require_opset, upgrade_opset, weight_bytes
-from evefx.export.qdq import QuantizedWeightLayer, deployable
+from evefx.export.deploy import Deployed, deployable, is_quantized
+from evefx.export.qdq import QuantizedWeightLayer
 from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
 from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
@@ -250,7 +253,7 @@ def _chunks(real_inputs: Any) -> list[tuple[torch.Tensor, ...]]:
 
 
 def export_onnx(
-    gm: nn.Module,
+    gm: nn.Module | Deployed,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     path: str | Path,
     *,
@@ -268,7 +271,8 @@ def export_onnx(
     """Write ``gm`` to ``path`` as ONNX (int8 QDQ when it has quantizers, float otherwise).
 
     Args:
-        gm: an ``EveModule`` from :func:`evefx.transform` or any ``nn.Module``; it is not modified.
+        gm: an ``EveModule`` from :func:`evefx.transform` or any ``nn.Module``; it is not modified. Or
+            what :func:`~evefx.export.deploy.deployable` returned for it, exported as it is.
         example_inputs: inputs of one call (a tensor or a tuple); they fix the traced shapes, and the
             batch dimension stays dynamic with ``dynamic_batch``.
         opset: ONNX opset (at least 13 for quantized models, 21 with packed weights); default 17, or
@@ -298,44 +302,77 @@ def export_onnx(
         >>> report.parity.top1_agreement
         100.0
     """
-    if not isinstance(gm, nn.Module):
-        raise ExportError(f"export_onnx needs a torch.nn.Module (got {type(gm).__name__})")
-    inputs = _as_tuple(example_inputs)
-    path = Path(path)
-    source, removed = _remove_pruned_channels(gm)
-    quantized = any(isinstance(m, Quantizer) and m.enabled for m in gm.modules())
-    packed = packed_layers(gm, weight_storage) if quantized else {}
+    source = gm.source if isinstance(gm, Deployed) else gm
+    if not isinstance(source, nn.Module):
+        raise ExportError(f"export_onnx needs a torch.nn.Module (got {type(source).__name__})")
+    inputs, path = _as_tuple(example_inputs), Path(path)
+    packed, opset = _storage(source, weight_storage, opset)
+    deployed = gm if isinstance(gm, Deployed) else deployable(gm)
+    _torch_export(deployed, inputs, path, opset, dynamic_batch)
+    model, rewrites = _rewrite(path, deployed, int32_bias)
+    model, forms = _pack(model, path, opset, packed, linear_form)
+    rewrites["packed_weights"] = len(forms)
+    report = _save(model, path, deployed, opset, rewrites, bool(forms), kernels)
+    return _check(deployed, inputs, path, report, real_inputs, tolerance, top1_min) if check else report
+
+
+def _storage(source: nn.Module, weight_storage: str | None, opset: int | None) -> tuple[dict[str, str], int]:
+    """The layers whose weights are stored packed and the opset of the file (checked against each other)."""
+    quantized = is_quantized(source)
+    packed = packed_layers(source, weight_storage) if quantized else {}
     opset = opset if opset is not None else (MIN_PACKED_OPSET if packed else DEFAULT_OPSET)
     if quantized and opset < MIN_QDQ_OPSET:
         raise ExportError(f"quantized models need opset >= {MIN_QDQ_OPSET} for per-channel DequantizeLinear (got {opset})")
     require_opset(packed, opset)
-    deploy = deployable(source)
+    return packed, opset
+
+
+def _torch_export(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Path, opset: int,
+                  dynamic_batch: bool) -> None:
+    """Run the deployed module once (it must return tensors) and write it with the TorchScript exporter."""
     with torch.no_grad():
         try:
-            outputs = flatten_outputs(deploy(*inputs))
+            outputs = flatten_outputs(deployed.model(*inputs))
         except Exception as e:
             raise ExportError(f"the model does not run on the example inputs: {e}") from e
     if not outputs:
         raise ExportError("the model returns no tensor; nothing to export")
-    input_names = _input_names(gm, len(inputs))
+    input_names = _input_names(deployed.source, len(inputs))
     output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _export(deploy, gm, inputs, path, min(opset, _TORCHSCRIPT_MAX_OPSET), input_names, output_names, dynamic_batch)
+    _export(deployed.model, deployed.source, inputs, path, min(opset, _TORCHSCRIPT_MAX_OPSET), input_names,
+            output_names, dynamic_batch)
 
+
+def _rewrite(path: Path, deployed: Deployed, int32_bias: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Load the exporter's file and apply the rewrites of :mod:`evefx.export.rewrite`; returns the counts."""
     model = onnx.load(str(path))
     rewrites = {"constants_to_initializers": constants_to_initializers(model)}
-    name_weight_nodes(model, {n: m.codes.numpy() for n, m in deploy.named_modules() if isinstance(m, QuantizedWeightLayer)})
+    name_weight_nodes(model, {n: m.codes.numpy() for n, m in deployed.model.named_modules()
+                              if isinstance(m, QuantizedWeightLayer)})
     rewrites["requantized_data_movement"] = requantize_data_movement(model)
     rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
-    rewrites["pruned_channels_removed"] = removed
+    rewrites["pruned_channels_removed"] = deployed.channels_removed
+    return model, rewrites
+
+
+def _pack(model: onnx.ModelProto, path: Path, opset: int, packed: dict[str, str],
+          linear_form: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Convert to the asked opset and store the packed layers' weights as INT4/UINT4 or MatMulNBits."""
     try:
         model = upgrade_opset(model, opset)
         forms = pack_weights(model, packed, linear_form) if packed else {}  # type: ignore[arg-type]
     except ExportError as e:
         failed = set_aside(path)  # the exporter's unpacked file is not what was asked for
         raise ExportError(f"{e}; the unfinished file was moved to {failed}") from e
-    rewrites["packed_weights"] = len(forms)
-    bits = layer_bits(gm)
+    return model, forms
+
+
+def _save(model: onnx.ModelProto, path: Path, deployed: Deployed, opset: int, rewrites: dict[str, int],
+          packed: bool, kernels: bool) -> ExportReport:
+    """Refuse float weights between Q/DQ, write the metadata, run ``onnx.checker`` and save; the report
+    of the file (parity not checked yet)."""
+    gm, quantized = deployed.source, deployed.quantized
     floating = float_weights_between_qdq(model) if quantized else []
     if floating:
         failed = set_aside(path)
@@ -344,9 +381,10 @@ def export_onnx(
             f"those weights itself and the file would not compute what PyTorch does. Quantize its weights too "
             f"(weight: {{bits: 8}}) or leave its input in float (quantize_inputs: false, or select.exclude it); "
             f"the file was moved to {failed}")
+    bits = layer_bits(gm)
     target = deployment_target(gm) if quantized else "any"
     weights = weight_bytes(model) if quantized else {}
-    _metadata(model, gm, bits, quantized, target, weights, bool(forms))
+    _metadata(model, gm, bits, quantized, target, weights, packed)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -354,15 +392,19 @@ def export_onnx(
         raise ExportError(f"{path}: the exported graph fails onnx.checker ({e}); the file was moved to {failed}; "
                           f"report a bug with this message") from e
     onnx.save(model, str(path))
-
-    kernel_ops = _kernel_histogram(path) if kernels else None
-    report = ExportReport(
+    return ExportReport(
         path=str(path), opset=opset, file_bytes=path.stat().st_size, quantized=quantized,
         params=count_parameters(model), ops=dict(Counter(n.op_type for n in model.graph.node)),
-        bits=bits, kernels=kernel_ops, parity=None, rewrites=rewrites, target=target, weights=weights,
+        bits=bits, kernels=_kernel_histogram(path) if kernels else None, parity=None, rewrites=rewrites,
+        target=target, weights=weights,
     )
-    if not check:
-        return report
+
+
+def _check(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Path, report: ExportReport,
+           real_inputs: Any, tolerance: float | None, top1_min: float) -> ExportReport:
+    """Compare the file with the PyTorch model (see :mod:`evefx.export.check`); a file that fails, or
+    that cannot be checked, is set aside and an :class:`ExportError` raised."""
+    gm = deployed.source
     if is_stochastic(gm):
         log.warning("%s: the model draws random spikes (Poisson encoder); PyTorch and onnxruntime cannot be "
                     "compared sample by sample, so parity was not checked", path)
@@ -377,31 +419,13 @@ def export_onnx(
             f"agree with it; train or calibrate the model first (evefx.calibrate), or pass real_inputs. "
             f"The unchecked file was moved to {failed}"
         )
-    report = check_file(gm, deploy, path, batches, report, tolerance, top1_min)
+    report = check_file(gm, deployed.model, path, batches, report, tolerance, top1_min)
     if not report.passed:
         failed = set_aside(path)
         err = ExportError(f"{failure_text(report)}; the file was moved to {failed}")
         err.report = replace(report, path=str(failed))  # type: ignore[attr-defined]
         raise err
     return report
-
-
-def _remove_pruned_channels(gm: nn.Module) -> tuple[nn.Module, int]:
-    """Deploy a pruned model without its masked channels (``evefx.compact``), so the file is smaller
-    for real; where compact cannot slice (quantized layers), the masks export as multiplications."""
-    from evefx.modules.prune import ChannelPruner
-    from evefx.channels import compact
-
-    masked = sum(int((m.mask == 0).sum()) for m in gm.modules() if isinstance(m, ChannelPruner) and m.enabled)
-    if not masked or not isinstance(gm, fx.GraphModule):
-        return gm, 0
-    try:
-        return compact(gm), masked
-    except PruneError as e:
-        log.warning("masks export as multiplications: %s", e)
-        return gm, 0
-
-
 
 
 def onnx_accuracy(path: str | Path, loader: Iterable[Any], threads: int = 1) -> float:

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from onnx import helper, numpy_helper
 from torch import nn
 
-from evefx.export.qdq import safe_deepcopy
+from evefx.export.deploy import safe_deepcopy
 from evefx.export.rewrite import scope_of
 from evefx.modules.quant import Quantizer
 

@@ -1,19 +1,18 @@
 """Export stand-ins: plain modules that compute exactly what evefx's quantizers compute in eval mode
 and that the TorchScript ONNX exporter writes as standard ``QuantizeLinear``/``DequantizeLinear``.
 
-:func:`deployable` copies a model and swaps every :class:`~evefx.modules.quant.Quantizer` for a
+:func:`swap_stand_ins` swaps every :class:`~evefx.modules.quant.Quantizer` of a model for a
 :class:`QDQ` and every quantized conv/linear for a :class:`QuantizedWeightLayer` (BatchNorm folded,
-weights stored as integer codes). The copy gives the same outputs as the original in eval mode, so
-it is what ``torch.onnx.export`` traces.
+weights stored as integer codes). The result gives the same outputs as the original in eval mode, so
+it is what ``torch.onnx.export`` traces; :func:`evefx.export.deploy.deployable` runs it on its copy.
 
 Example:
-    >>> deploy = deployable(gm)           # gm is untouched
-    >>> torch.equal(deploy(x), gm.eval()(x))
+    >>> deployed = deployable(gm)           # gm is untouched
+    >>> torch.equal(deployed.model(x), gm.eval()(x))
     True
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from evefx.errors import ExportError
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer, QuantLinear
 from evefx.export.spiking import spiking_standin
 
-__all__ = ["QParams", "QDQ", "QuantizedWeightLayer", "deployable", "calibrate", "safe_deepcopy", "MAX_EXPORT_BITS"]
+__all__ = ["QParams", "QDQ", "QuantizedWeightLayer", "swap_stand_ins", "calibrate", "MAX_EXPORT_BITS"]
 
 MAX_EXPORT_BITS = 8
 """ONNX QDQ stores codes as int8/uint8 before opset 21; wider quantizers are refused with an ExportError."""
@@ -272,35 +271,21 @@ def calibrate(model: nn.Module, batches: Any) -> nn.Module:
     return model.eval()
 
 
-def safe_deepcopy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies modules holding non-leaf tensors from their last training
-    forward (a spiking neuron's membrane potential): those are copied detached. Quantizers need
-    none of this (they drop their llsq regulariser when copied), other stateful modules may."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach().clone()
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as e:
-        raise ExportError(f"cannot copy {type(model).__name__} for export (the model is never edited in place): {e}") from e
+def swap_stand_ins(model: nn.Module) -> tuple[str, ...]:
+    """Replace, in ``model`` itself, every quantizer by an export stand-in; returns the names replaced.
 
-
-def deployable(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every quantizer replaced by an export stand-in.
-
-    Quantizers switched off (``set_mode(quantized=False)``) become identities; quantized layers
-    whose weight quantizer is off become float layers with their BatchNorm folded; spiking neurons
-    and Poisson encoders get the stand-ins of :mod:`evefx.export.spiking`.
+    The caller owns ``model`` (:func:`evefx.export.deploy.deployable` passes its copy). Quantizers
+    switched off (``set_mode(quantized=False)``) become identities; quantized layers whose weight
+    quantizer is off become float layers with their BatchNorm folded; spiking neurons and Poisson
+    encoders get the stand-ins of :mod:`evefx.export.spiking`.
 
     Example:
-        >>> deploy = deployable(gm)
+        >>> swap_stand_ins(copy_of_gm)
+        ('features.0', 'features_0_act_quant', 'fc')
     """
-    deploy = safe_deepcopy(model).eval().cpu()  # exported and checked on the CPU, wherever the model trains
     replacements: list[tuple[str, nn.Module]] = []
     skip: list[str] = []
-    for name, module in deploy.named_modules():
+    for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in skip):
             continue
         if isinstance(module, QUANT_LAYER_TYPES):
@@ -318,5 +303,5 @@ def deployable(model: nn.Module) -> nn.Module:
     for name, new in replacements:
         if not name:
             raise ExportError("the model itself is a quantizer; wrap it in a module to export it")
-        deploy.set_submodule(name, new.eval())
-    return deploy
+        model.set_submodule(name, new.eval())
+    return tuple(name for name, _ in replacements)

@@ -12,7 +12,6 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import tempfile
@@ -27,7 +26,6 @@ from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters
 from evefx.errors import SearchError
-from evefx.channels import compact
 from evefx.graph import layer_nodes, module_of
 
 __all__ = ["COST_KINDS", "CHEAP_AT_HIGH", "LayerCost", "CostModel", "cheap_end", "measure_latency"]
@@ -113,35 +111,25 @@ def _table(gm: fx.GraphModule) -> dict[str, LayerCost]:
 
 
 def measure_latency(gm: nn.Module, inputs: Sequence[torch.Tensor], *, repeats: int = 20) -> float:
-    """Median onnxruntime seconds per call of ``gm`` on ``inputs`` (exported to a temporary ONNX file).
-
-    Uses ``evefx.export.export_onnx`` when it is available (so quantizers become real ONNX
-    quantization), ``torch.onnx.export`` otherwise; a model with pruning masks is compacted first
-    when ``evefx.compact`` exists, since masked channels cost as much as kept ones.
+    """Median onnxruntime seconds per call of ``gm`` on ``inputs``, timed on the file ``evefx.export_onnx``
+    writes (quantizers as real ONNX quantization). The model goes through
+    :func:`evefx.export.deploy.deployable` once: pruned channels are removed, since masked channels
+    cost as much as kept ones.
 
     Example:
         >>> measure_latency(gm, (torch.zeros(1, 1, 28, 28),))
         0.00012
     """
-    import onnxruntime as ort
+    # imported here: timing is the one part of the upgrader that needs onnx and onnxruntime
+    from evefx.export import deployable, export_onnx
+    from evefx.export.parity import ort_session
 
-    model = copy.deepcopy(gm).eval()
-    try:
-        model = compact(model)
-    except Exception as e:  # noqa: BLE001 - nothing to compact is not an error for timing
-        log.debug("compact before latency failed: %s", e)
+    deployed = deployable(gm)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        try:
-            from evefx.export import export_onnx  # type: ignore[attr-defined]
-
-            export_onnx(model, tuple(inputs), path, check=False, kernels=False)
-        except ImportError:
-            torch.onnx.export(model, tuple(inputs), str(path), dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {i.name: t.detach().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+        export_onnx(deployed, tuple(inputs), path, check=False, kernels=False)
+        sess = ort_session(str(path), threads=1)
+        feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
         sess.run(None, feed)  # warm-up
         times = []
         for _ in range(repeats):

@@ -16,7 +16,8 @@ from evefx.export import export_onnx
 from evefx.export.packed import (int4_codes, int4_tensor, matmulnbits_codes, matmulnbits_weights, weight_bytes)
 from evefx.export.parity import ort_session
 from evefx.export.rewrite import scope_of
-from evefx.export.qdq import deployable, QuantizedWeightLayer
+from evefx.export.deploy import deployable
+from evefx.export.qdq import QuantizedWeightLayer
 from evefx.data import mnist5k
 from evefx.modules.quant import levels
 from tests.export.test_onnx import X0, _data, _trained
@@ -162,7 +163,7 @@ def test_exported_codes_round_trip(tmp_path, bits, signed):
     gm = _quantized(_trained(), bits, signed)
     path = tmp_path / "m.onnx"
     report = export_onnx(gm, X0, path, check=False, kernels=False)
-    expected = {n: m.codes.numpy().astype(np.int64) for n, m in deployable(gm).named_modules()
+    expected = {n: m.codes.numpy().astype(np.int64) for n, m in deployable(gm).model.named_modules()
                 if isinstance(m, QuantizedWeightLayer)}
     got = _file_codes(path)
     assert set(got) == set(expected)
@@ -178,7 +179,7 @@ def test_packed_bytes_match_expectation(tmp_path):
     path = tmp_path / "m.onnx"
     report = export_onnx(gm, X0, path, check=False, kernels=False)
     expected = {}
-    for name, m in deployable(gm).named_modules():
+    for name, m in deployable(gm).model.named_modules():
         if isinstance(m, QuantizedWeightLayer):
             c_out = m.codes.shape[0]
             if m.is_linear:  # MatMulNBits: blocks of 128 (or the next power of two >= K) along K
@@ -195,7 +196,7 @@ def test_packed_bytes_match_expectation(tmp_path):
     assert _metadata(path)["evefx.format"] == "qdq-packed"
     int8 = export_onnx(gm, X0, tmp_path / "i8.onnx", check=False, kernels=False, weight_storage="int8")
     assert {w["form"] for w in int8.weights.values()} == {"int8"}
-    deploy = deployable(gm)
+    deploy = deployable(gm).model
     for layer, w in int8.weights.items():  # int8: one byte per code and per zero point
         codes = deploy.get_submodule(layer).codes
         assert w["bytes"] == codes.numel() + 5 * codes.shape[0]
