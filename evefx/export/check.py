@@ -26,7 +26,7 @@ from evefx.export.emulate import local_cpu_class, u8s8_saturation
 from evefx.export.parity import check_parity, first_divergence, graph_parity
 from evefx.export.qdq import QDQ
 from evefx.export.report import ExportReport
-from evefx.export.rewrite import consumers, producers, scope_of
+from evefx.export.onnx_graph import consumers, producers, scope_of
 from evefx.modules.quant import QUANT_LAYER_TYPES
 from evefx.spec.quantize import SATURATION_FREE_WEIGHT_CODES
 

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from evefx.export.rewrite import consumers, producers
+from evefx.export.onnx_graph import consumers, producers
 
 __all__ = ["SaturationRow", "u8s8_saturation", "cpu_flags", "local_cpu_class", "INT16_MIN", "INT16_MAX"]
 

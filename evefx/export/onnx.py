@@ -7,9 +7,9 @@ The steps, one function each:
    ``QuantizeLinear``/``DequantizeLinear`` (BatchNorm folded, weights as int8/uint8 codes, per
    channel on axis 0), spiking modules unrolled over the timesteps;
 2. ``_torch_export``: ``torch.onnx.export`` (TorchScript exporter), the module's call signature kept;
-3. ``_rewrite``: :mod:`~evefx.export.rewrite` names the constants, stores biases of fusable Conv/Gemm
-   nodes as int32 and re-quantizes after Flatten/MaxPool/Reshape, so onnxruntime fuses into integer
-   kernels;
+3. ``_rewrite``: the onnx-ir passes of :mod:`~evefx.export.rewrite` name the constants, store biases
+   of fusable Conv/Gemm nodes as int32 and re-quantize after Flatten/MaxPool/Reshape, so onnxruntime
+   fuses into integer kernels;
 4. ``_pack``: with ``weight_storage: packed``, :mod:`~evefx.export.packed` stores weights of <= 4 bits
    as INT4/UINT4 (opset 21) and Linear layers as ``MatMulNBits``;
 5. ``_save``: metadata (evefx version, spec, per-layer bits and weight bytes),
@@ -57,7 +57,7 @@ from evefx.export.deploy import Deployed, deployable, is_quantized
 from evefx.export.qdq import QuantizedWeightLayer
 from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
-from evefx.export.rewrite import constants_to_initializers, quantize_biases, requantize_data_movement
+from evefx.export.rewrite import rewrite
 from evefx.graph import provenance
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
 
@@ -345,13 +345,11 @@ def _torch_export(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Pa
 
 
 def _rewrite(path: Path, deployed: Deployed, int32_bias: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Load the exporter's file and apply the rewrites of :mod:`evefx.export.rewrite`; returns the counts."""
-    model = onnx.load(str(path))
-    rewrites = {"constants_to_initializers": constants_to_initializers(model)}
+    """Load the exporter's file, apply the passes of :mod:`evefx.export.rewrite` and name the weight
+    nodes after their layers; returns the model and the edit counts."""
+    model, rewrites = rewrite(onnx.load(str(path)), int32_bias=int32_bias)
     name_weight_nodes(model, {n: m.codes.numpy() for n, m in deployed.model.named_modules()
                               if isinstance(m, QuantizedWeightLayer)})
-    rewrites["requantized_data_movement"] = requantize_data_movement(model)
-    rewrites["int32_biases"] = quantize_biases(model) if int32_bias else 0
     rewrites["pruned_channels_removed"] = deployed.channels_removed
     return model, rewrites
 

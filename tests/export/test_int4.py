@@ -15,7 +15,7 @@ from evefx.errors import ExportError
 from evefx.export import export_onnx
 from evefx.export.packed import (int4_codes, int4_tensor, matmulnbits_codes, matmulnbits_weights, weight_bytes)
 from evefx.export.parity import ort_session
-from evefx.export.rewrite import scope_of
+from evefx.export.onnx_graph import scope_of
 from evefx.export.deploy import deployable
 from evefx.export.qdq import QuantizedWeightLayer
 from evefx.data import mnist5k
