@@ -316,7 +316,7 @@ def export_onnx(
     return _check(deployed, inputs, path, report, real_inputs, tolerance, top1_min) if check else report
 
 
-def _storage(source: nn.Module, weight_storage: str | None, opset: int | None) -> tuple[dict[str, str], int]:
+def _storage(source: nn.Module, weight_storage: str | None, opset: int | None) -> tuple[dict[str, tuple[int, str]], int]:
     """The layers whose weights are stored packed and the opset of the file (checked against each other)."""
     quantized = is_quantized(source)
     packed = packed_layers(source, weight_storage) if quantized else {}
@@ -354,7 +354,7 @@ def _rewrite(path: Path, deployed: Deployed, int32_bias: bool) -> tuple[onnx.Mod
     return model, rewrites
 
 
-def _pack(model: onnx.ModelProto, path: Path, opset: int, packed: dict[str, str],
+def _pack(model: onnx.ModelProto, path: Path, opset: int, packed: dict[str, tuple[int, str]],
           linear_form: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Convert to the asked opset and store the packed layers' weights as INT4/UINT4 or MatMulNBits."""
     try:

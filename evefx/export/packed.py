@@ -224,7 +224,8 @@ def matmulnbits_codes(b: np.ndarray, zero_points: np.ndarray | None, k: int, sig
 # ----------------------------------------------------------------------------- the graph rewrite
 def pack_weights(model: onnx.ModelProto, layers: dict[str, Any], linear_form: LinearForm = "matmulnbits") -> dict[str, str]:
     """Store the weight codes of ``layers`` packed, in place; returns ``{layer: form}`` with form
-    ``int4`` (Q/DQ with INT4/UINT4 codes) or ``matmulnbits``. Run after ``quantize_biases``."""
+    ``int4`` (Q/DQ with INT4/UINT4 codes) or ``matmulnbits``. Run after the passes of
+    :mod:`evefx.export.rewrite` (``QuantizeBiases``)."""
     if linear_form not in ("matmulnbits", "qdq"):
         raise ExportError(f"linear_form must be 'matmulnbits' or 'qdq' (got {linear_form!r})")
     graph = model.graph

@@ -295,16 +295,17 @@ def test_more_than_8_bits_is_an_error(tmp_path):
 
 def test_parity_failure_names_the_first_diverging_node(tmp_path, monkeypatch):
     gm = _qat(*VARIANTS["round-pc-sym-s8/a-asym-u8"])
-    original = onnx_module.requantize_data_movement
+    original = onnx_module.name_weight_nodes
 
-    def corrupt(model):  # wrong weights in the middle of the network: features.3 writes features_3_act_quant
+    def corrupt(model, layer_codes):  # wrong weights in the middle of the network: features.3 writes features_3_act_quant
+        named = original(model, layer_codes)
         for init in model.graph.initializer:
             if init.name == "features.3.weight_quantized":
                 codes = numpy_helper.to_array(init).astype(np.int32)
                 init.CopyFrom(numpy_helper.from_array(np.clip(-codes, -127, 127).astype(np.int8), init.name))
-        return original(model)
+        return named
 
-    monkeypatch.setattr(onnx_module, "requantize_data_movement", corrupt)
+    monkeypatch.setattr(onnx_module, "name_weight_nodes", corrupt)
     with pytest.raises(evefx.ExportError, match=r"QDQ graph \(onnxruntime, optimizations off\) vs PyTorch: "
                        r"features_3_act_quant \(computed from PyTorch's inputs\): 1\d\d\.00 quantization steps.*"
                        r"moved to .*bad\.failed\.onnx") as info:
