@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from evefx.errors import OptionError
+from evefx.layers import eval_mode
 
 __all__ = ["fit", "evaluate", "seed_everything", "extra_losses"]
 
@@ -46,18 +47,14 @@ def extra_losses(model: nn.Module) -> torch.Tensor | float:
 def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean loss over ``data``; the model's train/eval mode is restored."""
     loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
-    was_training = model.training
-    model.eval()
     correct = total = 0
     loss_sum = 0.0
-    try:
+    with eval_mode(model):
         for x, y in data:
             out = model(x)
             loss_sum += float(loss_fn(out, y))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
-    finally:
-        model.train(was_training)
     return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 

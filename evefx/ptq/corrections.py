@@ -42,6 +42,7 @@ from torch import fx, nn
 
 from evefx.errors import QuantizationError
 from evefx.graph import LAYER_TYPES, calls_one_of, layer_nodes, module_of, output_block
+from evefx.layers import in_channels, out_channels
 from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
 from evefx.ptq.calibrators import _call, _Modes, inputs_only
 
@@ -129,14 +130,6 @@ def _passes_scale(gm: fx.GraphModule, node: fx.Node) -> bool:
     return calls_one_of(gm, node, _HOMOGENEOUS_MODULES, _HOMOGENEOUS_FUNCTIONS, _HOMOGENEOUS_METHODS)
 
 
-def _in_features(m: nn.Module) -> int:
-    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
-
-
-def _out_features(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
 def equalization_pairs(gm: fx.GraphModule) -> list[EqualizedPair]:
     """Consecutive conv/linear pairs ``L1 -> ... -> L2`` that cross-layer equalization can scale:
     every node between them is positively homogeneous per channel (ReLU, LeakyReLU, pooling,
@@ -160,7 +153,7 @@ def equalization_pairs(gm: fx.GraphModule) -> list[EqualizedPair]:
                 break
             if user.op == "call_module" and isinstance(module_of(gm, user), LAYER_TYPES):
                 second = module_of(gm, user)
-                c_out, c_in = _out_features(first), _in_features(second)
+                c_out, c_in = out_channels(first), in_channels(second)
                 groups = getattr(second, "groups", 1)
                 if c_in % c_out == 0 and (c_in == c_out or (isinstance(second, nn.Linear) and groups == 1)):
                     if str(node.target) != str(user.target):

@@ -30,6 +30,7 @@ from torch import fx, nn
 from evefx.api import EveParameter, eve_parameters, observe, reset
 from evefx.errors import SearchError
 from evefx.graph import provenance
+from evefx.layers import as_inputs
 from evefx.modules.protocol import EveRange
 from evefx.spec import Budget, Reward, load_section
 from evefx.upgrade.costs import CostModel, cheap_end
@@ -161,9 +162,7 @@ class UpgradeEnv(gym.Env):
             self.apply_fn = apply_pruning
         if self.finetune_steps > 0 and finetune is None:
             raise SearchError("search.finetune_steps > 0 needs a finetune(gm, steps) callback")
-        if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
-        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        self.example_inputs = as_inputs(example_inputs)
         # the starting point of every episode: an exact copy of the weights, buffers and modes
         self._state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=False).items()}
         self._training = {name: m.training for name, m in gm.named_modules()}
