@@ -15,11 +15,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import contextlib
 import logging
-import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -46,19 +44,6 @@ PARAM_FEATURES = ("is_bits", "is_ratio", "is_weight", "is_activation", "position
 
 Evaluate = Callable[[nn.Module], Any]
 Finetune = Callable[[nn.Module, int], Any]
-
-
-@contextlib.contextmanager
-def _global_rng_kept() -> Iterator[None]:
-    """Run a callback without it touching the global RNGs the agent draws from: a fine-tuning
-    loop that seeds itself would otherwise replay the same exploration noise every episode."""
-    py, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
 
 
 def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, list[nn.Module]]:
@@ -366,12 +351,13 @@ class UpgradeEnv(gym.Env):
         self._restore()
         self.set_values(values)
         cost = self.cost_model(values) if self.cost_model.static else self.cost_model.measure(self.gm)
-        with _global_rng_kept():
-            if self.recalibrate_fn is not None:
-                self.recalibrate_fn(self.gm)
-            if self.finetune_steps > 0 and self.finetune_fn is not None:
-                self.finetune_fn(self.gm, self.finetune_steps)
-            accuracy = accuracy_of(self.evaluate_fn(self.gm))
+        # the callbacks draw from their own generators (FineTune, BNRecalibrate), never from the
+        # global RNGs the agent's exploration noise comes from
+        if self.recalibrate_fn is not None:
+            self.recalibrate_fn(self.gm)
+        if self.finetune_steps > 0 and self.finetune_fn is not None:
+            self.finetune_fn(self.gm, self.finetune_steps)
+        accuracy = accuracy_of(self.evaluate_fn(self.gm))
         return accuracy, float(cost)
 
     def actions_for(self, values: Mapping[str, float]) -> list[float]:

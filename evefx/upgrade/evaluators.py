@@ -96,7 +96,8 @@ class FineTune:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed))
         epochs = max(1, math.ceil(steps / max(len(loader), 1)))
-        fit(gm, loader, None, epochs, lr=self.lr, seed=self.seed, progress=False, max_steps=steps)
+        fit(gm, loader, None, epochs, lr=self.lr, generator=torch.Generator().manual_seed(self.seed), progress=False,
+            max_steps=steps)
 
 
 class BNRecalibrate:
