@@ -28,7 +28,8 @@ from torch import fx, nn
 from evefx.errors import QuantizationError
 from evefx.layers import eval_mode
 from evefx.modules.quant import Quantizer
-from evefx.ptq.calibrators import _call, _Modes, quantizer_targets
+from evefx.ptq.batches import quantizers_off, run_batch
+from evefx.ptq.calibrators import quantizer_targets
 
 __all__ = ["sensitivity", "SensitivityReport", "SensitivityRow"]
 
@@ -295,10 +296,10 @@ def sensitivity(
         if inputs is not None:
             x = inputs
         y_float = None
-        with _Modes(gm, quantized=False):
+        with quantizers_off(gm, quantized=False):
             float_metric = float(evaluate(gm))
             if x is not None:
-                y_float = _call(gm, x)
+                y_float = run_batch(gm, x)
         gm.eval()
         baseline = float(evaluate(gm))
         params = {layer: int(e["owner"].weight.numel()) if e["owner"] is not None else 0 for layer, e in layers.items()}
@@ -323,7 +324,7 @@ def sensitivity(
                     o_sqnr = None
                     if x is not None and y_float is not None:
                         gm.eval()
-                        o_sqnr = _sqnr(y_float, _call(gm, x))
+                        o_sqnr = _sqnr(y_float, run_batch(gm, x))
                     rows.append(SensitivityRow(layer, int(b), metric, baseline - metric, w_sqnr, o_sqnr))
                     log.info("sensitivity %s @%d bits: metric %.4g (drop %.4g)", layer, b, metric, baseline - metric)
             finally:
