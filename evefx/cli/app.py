@@ -17,15 +17,18 @@ from rich.console import Console
 from evefx import __version__
 from evefx.errors import EvefxWarning
 
-__all__ = ["app", "console", "err_console", "fail", "log_progress", "MODEL_HELP", "MODEL_KWARGS_HELP"]
+__all__ = ["app", "console", "err_console", "fail", "log_progress", "MODEL", "MODEL_KWARGS", "SPEC", "INPUT_SHAPE"]
 
 app = typer.Typer(help="evefx: a declarative graph compiler for PyTorch models.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
 
-MODEL_HELP = "package.module:attr (a class, factory or instance) or torchvision:NAME"
-MODEL_KWARGS_HELP = "constructor arguments of --model as JSON, e.g. '{\"num_classes\": 10}'"
+# the options that name a model, shared by the commands that take one (one typer.Option serves many)
+MODEL = typer.Option(..., help="package.module:attr (a class, factory or instance) or torchvision:NAME")
+MODEL_KWARGS = typer.Option(None, help="constructor arguments of --model as JSON, e.g. '{\"num_classes\": 10}'")
+SPEC = typer.Option(..., help="spec file")
+INPUT_SHAPE = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape")
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from evefx.cli.app import MODEL_HELP, MODEL_KWARGS_HELP, app, console, err_console, fail
+from evefx.cli.app import INPUT_SHAPE, MODEL, MODEL_KWARGS, SPEC, app, console, err_console, fail
 from evefx.cli.models import parse_shape, transform_model
 from evefx.errors import EvefxError, EvefxWarning
 from evefx.spec import json_schema, load_spec
@@ -53,10 +53,9 @@ def schema(out: Optional[Path] = typer.Option(None, help="write the schema here 
 
 @app.command()
 def transform(
-    model: str = typer.Option(..., help=MODEL_HELP),
-    spec: Path = typer.Option(..., help="spec file"),
-    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape"),
-    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
+    model: str = MODEL, spec: Path = SPEC,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    model_kwargs: Optional[str] = MODEL_KWARGS,
     out: Optional[Path] = typer.Option(None, help="save the transformed module's state_dict here (.pt)"),
     report: Optional[Path] = typer.Option(None, help="write the change report here (JSON)"),
 ) -> None:
@@ -94,10 +93,9 @@ def _flat_options(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 @app.command()
 def inspect(
-    model: str = typer.Option(..., help=MODEL_HELP),
-    spec: Path = typer.Option(..., help="spec file"),
-    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape"),
-    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
+    model: str = MODEL, spec: Path = SPEC,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    model_kwargs: Optional[str] = MODEL_KWARGS,
 ) -> None:
     """List each layer: its quantizers' bits, the modules each pass put there, every resolved option.
 
@@ -146,13 +144,12 @@ def inspect(
 
 @app.command()
 def export(
-    model: str = typer.Option(..., help=MODEL_HELP),
-    spec: Path = typer.Option(..., help="spec file"),
+    model: str = MODEL, spec: Path = SPEC,
     out: Path = typer.Option(..., help="the file to write (ONNX, or NIR with --format nir)"),
     format: str = typer.Option("onnx", "--format", help="onnx | nir (spiking models, for neuromorphic simulators)"),
     dt: float = typer.Option(1e-3, help="--format nir: seconds per time step (NIR's time constants are continuous)"),
-    input_shape: Optional[str] = typer.Option(None, help="example input shape, e.g. 1,3,224,224", show_default="trace.input_shape"),
-    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
+    input_shape: Optional[str] = INPUT_SHAPE,
+    model_kwargs: Optional[str] = MODEL_KWARGS,
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
     calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
     data: Optional[str] = typer.Option(None, help="mnist5k: calibrate on its training split and check parity on 256 "

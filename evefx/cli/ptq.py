@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from evefx.cli.app import app, console, fail
+from evefx.cli.app import MODEL, app, console, fail
 from evefx.cli.models import load_model
 from evefx.errors import EvefxError
 from evefx.spec import load_spec
@@ -62,7 +62,7 @@ _PTQ_DATA = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision
 
 @app.command()
 def quantize(
-    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    model: str = MODEL,
     spec: Path = typer.Option(..., help="spec file with a quantize section (calibration, corrections)"),
     out: Path = typer.Option(..., help="the ONNX file to write"),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
@@ -103,7 +103,7 @@ def quantize(
 
 @app.command("sensitivity")
 def sensitivity_cmd(
-    model: str = typer.Option(..., help="package.module:attr or torchvision:NAME"),
+    model: str = MODEL,
     spec: Path = typer.Option(..., help="spec file with a quantize section"),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
     data: str = _PTQ_DATA,

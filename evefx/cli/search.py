@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from evefx.cli.app import MODEL_HELP, MODEL_KWARGS_HELP, app, console, fail, log_progress
+from evefx.cli.app import MODEL, MODEL_KWARGS, app, console, fail, log_progress
 from evefx.cli.models import import_module, load_model, parse_kwargs
 from evefx.errors import EvefxError
 from evefx.spec import load_spec
@@ -29,9 +29,9 @@ class Backend(str, Enum):
 
 @app.command()
 def search(
-    model: str = typer.Option(..., help=MODEL_HELP),
+    model: str = MODEL,
     spec: Path = typer.Option(..., help="spec file with a search: section"),
-    model_kwargs: Optional[str] = typer.Option(None, help=MODEL_KWARGS_HELP),
+    model_kwargs: Optional[str] = MODEL_KWARGS,
     data: str = typer.Option("mnist5k", help="mnist5k (embedded) or mnist (torchvision, needs --data-root)"),
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
     run_dir: Path = typer.Option(Path("out/search"), help="run folder (logs, checkpoints, best.yaml)"),
