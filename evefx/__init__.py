@@ -14,21 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from evefx.errors import (
-    EvefxError,
-    EvefxWarning,
-    ExportError,
-    OptionError,
-    PassError,
-    PlanError,
-    PruneError,
-    QuantizationError,
-    SearchError,
-    ShapeError,
-    SpecError,
-    TraceError,
-    UnknownNameError,
-)
+from evefx import errors as _errors
+from evefx.errors import *  # noqa: F403 - every error class, as listed in evefx.errors.__all__
 from evefx.spec import Spec, dump_spec, load_spec
 
 __version__ = "0.1.0"
@@ -65,19 +52,7 @@ __all__ = [
     "Spec",
     "load_spec",
     "dump_spec",
-    "EvefxError",
-    "SpecError",
-    "TraceError",
-    "ShapeError",
-    "PlanError",
-    "PassError",
-    "QuantizationError",
-    "PruneError",
-    "ExportError",
-    "SearchError",
-    "OptionError",
-    "UnknownNameError",
-    "EvefxWarning",
+    *_errors.__all__,
     *_LAZY,
 ]
 

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from evefx.errors import OptionError, UnknownNameError
 from evefx.graph import layer_nodes, module_of, provenance
+from evefx.layers import as_inputs, eval_mode, layer_macs, shape_of
 from evefx.modules.protocol import EveHooks, EveRange
 
 __all__ = [
@@ -168,24 +169,19 @@ def _static_features(gm: fx.GraphModule, node: fx.Node) -> dict[str, float]:
     feats["params"] = float(params)
     if isinstance(weight, torch.Tensor):
         feats["weight_l1"] = float(weight.detach().abs().mean())
-    in_meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
-    out_meta = node.meta.get("tensor_meta")
-    out_shape = tuple(out_meta.shape) if out_meta is not None and hasattr(out_meta, "shape") else None
-    in_shape = tuple(in_meta.shape) if in_meta is not None and hasattr(in_meta, "shape") else None
+    out_shape = shape_of(node)
+    in_shape = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
     if isinstance(m, nn.modules.conv._ConvNd):
         kernel = int(np.prod(m.kernel_size))
         feats.update(is_conv=1.0, in_channels=m.in_channels, out_channels=m.out_channels, kernel=kernel,
                      stride=m.stride[0], groups=m.groups,
                      is_depthwise=float(m.groups == m.in_channels and m.groups > 1))
-        if out_shape is not None:
-            feats["macs"] = float(np.prod(out_shape[1:]) * (m.in_channels // m.groups) * kernel)
         if in_shape is not None:
             feats["in_size"] = float(np.prod(in_shape[2:]))
     elif isinstance(m, nn.Linear):
         feats.update(is_linear=1.0, in_channels=m.in_features, out_channels=m.out_features, kernel=1, stride=1, groups=1)
-        rows = float(np.prod(out_shape[1:-1])) if out_shape is not None and len(out_shape) > 2 else 1.0
-        feats["macs"] = rows * m.in_features * m.out_features
         feats["in_size"] = 1.0
+    feats["macs"] = float(layer_macs(m, out_shape) or 0)  # 0 without a recorded shape: unknown
     return feats
 
 
@@ -199,15 +195,12 @@ def _activation_stats(gm: fx.GraphModule, nodes: list[fx.Node], inputs: tuple[An
             stats[key] = {"act_mean": float(out.mean()), "act_var": float(out.var()) if out.numel() > 1 else 0.0,
                           "act_max": float(out.abs().max())}
         hooks.append(module_of(gm, node).register_forward_hook(hook))
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
     try:
-        gm(*inputs)
+        with eval_mode(gm):
+            gm(*inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
         reset(gm)
     return stats
 
@@ -223,8 +216,8 @@ def observe(gm: fx.GraphModule, example_inputs: torch.Tensor | tuple[Any, ...] |
     """
     nodes = layer_nodes(gm)
     rows: dict[str, dict[str, float]] = {str(n.target): _static_features(gm, n) for n in nodes}
-    if example_inputs is not None:
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
+    if inputs is not None:
         for layer, s in _activation_stats(gm, nodes, inputs).items():
             rows[layer].update(s)
     for _name, prov, module in eve_modules(gm):

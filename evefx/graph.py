@@ -9,7 +9,6 @@ Example:
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -286,10 +285,6 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
         for i, a in enumerate(n.all_input_nodes):
             g.add_edge(a.name, n.name, arg_index=i)
     return g
-
-
-# ``operator`` is re-exported for passes that match residual additions.
-ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
 
 def recorded_inputs(gm: fx.GraphModule) -> list[tuple[str, torch.Size | None, torch.dtype | None]]:

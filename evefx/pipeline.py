@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from evefx.errors import EvefxError, ShapeError
+from evefx.errors import EvefxError
+from evefx.layers import as_inputs, count_params
 from evefx.modules.protocol import EveHooks
 from evefx.passes import Sequential, pass_for
 from evefx.report import TransformReport
@@ -84,20 +85,6 @@ def _rebuild_eve_module(rebuild: Any, args: tuple[Any, ...], node_meta: dict[str
     return gm
 
 
-def _count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise ShapeError(f"example_inputs must be a tensor or a tuple of inputs (got {type(example_inputs).__name__})")
-
-
 def transform(
     model: nn.Module, spec: Spec | dict | str | Path, example_inputs: torch.Tensor | Sequence[Any] | None = None
 ) -> EveModule:
@@ -113,7 +100,7 @@ def transform(
         >>> rich.print(gm.report)
     """
     spec = load_spec(spec)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     if inputs is None and spec.trace.input_shape is not None:
         inputs = (torch.zeros(spec.trace.input_shape),)
     if not isinstance(model, nn.Module):
@@ -131,13 +118,13 @@ def transform(
     has_shapes = any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
     if inputs is not None and not has_shapes:
         propagate_shapes(gm, inputs)
-    params_before = _count_params(gm)
+    params_before = count_params(gm)
     result = Sequential([pass_for(s, f"passes[{i}]") for i, s in enumerate(spec.passes)])(gm)
     gm = result.graph_module
     gm.recompile()
     if inputs is None and not has_shapes:
         gm.meta["evefx_shapes_pending"] = True  # the first call records them (see EveModule.__call__)
     gm.meta["evefx_spec"] = spec
-    gm.meta["evefx_report"] = TransformReport(result.changes, params_before, _count_params(gm))
+    gm.meta["evefx_report"] = TransformReport(result.changes, params_before, count_params(gm))
     log.info("evefx.transform: %d changes", len(result.changes))
     return gm

@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from evefx.errors import PlanError, ShapeError
 from evefx.graph import LAYER_TYPES, layer_nodes, module_of
-from evefx.layers import channel_axis, out_channels
+from evefx.layers import channel_axis, out_channels, shape_of
 from evefx.spec import Section
 
 __all__ = ["PlannedLayer", "plan_section", "type_matches"]
@@ -174,7 +174,7 @@ def _checked_axis(gm: fx.GraphModule, node: fx.Node, spec_path: str) -> int | No
     """The layer's channel axis, after checking that its recorded output shape has its channels there."""
     module = module_of(gm, node)
     axis, channels = channel_axis(module), out_channels(module)
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    shape = shape_of(node)
     if axis is None or channels is None or shape is None:
         return axis
     if not -len(shape) <= axis < len(shape) or shape[axis] != channels:

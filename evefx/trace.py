@@ -23,6 +23,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from evefx.errors import EvefxError, ShapeError, TraceError
+from evefx.layers import eval_mode
 from evefx.modules.attention import (
     DecomposedMultiheadAttention,
     TraceableTransformerEncoder,
@@ -244,15 +245,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
             f"give one example input per argument of forward"
         )
     shapes = ", ".join(_shape_text(x) for x in example_inputs)
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
     recorder = _ShapeRecorder(gm)
     recorder.extra_traceback = False  # fx.Interpreter would append the node's text and "Original traceback"
     recorder.hint = (f"example inputs {shapes} do not fit the model: give inputs of the shape it takes "
                      "(example_inputs, trace.input_shape, --input-shape)")
-    try:
-        with torch.no_grad():
-            recorder.propagate(*example_inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(gm), torch.no_grad():
+        recorder.propagate(*example_inputs)

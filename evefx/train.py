@@ -6,12 +6,13 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from evefx.errors import OptionError
+from evefx.layers import eval_mode
 
 __all__ = ["fit", "evaluate", "seed_everything", "extra_losses"]
 
@@ -26,10 +28,33 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU runs are then deterministic)."""
+    """Seed Python, NumPy and torch globally, for a script's first line (model initialisation); evefx's
+    library code never calls it (:func:`fit` takes a generator instead).
+
+    Example:
+        >>> seed_everything(0); model = DemoNet()   # the same initial weights every run
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _random_stream(generator: torch.Generator | None) -> Iterator[None]:
+    """Inside the block, torch's default RNG (dropout, a DataLoader without its own generator,
+    stochastic rounding) draws from a state taken from ``generator``; outside nothing changed, so a
+    caller's own random streams (an RL agent's exploration noise) go on where they were.
+    ``None``: draw from the global state as it is."""
+    if generator is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    seed = int(torch.randint(2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it would queue a seed for CUDA too
+        if devices:
+            torch.cuda.manual_seed_all(seed)
+        yield
 
 
 def extra_losses(model: nn.Module) -> torch.Tensor | float:
@@ -46,18 +71,14 @@ def extra_losses(model: nn.Module) -> torch.Tensor | float:
 def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean loss over ``data``; the model's train/eval mode is restored."""
     loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
-    was_training = model.training
-    model.eval()
     correct = total = 0
     loss_sum = 0.0
-    try:
+    with eval_mode(model):
         for x, y in data:
             out = model(x)
             loss_sum += float(loss_fn(out, y))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
-    finally:
-        model.train(was_training)
     return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
@@ -80,6 +101,7 @@ def fit(
     weight_decay: float = 0.0,
     loss_fn: Callable | None = None,
     seed: int | None = 0,
+    generator: torch.Generator | None = None,
     progress: bool = True,
     log_csv: str | Path | None = None,
     max_steps: int | None = None,
@@ -87,10 +109,26 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``epochs``; return one dict of metrics per epoch (also written to ``log_csv``).
 
-    ``max_steps`` stops early (for fine-tuning in a search). Seeded runs on CPU are deterministic.
+    The training's randomness (dropout, the order of a loader without its own generator) comes
+    from ``generator`` (each call draws from it, so one generator gives a reproducible sequence of
+    runs), else from ``torch.Generator().manual_seed(seed)``: runs with the same seed are identical
+    on CPU, and fit leaves the global RNGs of Python, NumPy and torch as they were.
+    ``seed=None`` without a generator draws from torch's global RNG instead. ``max_steps`` stops
+    early (for fine-tuning in a search).
+
+    Example:
+        >>> fit(gm, train, val, epochs=2, generator=torch.Generator().manual_seed(1))
     """
-    if seed is not None:
-        seed_everything(seed)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    with _random_stream(generator):
+        return _fit(model, train, val, epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, loss_fn=loss_fn,
+                    progress=progress, log_csv=log_csv, max_steps=max_steps, description=description)
+
+
+def _fit(model: nn.Module, train: Iterable, val: Iterable | None, epochs: int, *, optimizer: str | torch.optim.Optimizer,
+         lr: float, weight_decay: float, loss_fn: Callable | None, progress: bool, log_csv: str | Path | None,
+         max_steps: int | None, description: str) -> list[dict[str, Any]]:
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else _optimizer(optimizer, model.parameters(), lr, weight_decay)
     history: list[dict[str, Any]] = []

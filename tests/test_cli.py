@@ -221,3 +221,45 @@ def test_bad_checkpoint_and_output_folder_are_one_line_errors(tmp_path):
     nofolder = runner.invoke(app, ["transform", "--model", "examples.models:DemoNet", "--spec", demo,
                                    "--out", str(tmp_path / "no" / "m.pt")])
     assert nofolder.exit_code == 1 and f"error: cannot write {tmp_path / 'no' / 'm.pt'}: " in nofolder.output
+
+
+def test_model_refs_load_from_the_current_folder_without_editing_sys_path(monkeypatch):
+    """Issue 13: the CLI put the current folder on sys.path to import examples.models."""
+    from evefx.cli.models import load_model
+
+    for name in [n for n in sys.modules if n == "examples" or n.startswith("examples.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(ROOT))])
+    monkeypatch.chdir(ROOT)
+    path = list(sys.path)
+    model = load_model("examples.models:DemoNet", {"num_classes": 10})
+    assert type(model).__name__ == "DemoNet" and sys.path == path
+    assert sys.modules["examples.models"].__file__ == str(ROOT / "examples" / "models.py")
+    for name in ("examples", "examples.models"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.chdir(ROOT / "tests")
+    missing = runner.invoke(app, ["transform", "--model", "examples.models:DemoNet", "--spec", str(ROOT / "examples/specs/demo.yaml")])
+    assert missing.exit_code == 1 and "error: cannot load model 'examples.models:DemoNet': No module named 'examples'" in missing.output
+
+
+def test_search_hands_the_ray_address_to_connect_not_to_the_environment(tmp_path, monkeypatch):
+    """Issue 13: --ray-address was passed on through os.environ["RAY_ADDRESS"]."""
+    import os
+
+    from evefx.errors import SearchError
+    from evefx.upgrade import ray_backend
+
+    got = []
+
+    def connect(address=None, num_cpus=None):
+        got.append(address)
+        raise SearchError("no cluster here")
+
+    monkeypatch.setattr(ray_backend, "connect", connect)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("passes: [{kind: quantize, upgrade_bits: true, weight: {bits: 8}}]\nsearch: {algorithm: random, episodes: 1}\n")
+    out = runner.invoke(app, ["search", "--model", "examples.models:DemoNet", "--spec", str(spec), "--run-dir",
+                              str(tmp_path / "run"), "--ray-address", "ray://head:10001"])
+    assert out.exit_code == 1 and "error: no cluster here" in out.output, out.output
+    assert got == ["ray://head:10001"] and "RAY_ADDRESS" not in os.environ

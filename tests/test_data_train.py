@@ -51,3 +51,27 @@ def test_max_steps_and_evaluate_restores_mode():
     model.train()
     metrics = evaluate(model, test)
     assert model.training and 0.0 <= metrics["accuracy"] <= 100.0 and metrics["loss"] > 0
+
+
+def test_fit_draws_from_its_generator_and_leaves_the_global_rngs_alone():
+    import random
+
+    import numpy as np
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(784, 10))
+        train = DataLoader(Subset(data.mnist5k("train"), range(256)), batch_size=64, shuffle=True)  # no generator of its own
+        random.seed(3), np.random.seed(3)
+        states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+        losses = [r["train_loss"] for r in fit(model, train, None, epochs=2, progress=False, **kw)]
+        # dropout and the loader's order drew from fit's own stream: the global states are where they were
+        assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+        assert torch.equal(torch.get_rng_state(), states[2])
+        return losses
+
+    losses = run(seed=5)
+    assert run(seed=5) == losses and run(generator=torch.Generator().manual_seed(5)) == losses
+    assert run(seed=6) != losses
+    g = torch.Generator().manual_seed(5)
+    assert run(generator=g) == losses and run(generator=g) != losses  # each call draws on: a reproducible sequence

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from evefx.channels import attention_rules, layout_rules, rules
 from evefx.channels.analysis import ChannelAnalysis, ChannelGroup, DependencyGraph, analyze
-from evefx.channels.compact import CompactReport, compact, compact_report, count_macs, count_params
+from evefx.channels.compact import CompactReport, compact, compact_report
 from evefx.channels.rules import ChannelMap, MaskedValue, OpCall, RuleRegistry, register_rule
 from evefx.channels.selection import ChannelSelection, prune_step
+from evefx.layers import count_macs, count_params  # the size counts compact_report uses
 
 __all__ = [
     "analyze",

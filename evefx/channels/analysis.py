@@ -38,10 +38,11 @@ from torch import fx, nn
 
 from evefx.channels import rules as rules_module
 from evefx.channels.depgraph import (ChannelGroup, ConsumerSite, DependencyGraph, ReshapeSite, Site, UnionFind, can_fold,
-                                     layer_name, pruners_of, shape_of)
+                                     layer_name, pruners_of)
 from evefx.channels.rules import ChannelMap, OpCall, RuleRegistry, qualified_name
 from evefx.errors import EvefxError, PruneError
 from evefx.graph import describe_node, module_of
+from evefx.layers import as_inputs, shape_of
 from evefx.modules.prune import ChannelPruner
 from evefx.trace import propagate_shapes
 
@@ -355,8 +356,7 @@ def ensure_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     """Propagate shapes through ``gm`` when example inputs are given."""
     if example_inputs is None:
         return
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    propagate_shapes(gm, inputs)
+    propagate_shapes(gm, as_inputs(example_inputs))
 
 
 def analyze(gm: fx.GraphModule, example_inputs: Any = None, *, rules: RuleRegistry | None = None) -> DependencyGraph:

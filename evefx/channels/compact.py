@@ -24,49 +24,18 @@ from rich.table import Table
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from evefx.channels.analysis import ConsumerSite, DependencyGraph, Site, analyze, ensure_shapes, pruners_of, shape_of
+from evefx.channels.analysis import ConsumerSite, DependencyGraph, Site, analyze, ensure_shapes, pruners_of
 from evefx.channels.rules import MaskedValue, RuleRegistry
 from evefx.errors import PruneError, ShapeError
 from evefx.graph import describe_node, module_of, output_block, recorded_inputs, remove_node
+from evefx.layers import as_inputs, count_macs, count_params, eval_mode
 from evefx.trace import propagate_shapes
 
-__all__ = ["CompactReport", "compact", "compact_report", "count_macs", "count_params"]
+__all__ = ["CompactReport", "compact", "compact_report"]
 
 log = logging.getLogger(__name__)
 
 _BN = nn.modules.batchnorm._BatchNorm
-
-
-def count_params(module: nn.Module) -> int:
-    """Number of parameters (buffers excluded).
-
-    Example:
-        >>> count_params(nn.Linear(4, 2))
-        10
-    """
-    return sum(p.numel() for p in module.parameters())
-
-
-def count_macs(gm: fx.GraphModule) -> int:
-    """Multiply-accumulates of the conv/linear layers, from the shapes in ``node.meta`` (per sample).
-
-    Example:
-        >>> count_macs(evefx.transform(DemoNet(), {}, torch.zeros(1, 1, 28, 28)))
-        43856
-    """
-    total = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        m = module_of(gm, node)
-        shape = shape_of(node)
-        if shape is None:
-            continue
-        if isinstance(m, nn.modules.conv._ConvNd):
-            total += int(np.prod(shape[1:])) * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
-        elif isinstance(m, nn.Linear):
-            total += int(np.prod(shape[1:-1])) * m.in_features * m.out_features
-    return total
 
 
 @dataclass(frozen=True)
@@ -328,7 +297,7 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     """
     new = copy.deepcopy(gm)
     ensure_shapes(new, example_inputs)
-    inputs = _as_inputs(example_inputs) or _example_inputs(new)
+    inputs = as_inputs(example_inputs) or _example_inputs(new)
     params_before, macs_before = count_params(new), count_macs(new)
     pruners = pruners_of(new)
     if not pruners:
@@ -336,20 +305,17 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     dg = analyze(new, rules=rules)
     keep = _Keep(new, dg)
     folds = _constant_folds(new, dg, keep)
-    modes = [(m, m.training) for m in new.modules()]
     for _node, p in pruners:
         p.enabled = True
-    new.eval()
-    reference, captured = _reference_run(new, inputs, folds)
-    for site, pos in folds:
-        _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
-    channels, notes = _slice(new, dg, keep)
-    for node, _p in pruners:
-        remove_node(new, node)
-    new.graph.lint()
-    new.recompile()
-    for m, mode in modes:
-        m.training = mode
+    with eval_mode(new):
+        reference, captured = _reference_run(new, inputs, folds)
+        for site, pos in folds:
+            _fold_constant(new, site, torch.as_tensor(pos, dtype=torch.long), captured[id(site.module)])
+        channels, notes = _slice(new, dg, keep)
+        for node, _p in pruners:
+            remove_node(new, node)
+        new.graph.lint()
+        new.recompile()
     try:
         propagate_shapes(new, inputs)
     except ShapeError as e:
@@ -361,12 +327,6 @@ def compact(gm: fx.GraphModule, example_inputs: Any = None, *, verify: bool = Tr
     new.meta["evefx_compact"] = CompactReport(params_before, count_params(new), macs_before, count_macs(new), channels)
     log.info("compact: params %d -> %d, MACs %d -> %d", params_before, count_params(new), macs_before, count_macs(new))
     return new
-
-
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else None
 
 
 class _Keep:
@@ -451,11 +411,8 @@ def _slice(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> tuple[dict[s
 
 def _verify(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], reference: Any, atol: float, notes: list[str]) -> None:
     """The compacted model must agree with the masked one (eval mode)."""
-    was = gm.training
-    gm.eval()
-    with torch.no_grad():
+    with eval_mode(gm), torch.no_grad():
         got = gm(*inputs)
-    gm.train(was)
     for a, b in zip(_tensors(reference), _tensors(got)):
         if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=1e-4):
             err = (a - b).abs().max() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"

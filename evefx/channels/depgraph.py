@@ -19,7 +19,7 @@ from evefx.graph import module_of
 from evefx.modules.prune import ChannelPruner
 
 __all__ = ["UnionFind", "Site", "ConsumerSite", "ReshapeSite", "ChannelGroup", "DependencyGraph",
-           "can_fold", "layer_name", "pruners_of", "shape_of"]
+           "can_fold", "layer_name", "pruners_of"]
 
 
 class UnionFind:
@@ -204,11 +204,3 @@ def pruners_of(gm: fx.GraphModule) -> list[tuple[fx.Node, ChannelPruner]]:
         if n.op == "call_module" and isinstance(m := module_of(gm, n), ChannelPruner):
             out.append((n, m))
     return out
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    """The shape ``node`` had when shapes were propagated, or ``None``."""
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        return None
-    return tuple(int(d) for d in meta.shape)

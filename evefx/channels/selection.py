@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from evefx.channels.analysis import DependencyGraph, Site, analyze, layer_name, pruners_of, shape_of
+from evefx.channels.analysis import DependencyGraph, Site, analyze, layer_name, pruners_of
 from evefx.channels.rules import RuleRegistry
 from evefx.errors import PruneError
+from evefx.layers import output_positions, shape_of
 
 __all__ = ["ChannelSelection", "prune_step"]
 
@@ -195,13 +196,7 @@ class ChannelSelection:
         cost: dict[int, tuple[float, float]] = {}
 
         def add(site: Site, ids: np.ndarray, params: float, weights: float) -> None:
-            shape = shape_of(site.node)
-            if shape is None:
-                positions = 0
-            elif isinstance(site.module, nn.Linear):
-                positions = int(np.prod(shape[1:-1]))
-            else:
-                positions = int(np.prod(shape[2:]))
+            positions = output_positions(site.module, shape_of(site.node)) or 0
             for r in dg.root(ids).tolist():
                 p, m = cost.get(r, (0.0, 0.0))
                 cost[r] = (p + params, m + weights * positions)

@@ -17,8 +17,11 @@ from rich.table import Table
 from torch import fx
 
 from evefx.errors import QuantizationError
-from evefx.ptq.calibrators import CalibrationReport, _section_for, calibrate, inputs_only, quantizer_targets
-from evefx.ptq.corrections import AdaRoundResult, EqualizedPair, adaround, bias_correction, equalize, float_reference
+from evefx.ptq.adaround import AdaRoundResult, adaround
+from evefx.ptq.batches import inputs_only
+from evefx.ptq.calibrators import CalibrationReport, calibrate, quantizer_targets, section_for
+from evefx.ptq.corrections import bias_correction, float_reference
+from evefx.ptq.equalization import EqualizedPair, equalize
 
 __all__ = ["post_training_quantize", "PTQReport"]
 
@@ -67,7 +70,7 @@ def _layer_sections(gm: fx.GraphModule) -> dict[str, Any]:
     out = {}
     for _name, prov, _q, owner in quantizer_targets(gm):
         if owner is not None and prov is not None:
-            section = _section_for(gm, prov)
+            section = section_for(gm, prov)
             if section is not None:
                 out[prov.layer] = section
     return out

@@ -26,8 +26,10 @@ from rich.table import Table
 from torch import fx, nn
 
 from evefx.errors import QuantizationError
+from evefx.layers import eval_mode
 from evefx.modules.quant import Quantizer
-from evefx.ptq.calibrators import _call, _Modes, quantizer_targets
+from evefx.ptq.batches import quantizers_off, run_batch
+from evefx.ptq.calibrators import quantizer_targets
 
 __all__ = ["sensitivity", "SensitivityReport", "SensitivityRow"]
 
@@ -289,46 +291,43 @@ def sensitivity(
             q = e[role]
             if q is not None and not bool(q.initialized):
                 raise QuantizationError(f"sensitivity: {layer}'s {role} quantizer is not calibrated; run evefx.calibrate first")
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    x = None
-    if inputs is not None:
-        x = inputs
-    y_float = None
-    with _Modes(gm, quantized=False):
-        float_metric = float(evaluate(gm))
-        if x is not None:
-            y_float = _call(gm, x)
-    gm.eval()
-    baseline = float(evaluate(gm))
-    params = {layer: int(e["owner"].weight.numel()) if e["owner"] is not None else 0 for layer, e in layers.items()}
-    current = {layer: int((e["weight"] if e["weight"] is not None and what != "activation" else e["activation"]).bits)
-               for layer, e in layers.items()}
-    rows = []
-    for layer, e in layers.items():
-        quants: list[Quantizer] = [q for role, q in (("weight", e["weight"]), ("activation", e["activation"]))
-                                   if q is not None and (what == "both" or what == role)]
-        saved = [{k: v.clone() for k, v in q.state_dict().items()} for q in quants]
-        try:
-            for b in bits:
-                for q in quants:
-                    q.set_bits(int(b))
-                gm.eval()
-                metric = float(evaluate(gm))
-                w_sqnr = None
-                wq = e["weight"]
-                if wq is not None and wq in quants and e["owner"] is not None:
-                    w = e["owner"].folded_weight_bias()[0].detach()
-                    w_sqnr = _sqnr(w, wq(w))
-                o_sqnr = None
-                if x is not None and y_float is not None:
+    with eval_mode(gm):
+        x = None
+        if inputs is not None:
+            x = inputs
+        y_float = None
+        with quantizers_off(gm, quantized=False):
+            float_metric = float(evaluate(gm))
+            if x is not None:
+                y_float = run_batch(gm, x)
+        gm.eval()
+        baseline = float(evaluate(gm))
+        params = {layer: int(e["owner"].weight.numel()) if e["owner"] is not None else 0 for layer, e in layers.items()}
+        current = {layer: int((e["weight"] if e["weight"] is not None and what != "activation" else e["activation"]).bits)
+                   for layer, e in layers.items()}
+        rows = []
+        for layer, e in layers.items():
+            quants: list[Quantizer] = [q for role, q in (("weight", e["weight"]), ("activation", e["activation"]))
+                                       if q is not None and (what == "both" or what == role)]
+            saved = [{k: v.clone() for k, v in q.state_dict().items()} for q in quants]
+            try:
+                for b in bits:
+                    for q in quants:
+                        q.set_bits(int(b))
                     gm.eval()
-                    o_sqnr = _sqnr(y_float, _call(gm, x))
-                rows.append(SensitivityRow(layer, int(b), metric, baseline - metric, w_sqnr, o_sqnr))
-                log.info("sensitivity %s @%d bits: metric %.4g (drop %.4g)", layer, b, metric, baseline - metric)
-        finally:
-            for q, state in zip(quants, saved):
-                q.load_state_dict(state)
-    for m, mode in modes:
-        m.training = mode
+                    metric = float(evaluate(gm))
+                    w_sqnr = None
+                    wq = e["weight"]
+                    if wq is not None and wq in quants and e["owner"] is not None:
+                        w = e["owner"].folded_weight_bias()[0].detach()
+                        w_sqnr = _sqnr(w, wq(w))
+                    o_sqnr = None
+                    if x is not None and y_float is not None:
+                        gm.eval()
+                        o_sqnr = _sqnr(y_float, run_batch(gm, x))
+                    rows.append(SensitivityRow(layer, int(b), metric, baseline - metric, w_sqnr, o_sqnr))
+                    log.info("sensitivity %s @%d bits: metric %.4g (drop %.4g)", layer, b, metric, baseline - metric)
+            finally:
+                for q, state in zip(quants, saved):
+                    q.load_state_dict(state)
     return SensitivityReport(list(layers), tuple(int(b) for b in bits), what, baseline, float_metric, params, current, rows)

@@ -27,6 +27,7 @@ from torch import fx, nn
 from evefx.api import EveParameter, eve_parameters
 from evefx.errors import SearchError
 from evefx.graph import layer_nodes, module_of
+from evefx.layers import layer_macs, out_channels, shape_of
 
 __all__ = ["COST_KINDS", "CHEAP_AT_HIGH", "LayerCost", "CostModel", "cheap_end", "measure_latency"]
 
@@ -58,22 +59,12 @@ class LayerCost:
     weights: int
     biases: int
     channels: int
-    macs: float
+    macs: int | None
+    """Multiply-accumulates per sample (:func:`evefx.layers.layer_macs`); ``None`` without recorded shapes."""
     producer: str | None
     """The conv/linear layer whose output channels feed this one (pruning it shrinks our input)."""
     fixed_weight_bits: int
     """Bit width of the weights when no eve parameter sets it (32 for a float layer)."""
-
-
-def _macs(module: nn.Module, node: fx.Node) -> float:
-    meta = node.meta.get("tensor_meta")
-    shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if shape is None:
-            return float(module.weight.numel())  # no shapes propagated: count one output position
-        return float(np.prod(shape[1:]) * module.weight[0].numel())
-    rows = float(np.prod(shape[1:-1])) if shape is not None and len(shape) > 2 else 1.0
-    return rows * module.weight.numel()
 
 
 def _producer(gm: fx.GraphModule, node: fx.Node, layers: dict[str, fx.Node]) -> str | None:
@@ -104,9 +95,8 @@ def _table(gm: fx.GraphModule) -> dict[str, LayerCost]:
     for name, node in nodes.items():
         m = module_of(gm, node)
         bias = getattr(m, "bias", None)
-        channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        out[name] = LayerCost(name, int(m.weight.numel()), int(bias.numel()) if bias is not None else 0, int(channels),
-                              _macs(m, node), _producer(gm, node, nodes), _fixed_weight_bits(m))
+        out[name] = LayerCost(name, int(m.weight.numel()), int(bias.numel()) if bias is not None else 0, int(out_channels(m)),
+                              layer_macs(m, shape_of(node)), _producer(gm, node, nodes), _fixed_weight_bits(m))
     return out
 
 
@@ -177,7 +167,12 @@ class CostModel:
         if kind in ("macs", "sparsity") and not ratios:
             raise SearchError(f"search.budget.kind: {kind} needs pruning ratios to search; "
                               "set upgrade_ratio: true in a prune section")
-        self._dense_macs = sum(lc.macs for lc in self.layers.values()) or 1.0
+        if kind == "macs":
+            unknown = [name for name, lc in self.layers.items() if lc.macs is None]
+            if unknown:
+                raise SearchError(f"search.budget.kind: macs needs the layers' output shapes ({unknown[0]} has none): "
+                                  "transform with example inputs (or set trace.input_shape in the spec)")
+        self._dense_macs = sum(lc.macs or 0 for lc in self.layers.values()) or 1.0
         self._dense_channels = sum(lc.channels for lc in self.layers.values()) or 1
 
     @property
@@ -214,7 +209,7 @@ class CostModel:
         for name, lc in self.layers.items():
             k_in = keep[lc.producer] if lc.producer is not None else 1.0
             if self.kind == "macs":
-                total += lc.macs * keep[name] * k_in
+                total += (lc.macs or 0) * keep[name] * k_in
             else:  # weight_bytes: weights at their bits, biases in float32
                 total += lc.weights * keep[name] * k_in * w_bits[name] / 8.0 + 4.0 * lc.biases * keep[name]
         return total / self._dense_macs if self.kind == "macs" else total

@@ -15,11 +15,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import contextlib
 import logging
-import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -30,6 +28,7 @@ from torch import fx, nn
 from evefx.api import EveParameter, eve_parameters, observe, reset
 from evefx.errors import SearchError
 from evefx.graph import provenance
+from evefx.layers import as_inputs
 from evefx.modules.protocol import EveRange
 from evefx.spec import Budget, Reward, load_section
 from evefx.upgrade.costs import CostModel, cheap_end
@@ -45,19 +44,6 @@ PARAM_FEATURES = ("is_bits", "is_ratio", "is_weight", "is_activation", "position
 
 Evaluate = Callable[[nn.Module], Any]
 Finetune = Callable[[nn.Module, int], Any]
-
-
-@contextlib.contextmanager
-def _global_rng_kept() -> Iterator[None]:
-    """Run a callback without it touching the global RNGs the agent draws from: a fine-tuning
-    loop that seeds itself would otherwise replay the same exploration noise every episode."""
-    py, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
 
 
 def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, list[nn.Module]]:
@@ -161,9 +147,7 @@ class UpgradeEnv(gym.Env):
             self.apply_fn = apply_pruning
         if self.finetune_steps > 0 and finetune is None:
             raise SearchError("search.finetune_steps > 0 needs a finetune(gm, steps) callback")
-        if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
-        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        self.example_inputs = as_inputs(example_inputs)
         # the starting point of every episode: an exact copy of the weights, buffers and modes
         self._state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=False).items()}
         self._training = {name: m.training for name, m in gm.named_modules()}
@@ -367,12 +351,13 @@ class UpgradeEnv(gym.Env):
         self._restore()
         self.set_values(values)
         cost = self.cost_model(values) if self.cost_model.static else self.cost_model.measure(self.gm)
-        with _global_rng_kept():
-            if self.recalibrate_fn is not None:
-                self.recalibrate_fn(self.gm)
-            if self.finetune_steps > 0 and self.finetune_fn is not None:
-                self.finetune_fn(self.gm, self.finetune_steps)
-            accuracy = accuracy_of(self.evaluate_fn(self.gm))
+        # the callbacks draw from their own generators (FineTune, BNRecalibrate), never from the
+        # global RNGs the agent's exploration noise comes from
+        if self.recalibrate_fn is not None:
+            self.recalibrate_fn(self.gm)
+        if self.finetune_steps > 0 and self.finetune_fn is not None:
+            self.finetune_fn(self.gm, self.finetune_steps)
+        accuracy = accuracy_of(self.evaluate_fn(self.gm))
         return accuracy, float(cost)
 
     def actions_for(self, values: Mapping[str, float]) -> list[float]:

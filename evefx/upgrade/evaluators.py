@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from evefx.errors import SearchError
+from evefx.layers import eval_mode
 from evefx.spec.search import DEFAULT_EVALUATOR  # noqa: F401 - re-exported for readers of this module
 
 __all__ = ["EVALUATORS", "DEFAULT_EVALUATOR", "accuracy_of", "apply_pruning", "Accuracy", "FineTune", "BNRecalibrate"]
@@ -95,7 +96,8 @@ class FineTune:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed))
         epochs = max(1, math.ceil(steps / max(len(loader), 1)))
-        fit(gm, loader, None, epochs, lr=self.lr, seed=self.seed, progress=False, max_steps=steps)
+        fit(gm, loader, None, epochs, lr=self.lr, generator=torch.Generator().manual_seed(self.seed), progress=False,
+            max_steps=steps)
 
 
 class BNRecalibrate:
@@ -130,22 +132,19 @@ class BNRecalibrate:
         norms = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if not norms:
             return
-        modes = {m: m.training for m in gm.modules()}
         momenta = {bn: bn.momentum for bn in norms}
-        gm.eval()
-        ids = {id(bn) for bn in norms}
-        for m in gm.modules():  # a layer folding its BatchNorm normalises with batch statistics only in training
-            if id(getattr(m, "bn", None)) in ids:
-                m.training = True
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None  # a plain average over the batches
-            bn.train()
-        try:
-            for x in self._inputs():
-                gm(x)
-        finally:
-            for bn, momentum in momenta.items():
-                bn.momentum = momentum
-            for m, mode in modes.items():
-                m.training = mode
+        with eval_mode(gm):
+            ids = {id(bn) for bn in norms}
+            for m in gm.modules():  # a layer folding its BatchNorm normalises with batch statistics only in training
+                if id(getattr(m, "bn", None)) in ids:
+                    m.training = True
+            for bn in norms:
+                bn.reset_running_stats()
+                bn.momentum = None  # a plain average over the batches
+                bn.train()
+            try:
+                for x in self._inputs():
+                    gm(x)
+            finally:
+                for bn, momentum in momenta.items():
+                    bn.momentum = momentum

@@ -54,6 +54,16 @@ log = logging.getLogger(__name__)
 ALGORITHMS = SEARCH_ALGORITHMS
 
 
+class _InRunDir:
+    """A file of the run folder, read as an attribute: ``result.spec_path == result.run_dir / "best.yaml"``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, result: Any, owner: type | None = None) -> Any:
+        return self if result is None else result.run_dir / self.name
+
+
 @dataclass
 class SearchResult:
     """What :func:`search` found and where it wrote it.
@@ -74,21 +84,11 @@ class SearchResult:
     probes: int = 0
     """Evaluations spent on sensitivity probes (not in ``episodes``)."""
 
-    @property
-    def spec_path(self) -> Path:
-        return self.run_dir / "best.yaml"
-
-    @property
-    def state_path(self) -> Path:
-        return self.run_dir / "best.pt"
-
-    @property
-    def plot_path(self) -> Path:
-        return self.run_dir / "search.png"
-
-    @property
-    def pareto_path(self) -> Path:
-        return self.run_dir / "pareto.csv"
+    spec_path = _InRunDir("best.yaml")
+    state_path = _InRunDir("best.pt")
+    """The weights of the best configuration."""
+    plot_path = _InRunDir("search.png")
+    pareto_path = _InRunDir("pareto.csv")
 
 
 def _evaluations(section: SearchSection, ep_len: int) -> int:
@@ -229,12 +229,12 @@ def search(
         if abs(again["accuracy"] - best["accuracy"]) > 1e-6:
             log.warning("best configuration re-evaluated at %.4f%% (searched: %.4f%%): evaluate/finetune are not "
                         "deterministic", again["accuracy"], best["accuracy"])
-        torch.save(env.state_dict_copy(), run_dir / "best.pt")
+        torch.save(env.state_dict_copy(), run_dir / SearchResult.state_path.name)
         front = pareto_rows(env, rows, latency=pareto_latency)
     finally:
         env._restore()  # the caller's model leaves the search as it came in, even when interrupted
     out_spec = spec_with_values(spec.model_copy(update={"search": section}), env.params, again["values"])
-    dump_spec(out_spec, run_dir / "best.yaml")
+    dump_spec(out_spec, run_dir / SearchResult.spec_path.name)
     result = SearchResult(best=best, spec=out_spec, run_dir=run_dir, episodes=rows, replayed_accuracy=again["accuracy"],
                           probes=probes)
     plot_search(rows, best, result.plot_path, title=f"{section.algorithm}, budget {section.budget.kind} <= {section.budget.max}")

@@ -21,7 +21,8 @@ from evefx.ptq import (
     float_reference,
     post_training_quantize,
 )
-from evefx.ptq.corrections import _in_ranges, _mean_outputs, _out_ranges
+from evefx.ptq.corrections import _mean_outputs
+from evefx.ptq.equalization import _in_ranges, _out_ranges
 from evefx.spec import AdaRoundConfig
 from tests.ptq.models import batches, tiny, transformed
 
@@ -190,7 +191,7 @@ def test_post_training_quantize_with_plain_spec_only_calibrates():
 
 
 def test_adaround_reconstructs_through_the_following_relu():
-    from evefx.ptq.corrections import _following_relu
+    from evefx.ptq.adaround import _following_relu
 
     gm = transformed(tiny())
     assert _following_relu(gm, "conv1")  # its BatchNorm is folded: conv1 -> relu1

@@ -1,0 +1,157 @@
+"""Post-training quantization commands: ``quantize`` (calibrate, correct, export) and ``sensitivity``.
+
+Example:
+    $ evefx quantize --model examples.models:DemoNet --checkpoint W.pt --spec examples/specs/ptq.yaml --out demo.onnx
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from evefx.cli.app import MODEL, app, console, fail
+from evefx.cli.models import load_model
+from evefx.errors import EvefxError
+from evefx.spec import load_spec
+
+__all__ = ["quantize", "sensitivity_cmd"]
+
+
+def _ptq_setup(model: str, checkpoint: Optional[Path], spec: Path, data: str, data_root: Optional[Path],
+               calib_samples: int, batch_size: int):
+    """Float model (checkpoint loaded), transformed copy, calibration batches and a labelled test set (or None)."""
+    import torch
+
+    import evefx
+
+    float_model = load_model(model)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu")
+        try:
+            float_model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except (RuntimeError, AttributeError) as e:
+            raise EvefxError(f"--checkpoint {checkpoint} does not fit {model} (a state_dict of the float model is "
+                             f"expected): {e}") from e
+    float_model.eval()
+    if data in ("mnist5k", "mnist"):
+        from evefx.data import loaders
+
+        train, test = loaders(batch_size=batch_size, source=data, root=data_root)
+        xs = torch.stack([train.dataset[i][0] for i in range(min(calib_samples, len(train.dataset)))])
+        labelled = [(x, y) for x, y in test]
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise EvefxError(f"--data must be mnist5k, mnist or a .pt file holding a tensor or (inputs, labels) (got {data!r})")
+        obj = torch.load(path, map_location="cpu")
+        x_all, y_all = (obj[0], obj[1]) if isinstance(obj, (tuple, list)) else (obj, None)
+        xs = x_all[:calib_samples]
+        labelled = None if y_all is None else [(x_all[i:i + batch_size], y_all[i:i + batch_size])
+                                                for i in range(0, len(x_all), batch_size)]
+    calib = [xs[i:i + batch_size] for i in range(0, len(xs), batch_size)]
+    gm = evefx.transform(float_model, load_spec(spec), xs[:1])
+    return float_model, gm, calib, labelled
+
+
+_PTQ_DATA = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision, needs --data-root) or a .pt file "
+                                      "holding a tensor or (inputs, labels)")
+
+
+@app.command()
+def quantize(
+    model: str = MODEL,
+    spec: Path = typer.Option(..., help="spec file with a quantize section (calibration, corrections)"),
+    out: Path = typer.Option(..., help="the ONNX file to write"),
+    checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
+    data: str = _PTQ_DATA,
+    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
+    calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
+    batch_size: int = typer.Option(64, help="calibration batch size"),
+    report: Optional[Path] = typer.Option(None, help="write the calibration/correction/export figures here (JSON)"),
+    check: bool = typer.Option(True, help="check parity with onnxruntime"),
+) -> None:
+    """Post-training quantization: transform, calibrate, correct (as the spec says), export with parity."""
+    import evefx
+    from evefx.export import export_onnx, onnx_accuracy
+    from evefx.train import evaluate
+
+    try:
+        float_model, gm, calib, labelled = _ptq_setup(model, checkpoint, spec, data, data_root, calib_samples, batch_size)
+        ptq = evefx.post_training_quantize(gm, calib)
+        export = export_onnx(gm, calib[0][:1], out, real_inputs=calib[0], check=check)
+    except EvefxError as e:
+        fail(e)
+    console.print(ptq)
+    console.print(export.table())
+    figures: dict[str, Any] = {"ptq": ptq.to_dict(), "onnx": str(out)}
+    if labelled is not None:
+        acc = {"float": evaluate(float_model, labelled)["accuracy"], "quantized (PyTorch)": evaluate(gm, labelled)["accuracy"],
+               "quantized (onnxruntime)": onnx_accuracy(out, labelled)}
+        table = Table(title="accuracy (%)")
+        for k in acc:
+            table.add_column(k, justify="right")
+        table.add_row(*(f"{v:.2f}" for v in acc.values()))
+        console.print(table)
+        figures["accuracy"] = acc
+    if report is not None:
+        report.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        console.print(f"wrote report to {report}")
+
+
+@app.command("sensitivity")
+def sensitivity_cmd(
+    model: str = MODEL,
+    spec: Path = typer.Option(..., help="spec file with a quantize section"),
+    checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
+    data: str = _PTQ_DATA,
+    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
+    bits: str = typer.Option("8,4,2", help="bit widths each layer is lowered to, one at a time"),
+    what: str = typer.Option("weight", help="weight, activation or both"),
+    budget: Optional[float] = typer.Option(None, help="average weight bits: print/write overrides for it"),
+    allocation: str = typer.Option("greedy", help="greedy or knapsack (exact) allocation for --budget"),
+    calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
+    batch_size: int = typer.Option(64, help="calibration batch size"),
+    png: Optional[Path] = typer.Option(None, help="write the bar chart here"),
+    overrides: Optional[Path] = typer.Option(None, help="write the overrides for --budget here (YAML)"),
+) -> None:
+    """Per-layer sensitivity: the metric with one layer at a time lowered (accuracy when labels are given)."""
+    import torch
+    import yaml
+
+    import evefx
+    from evefx.train import evaluate
+
+    try:
+        levels = tuple(int(b) for b in bits.split(","))
+    except ValueError:
+        fail(EvefxError(f"--bits must be comma-separated integers like 8,4,2 (got {bits!r})"))
+    try:
+        float_model, gm, calib, labelled = _ptq_setup(model, checkpoint, spec, data, data_root, calib_samples, batch_size)
+        evefx.post_training_quantize(gm, calib, progress=False)
+        if labelled is not None:
+            def metric(m: Any) -> float:
+                return evaluate(m, labelled)["accuracy"]
+        else:
+            x = torch.cat(calib)
+            with torch.no_grad():
+                y = float_model(x)
+
+            def metric(m: Any) -> float:  # minus the output's mean squared error against the float model
+                with torch.no_grad():
+                    return -float((m(x) - y).square().mean())
+        result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])  # type: ignore[arg-type]
+        patch = result.to_overrides(budget, allocation) if budget is not None else None  # type: ignore[arg-type]
+    except EvefxError as e:
+        fail(e)
+    console.print(result)
+    if png is not None:
+        console.print(f"wrote {result.plot(png)}")
+    if patch is not None:
+        text = yaml.safe_dump({"overrides": list(patch)}, sort_keys=False)
+        console.print(f"overrides for {budget} average bits:\n{text}", markup=False, highlight=False)
+        if overrides is not None:
+            overrides.write_text(text, encoding="utf-8")
+            console.print(f"wrote {overrides}")
