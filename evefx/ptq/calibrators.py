@@ -20,7 +20,7 @@ chosen range is ``[-t, t]`` (``[0, t]`` unsigned).
 
 :func:`calibrate` runs a model over calibration batches with every quantizer off (the float model,
 BatchNorm and dropout in eval mode), observes each quantizer's input and sets its range through
-:meth:`~evefx.modules.quant.Quantizer.set_range`.
+:meth:`~evefx.modules.quantizer.Quantizer.set_range`.
 
 Example:
     >>> report = evefx.calibrate(gm, [x for x, _ in loader][:8])
@@ -42,7 +42,7 @@ from torch import nn
 
 from evefx.graph import Provenance
 from evefx.errors import QuantizationError
-from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer, affine_from_range
+from evefx.modules import QUANT_LAYER_TYPES, Quantizer, affine_from_range
 
 __all__ = [
     "Method",

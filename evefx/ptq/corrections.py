@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from evefx.errors import QuantizationError
 from evefx.graph import LAYER_TYPES, calls_one_of, layer_nodes, module_of, output_block
-from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
+from evefx.modules import QUANT_LAYER_TYPES, Quantizer
 from evefx.ptq.calibrators import _call, _Modes, inputs_only
 
 __all__ = [

@@ -26,7 +26,7 @@ from rich.table import Table
 from torch import fx, nn
 
 from evefx.errors import QuantizationError
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 from evefx.ptq.calibrators import _call, _Modes, quantizer_targets
 
 __all__ = ["sensitivity", "SensitivityReport", "SensitivityRow"]

@@ -18,7 +18,7 @@ from evefx.export.parity import ort_session
 from evefx.export.rewrite import scope_of
 from evefx.export.qdq import deployable, QuantizedWeightLayer
 from evefx.data import mnist5k
-from evefx.modules.quant import levels
+from evefx.modules import levels
 from tests.export.test_onnx import X0, _data, _trained
 
 
