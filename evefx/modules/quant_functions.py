@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["levels", "affine_from_range", "ste_quantize", "lsq_quantize"]
+__all__ = ["levels", "affine_from_range", "least_error_grid", "ste_quantize", "lsq_quantize"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -61,6 +61,43 @@ def affine_from_range(
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero
+
+
+def least_error_grid(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, *, symmetric: bool, signed: bool,
+    axis: int | None = None, error: str = "l2", candidates: int = 40,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero point (as :func:`affine_from_range` gives them) of least mean l1 or l2
+    quantization error of ``x`` among the ranges ``[lo, hi] * i / candidates``, ``i = 1 .. candidates``:
+    one choice for the tensor (``axis`` None, scalar ``lo``/``hi``) or one per channel along ``axis``.
+
+    Example:
+        >>> x = torch.tensor([-1.0, -0.1, 0.0, 0.1, 8.0])
+        >>> least_error_grid(x, x.min(), x.max(), -8, 7, symmetric=True, signed=True)[0]
+        tensor(1.1429)
+    """
+    xd = x.detach().float()
+    dims = None if axis is None else [d for d in range(xd.dim()) if d != axis]
+    shape = [1] * xd.dim()
+    if axis is not None:
+        shape[axis] = -1
+    best_err = best_scale = best_zero = None
+    for i in range(1, candidates + 1):
+        frac = i / candidates
+        scale, zero = affine_from_range(lo * frac, hi * frac, qmin, qmax, symmetric, signed)
+        s, z = (scale, zero.float()) if axis is None else (scale.reshape(shape), zero.float().reshape(shape))
+        err = ((torch.round(xd / s) + z).clamp(qmin, qmax) - z).mul(s).sub(xd).abs()
+        if error == "l2":
+            err = err.square()
+        err = err.mean() if dims is None else err.mean(dim=dims)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 class _LSQ(torch.autograd.Function):

@@ -20,7 +20,7 @@ from torch import nn
 
 from evefx.errors import QuantizationError
 from evefx.modules.protocol import EveHooks, EveRange
-from evefx.modules.quant_functions import affine_from_range, levels, lsq_quantize, ste_quantize
+from evefx.modules.quant_functions import affine_from_range, least_error_grid, levels, lsq_quantize, ste_quantize
 from evefx.modules.quantizer_options import QuantizerOptions, check_bits
 
 __all__ = ["Quantizer"]
@@ -319,28 +319,10 @@ class Quantizer(EveHooks, nn.Module):
         log.debug("%s: initialised scale (mean %.4g)", self.name, float(scale.mean()))
 
     def _llsq_search(self, x: torch.Tensor, qmin: int, qmax: int, error: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scale and zero point of least l1 (l2) error among the tracked range shrunk by 1/G .. G/G."""
-        error = error or self.regularization
-        dims = self._reduce_dims(x)
-        xd = x.detach().float()
-        best_err = best_scale = best_zero = None
-        for i in range(1, _LLSQ_GRID + 1):
-            frac = i / _LLSQ_GRID
-            scale, zero = affine_from_range(self.range_min * frac, self.range_max * frac, qmin, qmax,
-                                            self.symmetric, self.signed)
-            s, z = self._view(scale, xd), self._view(zero.float(), xd)
-            err = ((torch.round(xd / s) + z).clamp(qmin, qmax) - z).mul(s).sub(xd).abs()
-            if error == "l2":
-                err = err.square()
-            err = err.mean() if dims is None else err.mean(dim=dims)
-            if best_err is None:
-                best_err, best_scale, best_zero = err, scale, zero
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_scale = torch.where(better, scale, best_scale)
-                best_zero = torch.where(better, zero, best_zero)
-        return best_scale, best_zero
+        """The grid of least l1 (l2) error among the tracked range shrunk by 1/40 .. 40/40."""
+        axis = None if self._reduce_dims(x) is None else self.ch_axis % x.dim()  # (checks the channels)
+        return least_error_grid(x, self.range_min, self.range_max, qmin, qmax, symmetric=self.symmetric,
+                                signed=self.signed, axis=axis, error=error or self.regularization, candidates=_LLSQ_GRID)
 
     def _fake_quant(
         self, x: torch.Tensor, fold: torch.Tensor | None = None, batch_range: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -463,14 +445,8 @@ class Quantizer(EveHooks, nn.Module):
         gran = f"per_channel(axis={self.ch_axis}, C={self.num_channels})" if self.num_channels else "per_tensor"
         parts = [f"bits={int(self.bits)}", f"fn={self.fn}", gran, "symmetric" if self.symmetric else "asymmetric",
                  "signed" if self.signed else "unsigned", f"tracker={self.tracker}"]
-        if self.bit_range:
-            parts.append(f"bit_range={self.bit_range}")
-        if self.code_range:
-            parts.append(f"code_range={self.code_range}")
-        if self.init_steps:
-            parts.append(f"init_steps={self.init_steps}")
-        if self.bits_schedule:
-            parts.append(f"bits_schedule={self.bits_schedule}")
+        parts += [f"{key}={getattr(self.options, key)}" for key in ("bit_range", "code_range", "init_steps", "bits_schedule")
+                  if getattr(self.options, key)]
         if not self._enabled:
             parts.append("disabled")
         return ", ".join(parts)
