@@ -40,7 +40,6 @@ from evefx.graph import (
     calls_one_of,
     insert_after,
     layer_nodes,
-    mark,
     marked,
     module_of,
     output_block,
@@ -182,7 +181,7 @@ class QuantizePass(SectionPass):
             weight_cfg = self._kept(section.weight, keep) if is_first or is_last else section.weight
             act_cfg = self._kept(section.activation, keep) if is_last else section.activation
             input_cfg = self._kept(section.activation, keep) if is_first or is_last else section.activation
-            if marked(gm, self.name, layer) or isinstance(module, QUANT_LAYER_TYPES):
+            if self.marked(gm, layer) or isinstance(module, QUANT_LAYER_TYPES):
                 log.debug("%s: %s is already quantized; skipped", self.spec_path, layer)
                 continue
             base = _base_type(module)
@@ -204,8 +203,7 @@ class QuantizePass(SectionPass):
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
-                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight",
-                     channel_axis=planned.channel_axis)
+                self.mark(node, layer, "weight", channel_axis=planned.channel_axis)
                 changes.append(self.change("replaced", node, layer,
                                            f"{type(module).__name__} -> {type(new).__name__} ({_describe(cfg)})"))
                 if bn is not None:
@@ -223,8 +221,7 @@ class QuantizePass(SectionPass):
                 aq.train(module.training)
                 last = output_block(gm, node).last
                 new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
-                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation",
-                     channel_axis=axis)
+                self.mark(new_node, layer, "activation", channel_axis=axis)
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
             if section.quantize_inputs and input_cfg is not None:
                 inserted = self._quantize_input(gm, node, layer, input_cfg)
@@ -302,14 +299,11 @@ class QuantizePass(SectionPass):
         if "tensor_meta" in inp.meta:
             new_node.meta["tensor_meta"] = inp.meta["tensor_meta"]
         node.replace_input_with(inp, new_node)
-        mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="input")
+        self.mark(new_node, layer, "input")
         return self.change("inserted", new_node, layer, f"input quantizer before {layer} ({_describe(in_cfg)})")
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for node in marked(gm, self.name, role="weight"):
-            if not isinstance(module_of(gm, node), QUANT_LAYER_TYPES):
-                raise PassError(f"{self.spec_path}: {node.target} is marked as weight-quantized but is a "
-                                f"{type(module_of(gm, node)).__name__}; report a bug with this message")
+        self.ensure_marked_are(gm, "weight", QUANT_LAYER_TYPES, "weight-quantized")
 
 
 def _describe(cfg: QuantizerConfig) -> str:
