@@ -11,15 +11,16 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from evefx.errors import QuantizationError
 
-__all__ = ["QuantizerOptions", "Fn", "Granularity", "Tracker"]
+__all__ = ["QuantizerOptions", "Fn", "Granularity", "Tracker", "Regularization", "check_bits"]
 
 Fn = Literal["round", "lsq", "llsq"]
 Granularity = Literal["per_tensor", "per_channel"]
 Tracker = Literal["average", "global"]
+Regularization = Literal["l1", "l2"]
 
 
 def check_bits(bits: int, name: str) -> int:
@@ -103,7 +104,7 @@ class QuantizerOptions:
     tracker: Tracker = "average"
     momentum: float = 0.1
     learnable_scale: bool = False
-    regularization: Literal["l1", "l2"] = "l2"
+    regularization: Regularization = "l2"
     reg_weight: float = 1.0
     bit_range: tuple[int, int] | None = None
     code_range: tuple[int, int] | None = None
@@ -113,10 +114,9 @@ class QuantizerOptions:
 
     def __post_init__(self) -> None:
         name = self.name or "<unnamed quantizer>"
-        for field, value, valid in (("fn", self.fn, ("round", "lsq", "llsq")),
-                                    ("granularity", self.granularity, ("per_tensor", "per_channel")),
-                                    ("tracker", self.tracker, ("average", "global")),
-                                    ("regularization", self.regularization, ("l1", "l2"))):
+        for field, value, valid in (("fn", self.fn, get_args(Fn)), ("granularity", self.granularity, get_args(Granularity)),
+                                    ("tracker", self.tracker, get_args(Tracker)),
+                                    ("regularization", self.regularization, get_args(Regularization))):
             if value not in valid:
                 raise QuantizationError(f"{name}: {field} must be {', '.join(valid[:-1])} or {valid[-1]} (got {value!r})")
         if not 0.0 < self.momentum <= 1.0:
