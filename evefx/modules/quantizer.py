@@ -32,7 +32,9 @@ _LLSQ_GRID = 40  # candidate clipping ranges tried when llsq initialises its sca
 
 
 def _option(field: str) -> Any:
-    """A read-only attribute that reads ``options.<field>`` (change options with ``dataclasses.replace``)."""
+    """A read-only attribute that reads ``options.<field>``. A quantizer's options may be replaced
+    (``q.options = dataclasses.replace(q.options, bit_range=None)``) except those that shaped its
+    buffers when it was built: ``granularity``, ``num_channels``, ``learnable_scale``, ``fn``."""
     return property(lambda self: getattr(self.options, field), doc=f"``options.{field}``")
 
 
@@ -50,7 +52,9 @@ class Quantizer(EveHooks, nn.Module):
     ``quant_error`` (mean ``|x - x̂|``), ``clipped`` (fraction of values outside the grid), ``bits``.
 
     Example:
-        >>> q = Quantizer(bits=8, granularity="per_channel", num_channels=16, tracker="global")
+        >>> q = Quantizer(QuantizerOptions(bits=8, granularity="per_channel", num_channels=16, tracker="global"))
+        >>> q.options == Quantizer(bits=8, granularity="per_channel", num_channels=16, tracker="global").options
+        True
         >>> w_hat = q(conv.weight)
         >>> scale, zero_point, qmin, qmax, axis = q.qparams()
     """
@@ -201,10 +205,7 @@ class Quantizer(EveHooks, nn.Module):
             self.range_min.copy_(lo_t)
             self.range_max.copy_(hi_t)
             self.initialized.fill_(True)
-            qmin, qmax = self.quant_range()
-            scale, zero = affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zero)
+            self._refresh_from_range()
 
     def set_mode(self, **flags: Any) -> None:
         if flags.get("quantized") is not None:
