@@ -27,7 +27,7 @@ from evefx.export.parity import check_parity, first_divergence, graph_parity
 from evefx.export.qdq import QDQ
 from evefx.export.report import ExportReport
 from evefx.export.onnx_graph import consumers, producers, scope_of
-from evefx.modules.quant import QUANT_LAYER_TYPES
+from evefx.modules import QUANT_LAYER_TYPES
 from evefx.spec.quantize import SATURATION_FREE_WEIGHT_CODES
 
 __all__ = ["deployment_target", "float_weights_between_qdq", "check_file", "failure_text", "stand_in_inputs", "set_aside",

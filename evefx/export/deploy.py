@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from evefx.errors import ExportError, PruneError
 from evefx.export.qdq import swap_stand_ins
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 
 __all__ = ["Deployed", "deployable", "is_quantized", "safe_deepcopy"]
 

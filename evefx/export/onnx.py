@@ -59,7 +59,7 @@ from evefx.export.report import ExportReport, count_parameters
 from evefx.export.spiking import is_stochastic
 from evefx.export.rewrite import rewrite
 from evefx.graph import provenance
-from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
+from evefx.modules import QUANT_LAYER_TYPES, Quantizer
 
 __all__ = ["export_onnx", "onnx_accuracy", "layer_bits", "deployment_target", "MIN_QDQ_OPSET"]
 

@@ -37,7 +37,7 @@ from torch import fx, nn
 from evefx.errors import ExportError
 from evefx.graph import provenance
 from evefx.export.onnx_graph import consumers, producers, scope_of
-from evefx.modules.quant import QUANT_LAYER_TYPES
+from evefx.modules import QUANT_LAYER_TYPES
 
 __all__ = ["PACKED_MAX_BITS", "MIN_PACKED_OPSET", "MATMULNBITS_BLOCK", "packed_layers", "require_opset", "name_weight_nodes",
            "upgrade_opset", "int4_tensor", "int4_codes", "pack_weights", "matmulnbits_weights",

@@ -42,7 +42,7 @@ from torch import nn
 
 from evefx.export.deploy import safe_deepcopy
 from evefx.export.onnx_graph import scope_of
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 
 __all__ = ["Parity", "check_parity", "graph_parity", "degenerate_outputs", "first_divergence", "ort_session", "flatten_outputs", "TOP1_MIN"]
 

@@ -1,7 +1,7 @@
 """Export stand-ins: plain modules that compute exactly what evefx's quantizers compute in eval mode
 and that the TorchScript ONNX exporter writes as standard ``QuantizeLinear``/``DequantizeLinear``.
 
-:func:`swap_stand_ins` swaps every :class:`~evefx.modules.quant.Quantizer` of a model for a
+:func:`swap_stand_ins` swaps every :class:`~evefx.modules.quantizer.Quantizer` of a model for a
 :class:`QDQ` and every quantized conv/linear for a :class:`QuantizedWeightLayer` (BatchNorm folded,
 weights stored as integer codes). The result gives the same outputs as the original in eval mode, so
 it is what ``torch.onnx.export`` traces; :func:`evefx.export.deploy.deployable` runs it on its copy.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evefx.errors import ExportError
-from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer, QuantLinear
+from evefx.modules import QUANT_LAYER_TYPES, Quantizer, QuantLinear
 from evefx.export.spiking import spiking_standin
 
 __all__ = ["QParams", "QDQ", "QuantizedWeightLayer", "swap_stand_ins", "calibrate", "MAX_EXPORT_BITS"]

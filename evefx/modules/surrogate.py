@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 _LEAK = 0.01  # slope of piecewise_leaky_relu outside its window
+_Fn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def heaviside(u: torch.Tensor) -> torch.Tensor:
@@ -113,187 +114,156 @@ class Surrogate(torch.autograd.Function):
         return grad * ctx._forward_cls.derivative(u, ctx.alpha), None
 
 
-class Sigmoid(Surrogate):
-    """``g(u) = sigmoid(alpha u)``; ``g'(u) = alpha s (1 - s)`` with ``s = g(u)``.
+def _define(name: str, doc: str, primitive: _Fn, derivative: _Fn,
+            parts: Callable[[torch.Tensor, float], tuple[torch.Tensor, float]] | None = None) -> type[Surrogate]:
+    """The :class:`Surrogate` subclass ``name`` with these static ``primitive`` and ``derivative``
+    (and ``derivative_parts`` when given); autograd names its backward ``<name>Backward``."""
+    body: dict[str, Any] = {"__doc__": doc, "__module__": __name__, "__qualname__": name,
+                            "primitive": staticmethod(primitive), "derivative": staticmethod(derivative)}
+    if parts is not None:
+        body["derivative_parts"] = classmethod(lambda cls, u, alpha: parts(u, alpha))
+    return type(Surrogate)(name, (Surrogate,), body)
+
+
+# Each surrogate's primitive g and derivative g' (in place where the input is a fresh tensor: the
+# fused neuron backward calls them on [T, B, ...] tensors, where every full pass costs).
+
+def _sigmoid_derivative(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = torch.sigmoid(alpha * u)
+    return s.mul_(1 - s).mul_(alpha)
+
+
+def _quadratic_pieces(u: torch.Tensor, alpha: float, top: float) -> torch.Tensor:
+    """0 below ``-1/alpha``, ``top`` above ``1/alpha``, two parabolas (scaled by ``top``) between."""
+    w = 1.0 / alpha
+    inner = torch.where(u < 0, 0.5 * (alpha * u + 1) ** 2, 1 - 0.5 * (alpha * u - 1) ** 2) * top
+    return torch.where(u <= -w, torch.zeros_like(u), torch.where(u >= w, torch.full_like(u, top), inner))
+
+
+def _soft_sign_derivative(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    d = u.abs().mul_(alpha).add_(1.0)
+    return d.mul_(d).reciprocal_().mul_(alpha / 2)
+
+
+def _atan_parts(u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float]:
+    # 1 + (c u)^2 in one pass (addcmul on a 0-dim one), the reciprocal in place, the factor
+    # alpha/2 left to the caller
+    c = math.pi / 2 * alpha
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    return torch.addcmul(one, u, u, value=c * c).reciprocal_(), alpha / 2
+
+
+def _atan_derivative(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    d, scale = _atan_parts(u, alpha)
+    return d.mul_(scale)
+
+
+def _sign_log_primitive(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    sign = torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
+    return sign * torch.log1p(alpha * u.abs())
+
+
+def _erf_derivative(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    au = u * alpha
+    return au.mul_(au).neg_().exp_().mul_(alpha / math.sqrt(math.pi))
+
+
+def _leaky_ramp(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    w = 1.0 / alpha
+    inside = 0.5 * alpha * u + 0.5
+    return torch.where(u < -w, _LEAK * (u + w), torch.where(u > w, 1 + _LEAK * (u - w), inside))
+
+
+def _fast_sigmoid_derivative(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    d = u.abs().mul_(alpha).add_(1.0)
+    return d.mul_(d).reciprocal_()
+
+
+Sigmoid = _define("Sigmoid", """``g(u) = sigmoid(alpha u)``; ``g'(u) = alpha s (1 - s)`` with ``s = g(u)``.
 
     Example:
         >>> Sigmoid.derivative(torch.tensor(0.0), 4.0)
         tensor(1.)
-    """
+    """, lambda u, alpha: torch.sigmoid(alpha * u), _sigmoid_derivative)
 
-    @staticmethod
-    def primitive(u, alpha):
-        return torch.sigmoid(alpha * u)
-
-    @staticmethod
-    def derivative(u, alpha):
-        s = torch.sigmoid(alpha * u)
-        return s.mul_(1 - s).mul_(alpha)
-
-
-class PiecewiseQuadratic(Surrogate):
-    """``g'(u) = alpha - alpha^2 |u|`` inside ``|u| < 1/alpha``, 0 outside (a triangle of area 1).
+PiecewiseQuadratic = _define(
+    "PiecewiseQuadratic", """``g'(u) = alpha - alpha^2 |u|`` inside ``|u| < 1/alpha``, 0 outside (a triangle of area 1).
 
     ``g`` is 0 below ``-1/alpha``, 1 above ``1/alpha`` and two parabolas in between.
 
     Example:
         >>> PiecewiseQuadratic.derivative(torch.tensor([0.0, 0.25, 1.0]), 2.0)
         tensor([2., 1., 0.])
-    """
+    """,
+    lambda u, alpha: _quadratic_pieces(u, alpha, 1.0),
+    lambda u, alpha: u.abs().mul_(-alpha * alpha).add_(alpha).clamp_min_(0.0),
+)
 
-    @staticmethod
-    def primitive(u, alpha):
-        w = 1.0 / alpha
-        inner = torch.where(u < 0, 0.5 * (alpha * u + 1) ** 2, 1 - 0.5 * (alpha * u - 1) ** 2)
-        return torch.where(u <= -w, torch.zeros_like(u), torch.where(u >= w, torch.ones_like(u), inner))
-
-    @staticmethod
-    def derivative(u, alpha):
-        return u.abs().mul_(-alpha * alpha).add_(alpha).clamp_min_(0.0)
-
-
-class SoftSign(Surrogate):
-    """``g(u) = (1 + alpha u / (1 + alpha |u|)) / 2``; ``g'(u) = alpha / (2 (1 + alpha|u|)^2)``.
+SoftSign = _define("SoftSign", """``g(u) = (1 + alpha u / (1 + alpha |u|)) / 2``; ``g'(u) = alpha / (2 (1 + alpha|u|)^2)``.
 
     Example:
         >>> SoftSign.derivative(torch.tensor(0.0), 2.0)
         tensor(1.)
-    """
+    """, lambda u, alpha: 0.5 * (1 + alpha * u / (1 + (alpha * u).abs())), _soft_sign_derivative)
 
-    @staticmethod
-    def primitive(u, alpha):
-        au = alpha * u
-        return 0.5 * (1 + au / (1 + au.abs()))
-
-    @staticmethod
-    def derivative(u, alpha):
-        d = u.abs().mul_(alpha).add_(1.0)
-        return d.mul_(d).reciprocal_().mul_(alpha / 2)
-
-
-class ATan(Surrogate):
-    """``g(u) = 1/2 + atan(pi/2 alpha u) / pi``; ``g'(u) = (alpha/2) / (1 + (pi/2 alpha u)^2)``.
+ATan = _define("ATan", """``g(u) = 1/2 + atan(pi/2 alpha u) / pi``; ``g'(u) = (alpha/2) / (1 + (pi/2 alpha u)^2)``.
 
     Example:
         >>> ATan.derivative(torch.tensor(0.0), 2.0)
         tensor(1.)
-    """
+    """, lambda u, alpha: 0.5 + torch.atan((math.pi / 2 * alpha) * u) / math.pi, _atan_derivative, _atan_parts)
 
-    @staticmethod
-    def primitive(u, alpha):
-        return 0.5 + torch.atan((math.pi / 2 * alpha) * u) / math.pi
-
-    @staticmethod
-    def derivative(u, alpha):
-        d, scale = ATan.derivative_parts(u, alpha)
-        return d.mul_(scale)
-
-    @classmethod
-    def derivative_parts(cls, u, alpha):
-        # the fused neuron backward calls this on [T, B, ...] tensors: 1 + (c u)^2 in one pass
-        # (addcmul on a 0-dim one), the reciprocal in place, the factor alpha/2 left to the caller
-        c = math.pi / 2 * alpha
-        one = torch.ones((), dtype=u.dtype, device=u.device)
-        return torch.addcmul(one, u, u, value=c * c).reciprocal_(), alpha / 2
-
-
-class NonzeroSignLogAbs(Surrogate):
-    """``g(u) = sign(u) log(1 + alpha |u|)`` (sign(0) = 1); ``g'(u) = alpha / (1 + alpha |u|)``.
+NonzeroSignLogAbs = _define(
+    "NonzeroSignLogAbs", """``g(u) = sign(u) log(1 + alpha |u|)`` (sign(0) = 1); ``g'(u) = alpha / (1 + alpha |u|)``.
 
     Example:
         >>> NonzeroSignLogAbs.derivative(torch.tensor(0.5), 2.0)
         tensor(1.)
-    """
+    """,
+    _sign_log_primitive,
+    lambda u, alpha: u.abs().mul_(alpha).add_(1.0).reciprocal_().mul_(alpha),
+)
 
-    @staticmethod
-    def primitive(u, alpha):
-        sign = torch.where(u >= 0, torch.ones_like(u), -torch.ones_like(u))
-        return sign * torch.log1p(alpha * u.abs())
-
-    @staticmethod
-    def derivative(u, alpha):
-        return u.abs().mul_(alpha).add_(1.0).reciprocal_().mul_(alpha)
-
-
-class Erf(Surrogate):
-    """``g(u) = (1 + erf(alpha u)) / 2``; ``g'(u) = alpha / sqrt(pi) * exp(-(alpha u)^2)``.
+Erf = _define("Erf", """``g(u) = (1 + erf(alpha u)) / 2``; ``g'(u) = alpha / sqrt(pi) * exp(-(alpha u)^2)``.
 
     This is the exact derivative of ``g`` (a Gaussian integrating to 1).
 
     Example:
         >>> Erf.derivative(torch.tensor(0.0), 2.0)
         tensor(1.1284)
-    """
+    """, lambda u, alpha: 0.5 * (1 + torch.erf(alpha * u)), _erf_derivative)
 
-    @staticmethod
-    def primitive(u, alpha):
-        return 0.5 * (1 + torch.erf(alpha * u))
-
-    @staticmethod
-    def derivative(u, alpha):
-        au = u * alpha
-        return au.mul_(au).neg_().exp_().mul_(alpha / math.sqrt(math.pi))
-
-
-class PiecewiseLeakyReLU(Surrogate):
-    """``g'(u) = alpha / 2`` for ``|u| <= 1/alpha``, ``0.01`` outside; ``g`` rises from 0 to 1
+PiecewiseLeakyReLU = _define(
+    "PiecewiseLeakyReLU", """``g'(u) = alpha / 2`` for ``|u| <= 1/alpha``, ``0.01`` outside; ``g`` rises from 0 to 1
     across the window and leaks with slope 0.01 beyond it.
 
     Example:
         >>> PiecewiseLeakyReLU.derivative(torch.tensor([0.0, 2.0]), 2.0)
         tensor([1.0000, 0.0100])
-    """
+    """,
+    _leaky_ramp,
+    lambda u, alpha: torch.full_like(u, _LEAK).masked_fill_(u.abs() <= 1.0 / alpha, alpha / 2),
+)
 
-    @staticmethod
-    def primitive(u, alpha):
-        w = 1.0 / alpha
-        inside = 0.5 * alpha * u + 0.5
-        below = _LEAK * (u + w)
-        above = 1 + _LEAK * (u - w)
-        return torch.where(u < -w, below, torch.where(u > w, above, inside))
-
-    @staticmethod
-    def derivative(u, alpha):
-        return torch.full_like(u, _LEAK).masked_fill_(u.abs() <= 1.0 / alpha, alpha / 2)
-
-
-class FastSigmoid(Surrogate):
-    """SuperSpike's ``g'(u) = 1 / (1 + alpha |u|)^2`` (peak 1); ``g(u) = u / (1 + alpha |u|)``.
+FastSigmoid = _define("FastSigmoid", """SuperSpike's ``g'(u) = 1 / (1 + alpha |u|)^2`` (peak 1); ``g(u) = u / (1 + alpha |u|)``.
 
     Example:
         >>> FastSigmoid.derivative(torch.tensor(0.5), 2.0)
         tensor(0.2500)
-    """
+    """, lambda u, alpha: u / (1 + alpha * u.abs()), _fast_sigmoid_derivative)
 
-    @staticmethod
-    def primitive(u, alpha):
-        return u / (1 + alpha * u.abs())
-
-    @staticmethod
-    def derivative(u, alpha):
-        d = u.abs().mul_(alpha).add_(1.0)
-        return d.mul_(d).reciprocal_()
-
-
-class Triangle(Surrogate):
-    """``g'(u) = max(0, 1 - alpha |u|)``: a triangle of height 1 and half-width ``1/alpha``
+Triangle = _define(
+    "Triangle", """``g'(u) = max(0, 1 - alpha |u|)``: a triangle of height 1 and half-width ``1/alpha``
     (Bellec et al.'s pseudo-derivative, undamped). Unlike ``piecewise_quadratic`` its peak stays
-    1 whatever ``alpha``; its area is ``1/alpha``.
+    1 whatever ``alpha``; its area is ``1/alpha`` (``g`` is piecewise_quadratic's ``g / alpha``).
 
     Example:
         >>> Triangle.derivative(torch.tensor([0.0, 0.25, 1.0]), 2.0)
         tensor([1.0000, 0.5000, 0.0000])
-    """
-
-    @staticmethod
-    def primitive(u, alpha):
-        w = 1.0 / alpha
-        inner = torch.where(u < 0, 0.5 * w * (alpha * u + 1) ** 2, w - 0.5 * w * (alpha * u - 1) ** 2)
-        return torch.where(u <= -w, torch.zeros_like(u), torch.where(u >= w, torch.full_like(u, w), inner))
-
-    @staticmethod
-    def derivative(u, alpha):
-        return u.abs().mul_(-alpha).add_(1.0).clamp_min_(0.0)
+    """,
+    lambda u, alpha: _quadratic_pieces(u, alpha, 1.0 / alpha),
+    lambda u, alpha: u.abs().mul_(-alpha).add_(1.0).clamp_min_(0.0),
+)
 
 
 SURROGATES: dict[str, type[Surrogate]] = {

@@ -14,7 +14,7 @@ from typing import Literal
 from torch import fx, nn
 
 from evefx.errors import EvefxError, PassError
-from evefx.graph import LAYER_TYPES, describe_node
+from evefx.graph import LAYER_TYPES, Role, describe_node, mark, marked, module_of
 from evefx.plan import PlannedLayer, plan_section
 from evefx.spec import Section
 
@@ -130,3 +130,27 @@ class SectionPass(Pass):
     def change(self, action: Action, node: fx.Node, layer: str, detail: str = "") -> Change:
         """A :class:`Change` of this pass's section."""
         return Change(action, node.name, str(node.target), layer, self.spec_path, detail)
+
+    def mark(self, node: fx.Node, layer: str, role: Role | str, channel_axis: int | None = None) -> None:
+        """Record that this pass's section put (or changed) ``node`` for ``layer`` in ``role``.
+
+        Example:
+            >>> self.mark(new_node, "fc1", "neuron", channel_axis=-1)
+        """
+        mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role=role, channel_axis=channel_axis)
+
+    def marked(self, gm: fx.GraphModule, layer: str | None = None, role: str | None = None) -> list[fx.Node]:
+        """The nodes this pass marked (any section of it), filtered by layer and role."""
+        return marked(gm, self.name, layer, role)
+
+    def ensure_marked_are(self, gm: fx.GraphModule, role: str, types: tuple[type[nn.Module], ...], what: str) -> None:
+        """Postcondition: every node this pass marked with ``role`` calls a module of ``types``.
+
+        Example:
+            >>> self.ensure_marked_are(gm, "neuron", (SpikingNeuron,), "a neuron")
+        """
+        for node in self.marked(gm, role=role):
+            module = module_of(gm, node)
+            if not isinstance(module, types):
+                raise PassError(f"{self.spec_path}: {node.target} is marked as {what} but is a "
+                                f"{type(module).__name__}; report a bug with this message")

@@ -20,7 +20,7 @@ import logging
 from torch import fx, nn
 
 from evefx.errors import PassError
-from evefx.graph import insert_after, mark, marked, output_block
+from evefx.graph import insert_after, output_block
 from evefx.layers import out_channels
 from evefx.modules.prune import ChannelPruner
 from evefx.passes.base import Change, PassResult, SectionPass
@@ -47,7 +47,7 @@ class PrunePass(SectionPass):
         changes: list[Change] = []
         for layer, planned in self.plan(gm).items():
             node, module, section = planned.node, planned.module, planned.section
-            if marked(gm, self.name, layer):
+            if self.marked(gm, layer):
                 log.debug("%s: %s already has a pruner; skipped", self.spec_path, layer)
                 continue
             self.current_node = node
@@ -71,8 +71,7 @@ class PrunePass(SectionPass):
             pruner.train(module.training)
             last = output_block(gm, node).last
             new = insert_after(gm, last, pruner, f"{last.name}_pruner")
-            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="pruner",
-                 channel_axis=planned.channel_axis)
+            self.mark(new, layer, "pruner", channel_axis=planned.channel_axis)
             changes.append(self.change(
                 "inserted", new, layer,
                 f"ChannelPruner({pruner.num_channels}, {section.criterion}, ratio={section.ratio:g}, {section.scope}"
@@ -83,5 +82,5 @@ class PrunePass(SectionPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for layer in self.plan(gm):
-            if not marked(gm, self.name, layer, role="pruner"):
+            if not self.marked(gm, layer, role="pruner"):
                 raise PassError(f"{self.spec_path}: layer {layer} got no pruner; please report this bug")

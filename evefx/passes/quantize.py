@@ -2,12 +2,12 @@
 
 For every planned layer, in graph order:
 
-* ``weight`` set: the layer becomes a :class:`~evefx.modules.quant.QuantConv2d` (1d/3d) or
-  :class:`~evefx.modules.quant.QuantLinear` whose weights pass through a quantizer; with
+* ``weight`` set: the layer becomes a :class:`~evefx.modules.quant_layers.QuantConv2d` (1d/3d) or
+  :class:`~evefx.modules.quant_layers.QuantLinear` whose weights pass through a quantizer; with
   ``fold_bn`` the BatchNorm fed only by the layer is folded into it and its node removed;
-* ``activation`` set: a :class:`~evefx.modules.quant.Quantizer` is inserted after the layer's
+* ``activation`` set: a :class:`~evefx.modules.quantizer.Quantizer` is inserted after the layer's
   output block (``layer -> [bn] -> [activation] -> quantizer``);
-* ``quantize_inputs`` (with ``activation``): a :class:`~evefx.modules.quant.Quantizer` is inserted
+* ``quantize_inputs`` (with ``activation``): a :class:`~evefx.modules.quantizer.Quantizer` is inserted
   on the layer's input edge when that input does not already come from a quantizer (looking back
   through flatten/reshape/dropout/max-pool, which keep a quantized tensor on its grid): the network
   input, a residual sum, pooled features, or a per-channel activation quantizer (integer kernels
@@ -26,6 +26,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -39,7 +40,6 @@ from evefx.graph import (
     calls_one_of,
     insert_after,
     layer_nodes,
-    mark,
     marked,
     module_of,
     output_block,
@@ -49,13 +49,14 @@ from evefx.graph import (
     unique_name,
 )
 from evefx.layers import out_channels
-from evefx.modules.prune import ChannelPruner
-from evefx.modules.quant import (
+from evefx.modules import (
     QUANT_LAYER_TYPES,
+    ChannelPruner,
     QuantConv1d,
     QuantConv2d,
     QuantConv3d,
     Quantizer,
+    QuantizerOptions,
     QuantLinear,
 )
 from evefx.passes.base import Change, PassResult, SectionPass
@@ -77,6 +78,9 @@ _NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
 _NON_NEGATIVE_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _NON_NEGATIVE_METHODS = {"relu", "relu_", "sigmoid"}
 _BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+# the spec block's fields that are quantizer options of the same name and meaning (``progressive``
+# becomes ``bits_schedule``; the rest of the options the pass decides per layer)
+_SPEC_OPTIONS = tuple(f.name for f in dataclasses.fields(QuantizerOptions) if f.name in QuantizerConfig.model_fields)
 
 
 def make_quantizer(
@@ -88,18 +92,17 @@ def make_quantizer(
     bit_range: tuple[int, int] | None = None,
     code_range: tuple[int, int] | None = None,
 ) -> Quantizer:
-    """A :class:`Quantizer` built from a spec's ``weight``/``activation`` block.
+    """A :class:`Quantizer` built from a spec's ``weight``/``activation`` block: the block's fields
+    that are quantizer options (same names) plus what the pass decides for this layer.
 
     Example:
         >>> make_quantizer(QuantizerConfig(bits=4), name="fc", num_channels=10, ch_axis=0)
     """
-    per_channel = cfg.granularity == "per_channel"
-    return Quantizer(
-        cfg.bits, cfg.fn, cfg.granularity, ch_axis=ch_axis, num_channels=num_channels if per_channel else None,
-        symmetric=cfg.symmetric, signed=cfg.signed, tracker=cfg.tracker, momentum=cfg.momentum,
-        learnable_scale=cfg.learnable_scale, regularization=cfg.regularization, bit_range=bit_range,
-        code_range=code_range, init_steps=cfg.init_steps, bits_schedule=cfg.bits_schedule(), name=name,
-    )
+    same = {field: getattr(cfg, field) for field in _SPEC_OPTIONS}
+    return Quantizer(QuantizerOptions(
+        **same, ch_axis=ch_axis, num_channels=num_channels, bit_range=bit_range, code_range=code_range,
+        bits_schedule=cfg.bits_schedule(), name=name,
+    ))
 
 
 def weight_code_range(target: str, signed: bool) -> tuple[int, int] | None:
@@ -178,7 +181,7 @@ class QuantizePass(SectionPass):
             weight_cfg = self._kept(section.weight, keep) if is_first or is_last else section.weight
             act_cfg = self._kept(section.activation, keep) if is_last else section.activation
             input_cfg = self._kept(section.activation, keep) if is_first or is_last else section.activation
-            if marked(gm, self.name, layer) or isinstance(module, QUANT_LAYER_TYPES):
+            if self.marked(gm, layer) or isinstance(module, QUANT_LAYER_TYPES):
                 log.debug("%s: %s is already quantized; skipped", self.spec_path, layer)
                 continue
             base = _base_type(module)
@@ -200,8 +203,7 @@ class QuantizePass(SectionPass):
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
-                mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="weight",
-                     channel_axis=planned.channel_axis)
+                self.mark(node, layer, "weight", channel_axis=planned.channel_axis)
                 changes.append(self.change("replaced", node, layer,
                                            f"{type(module).__name__} -> {type(new).__name__} ({_describe(cfg)})"))
                 if bn is not None:
@@ -219,8 +221,7 @@ class QuantizePass(SectionPass):
                 aq.train(module.training)
                 last = output_block(gm, node).last
                 new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
-                mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="activation",
-                     channel_axis=axis)
+                self.mark(new_node, layer, "activation", channel_axis=axis)
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
             if section.quantize_inputs and input_cfg is not None:
                 inserted = self._quantize_input(gm, node, layer, input_cfg)
@@ -242,7 +243,8 @@ class QuantizePass(SectionPass):
         q = module_of(gm, src)
         if int(q.bits) == bits and q.bits_schedule is None:
             return []
-        q.bit_range = q.bits_schedule = None  # fixed at these bits: the upgrader and a schedule leave it alone
+        # fixed at these bits: the upgrader and a schedule leave it alone
+        q.options = dataclasses.replace(q.options, bit_range=None, bits_schedule=None)
         q.set_bits(bits)
         return [self.change("modified", src, layer, f"{src.target} at {bits} bits (keep_first_last: the last layer's input)")]
 
@@ -297,14 +299,11 @@ class QuantizePass(SectionPass):
         if "tensor_meta" in inp.meta:
             new_node.meta["tensor_meta"] = inp.meta["tensor_meta"]
         node.replace_input_with(inp, new_node)
-        mark(new_node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="input")
+        self.mark(new_node, layer, "input")
         return self.change("inserted", new_node, layer, f"input quantizer before {layer} ({_describe(in_cfg)})")
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for node in marked(gm, self.name, role="weight"):
-            if not isinstance(module_of(gm, node), QUANT_LAYER_TYPES):
-                raise PassError(f"{self.spec_path}: {node.target} is marked as weight-quantized but is a "
-                                f"{type(module_of(gm, node)).__name__}; report a bug with this message")
+        self.ensure_marked_are(gm, "weight", QUANT_LAYER_TYPES, "weight-quantized")
 
 
 def _describe(cfg: QuantizerConfig) -> str:

@@ -34,7 +34,6 @@ from evefx.graph import (
     ACTIVATION_MODULES,
     insert_after,
     insert_before_output,
-    mark,
     marked,
     module_of,
     output_block,
@@ -113,7 +112,7 @@ class SpikePass(SectionPass):
         changes: list[Change] = []
         timesteps = self.section.timesteps
         for layer, planned in self.plan(gm).items():
-            if marked(gm, self.name, layer, role="neuron"):
+            if self.marked(gm, layer, role="neuron"):
                 log.debug("%s: %s already has a neuron; skipped", self.spec_path, layer)
                 continue
             section: SpikeSection = planned.section  # type: ignore[assignment]
@@ -125,8 +124,7 @@ class SpikePass(SectionPass):
             block = output_block(gm, planned.node)
             before = block.bn or block.layer
             new = insert_after(gm, before, neuron, f"{layer}.neuron")
-            mark(new, pass_name=self.name, layer=layer, spec_path=self.spec_path, role="neuron",
-                 channel_axis=planned.channel_axis)
+            self.mark(new, layer, "neuron", channel_axis=planned.channel_axis)
             kind = type(neuron).__name__
             if block.act is not None:
                 act_name = block.act.target if block.act.op == "call_module" else getattr(block.act.target, "__name__", block.act.target)
@@ -141,7 +139,7 @@ class SpikePass(SectionPass):
         return PassResult(gm, bool(changes), tuple(changes))
 
     def _existing_timesteps(self, gm: fx.GraphModule, role: str) -> list[int]:
-        return [module_of(gm, n).timesteps for n in marked(gm, self.name, role=role)]
+        return [module_of(gm, n).timesteps for n in self.marked(gm, role=role)]
 
     def _check_same_t(self, gm: fx.GraphModule, role: str, timesteps: int) -> bool:
         found = self._existing_timesteps(gm, role)
@@ -194,7 +192,7 @@ class SpikePass(SectionPass):
                 user.replace_input_with(src, new)
             if "tensor_meta" in src.meta:
                 new.meta["tensor_meta"] = src.meta["tensor_meta"]
-            mark(new, pass_name=self.name, layer=src.name, spec_path=self.spec_path, role="encoder")
+            self.mark(new, src.name, "encoder")
             where = f"input {src.name}" if src.op == "placeholder" else f"{src.name} ({src.target})"
             detail = f"{type(enc).__name__}(T={timesteps}) on {where}"
             if src.op != "placeholder":
@@ -210,15 +208,12 @@ class SpikePass(SectionPass):
             src = new.args[0]
             if "tensor_meta" in src.meta:
                 new.meta["tensor_meta"] = src.meta["tensor_meta"]
-            mark(new, pass_name=self.name, layer="output", spec_path=self.spec_path, role="decoder")
+            self.mark(new, "output", "decoder")
             changes.append(self.change("inserted", new, "output", f"MeanDecoder(T={timesteps}) on output {src.name}"))
         return changes
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for node in marked(gm, self.name, role="neuron"):
-            if not isinstance(module_of(gm, node), SpikingNeuron):
-                raise PassError(f"{self.spec_path}: {node.target} is marked as a neuron but is a "
-                                f"{type(module_of(gm, node)).__name__}; report a bug with this message")
+        self.ensure_marked_are(gm, "neuron", (SpikingNeuron,), "a neuron")
 
 
 def firing_rates(gm: fx.GraphModule) -> dict[str, float]:

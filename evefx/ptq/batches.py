@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from evefx.layers import eval_mode
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 
 __all__ = ["run_batch", "batch_size", "inputs_only", "progress_over", "quantizers_off"]
 

@@ -4,7 +4,7 @@
 BatchNorm and dropout in eval mode), watches each quantizer's input with a
 :class:`~evefx.ptq.ranges.RangeObserver` (min-max, percentile, MSE or entropy, see
 :mod:`evefx.ptq.ranges`) and sets its range through
-:meth:`~evefx.modules.quant.Quantizer.set_range`.
+:meth:`~evefx.modules.quantizer.Quantizer.set_range`.
 
 Example:
     >>> report = evefx.calibrate(gm, [x for x, _ in loader][:8])
@@ -25,7 +25,7 @@ from torch import nn
 
 from evefx.errors import QuantizationError
 from evefx.graph import Provenance
-from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
+from evefx.modules import QUANT_LAYER_TYPES, Quantizer
 from evefx.ptq.batches import batch_size, inputs_only, progress_over, quantizers_off, run_batch
 from evefx.ptq.ranges import Method, RangeObserver
 

@@ -41,7 +41,7 @@ from torch import fx, nn
 
 from evefx.errors import QuantizationError
 from evefx.graph import layer_nodes
-from evefx.modules.quant import QUANT_LAYER_TYPES, Quantizer
+from evefx.modules import QUANT_LAYER_TYPES, Quantizer
 from evefx.ptq.batches import inputs_only, quantizers_off, run_batch
 
 __all__ = ["bake_batchnorm", "bias_correction", "float_reference", "quant_layer_names"]

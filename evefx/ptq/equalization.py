@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from evefx.graph import LAYER_TYPES, calls_one_of, layer_nodes, module_of
 from evefx.layers import in_channels, out_channels
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 from evefx.ptq.corrections import bake_batchnorm
 
 __all__ = ["EqualizedPair", "equalization_pairs", "equalize"]

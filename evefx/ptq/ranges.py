@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from evefx.errors import QuantizationError
-from evefx.modules.quant import Quantizer, affine_from_range
+from evefx.modules import Quantizer, affine_from_range
 
 __all__ = [
     "Method",

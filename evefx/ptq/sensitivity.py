@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from evefx.errors import QuantizationError
 from evefx.layers import eval_mode
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 from evefx.ptq.batches import quantizers_off, run_batch
 from evefx.ptq.calibrators import quantizer_targets
 

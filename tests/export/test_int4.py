@@ -19,7 +19,7 @@ from evefx.export.onnx_graph import scope_of
 from evefx.export.deploy import deployable
 from evefx.export.qdq import QuantizedWeightLayer
 from evefx.data import mnist5k
-from evefx.modules.quant import levels
+from evefx.modules import levels
 from tests.export.test_onnx import X0, _data, _trained
 
 

@@ -16,7 +16,7 @@ from evefx.export import check_parity, export_onnx, first_divergence, onnx_accur
 from evefx.export import onnx as onnx_module
 from evefx.export.parity import ort_session
 from evefx.data import mnist5k
-from evefx.modules.quant import QuantConv2d, Quantizer, levels
+from evefx.modules import QuantConv2d, Quantizer, levels
 from examples.models import DemoNet
 
 X0 = torch.zeros(1, 1, 28, 28)

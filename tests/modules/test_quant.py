@@ -1,4 +1,4 @@
-"""evefx.modules.quant: reference values computed by hand, gradients, trackers, errors, BN folding."""
+"""evefx.modules quantizer, quant_layers, quant_functions: reference values computed by hand, gradients, trackers, errors, BN folding."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ from torch import nn
 
 from evefx.errors import QuantizationError
 from evefx.modules.protocol import EveRange
-from evefx.modules.quant import (
+from evefx.modules import (
     QuantConv2d,
     Quantizer,
     QuantLinear,
@@ -551,7 +551,7 @@ def test_from_float_shares_parameters_and_rejects_bad_bn():
 
 
 def test_ste_fast_path_when_nothing_can_clip():
-    from evefx.modules.quant import ste_quantize
+    from evefx.modules import ste_quantize
 
     g = torch.Generator().manual_seed(10)
     x = torch.randn(50, generator=g)

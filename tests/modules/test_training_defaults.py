@@ -10,7 +10,7 @@ import torch
 
 from evefx.errors import OptionError, QuantizationError
 from evefx.modules.neurons import IFNeuron, LIFNeuron, multi_step
-from evefx.modules.quant import Quantizer, affine_from_range
+from evefx.modules import Quantizer, affine_from_range
 from evefx.modules.surrogate import ATan
 
 

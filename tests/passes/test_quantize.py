@@ -13,7 +13,7 @@ from torch import nn
 import evefx
 from evefx.errors import PlanError, QuantizationError
 from evefx.graph import marked, module_of
-from evefx.modules.quant import QuantConv2d, Quantizer, QuantLinear
+from evefx.modules import QuantConv2d, Quantizer, QuantLinear
 from evefx.passes.quantize import QuantizePass, quant_summary
 from evefx.train import extra_losses
 

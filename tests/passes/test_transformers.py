@@ -17,7 +17,7 @@ from evefx.export import calibrate
 from evefx.graph import marked, module_of
 from evefx.modules.attention import DecomposedMultiheadAttention
 from evefx.modules.neurons import LIFNeuron
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 
 SPIKE = {"kind": "spike", "timesteps": 4, "encoder": "direct", "select": {"types": ["Linear", "Conv2d"]}}
 W8A8 = {"kind": "quantize", "select": {"types": ["Conv2d", "Linear"]}}

@@ -8,7 +8,7 @@ import torch
 
 import evefx
 from evefx.errors import QuantizationError
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 from evefx.ptq import Grid, Histogram, RangeObserver, calibrate, entropy_range, mse_range, percentile_range
 from tests.ptq.models import batches, tiny, transformed
 
@@ -185,7 +185,7 @@ def test_entropy_ignores_the_spike_of_exact_zeros_after_a_relu():
 def test_calibrate_a_hand_built_model_without_provenance():
     from torch import nn
 
-    from evefx.modules.quant import QuantLinear
+    from evefx.modules import QuantLinear
 
     torch.manual_seed(0)
     fc = nn.Linear(4, 3)

@@ -10,7 +10,7 @@ from torch import nn
 
 import evefx
 from evefx.errors import QuantizationError
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 from evefx.ptq import (
     adaround,
     bake_batchnorm,

@@ -6,7 +6,7 @@ import torch
 
 import evefx
 from evefx.errors import QuantizationError
-from evefx.modules.quant import Quantizer
+from evefx.modules import Quantizer
 from evefx.ptq import SensitivityReport, calibrate, sensitivity
 from tests.ptq.models import batches, tiny, transformed
 
