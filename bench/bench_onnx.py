@@ -363,12 +363,69 @@ def run_int4(quick: bool, work: Path, console: Console) -> None:
                   "once when the session loads and runs float kernels")
 
 
+def run_searched(run_dir: Path, work: Path, console: Console, epochs: int = 2) -> None:
+    """The searched mixed-precision DemoNet as the user deploys it: ``run_dir/best.yaml`` (what
+    ``evefx search`` wrote) on the search's starting weights (``run_dir/start.pt``), fine-tuned
+    ``epochs`` on the training images, then exported with int8 weight codes, with packed storage
+    (<= 4-bit layers as INT4/UINT4 or MatMulNBits) and as fp32 (the float network the search
+    started from): size, latency, parity and held-out accuracy in onnxruntime."""
+    from evefx.data import loaders
+    from evefx.export import onnx_accuracy
+    from evefx.spec import load_spec
+    from evefx.train import evaluate, fit
+    from examples.models import DemoNet
+
+    spec = load_spec(run_dir / "best.yaml").model_dump(mode="json", exclude_none=True)
+    spec.pop("search", None)
+    example = torch.zeros(1, 1, 28, 28)
+    train, test = loaders(batch_size=128, seed=0)
+    gm = evefx.transform(DemoNet(), spec, example)
+    gm.load_state_dict(torch.load(run_dir / "start.pt"))
+    fit(gm, train, None, epochs=epochs, lr=1e-3, seed=0, progress=False)
+    gm.eval()
+    x_real = torch.cat([x for x, _ in test])
+    packed = {**spec, "passes": [{**p, "weight_storage": "packed"} if p["kind"] == "quantize" else p for p in spec["passes"]]}
+    gm_packed = evefx.transform(DemoNet(), packed, example)
+    gm_packed.load_state_dict(gm.state_dict())
+    gm_packed.eval()
+    files = {"int8 codes": work / "searched_int8.onnx", "packed": work / "searched_packed.onnx"}
+    reports = {k: export_onnx(m, example, files[k], real_inputs=x_real) for k, m in (("int8 codes", gm), ("packed", gm_packed))}
+    float_net = DemoNet()
+    float_net.load_state_dict({k: v for k, v in gm.state_dict().items() if k in float_net.state_dict()}, strict=False)
+    files["fp32 (same layers)"] = work / "searched_fp32.onnx"
+    export_onnx(float_net.eval(), example, files["fp32 (same layers)"], check=False, kernels=False)
+    bits = {n: b["weight"] for n, b in reports["packed"].bits.items() if b.get("weight")}
+    params = {n: gm.get_submodule(n).weight.numel() for n in bits}
+    avg = sum(bits[n] * params[n] for n in bits) / sum(params.values())
+    forms = sorted({w["form"] for w in reports["packed"].weights.values()})
+    console.print(f"searched DemoNet ({run_dir / 'best.yaml'}): weight bits {bits}, {avg:.2f} bits per weight on average; "
+                  f"packed weights stored as {', '.join(forms)}")
+    acc_torch = evaluate(gm, test)["accuracy"]
+    for k, r in reports.items():
+        console.print(f"  {k}: checks {'passed' if r.passed else 'FAILED ' + ', '.join(r.failing)} ({r.parity.samples} held-out "
+                      f"images, {100 * r.parity.within_tolerance:.1f}% of the logits within one step, top-1 agreement "
+                      f"{r.parity.top1_agreement:.1f}%), weight bytes {sum(w['bytes'] for w in r.weights.values())}; "
+                      f"accuracy PyTorch {acc_torch:.2f}%, onnxruntime {onnx_accuracy(files[k], test):.2f}%")
+    fp32_size = files["fp32 (same layers)"].stat().st_size
+    table = Table(title=f"searched DemoNet, onnxruntime {ort.__version__}, {THREADS} threads (median latency)")
+    for col in ("batch", "file", "ms", "latency / int8 codes", "bytes", "size / fp32"):
+        table.add_column(col, justify="right")
+    for batch in (1, 8):
+        lat = time_files(files, batch, 9, 20)
+        for k, p in files.items():
+            table.add_row(str(batch), k, f"{lat[k]:.3f}", f"{lat[k] / lat['int8 codes']:.2f}", str(p.stat().st_size),
+                          f"{p.stat().st_size / fp32_size:.3f}")
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--demo", action="store_true", help="also train and export the demo network")
     parser.add_argument("--int4", action="store_true", help="also measure packed 4-bit weights (Linear forms, resnet18)")
+    parser.add_argument("--searched", type=Path, metavar="RUN_DIR",
+                        help="also deploy the searched DemoNet of an `evefx search` run folder (best.yaml, start.pt)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.simplefilter("ignore")
@@ -382,6 +439,8 @@ def main() -> None:
         if args.int4:
             linear_forms(console, Path(tmp), args.quick)
             run_int4(args.quick, Path(tmp), console)
+        if args.searched:
+            run_searched(args.searched, Path(tmp), console)
         for name in args.models:
             rows += run_model(name, args.quick, Path(tmp), console)
     if not rows:

@@ -7,6 +7,7 @@ Rows:
 * float (10 epochs), and float given 10 more epochs (the reference of fine-tuned rows);
 * LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate) and with today's
   (data-dependent threshold, threshold-relative surrogate); Poisson input, mean readout, both;
+  today's defaults at T=4 and T=2, with a soft reset, and IF neurons with the erf surrogate;
 * W4A4 and W2A2, ``round`` (the spec default ``fn``) and ``lsq``, from random weights and
   fine-tuned 10 epochs from the trained float network; W2A2 lsq with ``keep_first_last: 8``.
 
@@ -64,6 +65,11 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "float_more": ("float, 10 more epochs", None, "finetune"),
     "lif_new": ("LIF T=8, spec defaults", {"passes": [{"kind": "spike"}]}, "scratch"),
     "lif_old": ("LIF T=8, previous defaults", {"passes": [{"kind": "spike", "neuron": PREVIOUS_SPIKE}]}, "scratch"),
+    "lif_t4": ("LIF T=4, spec defaults", {"passes": [{"kind": "spike", "timesteps": 4}]}, "scratch"),
+    "lif_t2": ("LIF T=2, spec defaults", {"passes": [{"kind": "spike", "timesteps": 2}]}, "scratch"),
+    "lif_soft": ("LIF T=8, soft reset", {"passes": [{"kind": "spike", "neuron": {"reset": None}}]}, "scratch"),
+    "if_erf": ("IF T=8, erf surrogate", {"passes": [{"kind": "spike", "neuron": {"type": "if", "surrogate": {"name": "erf"}}}]},
+               "scratch"),
     "w4_round": ("W4A4 round, random init", _q(4, "round"), "scratch"),
     "w4_lsq": ("W4A4 lsq, random init", _q(4, "lsq"), "scratch"),
     "w2_round": ("W2A2 round, random init", _q(2, "round"), "scratch"),
