@@ -8,6 +8,7 @@ Rows:
 * LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate) and with today's
   (data-dependent threshold, threshold-relative surrogate); Poisson input, mean readout, both;
   today's defaults at T=4 and T=2, with a soft reset, and IF neurons with the erf surrogate;
+* W8A8 from random weights (``round`` and ``lsq``);
 * W4A4 and W2A2, ``round`` (the spec default ``fn``) and ``lsq``, from random weights and
   fine-tuned 10 epochs from the trained float network; W2A2 lsq with ``keep_first_last: 8``.
 
@@ -70,6 +71,8 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "lif_soft": ("LIF T=8, soft reset", {"passes": [{"kind": "spike", "neuron": {"reset": None}}]}, "scratch"),
     "if_erf": ("IF T=8, erf surrogate", {"passes": [{"kind": "spike", "neuron": {"type": "if", "surrogate": {"name": "erf"}}}]},
                "scratch"),
+    "w8_round": ("W8A8 round, random init", _q(8, "round"), "scratch"),
+    "w8_lsq": ("W8A8 lsq, random init", _q(8, "lsq"), "scratch"),
     "w4_round": ("W4A4 round, random init", _q(4, "round"), "scratch"),
     "w4_lsq": ("W4A4 lsq, random init", _q(4, "lsq"), "scratch"),
     "w2_round": ("W2A2 round, random init", _q(2, "round"), "scratch"),
