@@ -142,8 +142,8 @@ def sensitivity_cmd(
             def metric(m: Any) -> float:  # minus the output's mean squared error against the float model
                 with torch.no_grad():
                     return -float((m(x) - y).square().mean())
-        result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])  # type: ignore[arg-type]
-        patch = result.to_overrides(budget, allocation) if budget is not None else None  # type: ignore[arg-type]
+        result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])
+        patch = result.to_overrides(budget, allocation) if budget is not None else None
     except EvefxError as e:
         fail(e)
     console.print(result)

@@ -131,7 +131,7 @@ class _QDQFunction(torch.autograd.Function):
     """Fake quantization in PyTorch; ``QuantizeLinear -> [Clip] -> DequantizeLinear`` in ONNX."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qp: QParams) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         return qp.fake(x)
 
     @staticmethod
@@ -156,7 +156,7 @@ class _WeightConstFunction(torch.autograd.Function):
     an unused tensor: the TorchScript exporter records a Function call only when it has a tensor argument."""
 
     @staticmethod
-    def forward(ctx: Any, anchor: torch.Tensor, held: _Holder) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, anchor: torch.Tensor, held: _Holder) -> torch.Tensor:
         return held.qp.dequantize(held.codes)
 
     @staticmethod

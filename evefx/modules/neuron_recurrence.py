@@ -107,7 +107,7 @@ class MultiStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, th, r, k, dyn: Dynamics):  # type: ignore[override]
+    def forward(ctx, x, th, r, k, dyn: Dynamics):
         T = x.shape[0]
         r0 = r if dyn.hard else 0.0
         a = (1.0 - k) if dyn.leaky else 1.0
@@ -167,7 +167,7 @@ class MultiStep(torch.autograd.Function):
         return out, h
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_h):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_h):
         dyn: Dynamics = ctx.dyn
         if grad_out is None:  # the spikes did not reach the loss
             return None, None, None, None, None

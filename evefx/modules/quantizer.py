@@ -387,7 +387,7 @@ class Quantizer(EveHooks, nn.Module):
         """Take the bits the schedule gives at the current step (training forwards only); True
         when they changed."""
         step = int(self.steps)
-        bits = next(b for st, b in reversed(self.bits_schedule) if st <= step)  # type: ignore[arg-type]
+        bits = next(b for st, b in reversed(self.bits_schedule) if st <= step)
         if bits == int(self.bits):
             return False
         log.debug("%s: step %d, bits %d -> %d", self.name, step, int(self.bits), bits)

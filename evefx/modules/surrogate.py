@@ -102,13 +102,13 @@ class Surrogate(torch.autograd.Function):
         return cls.derivative(u, alpha), 1.0
 
     @staticmethod
-    def forward(ctx, u, alpha):  # type: ignore[override]
+    def forward(ctx, u, alpha):
         ctx.save_for_backward(u)
         ctx.alpha = alpha
         return heaviside(u)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (u,) = ctx.saved_tensors
         # the subclass's derivative: autograd gives ctx the class it was applied from
         return grad * ctx._forward_cls.derivative(u, ctx.alpha), None
