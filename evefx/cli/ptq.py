@@ -36,6 +36,7 @@ def _ptq_setup(model: str, checkpoint: Optional[Path], spec: Path, data: str, da
             raise EvefxError(f"--checkpoint {checkpoint} does not fit {model} (a state_dict of the float model is "
                              f"expected): {e}") from e
     float_model.eval()
+    labelled: list[tuple[Any, Any]] | None
     if data in ("mnist5k", "mnist"):
         from evefx.data import loaders
 

@@ -86,7 +86,7 @@ def leak_input(x: torch.Tensor, k: Any, r: Any, dyn: Dynamics) -> torch.Tensor:
 def integrate(X: torch.Tensor, v: Any, a: Any, out: torch.Tensor | None = None) -> torch.Tensor:
     """``h = X + a v`` for the step-by-step path; the fused forward runs the same kernels in place
     (``add_(v, alpha=a)`` / ``addcmul_(a, v)``), which is why the two agree bit for bit."""
-    kwargs = {} if out is None else {"out": out}
+    kwargs: dict[str, Any] = {} if out is None else {"out": out}
     if isinstance(a, torch.Tensor):
         return torch.addcmul(X, a, v, **kwargs)
     if a == 1.0:

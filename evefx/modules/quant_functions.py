@@ -97,6 +97,7 @@ def least_error_grid(
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
+    assert best_scale is not None and best_zero is not None, f"candidates must be >= 1 (got {candidates})"
     return best_scale, best_zero
 
 

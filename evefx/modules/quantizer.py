@@ -62,6 +62,7 @@ class Quantizer(EveHooks, nn.Module):
     scale: torch.Tensor
     zero_point: torch.Tensor
     bits: torch.Tensor
+    steps: torch.Tensor  # only with a bits schedule or init_steps
     options: QuantizerOptions
 
     # the options, read as attributes (``bits`` is the buffer of the current bit width)

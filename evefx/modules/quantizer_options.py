@@ -159,5 +159,5 @@ class QuantizerOptions:
             "learnable_scale": bool(self.learnable_scale) or self.fn in ("lsq", "llsq"),
             "reg_weight": float(self.reg_weight), "init_steps": int(self.init_steps),
         }
-        for key, value in normal.items():  # frozen: the normal form is written once, here
-            object.__setattr__(self, key, value)
+        for key, setting in normal.items():  # frozen: the normal form is written once, here
+            object.__setattr__(self, key, setting)

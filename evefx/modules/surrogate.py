@@ -122,7 +122,8 @@ def _define(name: str, doc: str, primitive: _Fn, derivative: _Fn,
                             "primitive": staticmethod(primitive), "derivative": staticmethod(derivative)}
     if parts is not None:
         body["derivative_parts"] = classmethod(lambda cls, u, alpha: parts(u, alpha))
-    return type(Surrogate)(name, (Surrogate,), body)
+    # built by Surrogate's metaclass (autograd's FunctionMeta), which mypy cannot call
+    return type(Surrogate)(name, (Surrogate,), body)  # type: ignore[misc]
 
 
 # Each surrogate's primitive g and derivative g' (in place where the input is a fresh tensor: the
