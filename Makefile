@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check evefx tests bench examples
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -n 2 tests
 
 schema: $(STAMP)

@@ -249,7 +249,7 @@ def _float_layer(layer: nn.Module) -> nn.Module:
                 padding_mode=layer.padding_mode, device="meta",
             )
         new.weight = nn.Parameter(weight.detach().clone())
-        new.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        new.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
     return new
 
 

@@ -167,7 +167,7 @@ class MultiStep(torch.autograd.Function):
         return out, h
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_h):
+    def backward(ctx: Any, grad_out: torch.Tensor | None, _grad_h: Any):
         dyn: Dynamics = ctx.dyn
         if grad_out is None:  # the spikes did not reach the loss
             return None, None, None, None, None
@@ -228,6 +228,7 @@ class MultiStep(torch.autograd.Function):
             grad_r = _sum_to(g, r_t)
         if need_k:
             # dh_t/dk = x_t - v_{t-1} + r, with v_{t-1} rebuilt from h and the spikes
+            assert fired is not None  # need_fired covers need_k
             v_prev = torch.empty_like(h)
             v_prev[0] = r if dyn.hard else 0.0
             if T > 1:

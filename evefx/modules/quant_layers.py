@@ -127,7 +127,7 @@ class _QuantLayerMixin(nn.Module):
         return super().extra_repr() + (", bn_folded=True" if self.bn is not None else "")
 
 
-def _make_quant_conv(base: type[nn.modules.conv._ConvNd]) -> type:
+def _make_quant_conv(base: type[nn.modules.conv._ConvNd]) -> type[_QuantLayerMixin]:
     class QuantConv(_QuantLayerMixin, base):  # type: ignore[valid-type, misc]
         __doc__ = f"""``{base.__name__}`` whose weights pass through ``weight_quantizer`` (per channel on axis 0),
         optionally folding the BatchNorm that followed it (see :class:`_QuantLayerMixin` for the
@@ -192,5 +192,5 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):  # type: ignore[misc]
         return self._forward_quant(x, F.linear)
 
 
-QUANT_LAYER_TYPES: tuple[type[nn.Module], ...] = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
+QUANT_LAYER_TYPES: tuple[type[_QuantLayerMixin], ...] = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
 """The layer classes the quantize pass puts in place of conv/linear layers."""

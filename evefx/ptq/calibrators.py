@@ -123,7 +123,7 @@ def quantizer_targets(gm: nn.Module) -> list[tuple[str, Provenance | None, Quant
     prov_of: dict[str, Provenance] = {}
     if hasattr(gm, "graph"):
         prov_of = {name: prov for name, prov, _ in eve_modules(gm)}
-    owners = {f"{name}.weight_quantizer" if name else "weight_quantizer": m
+    owners: dict[str, nn.Module] = {f"{name}.weight_quantizer" if name else "weight_quantizer": m
               for name, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
     out = []
     for name, m in gm.named_modules():
