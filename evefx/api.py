@@ -17,7 +17,7 @@ from rich.table import Table
 from torch import fx, nn
 
 from evefx.errors import OptionError, UnknownNameError
-from evefx.graph import layer_nodes, module_of, provenance
+from evefx.graph import Provenance, layer_nodes, module_of, provenance
 from evefx.layers import as_inputs, eval_mode, layer_macs, shape_of
 from evefx.modules.protocol import EveHooks, EveRange
 
@@ -79,7 +79,7 @@ class EveParameter:
         self.module.set_eve(self.kind, value)
 
 
-def eve_modules(gm: fx.GraphModule) -> Iterator[tuple[str, dict[str, str], nn.Module]]:
+def eve_modules(gm: fx.GraphModule) -> Iterator[tuple[str, Provenance, EveHooks]]:
     """``(qualified name, provenance, module)`` of every eve-protocol module evefx put in ``gm``."""
     for node in gm.graph.nodes:
         prov = provenance(node)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import fx, nn
@@ -114,13 +114,13 @@ def transform(
     if isinstance(model_copy, EveModule):
         gm = model_copy
     else:
-        gm = trace(model_copy, spec.trace, cls=EveModule)
+        gm = cast(EveModule, trace(model_copy, spec.trace, cls=EveModule))  # trace builds a ``cls``
     has_shapes = any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder")
     if inputs is not None and not has_shapes:
         propagate_shapes(gm, inputs)
     params_before = count_params(gm)
     result = Sequential([pass_for(s, f"passes[{i}]") for i, s in enumerate(spec.passes)])(gm)
-    gm = result.graph_module
+    assert result.graph_module is gm, "passes edit the module in place"
     gm.recompile()
     if inputs is None and not has_shapes:
         gm.meta["evefx_shapes_pending"] = True  # the first call records them (see EveModule.__call__)

@@ -23,6 +23,7 @@ import fnmatch
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 from torch import fx, nn
 
@@ -34,8 +35,12 @@ from evefx.spec import Section
 __all__ = ["PlannedLayer", "plan_section", "type_matches"]
 
 
+S = TypeVar("S", bound=Section)
+"""The kind of section being planned: a pass's plan holds its own section type."""
+
+
 @dataclass(frozen=True)
-class PlannedLayer:
+class PlannedLayer(Generic[S]):
     """One layer a section will act on, with the section as it applies to that layer.
 
     ``channel_axis`` is the axis of the layer's output that holds its channels (1 for a conv, -1
@@ -45,7 +50,7 @@ class PlannedLayer:
     name: str
     node: fx.Node
     module: nn.Module
-    section: Section
+    section: S
     channel_axis: int | None = None
 
 
@@ -112,10 +117,10 @@ def _describe(gm: fx.GraphModule, nodes: list[fx.Node]) -> str:
 
 def plan_section(
     gm: fx.GraphModule,
-    section: Section,
+    section: S,
     spec_path: str,
     accepts: tuple[type[nn.Module], ...] = LAYER_TYPES,
-) -> dict[str, PlannedLayer]:
+) -> dict[str, PlannedLayer[S]]:
     """Resolve ``section`` against ``gm``: ``{qualified layer name: PlannedLayer}`` in graph order.
 
     Example:

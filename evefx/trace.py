@@ -193,6 +193,9 @@ class _ShapeRecorder(ShapeProp):
     """ShapeProp that fails with one :class:`ShapeError` line (the layer, the shape it got, the shape
     it expects) instead of printing a traceback and dumping ``node.meta``."""
 
+    hint: str = ""
+    """What the error tells the user to do (set by :func:`propagate_shapes`)."""
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = fx.Interpreter.run_node(self, n)

@@ -145,10 +145,12 @@ class _Slicer:
                     _slice_out(m, idx)
                 elif side is _Side.INPUTS:
                     _slice_in(m, idx)
-                elif side is _Side.THROUGH and m.groups == m.in_channels:
-                    _slice_out(m, idx)
-                    m.in_channels = m.groups = len(idx)
                 elif side is _Side.THROUGH:
+                    assert isinstance(m, nn.modules.conv._ConvNd), "only a grouped conv passes channels through (rules.conv)"
+                    if m.groups == m.in_channels:
+                        _slice_out(m, idx)
+                        m.in_channels = m.groups = len(idx)
+                        continue
                     # grouped: the same positions go in every group (see rules.conv)
                     width = m.in_channels // m.groups
                     positions = idx[idx < width]
@@ -161,7 +163,7 @@ class _Slicer:
                     _slice_norm(m, idx)
 
 
-def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
+def _slice_out(m: nn.modules.conv._ConvNd | nn.Linear, idx: torch.Tensor) -> None:
     m.weight = _param(m.weight.detach()[idx], m.weight)
     if getattr(m, "bias", None) is not None:
         m.bias = _param(m.bias.detach()[idx], m.bias)
@@ -171,7 +173,7 @@ def _slice_out(m: nn.Module, idx: torch.Tensor) -> None:
         m.out_channels = len(idx)
 
 
-def _slice_in(m: nn.Module, idx: torch.Tensor) -> None:
+def _slice_in(m: nn.modules.conv._ConvNd | nn.Linear, idx: torch.Tensor) -> None:
     m.weight = _param(m.weight.detach()[:, idx], m.weight)
     if isinstance(m, nn.Linear):
         m.in_features = len(idx)
@@ -179,7 +181,7 @@ def _slice_in(m: nn.Module, idx: torch.Tensor) -> None:
         m.in_channels = len(idx)
 
 
-def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
+def _slice_norm(m: nn.modules.batchnorm._BatchNorm | nn.GroupNorm, idx: torch.Tensor) -> None:
     if m.weight is not None:
         m.weight = _param(m.weight.detach()[idx], m.weight)
         m.bias = _param(m.bias.detach()[idx], m.bias)
@@ -187,7 +189,7 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
         m.num_groups = len(idx) * m.num_groups // m.num_channels
         m.num_channels = len(idx)
         return
-    if m.running_mean is not None:
+    if m.running_mean is not None and m.running_var is not None:  # both or neither (track_running_stats)
         m.running_mean = m.running_mean[idx].clone()
         m.running_var = m.running_var[idx].clone()
     m.num_features = len(idx)
@@ -235,9 +237,11 @@ def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, old: tuple[int, ...], ne
     right); the returned notes name them, for the error if the compacted model then fails."""
     if old == new:
         return []
-    args, notes = list(node.args), []
+    # the call's own arguments, as the user wrote them: ints, lists or tuples of ints, nodes
+    args: list[Any] = list(node.args)
+    notes: list[str] = []
     if node.target in ("unflatten", torch.unflatten):
-        dim = args[1] % len(old) if len(args) > 1 else node.kwargs["dim"] % len(old)
+        dim = int(args[1] if len(args) > 1 else node.kwargs["dim"]) % len(old)
         first, sizes, slot = dim, list(args[2]), 2
     elif len(args) == 2 and isinstance(args[1], (list, tuple)):
         first, sizes, slot = 0, list(args[1]), 1
@@ -256,7 +260,7 @@ def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node, old: tuple[int, ...], ne
     if slot is None:
         args[1:] = sizes
     else:
-        args[slot] = type(node.args[slot])(sizes)
+        args[slot] = tuple(sizes) if isinstance(node.args[slot], tuple) else list(sizes)  # fx stores either
     node.args = tuple(args)
     return notes
 

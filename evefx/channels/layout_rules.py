@@ -104,7 +104,8 @@ def move_axes(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     """``permute``/``transpose``/``swapaxes``/``movedim`` with static axes: the ids move as the tensor does
     (the batch axis too: ``qkv.permute(2, 0, 3, 1, 4)`` puts q, k and v first)."""
     x = walk.input(call)
-    rest, rank = list(call.node.args[1:]), x.ids.ndim
+    rest: list[Any] = list(call.node.args[1:])  # ints (or a list of them), checked below
+    rank = x.ids.ndim
     if not rest:
         rest = [call.node.kwargs[k] for k in ("dims", "dim0", "dim1", "source", "destination") if k in call.node.kwargs]
     if any(isinstance(a, fx.Node) for a in rest):
@@ -176,7 +177,7 @@ def index(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     """``x[:, 0]``, ``x[..., ::2, :]``: static indexing; cutting an axis the channels vary along freezes them."""
     x = walk.input(call)
     idx = call.node.args[1]
-    key = idx if isinstance(idx, tuple) else (idx,)
+    key: tuple[Any, ...] = idx if isinstance(idx, tuple) else (idx,)
     static = (int, type(None), type(Ellipsis))
     if any(not isinstance(i, static) and not (isinstance(i, slice) and all(
             isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))) for i in key):

@@ -128,7 +128,7 @@ class RuleRegistry:
     def remove(self, target: Target) -> None:
         """Forget the rule registered for exactly ``target`` (nothing if there is none)."""
         for table in (self._modules, self._functions, self._methods):
-            table.pop(target, None)  # type: ignore[call-overload]
+            table.pop(target, None)
 
     def lookup(self, op: str, target: Any) -> Rule | None:
         """The rule for a node's ``op`` and target (a module instance for ``call_module``), or ``None``."""

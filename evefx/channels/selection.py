@@ -21,6 +21,7 @@ from evefx.channels.analysis import DependencyGraph, Site, analyze, layer_name, 
 from evefx.channels.rules import RuleRegistry
 from evefx.errors import PruneError
 from evefx.layers import output_positions, shape_of
+from evefx.modules.prune import ChannelPruner
 
 __all__ = ["ChannelSelection", "prune_step"]
 
@@ -207,8 +208,8 @@ class ChannelSelection:
         for site in dg.norms:
             per = sum(p.numel() for p in site.module.parameters(recurse=False)) / len(site.ids)
             for r in dg.root(site.ids).tolist():
-                p, m = cost.get(r, (0.0, 0.0))
-                cost[r] = (p + per, m)
+                p, macs = cost.get(r, (0.0, 0.0))
+                cost[r] = (p + per, macs)
         for consumer in dg.consumers:
             per = consumer.module.weight.numel() / len(consumer.ids)
             add(consumer, consumer.ids, per, per)
@@ -241,14 +242,16 @@ def prune_step(gm: fx.GraphModule, example_inputs: Any = None, *, rules: RuleReg
     frozen = selection.frozen
     out: dict[str, tuple[int, int]] = {}
     for site in dg.pruners:
+        pruner = site.module
+        assert isinstance(pruner, ChannelPruner), "analysis records only ChannelPruners as pruner sites"
         roots = dg.root(site.ids).tolist()
-        if site.module.target_ratio() > 0 and roots and set(roots) <= frozen.keys():
+        if pruner.target_ratio() > 0 and roots and set(roots) <= frozen.keys():
             log.warning("prune_step: no channel of layer %s can be pruned (%s)", layer_name(site.node),
                         "; ".join(sorted({frozen[r] for r in roots})))
         keep = torch.tensor([r not in pruned for r in roots])
-        site.module.set_mask(keep)
+        pruner.set_mask(keep)
         with torch.no_grad():
-            site.module.steps_done += 1
+            pruner.steps_done += 1
         out[layer_name(site.node)] = (int(keep.sum()), keep.numel())
     log.info("prune_step: %s", {k: f"{a}/{b}" for k, (a, b) in out.items()})
     return out

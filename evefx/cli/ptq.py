@@ -36,6 +36,7 @@ def _ptq_setup(model: str, checkpoint: Optional[Path], spec: Path, data: str, da
             raise EvefxError(f"--checkpoint {checkpoint} does not fit {model} (a state_dict of the float model is "
                              f"expected): {e}") from e
     float_model.eval()
+    labelled: list[tuple[Any, Any]] | None
     if data in ("mnist5k", "mnist"):
         from evefx.data import loaders
 
@@ -142,8 +143,8 @@ def sensitivity_cmd(
             def metric(m: Any) -> float:  # minus the output's mean squared error against the float model
                 with torch.no_grad():
                     return -float((m(x) - y).square().mean())
-        result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])  # type: ignore[arg-type]
-        patch = result.to_overrides(budget, allocation) if budget is not None else None  # type: ignore[arg-type]
+        result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])
+        patch = result.to_overrides(budget, allocation) if budget is not None else None
     except EvefxError as e:
         fail(e)
     console.print(result)

@@ -83,6 +83,7 @@ def _neuron_from_nir(name: str, node: Any, dt: float, timesteps: int) -> Spiking
         neuron = IFNeuron(timesteps, 1.0, 0.0, channels=channels, neuron_wise=wise, channel_axis=axis)
     else:  # pragma: no cover - callers dispatch
         raise ExportError(f"import_nir: {where} is not a neuron")
+    assert neuron.reset is not None, "both neurons are built with a hard reset"
     with torch.no_grad():
         neuron.threshold.copy_(th.expand_as(neuron.threshold) if neuron.threshold.dim() else th.reshape(()))
         neuron.reset.copy_(reset.expand_as(neuron.reset) if neuron.reset.dim() else reset.reshape(()))
@@ -117,11 +118,11 @@ def _module_from_nir(name: str, node: Any) -> nn.Module | None:
         if isinstance(pad, str):
             raise ExportError(f"import_nir: node {name!r}: string padding {pad!r} is not supported; write numbers")
         w = node.weight
-        m = cls(w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]), stride=tuple(int(v) for v in pair(node.stride, nd)),
+        conv = cls(w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]), stride=tuple(int(v) for v in pair(node.stride, nd)),
                 padding=tuple(int(p) for p in pair(pad, nd)), dilation=tuple(int(v) for v in pair(node.dilation, nd)),
                 groups=int(node.groups))
-        m.weight.data, m.bias.data = t(w), t(node.bias)
-        return m
+        conv.weight.data, conv.bias.data = t(w), t(node.bias)
+        return conv
     if isinstance(node, nir.Flatten):
         end = int(node.end_dim)
         return nn.Flatten(int(node.start_dim) + 1, end + 1 if end >= 0 else end)

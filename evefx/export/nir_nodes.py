@@ -76,11 +76,14 @@ class NodeBuilder:
         self.timesteps: set[int] = set()
 
     # -- helpers ---------------------------------------------------------------------------------
-    def step_shape(self, n: fx.Node) -> tuple[int, ...]:
+    def full_shape(self, n: fx.Node) -> tuple[int, ...]:
         shape = self.shapes.get(n)
         if shape is None:
             raise ExportError(f"NIR export: node {n.name} ({n.format_node()}) is not a tensor; NIR edges carry tensors")
-        return tuple(int(s) for s in shape[1:])  # drop the (time-folded) batch dim
+        return tuple(int(s) for s in shape)
+
+    def step_shape(self, n: fx.Node) -> tuple[int, ...]:
+        return self.full_shape(n)[1:]  # drop the (time-folded) batch dim
 
     def name_for(self, n: fx.Node) -> str:
         base = str(n.target) if n.op == "call_module" else n.name
@@ -219,13 +222,14 @@ class NodeBuilder:
                                   f"AvgPool2d is the plain average: use AvgPool2d(kernel, stride, padding)")
             self.pool(n, x, m.kernel_size, m.stride if m.stride is not None else m.kernel_size, m.padding)
         elif type(m) is nn.AdaptiveAvgPool2d:
-            h, w = self.step_shape(x)[-2:]
-            oh, ow = (m.output_size, m.output_size) if isinstance(m.output_size, int) else m.output_size
-            oh, ow = oh or h, ow or w
-            if h % oh or w % ow:
-                raise ExportError(f"NIR export: {where} maps {h}x{w} to {oh}x{ow}, not an even division; NIR has only "
+            height, width = self.step_shape(x)[-2:]
+            size = m.output_size  # an int or a pair (torch types it Optional too); None keeps that input size
+            oh, ow = (size, size) if size is None or isinstance(size, int) else size
+            oh, ow = oh or height, ow or width
+            if height % oh or width % ow:
+                raise ExportError(f"NIR export: {where} maps {height}x{width} to {oh}x{ow}, not an even division; NIR has only "
                                   f"fixed-window pooling: use AvgPool2d or an input size divisible by the output size")
-            self.pool(n, x, (h // oh, w // ow), (h // oh, w // ow), 0)
+            self.pool(n, x, (height // oh, width // ow), (height // oh, width // ow), 0)
         elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
             raise ExportError(f"NIR export: {where}: NIR has no max pooling (neuromorphic hardware sums spikes); "
                               f"replace it with nn.AvgPool2d (same kernel and stride) and retrain or fine-tune")
@@ -336,7 +340,7 @@ class NodeBuilder:
             return
         if target in ("view", "reshape", torch.reshape) and len(ins) == 1:
             x = ins[0]
-            before, after = self.shapes[x], self.shapes[n]
+            before, after = self.full_shape(x), self.full_shape(n)
             if after[0] == before[0] and len(after) == 2:
                 self.flatten(n, x, 1, -1)
                 return

@@ -359,7 +359,7 @@ def _pack(model: onnx.ModelProto, path: Path, opset: int, packed: dict[str, tupl
     """Convert to the asked opset and store the packed layers' weights as INT4/UINT4 or MatMulNBits."""
     try:
         model = upgrade_opset(model, opset)
-        forms = pack_weights(model, packed, linear_form) if packed else {}  # type: ignore[arg-type]
+        forms = pack_weights(model, packed, linear_form) if packed else {}
     except ExportError as e:
         failed = set_aside(path)  # the exporter's unpacked file is not what was asked for
         raise ExportError(f"{e}; the unfinished file was moved to {failed}") from e

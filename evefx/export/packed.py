@@ -205,8 +205,8 @@ def matmulnbits_weights(codes: np.ndarray, zero_point: np.ndarray, signed: bool,
     q[:, :k] = codes.astype(np.int64) + offset
     if q.min() < 0 or q.max() > 15:
         raise ExportError(f"codes in [{codes.min()}, {codes.max()}] do not fit 4 bits")
-    q = q.astype(np.uint8).reshape(n, blocks, block)
-    b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    nibbles = q.astype(np.uint8).reshape(n, blocks, block)
+    b = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
     if np.all(zq == 8):
         return b, None, block
     zfull = np.repeat(zq[:, None], blocks + blocks % 2, axis=1).astype(np.uint8)

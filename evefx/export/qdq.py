@@ -131,7 +131,7 @@ class _QDQFunction(torch.autograd.Function):
     """Fake quantization in PyTorch; ``QuantizeLinear -> [Clip] -> DequantizeLinear`` in ONNX."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qp: QParams) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         return qp.fake(x)
 
     @staticmethod
@@ -156,7 +156,7 @@ class _WeightConstFunction(torch.autograd.Function):
     an unused tensor: the TorchScript exporter records a Function call only when it has a tensor argument."""
 
     @staticmethod
-    def forward(ctx: Any, anchor: torch.Tensor, held: _Holder) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, anchor: torch.Tensor, held: _Holder) -> torch.Tensor:
         return held.qp.dequantize(held.codes)
 
     @staticmethod
@@ -249,7 +249,7 @@ def _float_layer(layer: nn.Module) -> nn.Module:
                 padding_mode=layer.padding_mode, device="meta",
             )
         new.weight = nn.Parameter(weight.detach().clone())
-        new.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        new.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
     return new
 
 

@@ -209,6 +209,13 @@ class QuantizeBiases(ir.passes.InPlacePass):
         return RewriteResult(model, modified=bool(done), edits=done)
 
 
+def _edits(rewrite_pass: ir.passes.InPlacePass, model: ir.Model) -> int:
+    """Run ``rewrite_pass`` on ``model``; how many edits it made (onnx-ir types ``__call__`` as a plain PassResult)."""
+    result = rewrite_pass(model)
+    assert isinstance(result, RewriteResult), f"{type(rewrite_pass).__name__}.call must return a RewriteResult"
+    return result.edits
+
+
 def rewrite(model: onnx.ModelProto, *, int32_bias: bool = True) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The exporter's file with the passes above applied (``QuantizeBiases`` only with ``int32_bias``),
     and how many edits each made.
@@ -220,9 +227,9 @@ def rewrite(model: onnx.ModelProto, *, int32_bias: bool = True) -> tuple[onnx.Mo
     """
     ir_model = ir.from_proto(model)
     counts = {
-        "constants_to_initializers": ConstantsToInitializers()(ir_model).edits,
-        "requantized_data_movement": RequantizeDataMovement()(ir_model).edits,
-        "int32_biases": QuantizeBiases()(ir_model).edits if int32_bias else 0,
+        "constants_to_initializers": _edits(ConstantsToInitializers(), ir_model),
+        "requantized_data_movement": _edits(RequantizeDataMovement(), ir_model),
+        "int32_biases": _edits(QuantizeBiases(), ir_model) if int32_bias else 0,
     }
     out = ir.to_proto(ir_model)
     # onnx-ir records the types of the constants it lifted as value_info; the initializers state them already

@@ -86,7 +86,7 @@ def leak_input(x: torch.Tensor, k: Any, r: Any, dyn: Dynamics) -> torch.Tensor:
 def integrate(X: torch.Tensor, v: Any, a: Any, out: torch.Tensor | None = None) -> torch.Tensor:
     """``h = X + a v`` for the step-by-step path; the fused forward runs the same kernels in place
     (``add_(v, alpha=a)`` / ``addcmul_(a, v)``), which is why the two agree bit for bit."""
-    kwargs = {} if out is None else {"out": out}
+    kwargs: dict[str, Any] = {} if out is None else {"out": out}
     if isinstance(a, torch.Tensor):
         return torch.addcmul(X, a, v, **kwargs)
     if a == 1.0:
@@ -107,7 +107,7 @@ class MultiStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, th, r, k, dyn: Dynamics):  # type: ignore[override]
+    def forward(ctx, x, th, r, k, dyn: Dynamics):
         T = x.shape[0]
         r0 = r if dyn.hard else 0.0
         a = (1.0 - k) if dyn.leaky else 1.0
@@ -167,7 +167,7 @@ class MultiStep(torch.autograd.Function):
         return out, h
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_h):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor | None, _grad_h: Any):
         dyn: Dynamics = ctx.dyn
         if grad_out is None:  # the spikes did not reach the loss
             return None, None, None, None, None
@@ -228,6 +228,7 @@ class MultiStep(torch.autograd.Function):
             grad_r = _sum_to(g, r_t)
         if need_k:
             # dh_t/dk = x_t - v_{t-1} + r, with v_{t-1} rebuilt from h and the spikes
+            assert fired is not None  # need_fired covers need_k
             v_prev = torch.empty_like(h)
             v_prev[0] = r if dyn.hard else 0.0
             if T > 1:

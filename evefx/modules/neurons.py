@@ -76,6 +76,8 @@ class SpikingNeuron(EveHooks, nn.Module):
     """
 
     leaky = False
+    threshold: torch.Tensor  # a buffer, or a Parameter when learnable
+    reset: torch.Tensor | None  # None: soft reset
 
     def __init__(
         self,

@@ -66,6 +66,14 @@ class ChannelPruner(EveHooks, nn.Module):
         0.5
     """
 
+    # buffers (nn.Module.__getattr__ would type them Tensor | Module)
+    mask: torch.Tensor
+    ratio: torch.Tensor
+    steps_done: torch.Tensor
+    stat_sum: torch.Tensor
+    stat_sq: torch.Tensor
+    stat_count: torch.Tensor
+
     def __init__(
         self,
         num_channels: int,

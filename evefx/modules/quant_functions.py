@@ -97,6 +97,7 @@ def least_error_grid(
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
+    assert best_scale is not None and best_zero is not None, f"candidates must be >= 1 (got {candidates})"
     return best_scale, best_zero
 
 
@@ -106,7 +107,7 @@ class _LSQ(torch.autograd.Function):
     ``lo`` below and ``hi`` above, multiplied by ``grad_factor``."""
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, grad_factor):  # type: ignore[override]
+    def forward(ctx, x, scale, lo, hi, grad_factor):
         v = x / scale
         r = torch.round(v)
         # bounds are integers, so clamping the rounded value equals rounding the clamped one
@@ -117,7 +118,7 @@ class _LSQ(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         frac, below, above, scale, lo, hi = ctx.saved_tensors  # frac = round(v) - v
         grad_x = grad_s = None
         if ctx.needs_input_grad[0]:
@@ -135,7 +136,7 @@ class _STE(torch.autograd.Function):
     no code leaves the range (the caller checked the batch's min/max): no clamp, no mask."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, qmin, qmax, may_clip):  # type: ignore[override]
+    def forward(ctx, x, scale, zero, qmin, qmax, may_clip):
         r = torch.div(x, scale).round_()
         if not may_clip:  # round(x/s) + z - z: the zero point cancels when nothing clips
             ctx.clipped = False
@@ -151,7 +152,7 @@ class _STE(torch.autograd.Function):
         return c.mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         if not ctx.clipped:
             return grad, None, None, None, None, None
         (outside,) = ctx.saved_tensors

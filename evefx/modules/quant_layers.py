@@ -21,7 +21,7 @@ from evefx.modules.quantizer import Quantizer
 __all__ = ["QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QUANT_LAYER_TYPES"]
 
 
-class _QuantLayerMixin:
+class _QuantLayerMixin(nn.Module):
     """Weight quantization plus simulated BatchNorm folding, shared by the conv and linear layers.
 
     Folding (the form of Krishnamoorthi 2018, sec. 3.2, and torch.ao's ConvBn modules): with
@@ -38,13 +38,14 @@ class _QuantLayerMixin:
       ``s_x * s_w`` on which integer kernels store it as int32, as the exported file does.
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
     weight_quantizer: Quantizer
     bn: nn.modules.batchnorm._BatchNorm | None
 
-    def _adopt(self, module: nn.Module, weight_quantizer: Quantizer, bn: nn.Module | None) -> Any:
+    def _adopt(self, module: nn.modules.conv._ConvNd | nn.Linear, weight_quantizer: Quantizer, bn: nn.Module | None) -> Any:
         """Take over ``module``'s parameters (shared, not copied) and mode; attach the quantizer and BN."""
+        assert bn is None or isinstance(bn, nn.modules.batchnorm._BatchNorm), "from_float's _check_bn takes only a BatchNorm"
         self.weight = module.weight
         self.bias = module.bias
         self.train(module.training)
@@ -123,10 +124,10 @@ class _QuantLayerMixin:
             )
 
     def extra_repr(self) -> str:  # noqa: D401 - appended to the float layer's repr
-        return super().extra_repr() + (", bn_folded=True" if self.bn is not None else "")  # type: ignore[misc]
+        return super().extra_repr() + (", bn_folded=True" if self.bn is not None else "")
 
 
-def _make_quant_conv(base: type[nn.modules.conv._ConvNd]) -> type:
+def _make_quant_conv(base: type[nn.modules.conv._ConvNd]) -> type[_QuantLayerMixin]:
     class QuantConv(_QuantLayerMixin, base):  # type: ignore[valid-type, misc]
         __doc__ = f"""``{base.__name__}`` whose weights pass through ``weight_quantizer`` (per channel on axis 0),
         optionally folding the BatchNorm that followed it (see :class:`_QuantLayerMixin` for the
@@ -164,7 +165,8 @@ QuantConv2d = _make_quant_conv(nn.Conv2d)
 QuantConv3d = _make_quant_conv(nn.Conv3d)
 
 
-class QuantLinear(_QuantLayerMixin, nn.Linear):
+# torch infers Linear.bias as Parameter (it is None for bias=False), the mixin says Tensor | None
+class QuantLinear(_QuantLayerMixin, nn.Linear):  # type: ignore[misc]
     """``nn.Linear`` whose weights pass through ``weight_quantizer`` (per channel on axis 0), optionally
     folding a following ``BatchNorm1d`` (inputs ``[N, features]``; formulas in :class:`_QuantLayerMixin`).
 
@@ -190,5 +192,5 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
         return self._forward_quant(x, F.linear)
 
 
-QUANT_LAYER_TYPES: tuple[type[nn.Module], ...] = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
+QUANT_LAYER_TYPES: tuple[type[_QuantLayerMixin], ...] = (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear)
 """The layer classes the quantize pass puts in place of conv/linear layers."""

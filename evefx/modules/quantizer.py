@@ -62,6 +62,7 @@ class Quantizer(EveHooks, nn.Module):
     scale: torch.Tensor
     zero_point: torch.Tensor
     bits: torch.Tensor
+    steps: torch.Tensor  # only with a bits schedule or init_steps
     options: QuantizerOptions
 
     # the options, read as attributes (``bits`` is the buffer of the current bit width)
@@ -387,7 +388,7 @@ class Quantizer(EveHooks, nn.Module):
         """Take the bits the schedule gives at the current step (training forwards only); True
         when they changed."""
         step = int(self.steps)
-        bits = next(b for st, b in reversed(self.bits_schedule) if st <= step)  # type: ignore[arg-type]
+        bits = next(b for st, b in reversed(self.bits_schedule) if st <= step)
         if bits == int(self.bits):
             return False
         log.debug("%s: step %d, bits %d -> %d", self.name, step, int(self.bits), bits)

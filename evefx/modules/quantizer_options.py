@@ -154,10 +154,10 @@ class QuantizerOptions:
             raise QuantizationError(f"{name}: per_channel quantization needs num_channels (the size of axis {self.ch_axis})")
         normal = {
             "bits": bits, "bit_range": bit_range, "code_range": code_range, "bits_schedule": schedule, "name": name,
-            "ch_axis": int(self.ch_axis), "num_channels": int(self.num_channels) if per_channel else None,  # type: ignore[arg-type]
+            "ch_axis": int(self.ch_axis), "num_channels": int(self.num_channels) if per_channel else None,
             "symmetric": bool(self.symmetric), "signed": bool(self.signed), "momentum": float(self.momentum),
             "learnable_scale": bool(self.learnable_scale) or self.fn in ("lsq", "llsq"),
             "reg_weight": float(self.reg_weight), "init_steps": int(self.init_steps),
         }
-        for key, value in normal.items():  # frozen: the normal form is written once, here
-            object.__setattr__(self, key, value)
+        for key, setting in normal.items():  # frozen: the normal form is written once, here
+            object.__setattr__(self, key, setting)

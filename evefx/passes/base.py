@@ -9,14 +9,13 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Generic, Literal
 
 from torch import fx, nn
 
 from evefx.errors import EvefxError, PassError
 from evefx.graph import LAYER_TYPES, Role, describe_node, mark, marked, module_of
-from evefx.plan import PlannedLayer, plan_section
-from evefx.spec import Section
+from evefx.plan import PlannedLayer, S, plan_section
 
 __all__ = ["Change", "PassResult", "Pass", "Sequential", "SectionPass"]
 
@@ -112,19 +111,22 @@ class Sequential(Pass):
         return PassResult(gm, modified, tuple(changes))
 
 
-class SectionPass(Pass):
+class SectionPass(Pass, Generic[S]):
     """A pass driven by one spec section. Subclasses set ``name`` (and ``accepts``) and implement ``call``.
+
+    Subclasses name their section type (``class PrunePass(SectionPass[PruneSection])``), so the
+    plan's per-layer sections are typed as that section.
 
     ``self.plan(gm)`` resolves the section's selection (see :mod:`evefx.plan`).
     """
 
     accepts: tuple[type[nn.Module], ...] = LAYER_TYPES
 
-    def __init__(self, section: Section, spec_path: str):
+    def __init__(self, section: S, spec_path: str):
         self.section = section
         self.spec_path = spec_path
 
-    def plan(self, gm: fx.GraphModule) -> dict[str, PlannedLayer]:
+    def plan(self, gm: fx.GraphModule) -> dict[str, PlannedLayer[S]]:
         return plan_section(gm, self.section, self.spec_path, self.accepts)
 
     def change(self, action: Action, node: fx.Node, layer: str, detail: str = "") -> Change:

@@ -31,7 +31,7 @@ __all__ = ["PrunePass"]
 log = logging.getLogger(__name__)
 
 
-class PrunePass(SectionPass):
+class PrunePass(SectionPass[PruneSection]):
     """Runs one ``kind: prune`` section (see the module docstring).
 
     Example:
@@ -41,7 +41,6 @@ class PrunePass(SectionPass):
     """
 
     name = "prune"
-    section: PruneSection
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changes: list[Change] = []

@@ -123,7 +123,7 @@ def _base_type(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-class QuantizePass(SectionPass):
+class QuantizePass(SectionPass[QuantizeSection]):
     """Runs one ``kind: quantize`` section (see the module docstring for what it does).
 
     Example:
@@ -133,7 +133,6 @@ class QuantizePass(SectionPass):
     """
 
     name = "quantize"
-    section: QuantizeSection
 
     def _bit_range(self, section: QuantizeSection, cfg: QuantizerConfig, layer: str, role: str) -> tuple[int, int] | None:
         if not section.upgrade_bits:
@@ -151,6 +150,7 @@ class QuantizePass(SectionPass):
             return None
         bn = module_of(gm, bn_node)
         base = _base_type(module)
+        assert base is not None, "call() checked the layer's type before folding"
         if not isinstance(bn, _BN_FOR[base]) or bn.num_features != out_channels(module):
             return None
         if not bn.track_running_stats or bn.running_var is None:
@@ -199,7 +199,8 @@ class QuantizePass(SectionPass):
                                     code_range=weight_code_range(section.target, cfg.signed))
                 block = output_block(gm, node)
                 bn = self._foldable_bn(gm, node, block.bn, module) if section.fold_bn else None
-                new = _QUANT_CLASS[base].from_float(module, wq, bn)
+                # the QuantConv*d classes are built at import time (the checker sees ``type``); all have from_float
+                new = _QUANT_CLASS[base].from_float(module, wq, bn)  # type: ignore[attr-defined]
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
@@ -238,9 +239,9 @@ class QuantizePass(SectionPass):
         layer's activation quantizer) takes ``bits`` too."""
         inp = node.args[0] if node.args else None
         src = self._source(gm, inp) if isinstance(inp, fx.Node) else None
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(module_of(gm, src), Quantizer)):
+        q = module_of(gm, src) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if not isinstance(q, Quantizer):
             return []
-        q = module_of(gm, src)
         if int(q.bits) == bits and q.bits_schedule is None:
             return []
         # fixed at these bits: the upgrader and a schedule leave it alone

@@ -91,7 +91,7 @@ def _is_tensor_input(node: fx.Node) -> bool:
     return not node.args  # a placeholder with a default value is a non-tensor option
 
 
-class SpikePass(SectionPass):
+class SpikePass(SectionPass[SpikeSection]):
     """Runs one ``kind: spike`` section (see the module docstring for what it does).
 
     Example:
@@ -101,7 +101,6 @@ class SpikePass(SectionPass):
     """
 
     name = "spike"
-    section: SpikeSection
 
     def __init__(self, section: SpikeSection, spec_path: str, *, hoist: bool = True):
         super().__init__(section, spec_path)
@@ -115,7 +114,7 @@ class SpikePass(SectionPass):
             if self.marked(gm, layer, role="neuron"):
                 log.debug("%s: %s already has a neuron; skipped", self.spec_path, layer)
                 continue
-            section: SpikeSection = planned.section  # type: ignore[assignment]
+            section = planned.section
             if section.timesteps != timesteps:
                 raise PassError(f"{self.spec_path}.overrides: timesteps cannot differ per layer ({layer})")
             self.current_node = planned.node
@@ -139,7 +138,8 @@ class SpikePass(SectionPass):
         return PassResult(gm, bool(changes), tuple(changes))
 
     def _existing_timesteps(self, gm: fx.GraphModule, role: str) -> list[int]:
-        return [module_of(gm, n).timesteps for n in self.marked(gm, role=role)]
+        # nn.Module.__getattr__ types attributes as Tensor | Module; every encoder, neuron and decoder holds an int
+        return [module_of(gm, n).timesteps for n in self.marked(gm, role=role)]  # type: ignore[misc]
 
     def _check_same_t(self, gm: fx.GraphModule, role: str, timesteps: int) -> bool:
         found = self._existing_timesteps(gm, role)

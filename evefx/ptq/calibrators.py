@@ -120,10 +120,10 @@ def quantizer_targets(gm: nn.Module) -> list[tuple[str, Provenance | None, Quant
     quantizer in ``gm`` in module order."""
     from evefx.api import eve_modules
 
-    prov_of: dict[str, dict[str, str]] = {}
+    prov_of: dict[str, Provenance] = {}
     if hasattr(gm, "graph"):
-        prov_of = {name: prov for name, prov, _ in eve_modules(gm)}  # type: ignore[arg-type]
-    owners = {f"{name}.weight_quantizer" if name else "weight_quantizer": m
+        prov_of = {name: prov for name, prov, _ in eve_modules(gm)}
+    owners: dict[str, nn.Module] = {f"{name}.weight_quantizer" if name else "weight_quantizer": m
               for name, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES)}
     out = []
     for name, m in gm.named_modules():
@@ -192,7 +192,7 @@ def calibrate(
     weights = [t for t in targets if t.weight_of is not None]
     acts = [t for t in targets if t.weight_of is None]
     for t in weights:
-        w = t.weight_of.folded_weight_bias()[0].detach()  # type: ignore[union-attr, operator]
+        w = t.weight_of.folded_weight_bias()[0].detach()
         obs = observers[t.name]
         obs.observe_extremes(w)
         if obs.needs_histogram:

@@ -84,10 +84,12 @@ def bake_batchnorm(layer: nn.Module) -> bool:
 def ensure_bias(layer: nn.Module) -> torch.Tensor:
     """The layer's bias (zeros when it had none), its folded BatchNorm baked in first."""
     bake_batchnorm(layer)
-    if layer.bias is None:
+    bias = layer.bias
+    if bias is None:
         out = layer.weight.shape[0]
-        layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
-    return layer.bias
+        bias = layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
+    assert isinstance(bias, torch.Tensor), f"{type(layer).__name__}.bias is not a tensor"
+    return bias
 
 
 def quant_layer_names(gm: nn.Module, layers: Iterable[str] | None) -> list[str]:

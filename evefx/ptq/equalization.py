@@ -28,6 +28,7 @@ __all__ = ["EqualizedPair", "equalization_pairs", "equalize"]
 
 log = logging.getLogger(__name__)
 
+_Layer = nn.modules.conv._ConvNd | nn.Linear  # the layers a pair is made of (quantized ones subclass them)
 # ops between two layers through which a positive per-channel scale passes unchanged
 _HOMOGENEOUS_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
@@ -93,25 +94,25 @@ def equalization_pairs(gm: fx.GraphModule) -> list[EqualizedPair]:
     return pairs
 
 
-def _out_ranges(m: nn.Module) -> torch.Tensor:
+def _out_ranges(m: _Layer) -> torch.Tensor:
     return m.weight.detach().abs().reshape(m.weight.shape[0], -1).amax(dim=1)
 
 
-def _grouped(m: nn.Module) -> tuple[torch.Tensor, int]:
+def _grouped(m: _Layer) -> tuple[torch.Tensor, int]:
     """The weight as ``[groups, out/groups, in/groups, K]`` (linear: one group, K = 1)."""
     w = m.weight.detach()
     g = getattr(m, "groups", 1)
     return w.reshape(g, w.shape[0] // g, w.shape[1], -1), g
 
 
-def _in_ranges(m: nn.Module, repeat: int) -> torch.Tensor:
+def _in_ranges(m: _Layer, repeat: int) -> torch.Tensor:
     w, g = _grouped(m)
     r = w.abs().amax(dim=(1, 3)).reshape(-1)  # per input feature
     return r.reshape(-1, repeat).amax(dim=1) if repeat > 1 else r
 
 
 @torch.no_grad()
-def _scale_pair(first: nn.Module, second: nn.Module, repeat: int) -> float:
+def _scale_pair(first: _Layer, second: _Layer, repeat: int) -> float:
     """One equalization step of a pair; returns max |log s|."""
     r1, r2 = _out_ranges(first), _in_ranges(second, repeat)
     ok = (r1 > 0) & (r2 > 0)
@@ -128,7 +129,7 @@ def _scale_pair(first: nn.Module, second: nn.Module, repeat: int) -> float:
     return float(s.log().abs().max())
 
 
-def _ratio(first: nn.Module, second: nn.Module, repeat: int) -> float:
+def _ratio(first: _Layer, second: _Layer, repeat: int) -> float:
     r1, r2 = _out_ranges(first), _in_ranges(second, repeat)
     ok = (r1 > 0) & (r2 > 0)
     if not bool(ok.any()):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -108,6 +108,10 @@ class Section(StrictModel):
     """
 
     NOT_OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"kind", "select", "overrides", "exclude_last"})
+    if TYPE_CHECKING:
+        # every concrete section declares ``kind: Literal[...]``; declared here for the type checker
+        # only, since a pydantic field on the base would need a value
+        kind: str
 
     select: Select = Select()
     """Which layers this section applies to; default: every Conv2d and Linear."""
@@ -139,12 +143,12 @@ class Section(StrictModel):
             raise NestedErrors(errors)
         return self
 
-    def _apply(self, patch: dict[str, Any]) -> Section:
+    def _apply(self, patch: dict[str, Any]) -> Self:
         base = self.model_dump(mode="python", exclude={"overrides"})
         body = {k: v for k, v in patch.items() if k != "names"}
         return type(self).model_validate(deep_merge(base, body))
 
-    def for_layer(self, name: str) -> Section:
+    def for_layer(self, name: str) -> Self:
         """The section as it applies to layer ``name``: every matching override applied in order.
 
         Example:

@@ -23,7 +23,7 @@ SURROGATES = (
 class SurrogateConfig(StrictModel):
     """Heaviside forward, smooth derivative backward."""
 
-    name: Literal[SURROGATES] = "atan"  # type: ignore[valid-type]
+    name: Literal[SURROGATES] = "atan"
     """Which surrogate derivative (see ``evefx.modules.surrogate``)."""
     alpha: Bounded(float, 0.0, 1000.0, low_open=True) = 2.0
     """Sharpness of the surrogate: larger is closer to the true step."""

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from torch import fx
@@ -25,6 +25,9 @@ from evefx.spec import SearchSection, load_section
 from evefx.upgrade.credit import Credit, replay_into_buffer, set_stored_rewards
 from evefx.upgrade.env import Evaluate, UpgradeEnv
 from evefx.upgrade.runlog import RunLog, write_json
+
+if TYPE_CHECKING:  # stable-baselines3 is imported when a search runs
+    from stable_baselines3.common.base_class import BaseAlgorithm
 
 __all__ = ["algorithm_kwargs", "search_sb3", "EnvFactory", "RL_ALGORITHMS", "OFF_POLICY", "DEFAULT_EPISODES",
            "DEFAULT_WARMUP"]
@@ -39,7 +42,7 @@ DEFAULT_WARMUP = 5
 """Episodes of uniformly random actions before an off-policy agent starts learning (``warmup_episodes``)."""
 
 
-def algorithm_kwargs(section: SearchSection | dict[str, Any], episode_length: int, n_actions: int = 1) -> tuple[type, dict[str, Any]]:
+def algorithm_kwargs(section: SearchSection | dict[str, Any], episode_length: int, n_actions: int = 1) -> tuple[type[BaseAlgorithm], dict[str, Any]]:
     """The SB3 class and constructor keywords for ``section`` (rl-zoo3-style ``hyperparams``).
 
     ``policy`` (default ``MlpPolicy``), ``noise_type`` (``normal`` or ``ornstein-uhlenbeck``) with
@@ -64,7 +67,8 @@ def algorithm_kwargs(section: SearchSection | dict[str, Any], episode_length: in
                           "(only ddpg, td3, sac); leave credit: last and baseline: none")
     if algo not in RL_ALGORITHMS:
         raise SearchError(f"search.algorithm: {algo} is a baseline, not a stable-baselines3 agent ({', '.join(RL_ALGORITHMS)})")
-    cls = {"ddpg": sb3.DDPG, "td3": sb3.TD3, "sac": sb3.SAC, "ppo": sb3.PPO, "a2c": sb3.A2C}[algo]
+    classes: dict[str, type[BaseAlgorithm]] = {"ddpg": sb3.DDPG, "td3": sb3.TD3, "sac": sb3.SAC, "ppo": sb3.PPO, "a2c": sb3.A2C}
+    cls = classes[algo]
     hp = dict(section.hyperparams)
     hp.pop("warm_start", None)  # the search's, not the agent's (search.py plays the baseline first)
     hp.pop("sensitivity_bits", None)
@@ -141,6 +145,7 @@ def _decay_noise(model: Any, base: float, decay: float, episodes: int) -> None:
 def _make_callback(runlog: RunLog, run_dir: Path, every: int, off_policy: bool, noise: tuple[float, float],
                    credit: Credit | None = None, ep_len: int = 1):
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
     rewrite = credit is not None and credit.rewrites and off_policy
 
@@ -162,9 +167,14 @@ def _make_callback(runlog: RunLog, run_dir: Path, every: int, off_policy: bool, 
         def _on_training_start(self) -> None:
             runlog.logger = self.logger
 
+        def _buffer(self) -> Any:
+            # rewards are rewritten only with an off-policy agent (algorithm_kwargs refuses the others)
+            assert isinstance(self.model, OffPolicyAlgorithm), "credit rewrites need an off-policy agent"
+            return self.model.replay_buffer
+
         def _flush(self) -> None:
             for env_index, value in self.last:
-                set_stored_rewards(self.model.replay_buffer, env_index, [1], value)
+                set_stored_rewards(self._buffer(), env_index, [1], value)
             self.last = []
 
         def _on_step(self) -> bool:
@@ -175,7 +185,7 @@ def _make_callback(runlog: RunLog, run_dir: Path, every: int, off_policy: bool, 
                     if rewrite:
                         value = credit.next(info["episode_result"]["reward"])
                         if credit.every:  # steps 0 .. ep_len - 2 of the episode, stored already
-                            set_stored_rewards(self.model.replay_buffer, env_index, range(1, ep_len), value)
+                            set_stored_rewards(self._buffer(), env_index, range(1, ep_len), value)
                         self.last.append((env_index, value))
                     if runlog.done % every == 0:
                         self.pending = True
@@ -205,14 +215,15 @@ class EnvFactory:
 
 def search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], UpgradeEnv], runlog: RunLog,
                 run_dir: Path, resume_rows: list[dict[str, Any]]) -> None:
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
     ep_len = len(env.params)
     off_policy = (section.algorithm or "ddpg") in OFF_POLICY
     if section.backend == "ray":  # the environments on Ray actors, the agent stays here
         from evefx.upgrade.ray_backend import RayVecEnv
 
-        vec = RayVecEnv([make_env] * section.n_envs)
+        vec: VecEnv = RayVecEnv([make_env] * section.n_envs)
     else:
         vec = DummyVecEnv([lambda: env]) if section.n_envs == 1 else SubprocVecEnv([make_env] * section.n_envs)
     try:
@@ -221,7 +232,7 @@ def search_sb3(section: SearchSection, env: UpgradeEnv, make_env: Callable[[], U
         state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() and resume_rows else None
         if state is not None:
             model = cls.load(ckpt / "model.zip", env=vec, device="cpu", tensorboard_log=str(run_dir / "tb"))
-            if off_policy and (ckpt / "replay_buffer.pkl").exists():
+            if isinstance(model, OffPolicyAlgorithm) and (ckpt / "replay_buffer.pkl").exists():
                 model.load_replay_buffer(ckpt / "replay_buffer.pkl")
             later = [r for r in resume_rows if r["episode"] > state["episodes"]]
         else:

@@ -116,7 +116,7 @@ def report_budget(env: UpgradeEnv, slopes: dict[str, float] | None = None) -> fl
 def allocate(env: UpgradeEnv, report: SensitivityReport, method: str) -> dict[str, float]:
     """The greedy or knapsack allocation of :meth:`SensitivityReport.allocate` under the search's budget."""
     try:
-        bits = report.allocate(report_budget(env, report.params), method)  # type: ignore[arg-type]
+        bits = report.allocate(report_budget(env, report.params), method)
     except Exception as e:  # a QuantizationError from the PTQ report says the budget in its own words
         raise SearchError(f"search.budget: {e}") from e
     return {name: float(b) for name, b in bits.items()}

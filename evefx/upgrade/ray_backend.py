@@ -37,6 +37,7 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from evefx.errors import EvefxError, SearchError
+from evefx.upgrade.env import UpgradeEnv
 
 __all__ = ["RayVecEnv", "import_ray", "connect"]
 
@@ -123,11 +124,12 @@ class _EnvWorker:
             # as SubprocVecEnv: keep the last observation for the caller, start the next episode
             info["terminal_observation"] = obs
             obs, self.reset_info = self.env.reset()
-        return obs, reward, done, info, self.reset_info
+        return obs, float(reward), done, info, self.reset_info
 
     def episode(self, actions: np.ndarray) -> dict[str, Any]:
         """A whole episode from its actions (one per eve parameter), as random search plays it."""
         env = self.env.unwrapped
+        assert isinstance(env, UpgradeEnv), f"random search plays an UpgradeEnv (got {type(env).__name__})"
         return env.evaluate_values(env.values_from_actions(actions), actions.tolist())
 
     def get_attr(self, name: str) -> tuple[bool, Any]:

@@ -190,6 +190,19 @@ def test_adaptive_pool_and_view_flatten():
     torch.testing.assert_close(ours["output"], theirs["output"])
 
 
+def test_adaptive_pool_with_none_keeps_that_axis():
+    # output_size (None, 2): the height stays, the width is averaged in windows of 3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((None, 2)), nn.Flatten(), nn.Linear(36, 2))
+    gm = spiking(model.eval(), (1, 1, 6, 6), T=4)
+    graph = to_nir(gm, dt=DT)
+    (pool,) = by_type(graph, nir.AvgPool2d)
+    assert list(graph.nodes[pool].kernel_size) == [1, 3] and list(graph.nodes[pool].stride) == [1, 3]
+    steps = spike_steps(4, 3, (1, 6, 6), p=0.6)
+    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
+    torch.testing.assert_close(ours["output"], theirs["output"])
+
+
 def test_conv1d_with_batchnorm1d_round_trips():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 2))
