@@ -49,6 +49,7 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -60,6 +61,8 @@ import torch
 import torchvision
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
 
 import evefx
 from evefx.export import calibrate, check_parity, export_onnx
@@ -142,9 +145,11 @@ def integer_kernels(path: Path) -> int:
     return sum(op.startswith("QLinear") or op in ("QGemm", "MatMulIntegerToFloat") for op in ops)
 
 
-def time_files(files: dict[str, Path], batch: int, rounds: int, per_round: int) -> dict[str, float]:
+def time_files(files: dict[str, Path], batch: int, rounds: int, per_round: int,
+               x: np.ndarray | None = None) -> dict[str, float]:
+    """Median latency per file in ms; ``x``: the input (default: ``batch`` random 3x224x224 images)."""
     sessions = {k: session(p, fold_weights=k.endswith("(folded)")) for k, p in files.items()}
-    x = images(batch, 123).numpy()
+    x = images(batch, 123).numpy() if x is None else x
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
         for _ in range(2):
@@ -365,7 +370,7 @@ def run_int4(quick: bool, work: Path, console: Console) -> None:
 
 def run_searched(run_dir: Path, work: Path, console: Console, epochs: int = 2) -> None:
     """The searched mixed-precision DemoNet as the user deploys it: ``run_dir/best.yaml`` (what
-    ``evefx search`` wrote) on the search's starting weights (``run_dir/start.pt``), fine-tuned
+    ``evefx search`` wrote) with the weights it configured (``run_dir/best.pt``), fine-tuned
     ``epochs`` on the training images, then exported with int8 weight codes, with packed storage
     (<= 4-bit layers as INT4/UINT4 or MatMulNBits) and as fp32 (the float network the search
     started from): size, latency, parity and held-out accuracy in onnxruntime."""
@@ -380,7 +385,7 @@ def run_searched(run_dir: Path, work: Path, console: Console, epochs: int = 2) -
     example = torch.zeros(1, 1, 28, 28)
     train, test = loaders(batch_size=128, seed=0)
     gm = evefx.transform(DemoNet(), spec, example)
-    gm.load_state_dict(torch.load(run_dir / "start.pt"))
+    gm.load_state_dict(torch.load(run_dir / "best.pt"))
     fit(gm, train, None, epochs=epochs, lr=1e-3, seed=0, progress=False)
     gm.eval()
     x_real = torch.cat([x for x, _ in test])
@@ -411,7 +416,7 @@ def run_searched(run_dir: Path, work: Path, console: Console, epochs: int = 2) -
     for col in ("batch", "file", "ms", "latency / int8 codes", "bytes", "size / fp32"):
         table.add_column(col, justify="right")
     for batch in (1, 8):
-        lat = time_files(files, batch, 9, 20)
+        lat = time_files(files, batch, 9, 20, x_real[:batch].numpy())
         for k, p in files.items():
             table.add_row(str(batch), k, f"{lat[k]:.3f}", f"{lat[k] / lat['int8 codes']:.2f}", str(p.stat().st_size),
                           f"{p.stat().st_size / fp32_size:.3f}")
