@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -116,6 +116,32 @@ def train(model: torch.nn.Module, data, epochs: int, seed: int) -> float:
     return evaluate(model, held)["accuracy"]
 
 
+def trained_float(floats: dict[int, tuple[Any, float]], seed: int, build: Callable[[], torch.nn.Module],
+                  data, epochs: int) -> tuple[Any, float]:
+    """This seed's float network and its accuracy, trained once (``floats`` caches it): every
+    fine-tuned row of the seed starts from it."""
+    if seed not in floats:
+        net = fresh(build, seed)
+        floats[seed] = (net, train(net, data, epochs, seed))
+    return floats[seed]
+
+
+def fresh(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """A network with this seed's initial weights."""
+    seed_everything(seed)
+    return build()
+
+
+def record(runs: list[dict[str, Any]], log, row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Keep one row's result, append it to the run log and print it (with ``extra`` lines)."""
+    row = {**row, **(extra or {})}
+    runs.append(row)
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    print(f"{row['label']:<44} seed {row['seed']}: {row['accuracy']:6.2f}%  ({row['seconds']:.0f} s)"
+          + "".join(f"\n    {k}: {v}" for k, v in (extra or {}).items()), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
@@ -136,26 +162,15 @@ def main(argv: list[str] | None = None) -> None:
             label, spec, start = ROWS[name]
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
-                if seed not in floats:  # every fine-tuned row starts from this seed's float network
-                    seed_everything(seed)
-                    net = DemoNet()
-                    floats[seed] = (net, train(net, data, args.epochs, seed))
+                float_net, float_acc = trained_float(floats, seed, DemoNet, data, args.epochs)
                 if name == "float":
-                    acc = floats[seed][1]
+                    acc = float_acc
                 else:
-                    if start == "finetune":
-                        init = floats[seed][0]
-                    else:
-                        seed_everything(seed)
-                        init = DemoNet()
+                    init = float_net if start == "finetune" else fresh(DemoNet, seed)
                     model = copy.deepcopy(init) if spec is None else evefx.transform(init, spec, torch.zeros(1, 1, 28, 28))
                     acc = train(model, data, args.epochs, seed)
-                row = {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
-                       "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1), "machine": machine}
-                runs.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(f"{label:<44} seed {seed}: {acc:6.2f}%  ({row['seconds']:.0f} s)", flush=True)
+                record(runs, log, {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
+                                   "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1), "machine": machine})
     table = summarise(runs, args)
     print(table)
     (args.out / "table.md").write_text(table + "\n")

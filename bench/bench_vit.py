@@ -43,11 +43,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipes import BATCH, LR, cpu, split, summarise, train
+from bench_recipes import BATCH, LR, cpu, fresh, record, split, summarise, train, trained_float
 
 import evefx
 from evefx.channels import compact_report
-from evefx.train import evaluate, seed_everything
+from evefx.train import evaluate
 
 X = torch.zeros(1, 1, 28, 28)
 HIDDEN, PATCH = 64, 7
@@ -122,18 +122,11 @@ def main(argv: list[str] | None = None) -> None:
                 label, spec, start = ROWS[name]
                 t0 = time.perf_counter()
                 extra: dict[str, Any] = {}
-                if seed not in floats:  # every fine-tuned row starts from this seed's float network
-                    seed_everything(seed)
-                    net = vit()
-                    floats[seed] = (net, train(net, data, args.epochs, seed))
+                float_net, float_acc = trained_float(floats, seed, vit, data, args.epochs)
                 if name == "float":
-                    acc = floats[seed][1]
+                    acc = float_acc
                 else:
-                    if start == "scratch":
-                        seed_everything(seed)
-                        init = vit()
-                    else:
-                        init = floats[seed][0]
+                    init = fresh(vit, seed) if start == "scratch" else float_net
                     if start == "prune":
                         model, extra["size"] = pruned(init, spec)
                     else:
@@ -142,13 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                     if name == "w8" and not args.no_export:
                         extra["export"] = export_check(model, data[1])
                         extra["accuracy_after_export_eval"] = evaluate(model, torch.utils.data.DataLoader(data[1], batch_size=512))["accuracy"]
-                row = {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
-                       "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1), "machine": machine, **extra}
-                runs.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(f"{label:<44} seed {seed}: {acc:6.2f}%  ({row['seconds']:.0f} s)"
-                      + "".join(f"\n    {k}: {v}" for k, v in extra.items()), flush=True)
+                record(runs, log, {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
+                                   "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1), "machine": machine},
+                       extra)
     table = summarise(runs, args, ROWS, compared_later=("finetune", "prune"))
     print(table)
     (args.out / "table.md").write_text(table + "\n")
