@@ -65,6 +65,8 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "float": ("float", None, "scratch"),
     "float_more": ("float, 10 more epochs", None, "finetune"),
     "lif_new": ("LIF T=8, spec defaults", {"passes": [{"kind": "spike"}]}, "scratch"),
+    "lif_unscaled": ("LIF T=8, spec defaults but weight_scale 1", {"passes": [{"kind": "spike", "weight_scale": 1.0}]},
+                     "scratch"),
     "lif_old": ("LIF T=8, previous defaults", {"passes": [{"kind": "spike", "neuron": PREVIOUS_SPIKE}]}, "scratch"),
     "lif_t4": ("LIF T=4, spec defaults", {"passes": [{"kind": "spike", "timesteps": 4}]}, "scratch"),
     "lif_t2": ("LIF T=2, spec defaults", {"passes": [{"kind": "spike", "timesteps": 2}]}, "scratch"),

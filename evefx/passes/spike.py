@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from evefx.errors import PassError
 from evefx.graph import (
     ACTIVATION_MODULES,
+    Block,
     insert_after,
     insert_before_output,
     marked,
@@ -47,7 +49,7 @@ from evefx.modules.neurons import IFNeuron, LIFNeuron, PLIFNeuron, SpikingNeuron
 from evefx.passes.base import Change, PassResult, SectionPass
 from evefx.spec import SpikeSection
 
-__all__ = ["SpikePass", "make_neuron", "firing_rates"]
+__all__ = ["SpikePass", "make_neuron", "scale_feeding_weights", "firing_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,39 @@ def make_neuron(section: SpikeSection, channels: int | None, channel_axis: int |
     # a data-dependent threshold starts at 1 until the first batch sets it
     threshold = 1.0 if cfg.threshold is None else cfg.threshold
     return _NEURON[cfg.type](section.timesteps, threshold, cfg.reset, **kwargs)
+
+
+def scale_feeding_weights(gm: fx.GraphModule, block: Block, scale: float) -> bool:
+    """Multiply the weight and bias of a ``layer -> BatchNorm`` block's layer by ``scale``, and the
+    BatchNorm's running statistics and ``eps`` to match, so the block computes exactly the same
+    function (training and eval). Returns whether it scaled: not without a BatchNorm, nor when the
+    weights also serve another call or the layer is not a plain conv/linear. Why (``weight_scale``
+    in the spec): Adam moves each weight by about ``lr`` per step, so smaller weights learn faster
+    relative to their size.
+
+    Example:
+        >>> scale_feeding_weights(gm, output_block(gm, conv_node), 1 / 3)
+        True
+    """
+    if block.bn is None:
+        return False  # without a BatchNorm the scale would reach the neuron (and the ANN mode)
+    layer, bn = module_of(gm, block.layer), module_of(gm, block.bn)
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if not isinstance(weight, nn.Parameter) or any(True for _ in layer.children()):
+        return False  # not a plain conv/linear (e.g. already quantized: its ranges would go stale)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in (block.layer.target, block.bn.target)]
+    shared = sum(p is weight for _, p in gm.named_parameters(remove_duplicate=False)) > 1
+    if len(calls) > 2 or shared:
+        return False  # the same weights or BatchNorm also serve another call
+    with torch.no_grad():
+        weight.mul_(scale)
+        if isinstance(bias, torch.Tensor):
+            bias.mul_(scale)
+        if bn.running_mean is not None:
+            bn.running_mean.mul_(scale)
+            bn.running_var.mul_(scale * scale)
+    bn.eps *= scale * scale
+    return True
 
 
 def _is_tensor_input(node: fx.Node) -> bool:
@@ -125,6 +160,9 @@ class SpikePass(SectionPass[SpikeSection]):
             new = insert_after(gm, before, neuron, f"{layer}.neuron")
             self.mark(new, layer, "neuron", channel_axis=planned.channel_axis)
             kind = type(neuron).__name__
+            scale = section.weight_scale
+            if scale != 1.0 and scale_feeding_weights(gm, block, scale):
+                kind += f"; weights x{scale:g}"
             if block.act is not None:
                 act_name = block.act.target if block.act.op == "call_module" else getattr(block.act.target, "__name__", block.act.target)
                 act_desc = type(module_of(gm, block.act)).__name__ if block.act.op == "call_module" else str(act_name)

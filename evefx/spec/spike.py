@@ -80,5 +80,12 @@ class SpikeSection(Section):
     decoder: Literal["mean"] = "mean"
     """How the output sequence becomes one output: mean over the timesteps."""
     neuron: NeuronConfig = NeuronConfig()
+    weight_scale: Bounded(float, 0.0, 1e3, low_open=True) = 0.333
+    """The weight and bias of each selected layer followed by BatchNorm are multiplied by this when
+    the pass runs, and the BatchNorm's running statistics and ``eps`` to match: the network
+    computes exactly the same function, spiking or not. Why: Adam moves every weight by about its
+    learning rate whatever the gradient, so smaller weights change faster relative to their size;
+    with surrogate gradients the spiking network otherwise learns more slowly per step than the
+    float one (docs/spiking.md). ``1``: weights as they are (the behaviour before this option)."""
     upgrade_threshold: bool = False
     """Expose each layer's threshold as an eve parameter for the upgrader."""
