@@ -20,6 +20,22 @@ def run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+def test_spiking_example_recipes(tmp_path):
+    """--recipe standard (default): the plain recipe, reference row = the spec defaults; tuned: the
+    earlier recipe and reference. Each row changes one thing of its recipe's reference."""
+    sys.path.insert(0, str(ROOT))
+    from examples.spiking import RECIPES, rows
+
+    standard, tuned = rows("standard"), rows("tuned")
+    assert standard["lif_T8"]["spec"] == {"passes": [{"kind": "spike", "neuron": {}}]}
+    assert standard["if"]["spec"]["passes"][0] == {"kind": "spike", "neuron": {"type": "if"}}
+    assert "direct" in standard and "poisson" in tuned and tuned["lif_T8"]["spec"]["passes"][0]["weight_scale"] == 1.0
+    assert (RECIPES["standard"]["lr"], RECIPES["standard"]["batch"]) == (1e-3, 128)
+    out = run("spiking.py", "--quick", "--rows", "float", "direct", "--threads", "1", "--out", str(tmp_path))
+    assert "standard recipe (Adam 0.001, batch 128)" in out.replace("\n", " ")
+    assert (tmp_path / "spiking.csv").read_text().count("\n") == 3  # header + 2 rows
+
+
 def test_quantization_example_quick_writes_table_and_plot(tmp_path):
     out = run("quantization.py", "--quick", "--out", str(tmp_path))
     data = json.loads((tmp_path / "quantization.json").read_text())
