@@ -15,12 +15,16 @@ Two measurements, each from flags:
   number of epochs. Deterministic methods (uniform, greedy, knapsack, ilp) are run once: their
   pick does not depend on the search seed.
 
-The network is DemoNet (examples/models.py) or a small ResNet (``--network resnet``); bits of
-weights and activations in [2, 8] under ``--avg-bits``. The bits are searched on the model after
-one epoch of 8-bit QAT (llsq weights, round activations), as in docs/quantization.md.
+The network is DemoNet (examples/models.py) or a small ResNet (``--network resnet``). ``--task bits``
+(default): bits of weights and activations in [2, 8] under ``--avg-bits``, searched on the model after
+one epoch of 8-bit QAT (llsq weights, round activations), as in docs/quantization.md. ``--task prune``:
+the channel pruning ratio of every conv/linear but the classifier in [0, 0.9] (l1-norm) under
+``--macs`` (fraction of the dense MACs); greedy, knapsack and ilp allocate bit widths only and are
+skipped there.
 
     python bench/bench_search.py --rank 24 --final-epochs 5                       # the rank table
     python bench/bench_search.py --methods ilp random greedy ddpg --evaluations 50 # the methods table
+    python bench/bench_search.py --task prune --methods ddpg random tpe uniform --evaluations 100
     python bench/bench_search.py --full      # the issue's protocol: 50/100/200 x 3 x 3, both networks
 """
 from __future__ import annotations
@@ -47,6 +51,7 @@ import evefx  # noqa: E402
 from evefx.data import mnist5k  # noqa: E402
 from evefx.train import evaluate, fit  # noqa: E402
 from evefx.upgrade import Accuracy, BNRecalibrate, FineTune, UpgradeEnv, search, spec_with_values  # noqa: E402
+from evefx.upgrade.evaluators import apply_pruning  # noqa: E402
 from examples.models import DemoNet  # noqa: E402
 
 console = Console(width=200)
@@ -99,6 +104,16 @@ def qspec() -> dict:
         "upgrade_bits": True, "min_bits": 2, "max_bits": 8}]}
 
 
+def pspec() -> dict:
+    """Channel pruning of every conv/linear but the classifier (l1-norm), the ratios searched in [0, 0.9]."""
+    return {"trace": {"input_shape": INPUT}, "passes": [{
+        "kind": "prune", "criterion": "l1_norm", "ratio": 0.0, "upgrade_ratio": True, "max_ratio": 0.9}]}
+
+
+TASKS = {"bits": qspec, "prune": pspec}
+BITS_ONLY = ("greedy", "knapsack", "ilp")  # sensitivity allocations of bit widths (SearchError on ratios)
+
+
 def data():
     train_all = mnist5k("train")
     return Subset(train_all, range(3000)), Subset(train_all, range(3000, 4000)), train_all, mnist5k("test")
@@ -116,7 +131,7 @@ def float_model(network: str, train, epochs: int) -> nn.Module:
 
 
 def start_model(model: nn.Module, spec: dict, train) -> nn.Module:
-    """The searched model: the float network transformed at 8 bits, one epoch of QAT."""
+    """The searched model: the float network transformed (8 bits / nothing pruned), one epoch of training."""
     gm = evefx.transform(model, spec)
     fit(gm, loader(train, 0, 64), None, 1, lr=1e-3, progress=False)
     return gm.eval()
@@ -128,6 +143,8 @@ def final_accuracy(model: nn.Module, spec, train, score_on, epochs: int, seeds: 
     out = []
     for seed in range(seeds):
         net = copy.deepcopy(model) if spec is None else evefx.transform(model, spec)
+        if spec is not None:
+            apply_pruning(net)  # masks at the searched ratios (nothing without pruners), as the search scored them
         if epochs:
             fit(net, loader(train, seed), None, epochs, lr=1e-3, seed=seed, progress=False)
         out.append(evaluate(net, DataLoader(score_on, batch_size=500))["accuracy"])
@@ -144,10 +161,14 @@ def evaluator_kwargs(kind: str, finetune_steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------- rank correlation of evaluators
+def budget_of(args) -> dict:
+    return {"kind": "avg_bits", "max": args.avg_bits} if args.task == "bits" else {"kind": "macs", "max": args.macs}
+
+
 def rank_study(args, model, gm, spec, train, val) -> dict:
     from scipy.stats import kendalltau, spearmanr
 
-    budget = {"kind": "avg_bits", "max": args.avg_bits}
+    budget = budget_of(args)
     score = Accuracy(DataLoader(val, batch_size=500))
     env = UpgradeEnv(gm, score, budget=budget, reward={"mode": "constrained"}, finetune=FineTune(train),
                      recalibrate=BNRecalibrate(train))
@@ -192,9 +213,12 @@ def methods_study(args, model, gm, spec, train, val, train_all, test, root: Path
     rows = []
     for n_eval in args.evaluations:
         for method in args.methods:
+            if args.task == "prune" and method in BITS_ONLY:
+                console.print(f"  {method}: skipped (allocates bit widths only; pruning ratios are searched by the others)")
+                continue
             seeds = [0] if method in DETERMINISTIC else list(range(args.first_seed, args.first_seed + args.search_seeds))
             for seed in seeds:
-                section = {"episodes": n_eval, "seed": seed, "budget": {"kind": "avg_bits", "max": args.avg_bits},
+                section = {"episodes": n_eval, "seed": seed, "budget": budget_of(args),
                            "reward": {"mode": "constrained"}, **METHOD_SECTIONS[method],
                            **evaluator_kwargs(args.evaluator, args.finetune_steps)}
                 start = time.perf_counter()
@@ -209,7 +233,8 @@ def methods_study(args, model, gm, spec, train, val, train_all, test, root: Path
                 console.print(f"  {method} {n_eval} eval seed {seed}: proxy {result.best['accuracy']:.2f}, "
                               f"final {mean_std(finals)}, {seconds:.0f} s")
     fm = statistics.fmean(float_final) if float_final else float("nan")
-    table = Table(title=f"methods, avg bits <= {args.avg_bits}, evaluator {args.evaluator}; final: {args.final_epochs} "
+    budget = f"avg bits <= {args.avg_bits}" if args.task == "bits" else f"MACs <= {args.macs:g} of dense"
+    table = Table(title=f"methods, {budget}, evaluator {args.evaluator}; final: {args.final_epochs} "
                         f"epochs x {args.final_seeds} seeds on 4,000 images, test; float same training "
                         f"{mean_std(float_final) if float_final else 'not run'}")
     for col in ("method", "evaluations", "search seeds", "proxy (val) best", "test acc % (all runs)", "vs float",
@@ -219,6 +244,8 @@ def methods_study(args, model, gm, spec, train, val, train_all, test, root: Path
     for n_eval in args.evaluations:
         for method in args.methods:
             rs = [r for r in rows if r["method"] == method and r["evaluations"] == n_eval]
+            if not rs:
+                continue
             accs = [a for r in rs for a in r["final"]]
             per_seed = [statistics.fmean(r["final"]) for r in rs]
             summary[f"{method}@{n_eval}"] = {"mean": statistics.fmean(accs), "per_search_seed": per_seed}
@@ -231,7 +258,10 @@ def methods_study(args, model, gm, spec, train, val, train_all, test, root: Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--network", choices=sorted(NETWORKS), nargs="+", default=["demonet"])
+    ap.add_argument("--task", choices=sorted(TASKS), default="bits",
+                    help="bits: weight and activation bits in [2, 8] (--avg-bits); prune: channel ratios (--macs)")
     ap.add_argument("--avg-bits", type=float, default=3.0)
+    ap.add_argument("--macs", type=float, default=0.5, help="--task prune: MACs budget, fraction of the dense model's")
     ap.add_argument("--float-epochs", type=int, default=10)
     ap.add_argument("--rank", type=int, default=0, help="configurations of the evaluator rank study (0: skip)")
     ap.add_argument("--rank-seed", type=int, default=0)
@@ -260,9 +290,11 @@ def main() -> None:
     start = time.perf_counter()
     for network in args.network:
         model = float_model(network, train, args.float_epochs)
-        spec = qspec()
+        spec = TASKS[args.task]()
         gm = start_model(model, spec, train)
-        console.print(f"{network}: float {args.float_epochs} epochs, then 1 epoch of 8-bit QAT ({time.perf_counter() - start:.0f} s)")
+        console.print(f"{network}: float {args.float_epochs} epochs, then 1 epoch of "
+                      f"{'8-bit QAT' if args.task == 'bits' else 'training with the prune section at ratio 0'} "
+                      f"({time.perf_counter() - start:.0f} s)")
         if args.rank:
             report[f"{network}/rank"] = rank_study(args, model, gm, spec, train, val)
         if args.methods:
