@@ -233,6 +233,9 @@ def prune_step(gm: fx.GraphModule, example_inputs: Any = None, *, rules: RuleReg
         >>> evefx.prune_step(gm)["features.0"]
         (2, 4)
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise PruneError(f"prune_step takes the fx.GraphModule evefx.transform returns (with a prune section), "
+                         f"not a {type(gm).__name__}: transform the model first")
     if not pruners_of(gm):
         log.info("prune_step: %s has no ChannelPruner; nothing to do", type(gm).__name__)
         return {}

@@ -168,3 +168,11 @@ def test_ties_prune_the_earlier_channel_first():
     gm = evefx.transform(OneConv([1.0, 1.0, 1.0]), _conv_only(ratio=0.67), X1)
     evefx.prune_step(gm)
     assert _conv_mask(gm) == [0, 0, 1]
+
+
+def test_prune_step_on_an_untransformed_model_says_what_to_do():
+    from examples.models import DemoNet
+
+    with pytest.raises(PruneError, match=r"^prune_step takes the fx.GraphModule evefx.transform returns \(with a prune "
+                                         r"section\), not a DemoNet: transform the model first$"):
+        evefx.prune_step(DemoNet())
