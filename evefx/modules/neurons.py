@@ -45,6 +45,9 @@ from evefx.modules.surrogate import SURROGATES, surrogate as surrogate_class
 
 __all__ = ["SpikingNeuron", "IFNeuron", "LIFNeuron", "PLIFNeuron", "multi_step"]
 
+_THRESHOLD_MARGIN = 1e-3
+"""How far above its reset value a learned threshold is kept (see ``_keep_threshold_above_reset``)."""
+
 
 class SpikingNeuron(EveHooks, nn.Module):
     """Base of the neurons (see the module docstring for the dynamics).
@@ -239,11 +242,25 @@ class SpikingNeuron(EveHooks, nn.Module):
         self.threshold.fill_(self.threshold_std * std if std > 0 else float(self.threshold.mean()))
         self.threshold_ready.fill_(True)
 
+    @torch.no_grad()
+    def _keep_threshold_above_reset(self) -> None:
+        """A learned threshold is kept ``_THRESHOLD_MARGIN`` above the reset value (0 for a soft
+        reset) before every forward. Why: Adam moves it by about its learning rate per step whatever
+        the gradient, and a data-dependent threshold can be 0.1 or less, so within a hundred steps it
+        crossed the reset, after which the neuron fired at every step and training collapsed to
+        chance (docs/spiking.md)."""
+        reset = self.reset.detach() if isinstance(self.reset, torch.Tensor) else torch.zeros(())
+        floor = (reset.to(self.threshold.dtype) + _THRESHOLD_MARGIN).expand_as(self.threshold)
+        if bool((self.threshold < floor).any()):  # in place only then: a single-step graph may hold it
+            torch.maximum(self.threshold, floor, out=self.threshold)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spiking:
             return F.leaky_relu(x, self.ann_slope) if self.leaky else F.relu(x)
         if self.threshold_std is not None and not bool(self.threshold_ready):
             self._init_threshold(x)
+        if isinstance(self.threshold, nn.Parameter):
+            self._keep_threshold_above_reset()
         axis = self.channel_axis
         if self.neuron_wise and (x.dim() < 2 or not -x.dim() <= axis < x.dim() or x.shape[axis] != self.channels):
             got = x.shape[axis] if x.dim() > 1 and -x.dim() <= axis < x.dim() else 1

@@ -46,6 +46,21 @@ def test_data_init_survives_state_dict_and_is_off_by_default():
 
 # -- threshold-relative surrogate ---------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("reset", [0.0, -0.5, None])
+def test_learned_threshold_stays_above_the_reset(reset):
+    """A learnable threshold pushed to or below its reset (Adam's fixed-size steps did it in ~100
+    steps from a data-dependent 0.09) is put back just above it before the next forward."""
+    n = LIFNeuron(timesteps=2, threshold=0.2, reset=reset, channels=3, neuron_wise=True, learnable_threshold=True)
+    with torch.no_grad():
+        n.threshold.copy_(torch.tensor([-1.0, 0.5, -0.5 if reset is None else reset]))
+    n(torch.rand(4, 3))
+    floor = (0.0 if reset is None else reset) + 1e-3
+    assert torch.allclose(n.threshold.detach(), torch.tensor([floor, 0.5, floor]))
+    fixed = LIFNeuron(timesteps=2, threshold=-1.0, reset=0.0)  # a buffer the user set: left as it is
+    fixed(torch.rand(4, 3))
+    assert float(fixed.threshold) == -1.0
+
 @pytest.mark.parametrize("th", [0.25, torch.tensor([0.2, 0.5, 2.0]).reshape(1, 3)])
 def test_relative_surrogate_is_g_of_u_over_th_divided_by_th(th):
     h = torch.tensor([[0.1, 0.45, 1.0], [-0.3, 0.6, 2.5]], dtype=torch.float64)
