@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     names = args.rows or (["float", "lif_T2", "if", "sg_erf", "hybrid"] if args.quick else list(all_rows))
     epochs, max_steps = (1, 20) if args.quick else (args.epochs, None)
     lr, batch = RECIPES[args.recipe]["lr"], RECIPES[args.recipe]["batch"]
-    train, test = loaders(batch_size=batch, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed) for name in names for seed in range(args.seeds)]
     if args.jobs > 1:
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
         runs = []
         for name, seed in jobs:
-            tr, te = (train, test) if seed == 0 else loaders(batch_size=batch, seed=seed)
+            tr, te = loaders(batch_size=batch, seed=seed)  # fresh per run: every row of a seed sees the same batches
             runs.append(run(all_rows[name], tr, te, epochs, max_steps, seed, lr))
     for r in runs:
         console.print(f"{r['row']:<48} seed {r['seed']}  {r['accuracy']:6.2f}%  rate {r['firing_rate']:.3f}  ({r['seconds']:.0f} s)")
