@@ -115,7 +115,7 @@ def scale_feeding_weights(gm: fx.GraphModule, block: Block, scale: float) -> boo
         if bn.running_mean is not None:
             bn.running_mean.mul_(scale)
             bn.running_var.mul_(scale * scale)
-    bn.eps *= scale * scale
+    bn.eps = float(bn.eps) * scale * scale  # type: ignore[assignment]  # BatchNorm's float attribute
     return True
 
 
