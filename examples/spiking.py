@@ -134,7 +134,7 @@ def run(row: dict, train, test, epochs: int, max_steps: int | None, seed: int = 
 
 
 def _run_named(name: str, recipe: str, epochs: int, max_steps: int | None, threads: int, seed: int) -> dict[str, Any]:
-    """One row and seed in a worker process (``--jobs``)."""
+    """One row and seed with its own loaders (in a worker process with ``--jobs``, else in this one)."""
     torch.set_num_threads(threads)
     train, test = loaders(batch_size=RECIPES[recipe]["batch"], seed=seed)
     return run(rows(recipe)[name], train, test, epochs, max_steps, seed, RECIPES[recipe]["lr"])
@@ -210,11 +210,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_run_named, name, args.recipe, epochs, max_steps, args.threads, seed) for name, seed in jobs]
             runs = [f.result() for f in futures]
-    else:
-        runs = []
-        for name, seed in jobs:
-            tr, te = loaders(batch_size=batch, seed=seed)  # fresh per run: every row of a seed sees the same batches
-            runs.append(run(all_rows[name], tr, te, epochs, max_steps, seed, lr))
+    else:  # the same per-run work in this process (fresh loaders: every row of a seed sees the same batches)
+        runs = [_run_named(name, args.recipe, epochs, max_steps, args.threads, seed) for name, seed in jobs]
     for r in runs:
         console.print(f"{r['row']:<48} seed {r['seed']}  {r['accuracy']:6.2f}%  rate {r['firing_rate']:.3f}  ({r['seconds']:.0f} s)")
     results = summarise(runs)
