@@ -8,9 +8,9 @@ Rows:
 * LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate) and with today's
   (data-dependent threshold, threshold-relative surrogate); Poisson input, mean readout, both;
   today's defaults at T=4 and T=2, with a soft reset, and IF neurons with the erf surrogate;
-* W8A8 from random weights (``round`` and ``lsq``);
-* W4A4 and W2A2, ``round`` (the spec default ``fn``) and ``lsq``, from random weights and
-  fine-tuned 10 epochs from the trained float network; W2A2 lsq with ``keep_first_last: 8``.
+* W8A8, W4A4 and W2A2, ``lsq`` (the spec default ``fn``, for weights and activations) and
+  ``round``, from random weights and (W4A4, W2A2) fine-tuned 10 epochs from the trained float
+  network; W2A2 lsq with ``keep_first_last: 8``.
 
 ``--split val`` trains on the first 3,500 training images and scores the last 500 (what the
 defaults were chosen on); ``--split test`` (default) trains on all 4,000 and scores the 1,000 test

@@ -22,7 +22,14 @@ from evefx.errors import EvefxWarning, SpecError
 from evefx.spec.base import Bounded, NestedErrors, Section, Select, StrictModel, TraceOptions
 from evefx.spec.messages import errors_from_validation
 from evefx.spec.prune import Iterative, OneShot, PruneSection
-from evefx.spec.quantize import AdaRoundConfig, CalibrationConfig, QuantizeSection, QuantizerConfig
+from evefx.spec.quantize import (
+    ActivationQuantizerConfig,
+    AdaRoundConfig,
+    CalibrationConfig,
+    QuantizeSection,
+    QuantizerConfig,
+    WeightQuantizerConfig,
+)
 from evefx.spec.search import Budget, Evaluator, Reward, SearchSection
 from evefx.spec.spike import SURROGATES, NeuronConfig, SpikeSection, SurrogateConfig
 
@@ -35,6 +42,8 @@ __all__ = [
     "TraceOptions",
     "QuantizeSection",
     "QuantizerConfig",
+    "WeightQuantizerConfig",
+    "ActivationQuantizerConfig",
     "CalibrationConfig",
     "AdaRoundConfig",
     "SpikeSection",

@@ -14,6 +14,7 @@ import evefx
 from evefx.errors import PlanError, QuantizationError
 from evefx.graph import marked, module_of
 from evefx.modules import QuantConv2d, Quantizer, QuantLinear
+from evefx.modules.quant_functions import affine_from_range
 from evefx.passes.quantize import QuantizePass, quant_summary
 from evefx.train import extra_losses
 
@@ -320,3 +321,27 @@ def test_progressive_and_init_steps_reach_the_quantizers(demo_net, mnist_batch):
     a = module_of(gm, marked(gm, "quantize", layer="features.3", role="activation")[0])
     assert (w.init_steps, w.bits_schedule, int(w.bits)) == (7, None, 2)
     assert (a.bits_schedule, int(a.bits)) == (((0, 8), (2, 4), (4, 2)), 8)
+
+
+def test_default_step_is_learned_and_starts_as_rounds(demo_net, mnist_batch):
+    gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "activation": {"bits": 2}}]}, mnist_batch)
+    acts = [module_of(gm, n) for n in marked(gm, "quantize", role="activation")]
+    assert len(acts) == 5 and all(q.fn == "lsq" and isinstance(q.scale, nn.Parameter) for q in acts)
+    assert all(m.weight_quantizer.fn == "lsq" for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    # until it trains (eval, PTQ) a learned step follows the tracked range: the same grid as round
+    rounded = {"passes": [{"kind": "quantize", "weight": {"fn": "round"}, "activation": {"bits": 2, "fn": "round"}}]}
+    gr = evefx.transform(demo_net, rounded, mnist_batch)
+    torch.testing.assert_close(gm.eval()(mnist_batch), gr.eval()(mnist_batch), rtol=0, atol=0)
+    # for init_steps (30) training forwards its step is the tracked range's; then the least-squares step
+    gm.train()
+    q = acts[1]
+
+    def range_step():
+        return affine_from_range(q.range_min, q.range_max, *q.quant_range(), q.symmetric, q.signed)[0]
+
+    with torch.no_grad():
+        for _ in range(30):
+            gm(mnist_batch)
+        assert torch.equal(q.scale, range_step())
+        gm(mnist_batch)
+        assert not torch.allclose(q.scale, range_step(), rtol=0.05)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evefx import Spec, SpecError, dump_spec, load_spec
-from evefx.spec import SECTION_TYPES, json_schema
+from evefx.spec import SECTION_TYPES, QuantizeSection, json_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +67,17 @@ def test_sources_agree(tmp_path):
     specs = [load_spec(data), load_spec(json.dumps(data)), load_spec(path), load_spec(str(path)), load_spec(Spec(**data))]
     assert all(s == specs[0] for s in specs)
     assert load_spec(dump_spec(specs[0])) == specs[0]  # YAML round trip
+
+
+def test_a_partly_written_block_keeps_its_role_defaults():
+    # writing only the bits used to reset every other option to a bare quantizer's
+    # (per-tensor weights, symmetric signed activations: W4A4 from random collapsed to 37% on one seed)
+    section = load_spec({"passes": [{"kind": "quantize", "weight": {"bits": 4}, "activation": {"bits": 4}}]}).passes[0]
+    w, a = section.weight, section.activation
+    assert (w.bits, w.fn, w.granularity, w.tracker, w.symmetric, w.signed) == (4, "lsq", "per_channel", "global", True, True)
+    assert (a.bits, a.fn, a.granularity, a.tracker, a.symmetric, a.signed) == (4, "lsq", "per_tensor", "average", False, False)
+    assert section.weight == QuantizeSection(kind="quantize").weight.model_copy(update={"bits": 4})
+    assert load_spec(dump_spec(load_spec({"passes": [section.model_dump(mode="json")]}))).passes[0] == section
 
 
 def test_overrides_merge_nested_and_later_wins():
