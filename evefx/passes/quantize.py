@@ -213,7 +213,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
                     changes.append(Change("folded", bn_node.name, str(bn_node.target), layer, self.spec_path,
                                           f"{type(bn).__name__} folded into {layer}"))
                     remove_node(gm, bn_node)
-            if act_cfg is not None:
+            if act_cfg is not None and (section.quantize_output or not self._feeds_output(gm, output_block(gm, node).last)):
                 cfg = act_cfg
                 # per channel along the layer's channel axis: 1 after a conv, -1 after a Linear
                 axis = planned.channel_axis if planned.channel_axis is not None else 1
@@ -248,6 +248,22 @@ class QuantizePass(SectionPass[QuantizeSection]):
         q.options = dataclasses.replace(q.options, bit_range=None, bits_schedule=None)
         q.set_bits(bits)
         return [self.change("modified", src, layer, f"{src.target} at {bits} bits (keep_first_last: the last layer's input)")]
+
+    @staticmethod
+    def _feeds_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Whether ``node``'s value is returned by the graph, directly or through ops that keep it
+        as it is (flatten, reshape, dropout...)."""
+        frontier, seen = [node], set()
+        while frontier:
+            n = frontier.pop()
+            for user in n.users:
+                if user.op == "output":
+                    return True
+                if user not in seen and calls_one_of(gm, user, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS,
+                                                     _PASS_THROUGH_METHODS):
+                    seen.add(user)
+                    frontier.append(user)
+        return False
 
     def _source(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         """Follow ``node`` back through ops that keep values on a quantization grid."""

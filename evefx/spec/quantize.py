@@ -232,10 +232,16 @@ class QuantizeSection(Section):
     equalize: bool = False
     """Post-training: cross-layer equalization of consecutive conv/linear pairs through ReLU
     (Nagel et al. 2019); a pair is equalized when both of its layers have it."""
+    quantize_output: bool = False
+    """Also put an activation quantizer on a layer whose output is the network's output (the
+    logits). ``false`` (default), as NNCF, brevitas and onnxruntime's quantizer do: the last layer
+    still runs as an integer kernel on quantized inputs and weights, and its int32 result is
+    dequantized to float instead of being rounded to a grid that, at 2 bits, leaves 4 levels for
+    10 logits and ties the argmax. ``true``: the behaviour before this option."""
     keep_first_last: Bounded(int, 1, 16) | None = None
     """A convention stated in the spec, not applied silently: the first selected layer (its
-    weights and its input quantizer) and the last selected layer (its weights, its input and its
-    output) keep this many bits, whatever ``weight.bits``/``activation.bits`` say; the layers in
+    weights and its input quantizer) and the last selected layer (its weights, its input and, with
+    ``quantize_output``, its output) keep this many bits, whatever ``weight.bits``/``activation.bits`` say; the layers in
     between take the section's bits. Low-bit networks usually keep the image input and the
     classifier at 8 bits (Esser et al. 2019, Zhou et al. 2016). ``null``: every layer as written."""
     adaround: AdaRoundConfig | None = None

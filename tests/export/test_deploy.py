@@ -61,7 +61,7 @@ def test_pruned_model_is_compacted_once_and_left_untouched(monkeypatch):
 
 def test_quantized_model_gets_stand_ins_and_exports_the_same_from_either_form(tmp_path):
     torch.manual_seed(0)
-    gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize"}]}, X0)
+    gm = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize", "quantize_output": True}]}, X0)
     evefx.calibrate(gm, [torch.rand(16, 1, 28, 28)])
     gm.eval()
     deployed = deployable(gm)

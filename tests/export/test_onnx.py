@@ -53,9 +53,11 @@ def _trained(seed: int = 0) -> DemoNet:
 
 
 def _qat(weight: dict | None, activation: dict | None, seed: int = 0) -> evefx.EveModule:
-    """Trained DemoNet with quantizers, calibrated by three training-mode batches, in eval mode."""
+    """Trained DemoNet with quantizers, calibrated by three training-mode batches, in eval mode; the
+    logits quantized too (``quantize_output``), so every output is on a grid these tests count steps of."""
     torch.manual_seed(seed)
-    gm = evefx.transform(_trained(seed), {"passes": [{"kind": "quantize", "weight": weight, "activation": activation}]}, X0)
+    section = {"kind": "quantize", "weight": weight, "activation": activation, "quantize_output": True}
+    gm = evefx.transform(_trained(seed), {"passes": [section]}, X0)
     gm.train()
     with torch.no_grad():
         for i in range(3):
@@ -390,3 +392,23 @@ def test_calibrate_then_export_leaves_batchnorm_statistics_alone(tmp_path):
     assert not gm.training and torch.equal(gm.get_submodule("features.0").bn.running_mean, bn_before)
     report = export_onnx(gm, X0, tmp_path / "c.onnx", real_inputs=_data(64, 5), kernels=False)
     assert report.parity.passed and report.quantized
+
+
+def test_the_default_float_logits_export_and_pass_every_check(tmp_path):
+    """The spec defaults (quantize_output false): the last layer reads quantized inputs and weights and
+    its result leaves the file as float; parity, the op-by-op graph check and this CPU's kernels pass."""
+    torch.manual_seed(0)
+    gm = evefx.transform(_trained(0), {"passes": [{"kind": "quantize"}]}, X0).train()
+    with torch.no_grad():
+        for i in range(3):
+            gm(_data(32, i))
+    gm.eval()
+    path = tmp_path / "m.onnx"
+    report = export_onnx(gm, X0, path, real_inputs=_data(256, 7))
+    assert report.passed and report.graph.passed and report.parity.passed and report.kernel_check.passed
+    model = onnx.load(str(path))
+    last = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+    assert last.op_type != "DequantizeLinear", last.op_type  # not rounded to an output grid
+    # the image input, four activations (none on the logits) and the requantizations after data movement
+    assert report.ops["QuantizeLinear"] == 5 + report.rewrites["requantized_data_movement"]
+    assert json.loads(_metadata(path)["evefx.bits"])["classifier.3"] == {"weight": 8, "activation": None}

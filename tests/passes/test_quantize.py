@@ -28,8 +28,9 @@ def _bn_modules(gm):
 
 def test_demo_net_changes_and_graph(demo_net, mnist_batch):
     gm = evefx.transform(demo_net, W8A8, mnist_batch)
-    # 5 activation quantizers and one input quantizer (features.0 reads the network input)
-    assert gm.report.counts() == {"replaced": 5, "folded": 3, "inserted": 6}
+    # 4 activation quantizers (the logits stay float: quantize_output false) and one input
+    # quantizer (features.0 reads the network input)
+    assert gm.report.counts() == {"replaced": 5, "folded": 3, "inserted": 5}
     folded = [c.target for c in gm.report.changes if c.action == "folded"]
     assert folded == ["features.1", "features.4", "features.7"]
     # BN nodes are gone from the graph; the BN modules now live inside the quantized convs
@@ -38,13 +39,29 @@ def test_demo_net_changes_and_graph(demo_net, mnist_batch):
     assert isinstance(gm.get_submodule("classifier.1"), QuantLinear)
     assert [n.meta["evefx"]["layer"] for n in marked(gm, "quantize", role="weight")] == DEMO_LAYERS
     acts = marked(gm, "quantize", role="activation")
-    assert [n.meta["evefx"]["layer"] for n in acts] == DEMO_LAYERS
+    assert [n.meta["evefx"]["layer"] for n in acts] == DEMO_LAYERS[:-1]
     # the activation quantizer sits after conv -> relu (BN folded away)
     first = acts[0]
     assert first.args[0].target == "features.2" and first.args[0].args[0].target == "features.0"
     assert all(n.meta["evefx"]["spec_path"] == "passes[0]" for n in acts)
     out = gm(mnist_batch)
     assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_the_network_output_is_quantized_only_when_asked(demo_net, mnist_batch):
+    """quantize_output: false (default) leaves the logits float, as NNCF, brevitas and onnxruntime do;
+    true puts the last layer's activation quantizer back (2 bits: 4 levels for 10 logits)."""
+    spec = {"passes": [{"kind": "quantize", "activation": {"bits": 2}}]}
+    plain = evefx.transform(demo_net, spec, mnist_batch).eval()
+    asked = evefx.transform(demo_net, {"passes": [{**spec["passes"][0], "quantize_output": True}]}, mnist_batch).eval()
+    layers = [[n.meta["evefx"]["layer"] for n in marked(g, "quantize", role="activation")] for g in (plain, asked)]
+    assert layers == [DEMO_LAYERS[:-1], DEMO_LAYERS]
+    assert plain(mnist_batch).unique().numel() > 4 * 4  # float logits
+    assert all(row.unique().numel() <= 4 for row in asked(mnist_batch))  # on a 2-bit grid
+    # a layer returned through a flatten is the output too; one whose value also feeds a layer is not last
+    seq = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.Flatten())
+    gm = evefx.transform(seq, {"passes": [{"kind": "quantize"}]}, torch.rand(2, 6))
+    assert [n.meta["evefx"]["layer"] for n in marked(gm, "quantize", role="activation")] == ["0"]
 
 
 def test_quantization_off_equals_original_eval_and_train(demo_net, mnist_batch):
@@ -89,7 +106,7 @@ def test_weight_only_and_activation_only(demo_net, mnist_batch):
     assert w_only.report.counts() == {"replaced": 5, "folded": 3}
     assert not any(isinstance(m, Quantizer) for n, m in w_only.named_children())
     a_only = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "weight": None}]}, mnist_batch)
-    assert a_only.report.counts() == {"inserted": 6}
+    assert a_only.report.counts() == {"inserted": 5}
     assert len(_bn_modules(a_only)) == 3 and not any(isinstance(m, QuantConv2d) for m in a_only.modules())
     # the activation quantizer goes after conv -> bn -> relu
     first = marked(a_only, "quantize", role="activation")[0]
@@ -111,7 +128,7 @@ def test_mixed_precision_overrides_and_summary(demo_net, mnist_batch):
     gm = evefx.transform(demo_net, spec, mnist_batch)
     rows = {r["layer"]: r for r in quant_summary(gm)}
     assert [rows[k]["w_bits"] for k in DEMO_LAYERS] == [8, 4, 4, 8, 8]
-    assert all(rows[k]["a_bits"] == 8 for k in DEMO_LAYERS)
+    assert [rows[k]["a_bits"] for k in DEMO_LAYERS] == [8, 8, 8, 8, None]  # the logits stay float
     # features.3: 8*4*3*3 = 288 weights at 4 bits = 144 bytes, + 8 folded biases * 4 bytes
     assert rows["features.3"] == {"layer": "features.3", "w_bits": 4, "a_bits": 8, "params": 296, "bytes": 176}
     # classifier.1: 256*16 weights at 8 bits + 16 biases
@@ -127,7 +144,7 @@ def test_upgrade_bits_are_eve_parameters(demo_net, mnist_batch):
                         "weight": {"bits": 6, "granularity": "per_channel"}}]}
     gm = evefx.transform(demo_net, spec, mnist_batch)
     params = evefx.eve_parameters(gm)
-    assert len(params) == 10
+    assert len(params) == 9  # 5 weights, 4 activations (not the logits)
     assert {p.role for p in params} == {"weight", "activation"}
     assert all((p.low, p.high, p.integer, p.kind) == (2, 8, True, "bits") for p in params)
     assert params[0].name == "features.0.weight_quantizer.bits" and params[0].value == 6.0
@@ -156,7 +173,7 @@ def test_training_steps_reach_every_learned_scale(demo_net, mnist_batch):
                         "activation": {"fn": "llsq", "signed": False, "init_steps": 0}}]}
     gm = evefx.transform(demo_net, spec, mnist_batch).train()
     scales = [m.scale for m in gm.modules() if isinstance(m, Quantizer)]
-    assert len(scales) == 11 and all(isinstance(s, nn.Parameter) for s in scales)
+    assert len(scales) == 10 and all(isinstance(s, nn.Parameter) for s in scales)  # 5 weights, 4 activations, 1 input
     ids = {id(p) for p in gm.parameters()}
     assert all(id(s) in ids for s in scales)
     opt = torch.optim.Adam(gm.parameters(), lr=3e-3)
@@ -187,9 +204,10 @@ def test_resnet18():
     x = torch.rand(2, 3, 64, 64)
     gm = evefx.transform(model, W8A8, x)
     counts = gm.report.counts()
-    # 21 activation quantizers; 9 input quantizers: conv1 (network input), the conv1 of the 7 blocks
-    # that read a ReLU of a residual sum (shared with the downsample conv where there is one), fc
-    assert counts == {"replaced": 21, "folded": 20, "inserted": 30}
+    # 20 activation quantizers (not after fc: the logits stay float); 9 input quantizers: conv1
+    # (network input), the conv1 of the 7 blocks that read a ReLU of a residual sum (shared with the
+    # downsample conv where there is one), fc
+    assert counts == {"replaced": 21, "folded": 20, "inserted": 29}
     assert not any(n.op == "call_module" and isinstance(module_of(gm, n), nn.BatchNorm2d) for n in gm.graph.nodes)
     # the quantizer of conv2 of a residual block sits after its BN (folded), before the addition
     node = next(n for n in marked(gm, "quantize", role="activation") if n.meta["evefx"]["layer"] == "layer1.0.conv2")
@@ -301,16 +319,16 @@ def test_keep_first_last_sets_exactly_the_edge_layers_bits(demo_net, mnist_batch
                         "keep_first_last": 8}]}
     gm = evefx.transform(demo_net, spec, mnist_batch)
     rows = {r["layer"]: (r["w_bits"], r["a_bits"]) for r in quant_summary(gm)}
-    # first: weights 8 (its output feeds the next layer: 2); last: weights and output 8,
-    # and its input (the hidden layer's activation quantizer) 8
+    # first: weights 8 (its output feeds the next layer: 2); last: weights 8, its input (the hidden
+    # layer's activation quantizer) 8, its output float (quantize_output false)
     assert rows == {"features.0": (8, 2), "features.3": (2, 2), "features.6": (2, 2), "classifier.1": (2, 8),
-                    "classifier.3": (8, 8)}
+                    "classifier.3": (8, None)}
     inputs = [module_of(gm, n) for n in marked(gm, "quantize", role="input")]
     assert [int(q.bits) for q in inputs] == [8]  # the image input of features.0
     modified = [c for c in gm.report.changes if c.action == "modified"]
     assert [c.target for c in modified] == ["classifier_1_act_quant"]
     plain = evefx.transform(demo_net, {"passes": [{**spec["passes"][0], "keep_first_last": None}]}, mnist_batch)
-    assert {(r["w_bits"], r["a_bits"]) for r in quant_summary(plain)} == {(2, 2)}
+    assert {(r["w_bits"], r["a_bits"]) for r in quant_summary(plain)} == {(2, 2), (2, None)}
 
 
 def test_progressive_and_init_steps_reach_the_quantizers(demo_net, mnist_batch):
@@ -326,7 +344,7 @@ def test_progressive_and_init_steps_reach_the_quantizers(demo_net, mnist_batch):
 def test_default_step_is_learned_and_starts_as_rounds(demo_net, mnist_batch):
     gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "activation": {"bits": 2}}]}, mnist_batch)
     acts = [module_of(gm, n) for n in marked(gm, "quantize", role="activation")]
-    assert len(acts) == 5 and all(q.fn == "lsq" and isinstance(q.scale, nn.Parameter) for q in acts)
+    assert len(acts) == 4 and all(q.fn == "lsq" and isinstance(q.scale, nn.Parameter) for q in acts)
     assert all(m.weight_quantizer.fn == "lsq" for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
     # until it trains (eval, PTQ) a learned step follows the tracked range: the same grid as round
     rounded = {"passes": [{"kind": "quantize", "weight": {"fn": "round"}, "activation": {"bits": 2, "fn": "round"}}]}

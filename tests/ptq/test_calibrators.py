@@ -108,7 +108,7 @@ def test_calibrate_minmax_sets_the_observed_ranges_in_eval_mode():
 
 
 def test_calibrate_follows_the_spec_with_per_layer_overrides():
-    gm = transformed(tiny(), calibration={"method": "entropy", "batches": 2},
+    gm = transformed(tiny(), quantize_output=True, calibration={"method": "entropy", "batches": 2},
                      overrides=[{"names": ["fc2"], "calibration": {"method": "percentile", "percentile": 99.0}}])
     report = calibrate(gm, batches(), progress=False)
     methods = {(r.layer, r.role): r.method for r in report.rows}

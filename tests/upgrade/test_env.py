@@ -20,7 +20,8 @@ from evefx.spec import Budget, Reward, load_spec
 from evefx.trace import propagate_shapes, trace
 from evefx.upgrade import CostModel, FineTune, UpgradeEnv, override_for, spec_with_values
 
-QSPEC = {"passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8},
+# quantize_output: the logits' bits are searched too (six bit widths on the MLP)
+QSPEC = {"passes": [{"kind": "quantize", "upgrade_bits": True, "quantize_output": True, "weight": {"bits": 8},
                      "activation": {"bits": 8, "signed": False, "symmetric": False}}]}
 
 
@@ -327,7 +328,7 @@ def test_budget_and_reward_take_the_dict_a_spec_file_holds():
 
 def test_spec_with_values_merges_with_the_overrides_already_there():
     """Issue 12, item 8: best.yaml kept the original override of a layer and added a conflicting one after it."""
-    spec = {"passes": [{"kind": "quantize", "upgrade_bits": True, "min_bits": 2, "max_bits": 8,
+    spec = {"passes": [{"kind": "quantize", "upgrade_bits": True, "min_bits": 2, "max_bits": 8, "quantize_output": True,
                         "weight": {"bits": 4}, "activation": {"bits": 4, "signed": False, "symmetric": False},
                         "overrides": [{"names": ["0", "4"], "weight": {"bits": 8}, "activation": {"bits": 8},
                                        "fold_bn": False},

@@ -14,7 +14,8 @@ import evefx
 from evefx.errors import SearchError
 from evefx.upgrade import Accuracy, read_episodes, search
 
-QSPEC = {"passes": [{"kind": "quantize", "upgrade_bits": True, "weight": {"bits": 8},
+# quantize_output: the logits' bits are searched too (six bit widths on the MLP)
+QSPEC = {"passes": [{"kind": "quantize", "upgrade_bits": True, "quantize_output": True, "weight": {"bits": 8},
                      "activation": {"bits": 8, "signed": False, "symmetric": False}}]}
 SEARCH = {"algorithm": "random", "episodes": 6, "budget": {"kind": "avg_bits", "max": 4.0}, "seed": 3}
 
