@@ -8,9 +8,9 @@ Rows:
 * LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate) and with today's
   (data-dependent threshold, threshold-relative surrogate); Poisson input, mean readout, both;
   today's defaults at T=4 and T=2, with a soft reset, and IF neurons with the erf surrogate;
-* W8A8, W4A4 and W2A2, ``lsq`` (the spec default ``fn``, for weights and activations) and
-  ``round``, from random weights and (W4A4, W2A2) fine-tuned 10 epochs from the trained float
-  network; W2A2 lsq with ``keep_first_last: 8``.
+* W8A8, W4A4 and W2A2 with the spec defaults (weights ``round``, activations ``lsq``), ``lsq``
+  for both and ``round`` for both, from random weights and (W4A4, W2A2) fine-tuned 10 epochs from
+  the trained float network; W2A2 defaults and lsq with ``keep_first_last: 8``.
 
 ``--split val`` trains on the first 3,500 training images and scores the last 500 (what the
 defaults were chosen on); ``--split test`` (default) trains on all 4,000 and scores the 1,000 test
@@ -59,6 +59,11 @@ def _q(bits: int, fn: str, **section: Any) -> dict:
     return {"passes": [{"kind": "quantize", "weight": _w(bits, fn), "activation": _a(bits, fn), **section}]}
 
 
+def _d(bits: int, **section: Any) -> dict:
+    # the spec defaults, only the bits written (weights round, activations lsq, logits float)
+    return {"passes": [{"kind": "quantize", "weight": {"bits": bits}, "activation": {"bits": bits}, **section}]}
+
+
 PREVIOUS_SPIKE = {"threshold": 1.0, "surrogate": {"relative": False}}
 # name -> (label, spec or None, start: "scratch" | "finetune")
 ROWS: dict[str, tuple[str, dict | None, str]] = {
@@ -73,6 +78,12 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "lif_soft": ("LIF T=8, soft reset", {"passes": [{"kind": "spike", "neuron": {"reset": None}}]}, "scratch"),
     "if_erf": ("IF T=8, erf surrogate", {"passes": [{"kind": "spike", "neuron": {"type": "if", "surrogate": {"name": "erf"}}}]},
                "scratch"),
+    "w8_default": ("W8A8 spec defaults, random init", _d(8), "scratch"),
+    "w4_default": ("W4A4 spec defaults, random init", _d(4), "scratch"),
+    "w2_default": ("W2A2 spec defaults, random init", _d(2), "scratch"),
+    "ft_w4_default": ("W4A4 spec defaults, fine-tuned", _d(4), "finetune"),
+    "ft_w2_default": ("W2A2 spec defaults, fine-tuned", _d(2), "finetune"),
+    "ft_w2_default_keep8": ("W2A2 spec defaults, keep_first_last: 8, fine-tuned", _d(2, keep_first_last=8), "finetune"),
     "w8_round": ("W8A8 round, random init", _q(8, "round"), "scratch"),
     "w8_lsq": ("W8A8 lsq, random init", _q(8, "lsq"), "scratch"),
     "w4_round": ("W4A4 round, random init", _q(4, "round"), "scratch"),

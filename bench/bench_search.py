@@ -17,7 +17,7 @@ Two measurements, each from flags:
 
 The network is DemoNet (examples/models.py) or a small ResNet (``--network resnet``). ``--task bits``
 (default): bits of weights and activations in [2, 8] under ``--avg-bits``, searched on the model after
-one epoch of 8-bit QAT (the spec defaults: lsq weights and activations). ``--task prune``:
+one epoch of 8-bit QAT (lsq weights and activations, the logits float). ``--task prune``:
 the channel pruning ratio of every conv/linear but the classifier in [0, 0.9] (l1-norm) under
 ``--macs`` (fraction of the dense MACs); greedy, knapsack and ilp allocate bit widths only and are
 skipped there.
@@ -99,7 +99,8 @@ NETWORKS = {"demonet": DemoNet, "resnet": SmallResNet}
 
 def qspec() -> dict:
     return {"trace": {"input_shape": INPUT}, "passes": [{
-        "kind": "quantize", "weight": {"bits": 8}, "activation": {"bits": 8},  # the spec defaults (lsq)
+        # lsq weights and activations, the network's output float (the spec defaults but the weights' fn)
+        "kind": "quantize", "weight": {"bits": 8, "fn": "lsq"}, "activation": {"bits": 8},
         "upgrade_bits": True, "min_bits": 2, "max_bits": 8}]}
 
 

@@ -145,6 +145,8 @@ class Quantizer(EveHooks, nn.Module):
         """
         qmin, qmax = self.quant_range()
         scale = self.scale.detach().float().clone()
+        if self.learnable_scale and bool(self.initialized):  # as the next forward would use it
+            scale = torch.maximum(scale, self._scale_floor().float())
         axis = self.ch_axis if self.num_channels is not None else None
         return scale, self.zero_point.detach().to(torch.int64).clone(), qmin, qmax, axis
 
@@ -373,6 +375,15 @@ class Quantizer(EveHooks, nn.Module):
             return x
         return self._run(x, None)
 
+    @torch.no_grad()
+    def _scale_floor(self) -> torch.Tensor:
+        """The least a learned scale may be: 1/_MIN_SPAN of the tracked range's scale. Why: an
+        optimizer step may push a learned scale through zero (Adam moves it by about its learning
+        rate whatever the gradient, more than a small weight scale); trained grids do not come near
+        it (the least-squares 2-bit step of Gaussian values is 1/3 to 1/2 of the range's)."""
+        qmin, qmax = self.quant_range()
+        return affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)[0] / _MIN_SPAN
+
     def _stage_step(self) -> int:
         """Training forwards since the current bits began (since the start without a schedule)."""
         step = int(self.steps)
@@ -412,14 +423,9 @@ class Quantizer(EveHooks, nn.Module):
                 self.initialized.fill_(True)
             if self.training and hasattr(self, "steps"):
                 self.steps += 1
-            if self.learnable_scale and self.training and not warming:
-                # An optimizer step may push a learned scale through zero (Adam moves it by about
-                # its learning rate whatever the gradient, more than a small 8-bit weight scale):
-                # keep the step at least 1/_MIN_SPAN of the tracked range's, which trained grids do
-                # not come near (the least-squares 2-bit step of Gaussian values is 1/3 to 1/2 of it)
-                qmin, qmax = self.quant_range()
-                floor = affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)[0]
-                torch.maximum(self.scale, floor / _MIN_SPAN, out=self.scale)
+            if self.learnable_scale and not warming:
+                # in eval too: the last optimizer step before eval may have left it below the floor
+                torch.maximum(self.scale, self._scale_floor(), out=self.scale)
         out = self._fake_quant(x, fold, (mn, mx), ste=warming)
         if self.training and self.fn == "llsq" and torch.is_grad_enabled():
             err = (out - x).abs() if self.regularization == "l1" else (out - x).square()

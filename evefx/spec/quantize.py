@@ -38,13 +38,13 @@ class QuantizerConfig(StrictModel):
     bits: Bounded(int, 1, 16) = 8
     """Bit width, 1 to 16. With ``upgrade_bits`` it is the starting value of the eve parameter."""
     fn: Literal["round", "lsq", "llsq"] = "lsq"
-    """lsq (default): learned step size (Esser et al. 2019), started after ``init_steps`` of range
-    tracking; until it trains (eval only, PTQ) it uses the tracked range as round does. round:
-    uniform rounding of the tracked range with the straight-through estimator; llsq: learned
-    linear symmetric quantizer (Zhao et al. 2020). lsq became the default after a validation scan
-    (MNIST split, plain recipe, 3 seeds; docs/quantization.md): from random weights W4A4 -0.3
-    against round's -2.2 (W8A8 -0.1 vs -0.4), fine-tuned W4A4 -0.7 vs -1.9; lsq weights also
-    beat round weights under lsq activations (fine-tuned W2A2 86.7 vs 73.1%)."""
+    """lsq (default; the ``weight`` block's is round): learned step size (Esser et al. 2019),
+    started after ``init_steps`` of range tracking; until it trains (eval only, PTQ) it uses the
+    tracked range as round does. round: the tracked range, rounded with the straight-through
+    estimator; llsq: learned linear symmetric quantizer (Zhao et al. 2020). lsq activations
+    became the default after a validation scan (MNIST split, plain recipe, 3 seeds;
+    docs/quantization.md): with round weights, W4A4 from random -0.3 against -2.2 with round
+    activations, fine-tuned W4A4 -1.3 against -1.9."""
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     """One scale for the tensor, or one per output channel (the seed's neuron_wise)."""
     symmetric: bool = True
@@ -146,13 +146,21 @@ class AdaRoundConfig(StrictModel):
 
 class WeightQuantizerConfig(QuantizerConfig):
     """The ``weight`` block: a quantizer whose unwritten options take the weights' defaults, so
-    ``weight: {bits: 4}`` stays per channel with the global tracker.
+    ``weight: {bits: 4}`` stays round, per channel, with the global tracker.
 
     Example:
         >>> WeightQuantizerConfig(bits=4).granularity
         'per_channel'
     """
 
+    fn: Literal["round", "lsq", "llsq"] = "round"
+    """round (default for weights): the tracked min/max range, rounded with the straight-through
+    estimator. Why not lsq, the activations' default: a learned weight step is of the order of
+    1e-3 or less on real networks, about what Adam moves it by per step whatever the gradient; on
+    torchvision's mobilenet_v3_small at 8 bits, 60 steps of Adam 1e-3 left the learned steps a median
+    2.2x (up to 35x) the range's and 8% at their floor, a grid far coarser than 8 bits. On DemoNet
+    (large weights) lsq weights were as good or better (docs/quantization.md): write ``fn: lsq``
+    for 2-4-bit weights, or fine-tune with SGD or a smaller learning rate."""
     granularity: Literal["per_tensor", "per_channel"] = "per_channel"
     """One scale per output channel (default for weights), or one for the tensor."""
     tracker: Literal["average", "global"] = "global"
@@ -187,7 +195,7 @@ class QuantizeSection(Section):
     kind: Literal["quantize"]
     weight: WeightQuantizerConfig | None = WeightQuantizerConfig()
     """Weight quantizer; ``null`` leaves the weights in float. Options not written keep the
-    weights' defaults (per channel, global tracker)."""
+    weights' defaults (round, per channel, global tracker)."""
     activation: ActivationQuantizerConfig | None = ActivationQuantizerConfig()
     """Activation quantizer after the layer's output block; ``null`` leaves activations in float.
     Options not written keep the activations' defaults (asymmetric, unsigned)."""

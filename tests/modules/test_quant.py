@@ -580,3 +580,18 @@ def test_learned_scale_pushed_through_zero_is_held_at_an_eighth_of_the_range():
     amax = max(-float(x.min()), float(x.max()))
     assert math.isclose(float(q.scale.detach()), amax / 127 / 8, rel_tol=1e-5)
     assert float(out.detach().abs().max()) > 0
+
+
+def test_a_learned_step_pushed_below_zero_by_the_last_optimizer_step_is_floored_in_eval_and_export():
+    """mobilenet_v3_small, 4-bit lsq weights, Adam 1e-3: a per-channel step of ~1e-3 went negative
+    after the last step and the model was evaluated (and nearly exported) with it."""
+    q = Quantizer(4, "lsq", init_steps=0)
+    x = torch.randn(64, 8)
+    q.train()(x)  # initialised: learned step from the data
+    with torch.no_grad():
+        q.scale.fill_(-1e-3)  # what an optimizer step did
+    scale, *_ = q.qparams()
+    assert float(scale) > 0  # export reads the step the next forward would use
+    out = q.eval()(x)
+    assert torch.isfinite(out).all() and float(q.scale) > 0
+    assert torch.equal(q.scale.detach(), q._scale_floor()) and torch.equal(scale, q.scale.detach().float())

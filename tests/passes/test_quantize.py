@@ -345,7 +345,7 @@ def test_default_step_is_learned_and_starts_as_rounds(demo_net, mnist_batch):
     gm = evefx.transform(demo_net, {"passes": [{"kind": "quantize", "activation": {"bits": 2}}]}, mnist_batch)
     acts = [module_of(gm, n) for n in marked(gm, "quantize", role="activation")]
     assert len(acts) == 4 and all(q.fn == "lsq" and isinstance(q.scale, nn.Parameter) for q in acts)
-    assert all(m.weight_quantizer.fn == "lsq" for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    assert all(m.weight_quantizer.fn == "round" for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
     # until it trains (eval, PTQ) a learned step follows the tracked range: the same grid as round
     rounded = {"passes": [{"kind": "quantize", "weight": {"fn": "round"}, "activation": {"bits": 2, "fn": "round"}}]}
     gr = evefx.transform(demo_net, rounded, mnist_batch)

@@ -74,7 +74,7 @@ def test_a_partly_written_block_keeps_its_role_defaults():
     # (per-tensor weights, symmetric signed activations: W4A4 from random collapsed to 37% on one seed)
     section = load_spec({"passes": [{"kind": "quantize", "weight": {"bits": 4}, "activation": {"bits": 4}}]}).passes[0]
     w, a = section.weight, section.activation
-    assert (w.bits, w.fn, w.granularity, w.tracker, w.symmetric, w.signed) == (4, "lsq", "per_channel", "global", True, True)
+    assert (w.bits, w.fn, w.granularity, w.tracker, w.symmetric, w.signed) == (4, "round", "per_channel", "global", True, True)
     assert (a.bits, a.fn, a.granularity, a.tracker, a.symmetric, a.signed) == (4, "lsq", "per_tensor", "average", False, False)
     assert section.weight == QuantizeSection(kind="quantize").weight.model_copy(update={"bits": 4})
     assert load_spec(dump_spec(load_spec({"passes": [section.model_dump(mode="json")]}))).passes[0] == section
