@@ -213,14 +213,14 @@ class QuantizePass(SectionPass[QuantizeSection]):
                     changes.append(Change("folded", bn_node.name, str(bn_node.target), layer, self.spec_path,
                                           f"{type(bn).__name__} folded into {layer}"))
                     remove_node(gm, bn_node)
-            if act_cfg is not None and (section.quantize_output or not self._feeds_output(gm, output_block(gm, node).last)):
+            last = output_block(gm, node).last  # looked up after folding: the BatchNorm node is gone
+            if act_cfg is not None and (section.quantize_output or not self._feeds_output(gm, last)):
                 cfg = act_cfg
                 # per channel along the layer's channel axis: 1 after a conv, -1 after a Linear
                 axis = planned.channel_axis if planned.channel_axis is not None else 1
                 aq = make_quantizer(cfg, name=f"{layer} (activation)", num_channels=channels, ch_axis=axis,
                                     bit_range=self._bit_range(section, cfg, layer, "activation"))
                 aq.train(module.training)
-                last = output_block(gm, node).last
                 new_node = insert_after(gm, last, aq, f"{layer}.act_quant")
                 self.mark(new_node, layer, "activation", channel_axis=axis)
                 changes.append(self.change("inserted", new_node, layer, f"activation quantizer after {last.name} ({_describe(cfg)})"))
@@ -259,8 +259,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
             for user in n.users:
                 if user.op == "output":
                     return True
-                if user not in seen and calls_one_of(gm, user, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS,
-                                                     _PASS_THROUGH_METHODS):
+                if user not in seen and _keeps_grid(gm, user):
                     seen.add(user)
                     frontier.append(user)
         return False
@@ -268,9 +267,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
     def _source(self, gm: fx.GraphModule, node: fx.Node) -> Any:
         """Follow ``node`` back through ops that keep values on a quantization grid."""
         src: Any = node
-        while isinstance(src, fx.Node) and src.args and calls_one_of(
-            gm, src, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS, _PASS_THROUGH_METHODS
-        ):
+        while isinstance(src, fx.Node) and src.args and _keeps_grid(gm, src):
             src = src.args[0]
         return src
 
@@ -321,6 +318,12 @@ class QuantizePass(SectionPass[QuantizeSection]):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         self.ensure_marked_are(gm, "weight", QUANT_LAYER_TYPES, "weight-quantized")
+
+
+def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an op that keeps its input's values as they are (flatten, reshape,
+    dropout, max-pool, a pruner's mask), so a quantized tensor stays on its grid through it."""
+    return calls_one_of(gm, node, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS, _PASS_THROUGH_METHODS)
 
 
 def _describe(cfg: QuantizerConfig) -> str:

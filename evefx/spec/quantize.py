@@ -7,8 +7,8 @@ from pydantic import model_validator
 
 from evefx.spec.base import Bounded, Section, StrictModel
 
-__all__ = ["QuantizerConfig", "WeightQuantizerConfig", "ActivationQuantizerConfig", "ProgressiveBits", "QuantizeSection", "CalibrationConfig", "AdaRoundConfig", "TARGETS",
-           "SATURATION_FREE_WEIGHT_CODES"]
+__all__ = ["QuantizerConfig", "WeightQuantizerConfig", "ActivationQuantizerConfig", "ProgressiveBits",
+           "QuantizeSection", "CalibrationConfig", "AdaRoundConfig", "TARGETS", "SATURATION_FREE_WEIGHT_CODES"]
 
 TARGETS = ("portable", "x86-vnni", "arm")
 """CPU classes an int8 file can be built for (see ``QuantizeSection.target``)."""
@@ -37,14 +37,9 @@ class QuantizerConfig(StrictModel):
 
     bits: Bounded(int, 1, 16) = 8
     """Bit width, 1 to 16. With ``upgrade_bits`` it is the starting value of the eve parameter."""
-    fn: Literal["round", "lsq", "llsq"] = "lsq"
-    """lsq (default; the ``weight`` block's is round): learned step size (Esser et al. 2019),
-    started after ``init_steps`` of range tracking; until it trains (eval only, PTQ) it uses the
-    tracked range as round does. round: the tracked range, rounded with the straight-through
-    estimator; llsq: learned linear symmetric quantizer (Zhao et al. 2020). lsq activations
-    became the default after a validation scan (MNIST split, plain recipe, 3 seeds;
-    docs/quantization.md): with round weights, W4A4 from random -0.3 against -2.2 with round
-    activations, fine-tuned W4A4 -1.3 against -1.9."""
+    fn: Literal["round", "lsq", "llsq"] = "round"
+    """round: uniform rounding with the straight-through estimator; lsq: learned step size
+    (Esser et al. 2019); llsq: learned linear symmetric quantizer (Zhao et al. 2020)."""
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     """One scale for the tensor, or one per output channel (the seed's neuron_wise)."""
     symmetric: bool = True
@@ -153,14 +148,6 @@ class WeightQuantizerConfig(QuantizerConfig):
         'per_channel'
     """
 
-    fn: Literal["round", "lsq", "llsq"] = "round"
-    """round (default for weights): the tracked min/max range, rounded with the straight-through
-    estimator. Why not lsq, the activations' default: a learned weight step is of the order of
-    1e-3 or less on real networks, about what Adam moves it by per step whatever the gradient; on
-    torchvision's mobilenet_v3_small at 8 bits, 60 steps of Adam 1e-3 left the learned steps a median
-    2.2x (up to 35x) the range's and 8% at their floor, a grid far coarser than 8 bits. On DemoNet
-    (large weights) lsq weights were as good or better (docs/quantization.md): write ``fn: lsq``
-    for 2-4-bit weights, or fine-tune with SGD or a smaller learning rate."""
     granularity: Literal["per_tensor", "per_channel"] = "per_channel"
     """One scale per output channel (default for weights), or one for the tensor."""
     tracker: Literal["average", "global"] = "global"
@@ -169,13 +156,22 @@ class WeightQuantizerConfig(QuantizerConfig):
 
 class ActivationQuantizerConfig(QuantizerConfig):
     """The ``activation`` block: a quantizer whose unwritten options take the activations' defaults,
-    so ``activation: {bits: 4}`` stays asymmetric and unsigned.
+    so ``activation: {bits: 4}`` stays lsq, asymmetric and unsigned.
 
     Example:
         >>> ActivationQuantizerConfig(bits=4).symmetric
         False
     """
 
+    fn: Literal["round", "lsq", "llsq"] = "lsq"
+    """lsq (default for activations): a learned step, started after ``init_steps`` of range
+    tracking; until it trains (eval only, PTQ) it uses the tracked range as round does. Chosen on
+    the MNIST split's validation part (plain recipe, 3 seeds; docs/quantization.md): with round
+    weights, W4A4 from random -0.3 against -2.2 with round activations, fine-tuned W4A4 -1.3
+    against -1.9. Weights keep round: a learned weight step on a real network is about 1e-3,
+    what Adam moves it by per step whatever the gradient (on torchvision's mobilenet_v3_small at
+    8 bits, 60 steps of Adam 1e-3 left lsq weight steps a median 2.2x, up to 35x, the range's);
+    write ``weight.fn: lsq`` for 2-4-bit weights, or fine-tune with SGD or a smaller learning rate."""
     symmetric: bool = False
     """Asymmetric range with a zero point (default for activations), or symmetric (zero point 0)."""
     signed: bool = False
@@ -198,7 +194,7 @@ class QuantizeSection(Section):
     weights' defaults (round, per channel, global tracker)."""
     activation: ActivationQuantizerConfig | None = ActivationQuantizerConfig()
     """Activation quantizer after the layer's output block; ``null`` leaves activations in float.
-    Options not written keep the activations' defaults (asymmetric, unsigned)."""
+    Options not written keep the activations' defaults (lsq, asymmetric, unsigned)."""
     quantize_inputs: bool = True
     """Also quantize each selected layer's input when it is not already the output of an evefx
     activation quantizer (network inputs, residual sums, pooled features), so that onnxruntime
@@ -249,8 +245,8 @@ class QuantizeSection(Section):
     keep_first_last: Bounded(int, 1, 16) | None = None
     """A convention stated in the spec, not applied silently: the first selected layer (its
     weights and its input quantizer) and the last selected layer (its weights, its input and, with
-    ``quantize_output``, its output) keep this many bits, whatever ``weight.bits``/``activation.bits`` say; the layers in
-    between take the section's bits. Low-bit networks usually keep the image input and the
+    ``quantize_output``, its output) keep this many bits, whatever ``weight.bits`` and
+    ``activation.bits`` say; the layers in between take the section's bits. Low-bit networks usually keep the image input and the
     classifier at 8 bits (Esser et al. 2019, Zhou et al. 2016). ``null``: every layer as written."""
     adaround: AdaRoundConfig | None = None
     """Post-training: learn whether each weight rounds up or down (AdaRound); ``null``: nearest rounding."""
