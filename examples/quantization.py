@@ -40,8 +40,6 @@ from examples.models import DemoNet
 console = Console()
 
 # first conv and classifier at 8 bits: the usual mixed-precision recipe (and the example override)
-# only the network's output (10 logits) at 8 bits: 2-bit logits have 4 levels, so classes tie
-LOGITS_8BIT = [{"names": ["classifier.3"], "activation": {"bits": 8}}]
 EDGES_8BIT = [{"names": ["features.0", "classifier.*"], "weight": {"bits": 8}, "activation": {"bits": 8}}]
 
 
@@ -74,7 +72,8 @@ ROWS: dict[str, tuple[str, dict | None]] = {
     "W8A8": ("headline", q(W(8), A(8))),
     "W4A4": ("headline", q(W(4), A(4))),
     "W2A2": ("headline", q(W(2), A(2))),
-    "W2A2 (logits 8-bit)": ("headline", q(W(2), A(2), overrides=LOGITS_8BIT)),
+    # the network's output (10 logits) on a 2-bit grid too: 4 levels, so classes tie (the default leaves it float)
+    "W2A2 (logits 2-bit)": ("headline", q(W(2), A(2), quantize_output=True)),
     "W2A2 (first/last 8-bit)": ("headline", q(W(2), A(2), overrides=EDGES_8BIT)),
     "W8A8 round (spec defaults)": ("headline", q(W(8, fn="round", tracker="global"), A(8, fn="round"))),  # the defaults until 2026-11-29
     "W2A2 llsq-l1": ("2 bits with llsq-l1", q(LW(2), LA(2))),

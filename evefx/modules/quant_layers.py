@@ -36,7 +36,13 @@ class _QuantLayerMixin(nn.Module):
     * eval: ``y = conv(x, Q(W_f), b_f)``: a single conv, exactly the exported graph. With the
       quantizer of its input known (:meth:`set_input_quantizer`), ``b_f`` is rounded to the grid
       ``s_x * s_w`` on which integer kernels store it as int32, as the exported file does.
+    * ``train_int32_bias`` (default True): training adds that rounding too, as a constant shift
+      (the rounded minus the float ``b_f``; the bias's gradient is the float one, straight-through).
+      At low bits the grid is coarse (3-bit input x 2-bit weights: ``s_x * s_w`` about 0.1), and a
+      network trained on float biases can lose tens of points in eval and once deployed.
     """
+
+    train_int32_bias: bool = True
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -74,6 +80,12 @@ class _QuantLayerMixin(nn.Module):
         step = (q.scale.detach().reshape(()) * wq.scale.detach()).to(bias.dtype)
         return torch.round(bias / step) * step
 
+    @torch.no_grad()
+    def _bias_shift(self, bias: torch.Tensor) -> torch.Tensor | None:
+        """What rounding ``bias`` to the int32 grid adds to it, None when it is not rounded."""
+        deployed = self._deployed_bias(bias)
+        return None if deployed is bias else deployed - bias
+
     def _fold_factor(self) -> torch.Tensor:
         bn = self.bn
         assert bn is not None and bn.running_var is not None
@@ -90,22 +102,33 @@ class _QuantLayerMixin(nn.Module):
         if self.bn is None:
             return self.weight, self.bias
         f = self._fold_factor()
-        w = self.weight * f.reshape([-1] + [1] * (self.weight.dim() - 1))
+        return self.weight * f.reshape([-1] + [1] * (self.weight.dim() - 1)), self._folded_bias(f)
+
+    def _folded_bias(self, f: torch.Tensor) -> torch.Tensor:
+        assert self.bn is not None and self.bn.running_mean is not None
         bias = self.bias if self.bias is not None else torch.zeros_like(f)
         beta = self.bn.bias if self.bn.affine else torch.zeros_like(f)
-        return w, beta + (bias - self.bn.running_mean) * f
+        return beta + (bias - self.bn.running_mean) * f
 
     def _forward_quant(self, x: torch.Tensor, apply: Any) -> torch.Tensor:
         if not self.training:
             w, b = self.folded_weight_bias()
             return apply(x, self.weight_quantizer(w), self._deployed_bias(b))
         if self.bn is None:
-            return apply(x, self.weight_quantizer(self.weight), self.bias)
+            w_q = self.weight_quantizer(self.weight)  # first: the bias grid uses the scale it settles
+            bias = self.bias
+            shift = self._bias_shift(bias.detach()) if self.train_int32_bias and bias is not None else None
+            return apply(x, w_q, bias if shift is None else bias + shift)
         f = self._fold_factor().reshape([-1] + [1] * (self.weight.dim() - 1))
         # conv(x, Q(W f)) / f == conv(x, Q(W f) / f), and Q(W f) / f is W quantized with scale s / f:
         # one pass over the weights, none over the activations
-        y = apply(x, self.weight_quantizer.quantize_folded(self.weight, f), self.bias)
-        return self.bn(y)
+        y = self.bn(apply(x, self.weight_quantizer.quantize_folded(self.weight, f), self.bias))
+        if not self.train_int32_bias:
+            return y
+        # BN_batch has no explicit bias: add the deployed b_f's rounding after it, per output channel
+        with torch.no_grad():
+            shift = self._bias_shift(self._folded_bias(self._fold_factor()))
+        return y if shift is None else y + shift.reshape([1, -1] + [1] * (y.dim() - 2))
 
     @staticmethod
     def _check_bn(layer: nn.Module, bn: nn.Module | None, out_features: int, name: str) -> None:

@@ -201,6 +201,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
                 bn = self._foldable_bn(gm, node, block.bn, module) if section.fold_bn else None
                 # the QuantConv*d classes are built at import time (the checker sees ``type``); all have from_float
                 new = _QUANT_CLASS[base].from_float(module, wq, bn)  # type: ignore[attr-defined]
+                new.train_int32_bias = section.train_int32_bias
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)

@@ -595,3 +595,64 @@ def test_a_learned_step_pushed_below_zero_by_the_last_optimizer_step_is_floored_
     out = q.eval()(x)
     assert torch.isfinite(out).all() and float(q.scale) > 0
     assert torch.equal(q.scale.detach(), q._scale_floor()) and torch.equal(scale, q.scale.detach().float())
+
+
+def _coarse_input_quantizer(x: torch.Tensor) -> Quantizer:
+    """A 2-bit input grid (step about 0.8 on unit Gaussians): with 2-bit weights the int32 bias grid is coarse."""
+    q = Quantizer(2, "round", symmetric=False, signed=False).train()
+    q(x)
+    return q
+
+
+@pytest.mark.parametrize("train_int32_bias", [True, False])
+def test_training_adds_the_deployed_bias_rounding_to_a_folded_layer(train_int32_bias):
+    conv, bn = _conv_bn(11)
+    q = QuantConv2d.from_float(copy.deepcopy(conv), Quantizer(2, "round", "per_channel", num_channels=4, tracker="global"),
+                               copy.deepcopy(bn))
+    q.train_int32_bias = train_int32_bias
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    q.set_input_quantizer(_coarse_input_quantizer(x))
+    q.train()(x)  # weight range and running statistics settle
+    q.bn.eval()   # BatchNorm on running statistics: training then computes what eval computes
+    train_out = q(x)
+    q.eval()
+    eval_out = q(x)
+    _, b = q.folded_weight_bias()
+    step = q._input_quantizer.scale * q.weight_quantizer.scale
+    rounding = (torch.round(b / step) * step - b).detach()
+    assert rounding.abs().max() > 1e-3  # the grid is coarse enough to matter
+    if train_int32_bias:
+        assert torch.allclose(train_out, eval_out, atol=1e-5)
+    else:
+        assert torch.allclose(eval_out - train_out, rounding.reshape(1, -1, 1, 1).expand_as(eval_out), atol=1e-5)
+
+
+@pytest.mark.parametrize("train_int32_bias", [True, False])
+def test_training_adds_the_deployed_bias_rounding_to_a_linear_with_a_straight_through_gradient(train_int32_bias):
+    torch.manual_seed(12)
+    fc = nn.Linear(6, 3)
+    x = torch.randn(5, 6)
+    outs, grads = [], []
+    for flag in (train_int32_bias, not train_int32_bias):
+        q = QuantLinear.from_float(copy.deepcopy(fc), Quantizer(2, "round", "per_channel", num_channels=3, tracker="global"))
+        q.train_int32_bias = flag
+        q.set_input_quantizer(_coarse_input_quantizer(x))
+        out = q.train()(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(q.bias.grad)
+        if flag:
+            assert torch.allclose(out.detach(), q.eval()(x), atol=1e-6)  # training computes the deployed layer
+    assert not torch.allclose(outs[0], outs[1])
+    # the bias gradient is the float bias's (straight-through): d(sum y^2)/db = 2 * sum_n y
+    for out, grad in zip(outs, grads):
+        assert torch.allclose(grad, 2 * out.sum(0), atol=1e-5)
+
+
+def test_without_an_input_quantizer_training_keeps_the_float_bias():
+    conv, bn = _conv_bn(13)
+    q = _folded(conv, bn).train()
+    ref = _folded(conv, bn).train()
+    ref.train_int32_bias = False
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(q(x), ref(x))

@@ -13,6 +13,7 @@ from torch import nn
 import evefx
 from evefx.errors import PlanError, QuantizationError
 from evefx.graph import marked, module_of
+from evefx.modules.quant_layers import QUANT_LAYER_TYPES
 from evefx.modules import QuantConv2d, Quantizer, QuantLinear
 from evefx.modules.quant_functions import affine_from_range
 from evefx.passes.quantize import QuantizePass, quant_summary
@@ -120,6 +121,18 @@ def test_fold_bn_false_keeps_batchnorm(demo_net, mnist_batch):
     assert any(n.target == "features.1" for n in gm.graph.nodes)
     evefx.set_mode(gm, quantized=False)
     assert torch.allclose(gm(mnist_batch), demo_net(mnist_batch), atol=1e-6)
+
+
+def test_train_int32_bias_is_on_by_default_and_settable_per_layer(demo_net, mnist_batch):
+    default = evefx.transform(demo_net, {"passes": [{"kind": "quantize"}]}, mnist_batch)
+    layers = [m for m in default.modules() if isinstance(m, QUANT_LAYER_TYPES)]
+    assert len(layers) == 5 and all(m.train_int32_bias for m in layers)
+    spec = {"passes": [{"kind": "quantize", "train_int32_bias": False,
+                        "overrides": [{"names": ["features.0"], "train_int32_bias": True}]}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch)
+    assert {n: m.train_int32_bias for n, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES)} == {
+        "features.0": True, "features.3": False, "features.6": False, "classifier.1": False, "classifier.3": False}
+    assert evefx.load_spec(gm.spec.model_dump(mode="json")).passes[0].train_int32_bias is False
 
 
 def test_mixed_precision_overrides_and_summary(demo_net, mnist_batch):
