@@ -40,9 +40,14 @@ class _QuantLayerMixin(nn.Module):
       (the rounded minus the float ``b_f``; the bias's gradient is the float one, straight-through).
       At low bits the grid is coarse (3-bit input x 2-bit weights: ``s_x * s_w`` about 0.1), and a
       network trained on float biases can lose tens of points in eval and once deployed.
+    * ``bn_running_stats`` (set by the quantize pass's ``bn_statistics``): training normalises
+      with BatchNorm's running statistics and leaves them as they are, so the training forward is
+      exactly the eval one (torch.ao's ``freeze_bn_stats``). At 2 bits a batch's statistics move
+      codes across rounding boundaries that eval, with the running ones, puts elsewhere.
     """
 
     train_int32_bias: bool = True
+    bn_running_stats: bool = False
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -122,7 +127,7 @@ class _QuantLayerMixin(nn.Module):
         f = self._fold_factor().reshape([-1] + [1] * (self.weight.dim() - 1))
         # conv(x, Q(W f)) / f == conv(x, Q(W f) / f), and Q(W f) / f is W quantized with scale s / f:
         # one pass over the weights, none over the activations
-        y = self.bn(apply(x, self.weight_quantizer.quantize_folded(self.weight, f), self.bias))
+        y = self._normalize(apply(x, self.weight_quantizer.quantize_folded(self.weight, f), self.bias))
         if not self.train_int32_bias:
             return y
         # BN_batch has no explicit bias: add the deployed b_f's rounding after it, per output channel.
@@ -131,6 +136,14 @@ class _QuantLayerMixin(nn.Module):
         with torch.no_grad():
             shift = self._bias_shift(self._folded_bias(self._fold_factor()))
         return y if shift is None else y + shift.reshape([1, -1] + [1] * (y.dim() - 2))
+
+    def _normalize(self, y: torch.Tensor) -> torch.Tensor:
+        """The folded BatchNorm in training: on the batch's statistics, or frozen on the running ones."""
+        bn = self.bn
+        assert bn is not None
+        if not self.bn_running_stats:
+            return bn(y)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
 
     @staticmethod
     def _check_bn(layer: nn.Module, bn: nn.Module | None, out_features: int, name: str) -> None:

@@ -116,6 +116,18 @@ def weight_code_range(target: str, signed: bool) -> tuple[int, int] | None:
     return SATURATION_FREE_WEIGHT_CODES if target == "portable" and signed else None
 
 
+def _uses_running_stats(choice: str, bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """``bn_statistics`` for one folded BatchNorm: ``auto`` means running statistics once the
+    BatchNorm has tracked some (a trained network), batch statistics while it has its initial 0 / 1."""
+    if choice != "auto":
+        return choice == "running"
+    assert bn.running_mean is not None and bn.running_var is not None, "_foldable_bn folds only BatchNorms with statistics"
+    tracked = bn.num_batches_tracked is not None and int(bn.num_batches_tracked) > 0
+    # checkpoints saved before torch 0.4.1 load with num_batches_tracked 0: the statistics tell too
+    initial = bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all())
+    return tracked or not initial
+
+
 def _base_type(module: nn.Module) -> type[nn.Module] | None:
     for base in _QUANT_CLASS:
         if isinstance(module, base):
@@ -202,6 +214,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
                 # the QuantConv*d classes are built at import time (the checker sees ``type``); all have from_float
                 new = _QUANT_CLASS[base].from_float(module, wq, bn)  # type: ignore[attr-defined]
                 new.train_int32_bias = section.train_int32_bias
+                new.bn_running_stats = bn is not None and _uses_running_stats(section.bn_statistics, bn)
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
@@ -211,8 +224,9 @@ class QuantizePass(SectionPass[QuantizeSection]):
                 if bn is not None:
                     bn_node = block.bn
                     assert bn_node is not None
+                    stats = "running statistics, frozen" if new.bn_running_stats else "batch statistics"
                     changes.append(Change("folded", bn_node.name, str(bn_node.target), layer, self.spec_path,
-                                          f"{type(bn).__name__} folded into {layer}"))
+                                          f"{type(bn).__name__} folded into {layer} (trains on {stats})"))
                     remove_node(gm, bn_node)
             last = output_block(gm, node).last  # looked up after folding: the BatchNorm node is gone
             if act_cfg is not None and (section.quantize_output or not self._feeds_output(gm, last)):

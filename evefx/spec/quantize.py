@@ -228,6 +228,15 @@ class QuantizeSection(Section):
     passes straight through. At 2-3 bits that grid is coarse, and biases trained in float cost a
     small ResNet 11 points on average once rounded (docs/quantization.md). ``false``: training
     keeps float biases (the behaviour before; eval and export still round them)."""
+    bn_statistics: Literal["auto", "batch", "running"] = "auto"
+    """What a folded BatchNorm normalises with in training. ``batch``: the batch's statistics,
+    updating the running ones (the float model's BatchNorm; the behaviour before this option).
+    ``running``: its running statistics, left unchanged, so training computes exactly what eval
+    and the exported file compute (torch.ao's ``freeze_bn_stats`` from the first step).
+    ``auto`` (default): ``running`` for a BatchNorm that has already tracked statistics (a trained
+    network being fine-tuned), ``batch`` for a fresh one (training from random weights, whose
+    running statistics are still 0 and 1). Fine-tuned at 2 bits, batch statistics move codes across
+    rounding boundaries that eval puts elsewhere (docs/quantization.md)."""
     upgrade_bits: bool = False
     """Expose the bit widths as eve parameters in [min_bits, max_bits] for the upgrader."""
     min_bits: Bounded(int, 1, 16) = 2

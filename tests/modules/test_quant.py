@@ -649,6 +649,29 @@ def test_training_adds_the_deployed_bias_rounding_to_a_linear_with_a_straight_th
         assert torch.allclose(grad, 2 * out.sum(0), atol=1e-5)
 
 
+def test_bn_running_stats_trains_on_the_frozen_running_statistics_exactly_as_eval():
+    conv, bn = _conv_bn(14)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    def two_bit():
+        wq = Quantizer(2, "round", "per_channel", num_channels=4, tracker="global")
+        return QuantConv2d.from_float(copy.deepcopy(conv), wq, copy.deepcopy(bn))
+    frozen, batch = two_bit(), two_bit()
+    frozen.bn_running_stats = True
+    for q in (frozen, batch):
+        q.set_input_quantizer(_coarse_input_quantizer(x))
+    before = (frozen.bn.running_mean.clone(), frozen.bn.running_var.clone(), int(frozen.bn.num_batches_tracked))
+    train_out = frozen.train()(x)
+    train_out.sum().backward()
+    assert torch.equal(frozen.bn.running_mean, before[0]) and torch.equal(frozen.bn.running_var, before[1])
+    assert int(frozen.bn.num_batches_tracked) == before[2]
+    assert frozen.bn.weight.grad is not None and frozen.weight.grad is not None  # gamma and W still learn
+    assert torch.allclose(train_out.detach(), frozen.eval()(x), atol=1e-5)  # the deployed layer, bias rounding included
+    # on batch statistics (the default of the module) training differs from eval and the statistics move
+    batch_out = batch.train()(x)
+    assert not torch.allclose(batch_out.detach(), batch.eval()(x), atol=1e-2)
+    assert not torch.equal(batch.bn.running_mean, before[0])
+
+
 def test_without_an_input_quantizer_training_keeps_the_float_bias():
     conv, bn = _conv_bn(13)
     q = _folded(conv, bn).train()

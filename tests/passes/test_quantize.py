@@ -135,6 +135,38 @@ def test_train_int32_bias_is_on_by_default_and_settable_per_layer(demo_net, mnis
     assert evefx.load_spec(gm.spec.model_dump(mode="json")).passes[0].train_int32_bias is False
 
 
+def _bn_stats(gm) -> dict[str, bool]:
+    return {n: m.bn_running_stats for n, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None}
+
+
+def test_bn_statistics_auto_freezes_a_trained_network_and_not_a_fresh_one(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize"}]}
+    fresh = evefx.transform(demo_net, spec, mnist_batch)
+    assert _bn_stats(fresh) == {"features.0": False, "features.3": False, "features.6": False}
+    trained = copy.deepcopy(demo_net).train()
+    trained(torch.rand(16, 1, 28, 28))  # running statistics tracked once: a trained network
+    gm = evefx.transform(trained, spec, mnist_batch)
+    assert _bn_stats(gm) == {"features.0": True, "features.3": True, "features.6": True}
+    folded = [c.detail for c in gm.report.changes if c.action == "folded"]
+    assert folded == [f"BatchNorm2d folded into features.{i} (trains on running statistics, frozen)" for i in (0, 3, 6)]
+    # a checkpoint saved before torch tracked batches: statistics off their initial 0 / 1 still count
+    old = copy.deepcopy(trained)
+    for m in old.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.num_batches_tracked.zero_()
+    assert all(_bn_stats(evefx.transform(old, spec, mnist_batch)).values())
+
+
+def test_bn_statistics_written_out_and_per_layer(demo_net, mnist_batch):
+    spec = {"passes": [{"kind": "quantize", "bn_statistics": "running",
+                        "overrides": [{"names": ["features.3"], "bn_statistics": "batch"}]}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch)
+    assert _bn_stats(gm) == {"features.0": True, "features.3": False, "features.6": True}
+    assert evefx.load_spec(gm.spec.model_dump(mode="json")).passes[0].bn_statistics == "running"
+    with pytest.raises(evefx.SpecError, match="bn_statistics"):
+        evefx.load_spec({"passes": [{"kind": "quantize", "bn_statistics": "frozen"}]})
+
+
 def test_mixed_precision_overrides_and_summary(demo_net, mnist_batch):
     spec = {"passes": [{"kind": "quantize", "weight": {"bits": 4, "granularity": "per_channel"},
                         "overrides": [{"names": ["features.0", "classifier.*"], "weight": {"bits": 8}}]}]}
