@@ -133,11 +133,16 @@ class BNRecalibrate:
         if not norms:
             return
         momenta = {bn: bn.momentum for bn in norms}
+        ids = {id(bn) for bn in norms}
+        folding = [m for m in gm.modules() if id(getattr(m, "bn", None)) in ids]
+        # a layer folding its BatchNorm normalises with batch statistics only in training, and only
+        # when not told to train on the running ones (bn_statistics: running), which this re-estimates
+        frozen = {m: m.bn_running_stats for m in folding if getattr(m, "bn_running_stats", False)}
         with eval_mode(gm):
-            ids = {id(bn) for bn in norms}
-            for m in gm.modules():  # a layer folding its BatchNorm normalises with batch statistics only in training
-                if id(getattr(m, "bn", None)) in ids:
-                    m.training = True
+            for m in folding:
+                m.training = True
+                if m in frozen:
+                    m.bn_running_stats = False
             for bn in norms:
                 bn.reset_running_stats()
                 bn.momentum = None  # a plain average over the batches
@@ -148,3 +153,5 @@ class BNRecalibrate:
             finally:
                 for bn, momentum in momenta.items():
                     bn.momentum = momentum
+                for m, flag in frozen.items():
+                    m.bn_running_stats = flag
