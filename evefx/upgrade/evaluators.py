@@ -137,12 +137,12 @@ class BNRecalibrate:
         folding = [m for m in gm.modules() if id(getattr(m, "bn", None)) in ids]
         # a layer folding its BatchNorm normalises with batch statistics only in training, and only
         # when not told to train on the running ones (bn_statistics: running), which this re-estimates
-        frozen = {m: m.bn_running_stats for m in folding if getattr(m, "bn_running_stats", False)}
+        frozen = [m for m in folding if getattr(m, "bn_running_stats", False)]
         with eval_mode(gm):
             for m in folding:
                 m.training = True
                 if m in frozen:
-                    m.bn_running_stats = False
+                    setattr(m, "bn_running_stats", False)
             for bn in norms:
                 bn.reset_running_stats()
                 bn.momentum = None  # a plain average over the batches
@@ -153,5 +153,5 @@ class BNRecalibrate:
             finally:
                 for bn, momentum in momenta.items():
                     bn.momentum = momentum
-                for m, flag in frozen.items():
-                    m.bn_running_stats = flag
+                for m in frozen:
+                    setattr(m, "bn_running_stats", True)
