@@ -42,7 +42,7 @@ class _QuantLayerMixin(nn.Module):
       network trained on float biases can lose tens of points in eval and once deployed.
     * ``bn_running_stats`` (set by the quantize pass's ``bn_statistics``): training normalises
       with BatchNorm's running statistics and leaves them as they are, so the training forward is
-      exactly the eval one (torch.ao's ``freeze_bn_stats``). At 2 bits a batch's statistics move
+      the eval one up to float rounding (torch.ao's ``freeze_bn_stats``). At 2 bits a batch's statistics move
       codes across rounding boundaries that eval, with the running ones, puts elsewhere.
     """
 

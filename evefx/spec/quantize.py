@@ -231,8 +231,8 @@ class QuantizeSection(Section):
     bn_statistics: Literal["auto", "batch", "running"] = "auto"
     """What a folded BatchNorm normalises with in training. ``batch``: the batch's statistics,
     updating the running ones (the float model's BatchNorm; the behaviour before this option).
-    ``running``: its running statistics, left unchanged, so training computes exactly what eval
-    and the exported file compute (torch.ao's ``freeze_bn_stats`` from the first step).
+    ``running``: its running statistics, left unchanged, so training computes what eval and
+    the exported file compute, up to float rounding (torch.ao's ``freeze_bn_stats`` from the first step).
     ``auto`` (default): ``running`` for a BatchNorm that has already tracked statistics (a trained
     network being fine-tuned), ``batch`` for a fresh one (training from random weights, whose
     running statistics are still 0 and 1). Fine-tuned at 2 bits, batch statistics move codes across
