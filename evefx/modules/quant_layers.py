@@ -131,8 +131,8 @@ class _QuantLayerMixin(nn.Module):
         if not self.train_int32_bias:
             return y
         # BN_batch has no explicit bias: add the deployed b_f's rounding after it, per output channel.
-        # The fold factor is taken again, not reused from above: self.bn has just updated its running
-        # statistics, and eval folds with the updated ones
+        # The fold factor is taken again, not reused from above: on batch statistics self.bn has just
+        # updated its running ones, and eval folds with the updated ones
         with torch.no_grad():
             shift = self._bias_shift(self._folded_bias(self._fold_factor()))
         return y if shift is None else y + shift.reshape([1, -1] + [1] * (y.dim() - 2))

@@ -141,8 +141,8 @@ class BNRecalibrate:
         with eval_mode(gm):
             for m in folding:
                 m.training = True
-                if m in frozen:
-                    setattr(m, "bn_running_stats", False)
+            for m in frozen:
+                setattr(m, "bn_running_stats", False)
             for bn in norms:
                 bn.reset_running_stats()
                 bn.momentum = None  # a plain average over the batches

@@ -649,7 +649,7 @@ def test_training_adds_the_deployed_bias_rounding_to_a_linear_with_a_straight_th
         assert torch.allclose(grad, 2 * out.sum(0), atol=1e-5)
 
 
-def test_bn_running_stats_trains_on_the_frozen_running_statistics_exactly_as_eval():
+def test_bn_running_stats_trains_on_the_frozen_running_statistics_as_eval():
     conv, bn = _conv_bn(14)
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     def two_bit():
