@@ -34,7 +34,8 @@ _LLSQ_GRID = 40  # candidate clipping ranges tried when llsq initialises its sca
 def _option(field: str) -> Any:
     """A read-only attribute that reads ``options.<field>``. A quantizer's options may be replaced
     (``q.options = dataclasses.replace(q.options, bit_range=None)``) except those that shaped its
-    buffers when it was built: ``granularity``, ``num_channels``, ``learnable_scale``, ``fn``."""
+    buffers when it was built: ``granularity``, ``num_channels``, ``learnable_scale``, ``fn``,
+    ``scale_domain``."""
     return property(lambda self: getattr(self.options, field), doc=f"``options.{field}``")
 
 
@@ -75,6 +76,7 @@ class Quantizer(EveHooks, nn.Module):
     tracker = _option("tracker")
     momentum = _option("momentum")
     learnable_scale = _option("learnable_scale")
+    scale_domain = _option("scale_domain")
     regularization = _option("regularization")
     reg_weight = _option("reg_weight")
     bit_range = _option("bit_range")
@@ -103,10 +105,49 @@ class Quantizer(EveHooks, nn.Module):
         self.register_buffer("range_min", torch.zeros(shape))
         self.register_buffer("range_max", torch.zeros(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
-        if self.learnable_scale:
+        if self.learnable_scale and self.scale_domain == "log":
+            # scale = scale_base * exp(scale_log_ratio): the optimizer trains the logarithm, and a
+            # scale that is set (from the range, by set_bits, at the floor) is held exactly in the
+            # base with a ratio of 0, so an untrained learned grid is the range's grid bit for bit
+            self.register_buffer("scale_base", torch.ones(shape))
+            self.scale_log_ratio = nn.Parameter(torch.zeros(shape))
+        elif self.learnable_scale:
             self.scale = nn.Parameter(torch.ones(shape))
         else:
             self.register_buffer("scale", torch.ones(shape))
+
+    def __getattr__(self, name: str) -> Any:
+        # a scale learnt in the log domain is ``scale_base * exp(scale_log_ratio)``; ``scale`` reads
+        # it, with its gradient, so every reader sees the scale the last optimizer step left
+        if name == "scale":
+            params = self.__dict__.get("_parameters", {})
+            if "scale_log_ratio" in params:
+                return self.__dict__["_buffers"]["scale_base"] * params["scale_log_ratio"].exp()
+        return super().__getattr__(name)
+
+    def _set_scale(self, value: torch.Tensor, where: torch.Tensor | None = None) -> None:
+        """Write the scale (under no_grad), only ``where`` that mask is true if one is given."""
+        if "scale_log_ratio" in self._parameters:
+            ratio = self._parameters["scale_log_ratio"]
+            assert ratio is not None
+            if where is None:
+                self.scale_base.copy_(value)
+                ratio.zero_()
+            else:
+                self.scale_base.copy_(torch.where(where, value, self.scale_base))
+                ratio.masked_fill_(where, 0.0)
+        else:
+            self.scale.copy_(value if where is None else torch.where(where, value, self.scale))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a state saved in the other scale domain (e.g. before ``scale_domain`` existed) loads too
+        linear, base, ratio = prefix + "scale", prefix + "scale_base", prefix + "scale_log_ratio"
+        if "scale_log_ratio" in self._parameters and linear in state_dict and ratio not in state_dict:
+            state_dict[base] = state_dict.pop(linear)
+            state_dict[ratio] = torch.zeros_like(state_dict[base])
+        elif "scale" in self._parameters and ratio in state_dict and linear not in state_dict:
+            state_dict[linear] = state_dict.pop(base) * state_dict.pop(ratio).exp()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def __getstate__(self) -> dict[str, Any]:
         # the last regulariser value holds an autograd graph, which cannot be copied or pickled
@@ -186,7 +227,7 @@ class Quantizer(EveHooks, nn.Module):
                 lo = torch.maximum((old[0] - self.zero_point.to(s.dtype)) * s, self.range_min)
                 hi = torch.minimum((old[1] - self.zero_point.to(s.dtype)) * s, self.range_max)
                 scale, zero = affine_from_range(lo, hi, qmin, qmax, self.symmetric, self.signed)
-                self.scale.copy_(scale)
+                self._set_scale(scale)
                 self.zero_point.copy_(zero)
             else:
                 self._refresh_from_range()
@@ -297,7 +338,7 @@ class Quantizer(EveHooks, nn.Module):
     def _refresh_from_range(self) -> None:
         qmin, qmax = self.quant_range()
         scale, zero = affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)
-        self.scale.copy_(scale)
+        self._set_scale(scale)
         self.zero_point.copy_(zero)
 
     def _initialise(self, x: torch.Tensor) -> None:
@@ -318,7 +359,7 @@ class Quantizer(EveHooks, nn.Module):
             scale, zero = self._llsq_search(x, qmin, qmax)
         else:
             scale, zero = affine_from_range(lo, hi, qmin, qmax, self.symmetric, self.signed)
-        self.scale.copy_(scale)
+        self._set_scale(scale)
         self.zero_point.copy_(zero)
         log.debug("%s: initialised scale (mean %.4g)", self.name, float(scale.mean()))
 
@@ -425,7 +466,10 @@ class Quantizer(EveHooks, nn.Module):
                 self.steps += 1
             if self.learnable_scale and not warming:
                 # in eval too: the last optimizer step before eval may have left it below the floor
-                torch.maximum(self.scale, self._scale_floor(), out=self.scale)
+                floor = self._scale_floor()
+                below = self.scale < floor
+                if bool(below.any()):
+                    self._set_scale(floor, where=below)
         out = self._fake_quant(x, fold, (mn, mx), ste=warming)
         if self.training and self.fn == "llsq" and torch.is_grad_enabled():
             err = (out - x).abs() if self.regularization == "l1" else (out - x).square()

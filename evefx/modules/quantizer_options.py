@@ -15,12 +15,13 @@ from typing import Literal, get_args
 
 from evefx.errors import QuantizationError
 
-__all__ = ["QuantizerOptions", "Fn", "Granularity", "Tracker", "Regularization", "check_bits"]
+__all__ = ["QuantizerOptions", "Fn", "Granularity", "Tracker", "Regularization", "ScaleDomain", "check_bits"]
 
 Fn = Literal["round", "lsq", "llsq"]
 Granularity = Literal["per_tensor", "per_channel"]
 Tracker = Literal["average", "global"]
 Regularization = Literal["l1", "l2"]
+ScaleDomain = Literal["linear", "log"]
 
 
 def check_bits(bits: int, name: str) -> int:
@@ -71,6 +72,12 @@ class QuantizerOptions:
             min/max). Ranges update in training only; an uninitialised quantizer run in eval
             initialises from that batch.
         learnable_scale: train ``s`` for ``round`` too (always True for lsq/llsq).
+        scale_domain: how a learned ``s`` is a parameter: ``linear`` (``s`` itself) or ``log``
+            (``log s``, as TQT trains log thresholds, Jain et al. 2019): Adam moves a parameter by
+            about its learning rate whatever the gradient, so a linear ``s`` of 0.05 moves 2% per
+            step at lr 1e-3 and a log one 0.1%, whatever its size. The learned tensor is then
+            ``scale_log_ratio`` (with ``scale = scale_base * exp(scale_log_ratio)``; a scale that is set, e.g.
+            from the range, goes to the buffer ``scale_base`` exactly, the ratio to 0).
         regularization, reg_weight: llsq's error norm (``l1``/``l2``) and the weight of its penalty.
         bit_range: ``(low, high)`` bits the upgrader may choose (``bits`` must lie inside).
         code_range: ``(lo, hi)`` further limits the codes to ``[max(qmin, lo), min(qmax, hi)]``.
@@ -104,6 +111,7 @@ class QuantizerOptions:
     tracker: Tracker = "average"
     momentum: float = 0.1
     learnable_scale: bool = False
+    scale_domain: ScaleDomain = "linear"
     regularization: Regularization = "l2"
     reg_weight: float = 1.0
     bit_range: tuple[int, int] | None = None
@@ -116,7 +124,8 @@ class QuantizerOptions:
         name = self.name or "<unnamed quantizer>"
         for field, value, valid in (("fn", self.fn, get_args(Fn)), ("granularity", self.granularity, get_args(Granularity)),
                                     ("tracker", self.tracker, get_args(Tracker)),
-                                    ("regularization", self.regularization, get_args(Regularization))):
+                                    ("regularization", self.regularization, get_args(Regularization)),
+                                    ("scale_domain", self.scale_domain, get_args(ScaleDomain))):
             if value not in valid:
                 raise QuantizationError(f"{name}: {field} must be {', '.join(valid[:-1])} or {valid[-1]} (got {value!r})")
         if not 0.0 < self.momentum <= 1.0:

@@ -679,3 +679,78 @@ def test_without_an_input_quantizer_training_keeps_the_float_bias():
     ref.train_int32_bias = False
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(q(x), ref(x))
+
+
+def test_log_scale_domain_learns_log_s_with_the_chain_rule_gradient():
+    x = torch.randn(256, generator=torch.Generator().manual_seed(3))
+    lin = Quantizer(4, "lsq", init_steps=0).train()
+    log_ = Quantizer(4, "lsq", init_steps=0, scale_domain="log").train()
+    assert [n for n, _ in log_.named_parameters()] == ["scale_log_ratio"] and "scale_base" in dict(log_.named_buffers())
+    lin(x).square().sum().backward()
+    log_(x).square().sum().backward()
+    # the same least-squares start, bit for bit (held in the base, ratio 0); d/d(log s) = s * d/ds
+    assert torch.equal(log_.scale.detach(), lin.scale.detach())
+    torch.testing.assert_close(log_.scale_log_ratio.grad, lin.scale.grad * lin.scale.detach())
+    torch.testing.assert_close(log_.eval()(x), lin.eval()(x), rtol=0, atol=0)
+    assert torch.equal(log_.qparams()[0], lin.qparams()[0])
+
+
+def test_log_scale_domain_makes_an_adam_step_relative_to_the_scale():
+    """Adam moves a parameter by about lr: a linear scale of ~0.03 moves by ~3% per step at lr 1e-3,
+    a log one by ~0.1% whatever its size."""
+    x = 0.1 * torch.randn(512, generator=torch.Generator().manual_seed(4))
+    moves = {}
+    for domain in ("linear", "log"):
+        q = Quantizer(4, "lsq", init_steps=0, scale_domain=domain).train()
+        q(x)
+        before = float(q.scale.detach())
+        opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+        (q(x) - 0.5 * x).square().sum().backward()
+        opt.step()
+        moves[domain] = abs(float(q.scale.detach()) / before - 1)
+    assert 0.02 < moves["linear"] < 0.05, moves
+    assert math.isclose(moves["log"], 1e-3, rel_tol=0.01), moves
+
+
+def test_a_state_dict_loads_across_scale_domains():
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(granularity="per_channel", num_channels=3, symmetric=False, init_steps=0)
+    lin = Quantizer(4, "lsq", **kwargs).train()
+    lin(x)
+    log_ = Quantizer(4, "lsq", scale_domain="log", **kwargs)
+    log_.load_state_dict(lin.state_dict())  # e.g. a checkpoint from before the option
+    torch.testing.assert_close(log_.scale.detach(), lin.scale.detach())
+    back = Quantizer(4, "lsq", **kwargs)
+    back.load_state_dict(log_.state_dict())
+    torch.testing.assert_close(back.eval()(x), lin.eval()(x))
+
+
+def test_log_scale_domain_floors_only_the_channels_below_it():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    q = Quantizer(4, "lsq", "per_channel", num_channels=4, init_steps=0, scale_domain="log").train()
+    q(x)
+    with torch.no_grad():
+        q.scale_log_ratio.copy_(torch.tensor([0.01, -30.0, 0.0, -0.02]))
+    before = q.scale.detach().clone()
+    q(x)
+    floor = q._scale_floor()
+    assert torch.equal(q.scale_log_ratio.detach(), torch.tensor([0.01, 0.0, 0.0, -0.02]))
+    assert torch.equal(q.scale.detach()[[0, 2, 3]], before[[0, 2, 3]]) and torch.equal(q.scale.detach()[1], floor[1])
+
+
+def test_log_scale_domain_is_floored_and_set_bits_and_set_range_write_it():
+    x = torch.randn(64, generator=torch.Generator().manual_seed(9))
+    q = Quantizer(4, "lsq", init_steps=0, scale_domain="log").train()
+    q(x)
+    with torch.no_grad():
+        q.scale_log_ratio.fill_(-30.0)  # far below the floor
+    q(x)
+    assert torch.equal(q.scale.detach(), q._scale_floor()) and float(q.scale_log_ratio) == 0.0
+    q.set_range(-1.0, 2.0)
+    assert torch.equal(q.scale.detach(), torch.tensor(2.0 / 7))  # symmetric signed 4 bits: 2 / 7, exactly
+    with torch.no_grad():
+        q.scale_log_ratio.fill_(0.1)  # trained a little
+    q.set_bits(2)
+    torch.testing.assert_close(q.scale.detach(), torch.tensor(2.0 / 1))  # the same range on codes -2..1
+    with pytest.raises(QuantizationError, match="scale_domain must be linear or log"):
+        Quantizer(4, "lsq", scale_domain="exp")
