@@ -82,12 +82,12 @@ def test_options_and_fields_together_are_an_error():
 def test_make_quantizer_hands_every_spec_option_through():
     cfg = QuantizerConfig(bits=3, fn="llsq", granularity="per_channel", symmetric=False, signed=False,
                           tracker="global", momentum=0.5, learnable_scale=True, regularization="l1", init_steps=7,
-                          scale_domain="linear", progressive={"start_bits": 8, "steps": 20})
+                          scale_domain="log", progressive={"start_bits": 8, "steps": 20})
     q = make_quantizer(cfg, name="fc (weight)", num_channels=5, ch_axis=0, bit_range=None, code_range=(-4, 3))
     expected = QuantizerOptions(bits=8, fn="llsq", granularity="per_channel", ch_axis=0, num_channels=5, symmetric=False,
                                 signed=False, tracker="global", momentum=0.5, learnable_scale=True,
                                 regularization="l1", code_range=(-4, 3), init_steps=7,
-                                scale_domain="linear", bits_schedule=((0, 8), (10, 4), (20, 3)), name="fc (weight)")
+                                scale_domain="log", bits_schedule=((0, 8), (10, 4), (20, 3)), name="fc (weight)")
     assert q.options == expected
     # every field of the spec block is an option of the same name, except progressive (the schedule)
     spec_only = set(QuantizerConfig.model_fields) - {f.name for f in dataclasses.fields(QuantizerOptions)}
