@@ -466,10 +466,11 @@ class Quantizer(EveHooks, nn.Module):
                 self.steps += 1
             if self.learnable_scale and not warming:
                 # in eval too: the last optimizer step before eval may have left it below the floor
-                floor = self._scale_floor()
-                below = self.scale < floor
-                if bool(below.any()):
-                    self._set_scale(floor, where=below)
+                if "scale_log_ratio" in self._parameters:  # only the channels below: the rest keep their ratio
+                    floor = self._scale_floor()
+                    self._set_scale(floor, where=self.scale < floor)
+                else:
+                    torch.maximum(self.scale, self._scale_floor(), out=self.scale)
         out = self._fake_quant(x, fold, (mn, mx), ste=warming)
         if self.training and self.fn == "llsq" and torch.is_grad_enabled():
             err = (out - x).abs() if self.regularization == "l1" else (out - x).square()
