@@ -57,9 +57,9 @@ class QuantizerConfig(StrictModel):
     (``log``; TQT's log-domain thresholds, brevitas' ``LOG_FP``). Adam moves a parameter by about
     its learning rate whatever the gradient: at lr 1e-3 a linear per-channel weight step of 1e-3
     doubles or hits its floor in a few steps (mobilenet_v3_small, 60 steps: median 2.3x the range's
-    step, 8% at the floor), a log one moves 0.1% per step (0.94x, none at the floor). ``log`` for
-    fine-tuning a network with small steps; from random weights it cannot follow the network's
-    growing ranges (DemoNet W4A4 lsq: -1.57 against -0.67; docs/quantization.md)."""
+    step, 8% at the floor), a log one moves 0.1% per step (0.94x, none at the floor). On the
+    networks measured it trained no better fine-tuned, and from random weights it cannot follow
+    the network's growing ranges (DemoNet W4A4 lsq: -1.57 against -0.67; docs/quantization.md)."""
     regularization: Literal["l1", "l2"] = "l2"
     """Only for ``llsq``: the norm of the quantization-error regulariser."""
     init_steps: Bounded(int, 0, 1_000_000_000) = 30
