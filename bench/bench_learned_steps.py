@@ -3,7 +3,7 @@
 Adam moves every parameter by about its learning rate per step whatever the gradient. A learned
 per-channel weight step of a real network is about 1e-3, so at lr 1e-3 a step trained as itself
 (``scale_domain: linear``) doubles or sinks to its floor within a few steps, while one trained as
-its logarithm (``log``, the default) moves about 0.1% per step. The anchor is the grid the tracked
+its logarithm (``log``, an option) moves about 0.1% per step. The anchor is the grid the tracked
 range gives (what ``round`` and PTQ use): this prints, side by side for each domain, the learned
 steps as a multiple of that grid's step and the share held at the floor (1/8 of it).
 
@@ -53,7 +53,7 @@ def learned_steps(domain: str) -> dict[str, tuple[list[float], list[bool]]]:
     for name, q in gm.named_modules():
         if isinstance(q, Quantizer) and q.learnable_scale and bool(q.initialized):
             floor = q._scale_floor()
-            step = torch.maximum(q.scale.detach(), floor)  # what the next forward (and export) uses
+            step = q.qparams()[0]  # floored: what the next forward and the export use
             grid = affine_from_range(q.range_min, q.range_max, *q.quant_range(), q.symmetric, q.signed)[0]
             ratios, floored = out["weight" if name.endswith("weight_quantizer") else "activation"]
             ratios += (step / grid).flatten().tolist()

@@ -125,11 +125,15 @@ class Quantizer(EveHooks, nn.Module):
                 return self.__dict__["_buffers"]["scale_base"] * params["scale_log_ratio"].exp()
         return super().__getattr__(name)
 
+    @property
+    def _log_ratio(self) -> nn.Parameter | None:
+        """The learned ``scale_log_ratio`` of a log-domain scale; None in the linear domain."""
+        return self._parameters.get("scale_log_ratio")
+
     def _set_scale(self, value: torch.Tensor, where: torch.Tensor | None = None) -> None:
         """Write the scale (under no_grad), only ``where`` that mask is true if one is given."""
-        if "scale_log_ratio" in self._parameters:
-            ratio = self._parameters["scale_log_ratio"]
-            assert ratio is not None
+        ratio = self._log_ratio
+        if ratio is not None:
             if where is None:
                 self.scale_base.copy_(value)
                 ratio.zero_()
@@ -142,7 +146,7 @@ class Quantizer(EveHooks, nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # a state saved in the other scale domain (e.g. before ``scale_domain`` existed) loads too
         linear, base, ratio = prefix + "scale", prefix + "scale_base", prefix + "scale_log_ratio"
-        if "scale_log_ratio" in self._parameters and linear in state_dict and ratio not in state_dict:
+        if self._log_ratio is not None and linear in state_dict and ratio not in state_dict:
             state_dict[base] = state_dict.pop(linear)
             state_dict[ratio] = torch.zeros_like(state_dict[base])
         elif "scale" in self._parameters and ratio in state_dict and linear not in state_dict:
@@ -466,7 +470,7 @@ class Quantizer(EveHooks, nn.Module):
                 self.steps += 1
             if self.learnable_scale and not warming:
                 # in eval too: the last optimizer step before eval may have left it below the floor
-                if "scale_log_ratio" in self._parameters:  # only the channels below: the rest keep their ratio
+                if self._log_ratio is not None:  # only the channels below: the rest keep their ratio
                     floor = self._scale_floor()
                     self._set_scale(floor, where=self.scale < floor)
                 else:
