@@ -77,7 +77,8 @@ class SearchSection(StrictModel):
     dearest single value that fits), greedy/knapsack/ilp (per-layer sensitivities, then an
     allocation under the budget; bit widths only), tpe (Optuna's TPE sampler, needs optuna).
     Unset: ilp when every searched parameter is a bit width under an avg_bits or weight_bytes
-    budget (it beat DDPG and random search in docs/search.md), ddpg otherwise (pruning ratios...)."""
+    budget (it beat DDPG and random search in docs/search.md), random otherwise (pruning ratios:
+    at least as good as DDPG on both bench networks, docs/search.md); ddpg with ``hyperparams.warm_start``."""
     episodes: Bounded(int, 1, 10**7) | None = None
     """Number of evaluations (one episode = one configuration evaluated; sensitivity probes count)."""
     timesteps: Bounded(int, 1, 10**9) | None = None

@@ -159,7 +159,7 @@ def test_pareto_latency_times_the_configurations_on_a_front(tmp_path):
     assert any(float(r["latency"]) > 0 for r in rows if r["latency"])
 
 
-def test_an_unset_algorithm_is_the_ilp_for_bit_widths_and_ddpg_for_ratios(tmp_path):
+def test_an_unset_algorithm_is_the_ilp_for_bit_widths_random_for_ratios_and_ddpg_when_warm_started(tmp_path):
     result = search(quantized(), Accuracy(batches()), {"episodes": 14, "budget": BUDGET, "evaluator": {"kind": "none"}},
                     run_dir=tmp_path / "bits", progress=False)
     assert result.spec.search.algorithm == "ilp" and result.probes == 13
@@ -170,4 +170,8 @@ def test_an_unset_algorithm_is_the_ilp_for_bit_widths_and_ddpg_for_ratios(tmp_pa
                          torch.zeros(1, 8))
     pruned = search(gm, Accuracy(batches()), {"episodes": 2, "budget": {"kind": "macs", "max": 0.9},
                                               "evaluator": {"kind": "none"}}, run_dir=tmp_path / "ratios", progress=False)
-    assert pruned.spec.search.algorithm == "ddpg" and (tmp_path / "ratios" / "checkpoint").exists()
+    assert pruned.spec.search.algorithm == "random" and not (tmp_path / "ratios" / "checkpoint").exists()
+    warm = search(quantized(), Accuracy(batches()), {"episodes": 15, "budget": BUDGET, "evaluator": {"kind": "none"},
+                                                      "hyperparams": {"warm_start": "ilp", "warmup_episodes": 0}},
+                  run_dir=tmp_path / "warm", progress=False)
+    assert warm.spec.search.algorithm == "ddpg" and (tmp_path / "warm" / "checkpoint").exists()
