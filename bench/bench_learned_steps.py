@@ -3,9 +3,11 @@
 Adam moves every parameter by about its learning rate per step whatever the gradient. A learned
 per-channel weight step of a real network is about 1e-3, so at lr 1e-3 a step trained as itself
 (``scale_domain: linear``) doubles or sinks to its floor within a few steps, while one trained as
-its logarithm (``log``, an option) moves about 0.1% per step. The anchor is the grid the tracked
-range gives (what ``round`` and PTQ use): this prints, side by side for each domain, the learned
-steps as a multiple of that grid's step and the share held at the floor (1/8 of it).
+its logarithm (``log``, an option) moves about 0.1% per step, and so does one trained as its
+logarithm relative to the tracked range's step (``range``, an option), which also follows the
+range. The anchor is the grid the tracked range gives (what ``round`` and PTQ use): this prints,
+side by side for each domain, the learned steps as a multiple of that grid's step and the share
+held at the floor (1/8 of it).
 
 Network: torchvision ``mobilenet_v3_small`` (random weights, 10 classes), every conv/linear at 8 bits
 with lsq weights and activations; 60 steps of Adam 1e-3 on random 64x64 images and labels (the
@@ -66,7 +68,7 @@ def main() -> None:
     print(f"machine: {cpu()}; torch {torch.__version__}, 1 thread")
     print(f"mobilenet_v3_small, W8A8 lsq, {STEPS} Adam steps at lr 1e-3: learned step / the range's step")
     print(f"{'scale_domain':<13}{'role':<12}{'steps':>7}{'median':>9}{'p90':>9}{'max':>9}{'at floor':>10}")
-    for domain in ("linear", "log"):
+    for domain in ("linear", "log", "range"):
         for role, (ratios, floored) in learned_steps(domain).items():
             r = sorted(ratios)
             print(f"{domain:<13}{role:<12}{len(r):>7}{statistics.median(r):>8.2f}x{r[int(0.9 * len(r))]:>8.2f}x"

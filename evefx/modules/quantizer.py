@@ -105,10 +105,12 @@ class Quantizer(EveHooks, nn.Module):
         self.register_buffer("range_min", torch.zeros(shape))
         self.register_buffer("range_max", torch.zeros(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
-        if self.learnable_scale and self.scale_domain == "log":
-            # scale = scale_base * exp(scale_log_ratio): the optimizer trains the logarithm, and a
+        if self.learnable_scale and self.scale_domain in ("log", "range"):
+            # scale = scale_base * exp(scale_log_ratio): the optimizer trains the logarithm. log: a
             # scale that is set (from the range, by set_bits, at the floor) is held exactly in the
-            # base with a ratio of 0, so an untrained learned grid is the range's grid bit for bit
+            # base with a ratio of 0, so an untrained learned grid is the range's grid bit for bit.
+            # range: the base is the tracked range's step, refreshed every training forward, and
+            # the ratio is learnt relative to it (a range's own step is a ratio of exactly 0)
             self.register_buffer("scale_base", torch.ones(shape))
             self.scale_log_ratio = nn.Parameter(torch.zeros(shape))
         elif self.learnable_scale:
@@ -127,13 +129,18 @@ class Quantizer(EveHooks, nn.Module):
 
     @property
     def _log_ratio(self) -> nn.Parameter | None:
-        """The learned ``scale_log_ratio`` of a log-domain scale; None in the linear domain."""
+        """The learned ``scale_log_ratio`` of a log or range-domain scale; None in the linear domain."""
         return self._parameters.get("scale_log_ratio")
 
     def _set_scale(self, value: torch.Tensor, where: torch.Tensor | None = None) -> None:
         """Write the scale (under no_grad), only ``where`` that mask is true if one is given."""
         ratio = self._log_ratio
-        if ratio is not None:
+        if ratio is not None and self.scale_domain == "range":
+            base = self._range_step()
+            new = torch.log(value / base)
+            self.scale_base.copy_(base)
+            ratio.copy_(new if where is None else torch.where(where, new, ratio))
+        elif ratio is not None:
             if where is None:
                 self.scale_base.copy_(value)
                 ratio.zero_()
@@ -152,6 +159,9 @@ class Quantizer(EveHooks, nn.Module):
         elif "scale" in self._parameters and ratio in state_dict and linear not in state_dict:
             state_dict[linear] = state_dict.pop(base) * state_dict.pop(ratio).exp()
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.scale_domain == "range" and self._log_ratio is not None and bool(self.initialized):
+            with torch.no_grad():  # the same scale, split again against the loaded range's step
+                self._set_scale(self.scale.detach().clone())
 
     def __getstate__(self) -> dict[str, Any]:
         # the last regulariser value holds an autograd graph, which cannot be copied or pickled
@@ -339,6 +349,11 @@ class Quantizer(EveHooks, nn.Module):
             self.range_min.lerp_(mn, self.momentum)
             self.range_max.lerp_(mx, self.momentum)
 
+    def _range_step(self) -> torch.Tensor:
+        """The step of the grid the tracked range gives (what ``round`` uses)."""
+        qmin, qmax = self.quant_range()
+        return affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)[0]
+
     def _refresh_from_range(self) -> None:
         qmin, qmax = self.quant_range()
         scale, zero = affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)
@@ -426,8 +441,7 @@ class Quantizer(EveHooks, nn.Module):
         optimizer step may push a learned scale through zero (Adam moves it by about its learning
         rate whatever the gradient, more than a small weight scale); trained grids do not come near
         it (the least-squares 2-bit step of Gaussian values is 1/3 to 1/2 of the range's)."""
-        qmin, qmax = self.quant_range()
-        return affine_from_range(self.range_min, self.range_max, qmin, qmax, self.symmetric, self.signed)[0] / _MIN_SPAN
+        return self._range_step() / _MIN_SPAN
 
     def _stage_step(self) -> int:
         """Training forwards since the current bits began (since the start without a schedule)."""
@@ -465,6 +479,8 @@ class Quantizer(EveHooks, nn.Module):
                 elif (not bool(self.initialized) or restart
                       or (self.init_steps and self.training and self._stage_step() == self.init_steps)):
                     self._initialise(x if fold is None else x * fold)
+                elif self.training and self.scale_domain == "range":
+                    self.scale_base.copy_(self._range_step())  # the learned ratio rides on the range
                 self.initialized.fill_(True)
             if self.training and hasattr(self, "steps"):
                 self.steps += 1

@@ -21,7 +21,7 @@ Fn = Literal["round", "lsq", "llsq"]
 Granularity = Literal["per_tensor", "per_channel"]
 Tracker = Literal["average", "global"]
 Regularization = Literal["l1", "l2"]
-ScaleDomain = Literal["linear", "log"]
+ScaleDomain = Literal["linear", "log", "range"]
 
 
 def check_bits(bits: int, name: str) -> int:
@@ -77,7 +77,10 @@ class QuantizerOptions:
             about its learning rate whatever the gradient, so a linear ``s`` of 0.05 moves 2% per
             step at lr 1e-3 and a log one 0.1%, whatever its size. The learned tensor is then
             ``scale_log_ratio`` (with ``scale = scale_base * exp(scale_log_ratio)``; a scale that is set, e.g.
-            from the range, goes to the buffer ``scale_base`` exactly, the ratio to 0).
+            from the range, goes to the buffer ``scale_base`` exactly, the ratio to 0), or ``range``
+            (``log`` relative to the tracked range: ``scale_base`` is the range's step, refreshed
+            every training forward, so the step follows ranges that grow in training while the
+            learned ratio moves 0.1% per step).
         regularization, reg_weight: llsq's error norm (``l1``/``l2``) and the weight of its penalty.
         bit_range: ``(low, high)`` bits the upgrader may choose (``bits`` must lie inside).
         code_range: ``(lo, hi)`` further limits the codes to ``[max(qmin, lo), min(qmax, hi)]``.

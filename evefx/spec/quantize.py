@@ -52,14 +52,17 @@ class QuantizerConfig(StrictModel):
     """EMA momentum of the ``average`` tracker."""
     learnable_scale: bool = False
     """Make the scale a trained parameter for ``round`` too (always true for lsq/llsq)."""
-    scale_domain: Literal["linear", "log"] = "linear"
+    scale_domain: Literal["linear", "log", "range"] = "linear"
     """Only for learned scales: train the scale itself (``linear``, default) or its logarithm
     (``log``; TQT's log-domain thresholds, brevitas' ``LOG_FP``). Adam moves a parameter by about
     its learning rate whatever the gradient: at lr 1e-3 a linear per-channel weight step of 1e-3
     doubles or hits its floor in a few steps (mobilenet_v3_small, 60 steps: median 2.3x the range's
     step, 8% at the floor), a log one moves 0.1% per step (0.94x, none at the floor). On the
     networks measured it trained no better fine-tuned, and from random weights it cannot follow
-    the network's growing ranges (DemoNet W4A4 lsq: -1.57 against -0.67; docs/quantization.md)."""
+    the network's growing ranges (DemoNet W4A4 lsq: -1.57 against -0.67; docs/quantization.md).
+    ``range``: the logarithm of the step relative to the tracked range's step, which is refreshed
+    every training forward: the step follows growing ranges (from random weights) and the learned
+    ratio moves 0.1% per step (an option; docs/quantization.md has the figures)."""
     regularization: Literal["l1", "l2"] = "l2"
     """Only for ``llsq``: the norm of the quantization-error regulariser."""
     init_steps: Bounded(int, 0, 1_000_000_000) = 30

@@ -752,5 +752,47 @@ def test_log_scale_domain_is_floored_and_set_bits_and_set_range_write_it():
         q.scale_log_ratio.fill_(0.1)  # trained a little
     q.set_bits(2)
     torch.testing.assert_close(q.scale.detach(), torch.tensor(2.0 / 1))  # the same range on codes -2..1
-    with pytest.raises(QuantizationError, match="scale_domain must be linear or log"):
+    with pytest.raises(QuantizationError, match="scale_domain must be linear, log or range"):
         Quantizer(4, "lsq", scale_domain="exp")
+
+
+def test_range_scale_domain_learns_a_ratio_to_the_range_step_and_follows_the_range():
+    w = torch.randn(3, 10, generator=torch.Generator().manual_seed(11))
+    kwargs = dict(granularity="per_channel", num_channels=3, tracker="global", init_steps=0)
+    lin = Quantizer(4, "lsq", **kwargs).train()
+    rel = Quantizer(4, "lsq", scale_domain="range", **kwargs).train()
+    lin(w).square().sum().backward()
+    rel(w).square().sum().backward()
+    # the same least-squares start (up to the log/exp round trip); the base is the range's step
+    torch.testing.assert_close(rel.scale.detach(), lin.scale.detach())
+    assert torch.equal(rel.scale_base, rel._range_step())
+    torch.testing.assert_close(rel.scale_log_ratio.grad, lin.scale.grad * lin.scale.detach())
+    ratio = rel.scale_log_ratio.detach().clone()
+    assert bool((ratio <= 0).all()) and bool((ratio < 0).any())  # least-squares steps: at most the range's
+    rel(3 * w)  # the weights grow: the range triples, so does the step; the learned ratio stays
+    assert torch.equal(rel.scale_log_ratio.detach(), ratio)
+    torch.testing.assert_close(rel.scale.detach(), 3 * lin.scale.detach())
+    rel.eval()(w)  # eval neither tracks nor moves it
+    torch.testing.assert_close(rel.scale.detach(), 3 * lin.scale.detach())
+
+
+def test_range_scale_domain_set_range_floor_and_state_dicts():
+    x = torch.randn(64, generator=torch.Generator().manual_seed(12))
+    q = Quantizer(4, "lsq", init_steps=0, scale_domain="range").train()
+    q(x)
+    with torch.no_grad():
+        q.scale_log_ratio.fill_(-30.0)  # far below the floor: the ratio of 1/8 of the range's step
+    q(x)
+    torch.testing.assert_close(q.scale.detach(), q._scale_floor())
+    assert math.isclose(float(q.scale_log_ratio.detach()), -math.log(8.0), rel_tol=1e-6)
+    q.set_range(-1.0, 2.0)  # a range's own step is a ratio of exactly 0
+    assert torch.equal(q.scale.detach(), torch.tensor(2.0 / 7)) and float(q.scale_log_ratio.detach()) == 0.0
+    with torch.no_grad():
+        q.scale_log_ratio.fill_(-0.2)
+    lin = Quantizer(4, "lsq", init_steps=0)
+    lin.load_state_dict(q.state_dict())
+    torch.testing.assert_close(lin.scale.detach(), q.scale.detach())
+    back = Quantizer(4, "lsq", init_steps=0, scale_domain="range")
+    back.load_state_dict(lin.state_dict())
+    torch.testing.assert_close(back.scale_log_ratio.detach(), torch.tensor(-0.2))
+    torch.testing.assert_close(back.eval()(x), q.eval()(x))

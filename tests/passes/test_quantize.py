@@ -170,10 +170,12 @@ def test_bn_statistics_written_out_and_per_layer(demo_net, mnist_batch):
 def test_scale_domain_reaches_the_learned_scales_and_round_trips(demo_net, mnist_batch):
     spec = {"passes": [{"kind": "quantize", "weight": {"bits": 4, "fn": "lsq", "scale_domain": "log", "init_steps": 0},
                         "activation": {"bits": 4, "scale_domain": "log"},
-                        "overrides": [{"names": ["features.3"], "weight": {"scale_domain": "linear"}}]}]}
+                        "overrides": [{"names": ["features.3"], "weight": {"scale_domain": "linear"}},
+                                      {"names": ["features.6"], "weight": {"scale_domain": "range"}}]}]}
     gm = evefx.transform(demo_net, spec, mnist_batch)
     weights = {name: m.weight_quantizer for name, m in gm.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
     assert {n for n, q in weights.items() if q.scale_domain == "linear"} == {"features.3"}
+    assert {n for n, q in weights.items() if q.scale_domain == "range"} == {"features.6"}
     assert isinstance(weights["features.0"].scale_log_ratio, nn.Parameter) and isinstance(weights["features.3"].scale, nn.Parameter)
     acts = [module_of(gm, n) for n in marked(gm, "quantize", role="activation")]
     assert acts and all(q.scale_domain == "log" and "scale_log_ratio" in dict(q.named_parameters()) for q in acts)
