@@ -486,7 +486,10 @@ class Quantizer(EveHooks, nn.Module):
                 self.steps += 1
             if self.learnable_scale and not warming:
                 # in eval too: the last optimizer step before eval may have left it below the floor
-                if self._log_ratio is not None:  # only the channels below: the rest keep their ratio
+                if self._log_ratio is not None and self.scale_domain == "range":
+                    # every write keeps the base at the range's step, so the floor bounds the ratio
+                    self._log_ratio.clamp_(min=-math.log(_MIN_SPAN))
+                elif self._log_ratio is not None:  # only the channels below: the rest keep their ratio
                     floor = self._scale_floor()
                     self._set_scale(floor, where=self.scale < floor)
                 else:
