@@ -42,6 +42,7 @@ _LAZY = {
     "calibrate": "evefx.ptq",
     "CalibrationReport": "evefx.ptq",
     "post_training_quantize": "evefx.ptq",
+    "reestimate_bn": "evefx.ptq",
     "PTQReport": "evefx.ptq",
     "sensitivity": "evefx.ptq",
     "SensitivityReport": "evefx.ptq",

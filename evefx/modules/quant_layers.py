@@ -94,7 +94,9 @@ class _QuantLayerMixin(nn.Module):
     def _fold_factor(self) -> torch.Tensor:
         bn = self.bn
         assert bn is not None and bn.running_var is not None
-        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        # evefx.reestimate_bn holds the variance the codes were trained with while BatchNorm measures new statistics
+        held = self.__dict__.get("_held_fold_var")
+        inv_std = torch.rsqrt((bn.running_var if held is None else held) + bn.eps)
         return bn.weight * inv_std if bn.affine else inv_std
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:

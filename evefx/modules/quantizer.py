@@ -265,6 +265,24 @@ class Quantizer(EveHooks, nn.Module):
             self.initialized.fill_(True)
             self._refresh_from_range()
 
+    def stretch_grid(self, factor: torch.Tensor) -> None:
+        """Multiply the grid by ``factor`` (> 0; per channel, or one number): the tracked range and
+        the scale (learned or not) scale with it and the zero point stays, so ``x * factor`` maps to
+        the codes ``x`` did. What keeps a folded layer's weight codes when its BatchNorm's statistics
+        are re-estimated (the fold factor changes by ``factor`` per output channel).
+
+        Example:
+            >>> q.stretch_grid(torch.tensor([2.0, 0.5]))   # a per_channel quantizer of 2 channels
+        """
+        with torch.no_grad():
+            f = torch.as_tensor(factor, dtype=self.range_min.dtype).expand_as(self.range_min)
+            if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
+                raise QuantizationError(f"{self.name}: stretch_grid needs finite factors > 0 (got {factor})")
+            scale = self.scale.detach() * f.to(self.scale.dtype)
+            self.range_min.mul_(f)
+            self.range_max.mul_(f)
+            self._set_scale(scale)  # after the range: a range-domain scale is written against its new step
+
     def set_mode(self, **flags: Any) -> None:
         if flags.get("quantized") is not None:
             self._enabled = bool(flags["quantized"])

@@ -11,6 +11,11 @@ user's model, which is never touched).
 * :func:`bias_correction` (empirical): shift each quantized layer's bias by the mean difference,
   per output channel on the calibration data, between the float model's output of that layer and
   the quantized model's (layer by layer in graph order, so every correction sees the ones before).
+* :func:`reestimate_bn` (Nagel et al. 2022, "Overcoming oscillations in quantization-aware
+  training"; AIMET's BatchNorm re-estimation): after QAT, replace every BatchNorm's running
+  statistics, which averaged batches of weights that kept flipping between codes, by the
+  statistics of the final model on a few batches. A layer that folds its BatchNorm keeps its
+  weight codes: its per-channel grid stretches with the fold factor.
 * :func:`adaround` (Nagel et al. 2020, "Up or down? Adaptive rounding for post-training
   quantization"): per layer, learn for every weight whether it rounds up or down by minimising
   ``|| f(W~ x_q) - f(W x_fp) ||^2`` (``f`` the ReLU that follows the layer, if any) on the layer's
@@ -42,9 +47,10 @@ from torch import fx, nn
 from evefx.errors import QuantizationError
 from evefx.graph import layer_nodes
 from evefx.modules import QUANT_LAYER_TYPES, Quantizer
-from evefx.ptq.batches import inputs_only, quantizers_off, run_batch
+from evefx.layers import eval_mode
+from evefx.ptq.batches import inputs_only, progress_over, quantizers_off, run_batch
 
-__all__ = ["bake_batchnorm", "bias_correction", "float_reference", "quant_layer_names"]
+__all__ = ["bake_batchnorm", "bias_correction", "float_reference", "quant_layer_names", "reestimate_bn"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,73 @@ def bake_batchnorm(layer: nn.Module) -> bool:
     layer.bias = nn.Parameter(b.detach().clone())
     layer.bn = None
     return True
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> list[str]:
+    """Re-estimate the running statistics of every BatchNorm of ``model`` (those that quantized
+    layers fold included) as plain averages over ``batches`` (model inputs, or ``(x, y)`` pairs),
+    with the rest of the model as in eval: quantizer grids, pruning masks and neurons' settings
+    stay. Returns the BatchNorms' names. Run it after training, before evaluating or exporting.
+
+    Why: in QAT weights oscillate across rounding boundaries, so the running statistics, an average
+    over the last batches' weights, do not describe the final weights (Nagel et al. 2022); the
+    mismatch costs accuracy at eval and shows as validation swinging between epochs. For a layer
+    folding its BatchNorm the eval weight is ``Q(W f)`` with ``f = gamma / sqrt(running_var)``:
+    its per-channel weight grid is stretched by ``f_new / f_old`` so every weight keeps its code
+    (a per-tensor grid cannot follow per-channel factors: its codes follow the new ``f``).
+
+    Example:
+        >>> evefx.fit(gm, train_loader, epochs=5)            # with bn_statistics: batch
+        >>> evefx.reestimate_bn(gm, itertools.islice(train_loader, 16))
+    """
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None}
+    data = inputs_only(batches)
+    if not norms or not data:
+        return []
+    by_id = {id(m) for m in norms.values()}
+    folding = [m for m in model.modules() if isinstance(m, QUANT_LAYER_TYPES) and id(m.bn) in by_id]
+    before = {id(m): m.bn.running_var.clone() for m in folding}
+    saved = {id(bn): (bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in norms.values()}
+    with eval_mode(model):
+        for m in folding:  # the folded path normalises with (and updates) batch statistics only in training
+            m.training = True
+            object.__setattr__(m, "_frozen_bn", m.bn_running_stats)
+            m.bn_running_stats = False
+            # the weights are quantized with the fold factor they were trained with, not with the
+            # statistics being averaged (which start from 0 / 1): those are the codes measured
+            object.__setattr__(m, "_held_fold_var", before[id(m)])
+        for bn in norms.values():
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the batches
+            bn.train()
+        try:
+            for batch in progress_over(data, "re-estimating BatchNorm statistics", progress):
+                run_batch(model, batch)
+        except BaseException:
+            for bn in norms.values():  # nothing half-estimated is left behind
+                momentum, mean, var, count = saved[id(bn)]
+                bn.running_mean.copy_(mean), bn.running_var.copy_(var), bn.num_batches_tracked.copy_(count)
+            raise
+        finally:
+            for bn in norms.values():
+                bn.momentum = saved[id(bn)][0]
+            for m in folding:
+                m.bn_running_stats = m.__dict__.pop("_frozen_bn")
+                del m.__dict__["_held_fold_var"]
+    for m in folding:
+        q, folded = m.weight_quantizer, m.bn
+        assert folded is not None and folded.running_var is not None, "folding holds layers with a BatchNorm"
+        if not bool(q.initialized):
+            continue
+        if q.num_channels is None:
+            log.info("%s: per_tensor weight grid, so its codes follow the re-estimated fold factor", q.name)
+            continue
+        q.stretch_grid(torch.sqrt((before[id(m)] + folded.eps) / (folded.running_var + folded.eps)))
+    log.info("re-estimated %d BatchNorms on %d batches", len(norms), len(data))
+    return list(norms)
 
 
 def ensure_bias(layer: nn.Module) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from evefx.errors import SearchError
-from evefx.layers import eval_mode
+from evefx.ptq.corrections import reestimate_bn
 from evefx.spec.search import DEFAULT_EVALUATOR  # noqa: F401 - re-exported for readers of this module
 
 __all__ = ["EVALUATORS", "DEFAULT_EVALUATOR", "accuracy_of", "apply_pruning", "Accuracy", "FineTune", "BNRecalibrate"]
@@ -102,10 +102,9 @@ class FineTune:
 
 class BNRecalibrate:
     """A ``recalibrate(gm)`` callback: re-estimate every BatchNorm's running statistics on
-    ``batches`` batches of ``dataset`` (EagleEye's adaptive BatchNorm), the rest of the model
-    frozen. The statistics are reset and averaged over the batches (``momentum=None``); only the
-    BatchNorms and the layers that fold one (``QuantConv2d`` with ``bn``) run in training mode,
-    so quantizer ranges and pruning masks stay as they are. The same batches every call.
+    ``batches`` batches of ``dataset`` (EagleEye's adaptive BatchNorm) with
+    :func:`evefx.reestimate_bn`: plain averages, quantizer codes and pruning masks kept. The same
+    batches every call.
 
     Example:
         >>> BNRecalibrate(train_set, batches=8)(gm)   # then score gm
@@ -127,31 +126,5 @@ class BNRecalibrate:
             out.append(torch.stack([self.dataset[i][0] for i in idx]))
         return out
 
-    @torch.no_grad()
     def __call__(self, gm: nn.Module) -> None:
-        norms = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not norms:
-            return
-        momenta = {bn: bn.momentum for bn in norms}
-        ids = {id(bn) for bn in norms}
-        folding = [m for m in gm.modules() if id(getattr(m, "bn", None)) in ids]
-        # a layer folding its BatchNorm normalises with batch statistics only in training, and only
-        # when not told to train on the running ones (bn_statistics: running), which this re-estimates
-        frozen = [m for m in folding if getattr(m, "bn_running_stats", False)]
-        with eval_mode(gm):
-            for m in folding:
-                m.training = True
-            for m in frozen:
-                setattr(m, "bn_running_stats", False)
-            for bn in norms:
-                bn.reset_running_stats()
-                bn.momentum = None  # a plain average over the batches
-                bn.train()
-            try:
-                for x in self._inputs():
-                    gm(x)
-            finally:
-                for bn, momentum in momenta.items():
-                    bn.momentum = momentum
-                for m in frozen:
-                    setattr(m, "bn_running_stats", True)
+        reestimate_bn(gm, self._inputs(), progress=False)

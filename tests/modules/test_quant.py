@@ -796,3 +796,28 @@ def test_range_scale_domain_set_range_floor_and_state_dicts():
     back.load_state_dict(lin.state_dict())
     torch.testing.assert_close(back.scale_log_ratio.detach(), torch.tensor(-0.2))
     torch.testing.assert_close(back.eval()(x), q.eval()(x))
+
+
+@pytest.mark.parametrize("fn,domain", [("round", "linear"), ("lsq", "linear"), ("lsq", "log"), ("lsq", "range")])
+def test_stretch_grid_keeps_the_codes_of_stretched_inputs(fn, domain):
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(3, 4, 3, 3, generator=gen)
+    q = Quantizer(4, fn, granularity="per_channel", num_channels=3, init_steps=0, scale_domain=domain).train()
+    q(w)
+    with torch.no_grad():  # a learned step away from the range's own
+        q._set_scale(q.scale.detach() * torch.tensor([0.7, 1.0, 1.3]))
+    q.eval()
+    factor = torch.tensor([2.0, 0.5, 1.25])
+    scale, zero, qmin, qmax, _ = q.qparams()
+    codes = torch.clamp(torch.round(w / scale.reshape(-1, 1, 1, 1)) + zero.reshape(-1, 1, 1, 1), qmin, qmax)
+    q.stretch_grid(factor)
+    scale2, zero2, _, _, _ = q.qparams()
+    torch.testing.assert_close(scale2, scale * factor)
+    assert torch.equal(zero2, zero)
+    stretched = w * factor.reshape(-1, 1, 1, 1)
+    codes2 = torch.clamp(torch.round(stretched / scale2.reshape(-1, 1, 1, 1)) + zero2.reshape(-1, 1, 1, 1), qmin, qmax)
+    assert torch.equal(codes2, codes)
+    torch.testing.assert_close(q(stretched), q.eval()(stretched))  # eval uses the stretched grid
+    torch.testing.assert_close(q(stretched), (codes - zero.reshape(-1, 1, 1, 1)) * scale2.reshape(-1, 1, 1, 1))
+    with pytest.raises(QuantizationError, match=r"stretch_grid needs finite factors > 0 \(got tensor\(\[ 1\., -1\.,  1\.\]\)\)"):
+        q.stretch_grid(torch.tensor([1.0, -1.0, 1.0]))

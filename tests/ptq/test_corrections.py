@@ -197,3 +197,73 @@ def test_adaround_reconstructs_through_the_following_relu():
     assert _following_relu(gm, "conv1")  # its BatchNorm is folded: conv1 -> relu1
     assert _following_relu(gm, "fc1") and not _following_relu(gm, "fc2")
     assert not _following_relu(tiny(), "conv1")  # not a graph
+
+
+def _conv1_outputs(model: nn.Module, data: list[torch.Tensor]) -> list[torch.Tensor]:
+    outs: list[torch.Tensor] = []
+    h = model.conv1.register_forward_hook(lambda _m, _i, out: outs.append(out.detach()))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_reestimate_bn_averages_the_batches_statistics_and_restores_modes(fold_bn):
+    model = tiny()
+    gm = transformed(model, fold_bn=fold_bn, bn_statistics="running")
+    evefx.set_mode(gm, quantized=False)  # the float function: conv1's output is the float model's
+    data = batches(3)
+    zs = _conv1_outputs(model, data)  # what the BatchNorm normalises, per batch
+    gm.train()
+    names = evefx.reestimate_bn(gm, [(x, torch.zeros(len(x), dtype=torch.long)) for x in data], progress=False)
+    assert names == (["conv1.bn"] if fold_bn else ["bn1"])
+    bn = gm.get_submodule(names[0])
+    mean = torch.stack([z.mean(dim=(0, 2, 3)) for z in zs]).mean(0)
+    var = torch.stack([z.var(dim=(0, 2, 3), unbiased=True) for z in zs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
+    assert bn.momentum == 0.1 and all(m.training for m in gm.modules())  # modes as they were
+    if fold_bn:
+        assert gm.conv1.bn_running_stats is True
+
+
+def test_reestimate_bn_keeps_the_folded_weight_codes_and_the_activation_grids():
+    gm = transformed(tiny(), weight={"fn": "lsq", "bits": 4})
+    calibrate(gm, batches(2), progress=False)
+    q = gm.conv1.weight_quantizer
+
+    def codes():
+        w, _ = gm.conv1.folded_weight_bias()
+        scale, zero, qmin, qmax, _ = q.qparams()
+        return torch.clamp(torch.round(w.detach() / scale.reshape(-1, 1, 1, 1)) + zero.reshape(-1, 1, 1, 1), qmin, qmax)
+
+    before, var = codes(), gm.conv1.bn.running_var.clone()
+    acts = {n: (m.range_min.clone(), m.scale.detach().clone()) for n, m in gm.named_modules()
+            if isinstance(m, Quantizer) and m is not q and bool(m.initialized)}
+    # what the BatchNorm normalises, from the eval output: z = conv(x, Q(W f) / f) + b with the trained codes
+    data = batches(4, seed=1)
+    with torch.no_grad():
+        f = gm.conv1._fold_factor().reshape(1, -1, 1, 1)
+        deployed = gm.conv1._deployed_bias(gm.conv1.folded_weight_bias()[1]).reshape(1, -1, 1, 1)
+        zs = [(y - deployed) / f + gm.conv1.bias.reshape(1, -1, 1, 1) for y in _conv1_outputs(gm, data)]
+    evefx.reestimate_bn(gm, data, progress=False)
+    assert not torch.allclose(gm.conv1.bn.running_var, var)  # new statistics, so a new fold factor ...
+    assert torch.equal(codes(), before)  # ... and the same codes on a stretched grid
+    torch.testing.assert_close(gm.conv1.bn.running_mean, torch.stack([z.mean(dim=(0, 2, 3)) for z in zs]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gm.conv1.bn.running_var, torch.stack([z.var(dim=(0, 2, 3)) for z in zs]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    for n, m in gm.named_modules():
+        if n in acts:
+            assert torch.equal(m.range_min, acts[n][0]) and torch.equal(m.scale.detach(), acts[n][1])
+
+
+def test_reestimate_bn_leaves_the_statistics_when_a_batch_fails():
+    gm = transformed(tiny())
+    stats = [t.clone() for t in (gm.conv1.bn.running_mean, gm.conv1.bn.running_var)]
+    with pytest.raises(RuntimeError):
+        evefx.reestimate_bn(gm, [batches(1)[0], torch.zeros(2, 3, 8, 8)], progress=False)
+    assert torch.equal(gm.conv1.bn.running_mean, stats[0]) and torch.equal(gm.conv1.bn.running_var, stats[1])
+    assert gm.conv1.bn.momentum == 0.1 and not gm.training
