@@ -18,7 +18,12 @@ from torch import nn
 from evefx.errors import QuantizationError
 from evefx.modules.quantizer import Quantizer
 
-__all__ = ["QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QUANT_LAYER_TYPES"]
+__all__ = ["QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QUANT_LAYER_TYPES", "RUNNING_STATS_MAX_BITS"]
+
+# bn_statistics auto: frozen running statistics at this many weight bits or fewer, batch statistics above
+# (validation, docs/quantization.md: at 4 and 8 bits batch statistics, re-estimated after training, were best
+# on DemoNet, a small ResNet and resnet18, where frozen ones collapsed; at 2-3 bits the frozen ones were)
+RUNNING_STATS_MAX_BITS = 3
 
 
 class _QuantLayerMixin(nn.Module):
@@ -40,14 +45,29 @@ class _QuantLayerMixin(nn.Module):
       (the rounded minus the float ``b_f``; the bias's gradient is the float one, straight-through).
       At low bits the grid is coarse (3-bit input x 2-bit weights: ``s_x * s_w`` about 0.1), and a
       network trained on float biases can lose tens of points in eval and once deployed.
-    * ``bn_running_stats`` (set by the quantize pass's ``bn_statistics``): training normalises
-      with BatchNorm's running statistics and leaves them as they are, so the training forward is
-      the eval one up to float rounding (torch.ao's ``freeze_bn_stats``). At 2 bits a batch's statistics move
-      codes across rounding boundaries that eval, with the running ones, puts elsewhere.
+    * ``bn_statistics`` (set by the quantize pass's option of that name): ``batch`` (the float
+      model's BatchNorm), ``running`` (training normalises with BatchNorm's running statistics and
+      leaves them as they are, so the training forward is the eval one up to float rounding:
+      torch.ao's ``freeze_bn_stats``), or ``auto``: ``running`` while the weights have
+      ``RUNNING_STATS_MAX_BITS`` bits or fewer, ``batch`` above, read at every forward since a
+      search changes bit widths. At 2-3 bits a batch's statistics move codes across rounding
+      boundaries that eval puts elsewhere; at 4 and more, frozen statistics take BatchNorm's
+      normalisation out of training, which deep networks need (docs/quantization.md).
     """
 
     train_int32_bias: bool = True
-    bn_running_stats: bool = False
+    bn_statistics: str = "batch"
+
+    @property
+    def bn_running_stats(self) -> bool:
+        """Whether training normalises with the frozen running statistics now (``bn_statistics``)."""
+        if self.bn_statistics == "auto":
+            return int(self.weight_quantizer.bits) <= RUNNING_STATS_MAX_BITS
+        return self.bn_statistics == "running"
+
+    @bn_running_stats.setter
+    def bn_running_stats(self, value: bool) -> None:
+        self.bn_statistics = "running" if value else "batch"
 
     weight: torch.Tensor
     bias: torch.Tensor | None

@@ -59,6 +59,7 @@ from evefx.modules import (
     QuantizerOptions,
     QuantLinear,
 )
+from evefx.modules.quant_layers import RUNNING_STATS_MAX_BITS
 from evefx.passes.base import Change, PassResult, SectionPass
 from evefx.spec import QuantizeSection, QuantizerConfig
 from evefx.spec.quantize import SATURATION_FREE_WEIGHT_CODES
@@ -116,16 +117,17 @@ def weight_code_range(target: str, signed: bool) -> tuple[int, int] | None:
     return SATURATION_FREE_WEIGHT_CODES if target == "portable" and signed else None
 
 
-def _uses_running_stats(choice: str, bn: nn.modules.batchnorm._BatchNorm) -> bool:
-    """``bn_statistics`` for one folded BatchNorm: ``auto`` means running statistics once the
-    BatchNorm has tracked some (a trained network), batch statistics while it has its initial 0 / 1."""
+def _layer_bn_statistics(choice: str, bn: nn.modules.batchnorm._BatchNorm) -> str:
+    """``bn_statistics`` of the layer folding ``bn``: ``auto`` stays ``auto`` (running statistics at
+    low weight bits, see :class:`~evefx.modules.QuantConv2d`) once the BatchNorm has tracked some (a
+    trained network) and is ``batch`` while it has its initial 0 / 1 (they mean nothing yet)."""
     if choice != "auto":
-        return choice == "running"
+        return choice
     assert bn.running_mean is not None and bn.running_var is not None, "_foldable_bn folds only BatchNorms with statistics"
     tracked = bn.num_batches_tracked is not None and int(bn.num_batches_tracked) > 0
     # checkpoints saved before torch 0.4.1 load with num_batches_tracked 0: the statistics tell too
     initial = bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all())
-    return tracked or not initial
+    return "auto" if tracked or not initial else "batch"
 
 
 def _base_type(module: nn.Module) -> type[nn.Module] | None:
@@ -214,7 +216,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
                 # the QuantConv*d classes are built at import time (the checker sees ``type``); all have from_float
                 new = _QUANT_CLASS[base].from_float(module, wq, bn)  # type: ignore[attr-defined]
                 new.train_int32_bias = section.train_int32_bias
-                new.bn_running_stats = bn is not None and _uses_running_stats(section.bn_statistics, bn)
+                new.bn_statistics = "batch" if bn is None else _layer_bn_statistics(section.bn_statistics, bn)
                 new.train(module.training)
                 wq.train(module.training)
                 replace_module(gm, node, new)
@@ -224,7 +226,9 @@ class QuantizePass(SectionPass[QuantizeSection]):
                 if bn is not None:
                     bn_node = block.bn
                     assert bn_node is not None
-                    stats = "running statistics, frozen" if new.bn_running_stats else "batch statistics"
+                    stats = {"running": "running statistics, frozen", "batch": "batch statistics",
+                             "auto": f"running statistics, frozen, at {RUNNING_STATS_MAX_BITS} weight bits or fewer, "
+                                     f"batch statistics above"}[new.bn_statistics]
                     changes.append(Change("folded", bn_node.name, str(bn_node.target), layer, self.spec_path,
                                           f"{type(bn).__name__} folded into {layer} (trains on {stats})"))
                     remove_node(gm, bn_node)

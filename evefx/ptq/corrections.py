@@ -118,8 +118,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, progress: bool = 
     with eval_mode(model):
         for m in folding:  # the folded path normalises with (and updates) batch statistics only in training
             m.training = True
-            object.__setattr__(m, "_frozen_bn", m.bn_running_stats)
-            m.bn_running_stats = False
+            object.__setattr__(m, "_frozen_bn", m.bn_statistics)
+            m.bn_statistics = "batch"
             # the weights are quantized with the fold factor they were trained with, not with the
             # statistics being averaged (which start from 0 / 1): those are the codes measured
             object.__setattr__(m, "_held_fold_var", before[id(m)])
@@ -139,7 +139,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, progress: bool = 
             for bn in norms.values():
                 bn.momentum = saved[id(bn)][0]
             for m in folding:
-                m.bn_running_stats = m.__dict__.pop("_frozen_bn")
+                m.bn_statistics = m.__dict__.pop("_frozen_bn")
                 del m.__dict__["_held_fold_var"]
     for m in folding:
         q, folded = m.weight_quantizer, m.bn

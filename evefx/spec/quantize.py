@@ -241,13 +241,17 @@ class QuantizeSection(Section):
     keeps float biases (the behaviour before; eval and export still round them)."""
     bn_statistics: Literal["auto", "batch", "running"] = "auto"
     """What a folded BatchNorm normalises with in training. ``batch``: the batch's statistics,
-    updating the running ones (the float model's BatchNorm; the behaviour before this option).
-    ``running``: its running statistics, left unchanged, so training computes what eval and
-    the exported file compute, up to float rounding (torch.ao's ``freeze_bn_stats`` from the first step).
-    ``auto`` (default): ``running`` for a BatchNorm that has already tracked statistics (a trained
-    network being fine-tuned), ``batch`` for a fresh one (training from random weights, whose
-    running statistics are still 0 and 1). Fine-tuned at 2 bits, batch statistics move codes across
-    rounding boundaries that eval puts elsewhere (docs/quantization.md)."""
+    updating the running ones (the float model's BatchNorm). ``running``: its running statistics,
+    left unchanged, so training computes what eval and the exported file compute, up to float
+    rounding (torch.ao's ``freeze_bn_stats`` from the first step). ``auto`` (default): for a
+    BatchNorm that has already tracked statistics (a trained network being fine-tuned), ``running``
+    while the layer's weights have 3 bits or fewer and ``batch`` above (read at every step, so a
+    search's bit widths count); ``batch`` for a fresh one (training from random weights, whose
+    running statistics are still 0 and 1). At 2-3 bits batch statistics move codes across rounding
+    boundaries that eval puts elsewhere; at 4 and more frozen ones take BatchNorm's normalisation
+    out of training and a deep network fine-tuned at lr 1e-3 can collapse. After training on batch
+    statistics, ``evefx.reestimate_bn`` fits the running ones to the final weights
+    (docs/quantization.md)."""
     upgrade_bits: bool = False
     """Expose the bit widths as eve parameters in [min_bits, max_bits] for the upgrader."""
     min_bits: Bounded(int, 1, 16) = 2

@@ -139,22 +139,33 @@ def _bn_stats(gm) -> dict[str, bool]:
     return {n: m.bn_running_stats for n, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None}
 
 
-def test_bn_statistics_auto_freezes_a_trained_network_and_not_a_fresh_one(demo_net, mnist_batch):
+def test_bn_statistics_auto_freezes_a_trained_network_at_low_bits_only_and_never_a_fresh_one(demo_net, mnist_batch):
     spec = {"passes": [{"kind": "quantize"}]}
     fresh = evefx.transform(demo_net, spec, mnist_batch)
     assert _bn_stats(fresh) == {"features.0": False, "features.3": False, "features.6": False}
+    fresh.get_submodule("features.3").weight_quantizer.set_bits(2)
+    assert not fresh.get_submodule("features.3").bn_running_stats  # a fresh network's statistics mean nothing yet: batch at any bits
     trained = copy.deepcopy(demo_net).train()
     trained(torch.rand(16, 1, 28, 28))  # running statistics tracked once: a trained network
     gm = evefx.transform(trained, spec, mnist_batch)
-    assert _bn_stats(gm) == {"features.0": True, "features.3": True, "features.6": True}
+    assert {n: m.bn_statistics for n, m in gm.named_modules() if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None} \
+        == {"features.0": "auto", "features.3": "auto", "features.6": "auto"}
+    assert _bn_stats(gm) == {"features.0": False, "features.3": False, "features.6": False}  # 8-bit weights: batch
+    for bits, frozen in ((3, True), (2, True), (4, False)):  # read at every step: a search's bit widths count
+        gm.get_submodule("features.3").weight_quantizer.set_bits(bits)
+        assert gm.get_submodule("features.3").bn_running_stats is frozen
     folded = [c.detail for c in gm.report.changes if c.action == "folded"]
-    assert folded == [f"BatchNorm2d folded into features.{i} (trains on running statistics, frozen)" for i in (0, 3, 6)]
+    assert folded == [f"BatchNorm2d folded into features.{i} (trains on running statistics, frozen, at 3 weight bits "
+                      f"or fewer, batch statistics above)" for i in (0, 3, 6)]
+    low = evefx.transform(trained, {"passes": [{"kind": "quantize", "weight": {"bits": 2}}]}, mnist_batch)
+    assert all(_bn_stats(low).values())
     # a checkpoint saved before torch tracked batches: statistics off their initial 0 / 1 still count
     old = copy.deepcopy(trained)
     for m in old.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.num_batches_tracked.zero_()
-    assert all(_bn_stats(evefx.transform(old, spec, mnist_batch)).values())
+    assert all(_bn_stats(evefx.transform(old, {"passes": [{"kind": "quantize", "weight": {"bits": 3}}]},
+                                         mnist_batch)).values())
 
 
 def test_bn_statistics_written_out_and_per_layer(demo_net, mnist_batch):

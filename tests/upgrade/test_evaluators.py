@@ -62,16 +62,18 @@ def test_bn_recalibrate_on_a_quantized_model_is_deterministic_and_leaves_activat
     assert all(torch.equal(acts[k], gm.state_dict()[k]) for k in acts)
 
 
-def test_bn_recalibrate_re_estimates_batchnorms_that_train_on_running_statistics():
+@pytest.mark.parametrize("bits,mode", [(8, "running"), (2, "auto")])
+def test_bn_recalibrate_re_estimates_batchnorms_that_train_on_running_statistics(bits, mode):
     trained = convnet().train()
-    trained(dataset().tensors[0])  # tracked statistics: bn_statistics auto trains on the running ones
-    gm = evefx.transform(trained, SPEC)
+    trained(dataset().tensors[0])  # tracked statistics: auto trains on the running ones at 2 bits
+    section = {**SPEC["passes"][0], "weight": {"bits": bits}, "bn_statistics": mode}
+    gm = evefx.transform(trained, {**SPEC, "passes": [section]})
     layer = gm.get_submodule("0")
     assert layer.bn_running_stats
     BNRecalibrate(dataset(), batches=1, batch_size=32, seed=0)(gm)
     # reset, then one batch's statistics: without batch statistics in the layer they would stay 0 / 1
     assert not torch.allclose(layer.bn.running_mean, torch.zeros(4)) and not torch.allclose(layer.bn.running_var, torch.ones(4))
-    assert int(layer.bn.num_batches_tracked) == 1 and layer.bn_running_stats  # re-estimated, the option put back
+    assert int(layer.bn.num_batches_tracked) == 1 and layer.bn_statistics == mode  # re-estimated, the option put back
 
 
 @pytest.mark.parametrize("kind", ["none", "bn_recalibrate", "finetune"])
