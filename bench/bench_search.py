@@ -137,16 +137,25 @@ def start_model(model: nn.Module, spec: dict, train) -> nn.Module:
     return gm.eval()
 
 
+REESTIMATE_BN = False  # --reestimate-bn: final trainings on batch statistics, BatchNorm re-estimated after them
+
+
 def final_accuracy(model: nn.Module, spec, train, score_on, epochs: int, seeds: int) -> list[float]:
     """``model`` (float) transformed with ``spec`` (None: float), trained ``epochs`` on ``train`` per seed,
-    accuracy on ``score_on`` after the last epoch."""
+    accuracy on ``score_on`` after the last epoch (with ``REESTIMATE_BN``: quantize sections on
+    ``bn_statistics: batch`` and :func:`evefx.reestimate_bn` on 16 batches of 64 after training, float too)."""
     out = []
     for seed in range(seeds):
+        if spec is not None and REESTIMATE_BN:
+            spec = {**spec, "passes": [{**p, "bn_statistics": "batch"} if p["kind"] == "quantize" else p
+                                       for p in spec["passes"]]}
         net = copy.deepcopy(model) if spec is None else evefx.transform(model, spec)
         if spec is not None:
             apply_pruning(net)  # masks at the searched ratios (nothing without pruners), as the search scored them
         if epochs:
             fit(net, loader(train, seed), None, epochs, lr=1e-3, seed=seed, progress=False)
+        if REESTIMATE_BN:
+            evefx.reestimate_bn(net, [x for _, (x, _y) in zip(range(16), loader(train, seed, 64))], progress=False)
         out.append(evaluate(net, DataLoader(score_on, batch_size=500))["accuracy"])
     return out
 
@@ -275,6 +284,8 @@ def main() -> None:
     ap.add_argument("--final-epochs", type=int, default=5)
     ap.add_argument("--final-seeds", type=int, default=1)
     ap.add_argument("--skip-float", action="store_true", help="do not train the float reference (another run has it)")
+    ap.add_argument("--reestimate-bn", action="store_true",
+                    help="final trainings with bn_statistics: batch and evefx.reestimate_bn after them (float too)")
     ap.add_argument("--full", action="store_true", help="the issue's protocol (hours on 2 cores)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -282,6 +293,8 @@ def main() -> None:
         args.network, args.evaluations, args.search_seeds, args.final_seeds = ["demonet", "resnet"], [50, 100, 200], 3, 3
         args.final_epochs, args.rank = 10, 24
         args.methods = args.methods or ["ilp", "random", "greedy", "knapsack", "uniform", "tpe", "ddpg", "ddpg-warm"]
+    global REESTIMATE_BN
+    REESTIMATE_BN = args.reestimate_bn
     torch.set_num_threads(1)
     root = args.out or Path(tempfile.mkdtemp(prefix="evefx-bench-search-"))
     root.mkdir(parents=True, exist_ok=True)
