@@ -263,3 +263,33 @@ def test_search_hands_the_ray_address_to_connect_not_to_the_environment(tmp_path
                               str(tmp_path / "run"), "--ray-address", "ray://head:10001"])
     assert out.exit_code == 1 and "error: no cluster here" in out.output, out.output
     assert got == ["ray://head:10001"] and "RAY_ADDRESS" not in os.environ
+
+
+def test_export_reestimates_batchnorm_on_the_data_only(tmp_path):
+    import onnx
+    import torch
+
+    from examples.models import DemoNet
+
+    spec = ROOT / "examples/specs/demo.yaml"
+    noise = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(spec),
+                                "--out", str(tmp_path / "n.onnx"), "--reestimate-bn"])
+    assert noise.exit_code == 1 and noise.output.startswith("error: --reestimate-bn needs real images: give --data")
+    assert not (tmp_path / "n.onnx").exists()
+    gm = evefx.transform(DemoNet(), spec)  # a checkpoint whose BatchNorms never saw data: statistics 0 / 1
+    evefx.calibrate(gm, [torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))], progress=False)
+    torch.save(gm.state_dict(), tmp_path / "ckpt.pt")
+    files = {}
+    for flag in ("--no-reestimate-bn", "--reestimate-bn"):
+        out = tmp_path / f"{flag}.onnx"
+        result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(spec), "--out", str(out),
+                                     "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", "mnist5k",
+                                     "--calibrate-batches", "2", flag])
+        assert result.exit_code == 0, result.output
+        assert ("re-estimated 3 BatchNorms on 2 batches of --data" in result.output) == (flag == "--reestimate-bn")
+        files[flag] = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer}
+    # the folded biases carry the BatchNorm statistics: re-estimated ones change them, and the file still passes parity
+    changed = [k for k in files["--reestimate-bn"] if k in files["--no-reestimate-bn"]
+               and files["--reestimate-bn"][k].shape == files["--no-reestimate-bn"][k].shape
+               and not (files["--reestimate-bn"][k] == files["--no-reestimate-bn"][k]).all()]
+    assert changed

@@ -162,6 +162,9 @@ def export(
     top1_min: float = typer.Option(99.5, help="required top-1 agreement of PyTorch and onnxruntime, percent"),
     allow_unpruned: bool = typer.Option(False, help="export even when the spec's pruners have never pruned "
                                         "(the file is then the unpruned model)"),
+    reestimate_bn: bool = typer.Option(False, help="re-estimate every BatchNorm's running statistics on the "
+                                       "--data calibration batches first (after QAT on batch statistics; "
+                                       "evefx.reestimate_bn)"),
 ) -> None:
     """Export a transformed model to ONNX (int8 QDQ when quantized) or, with --format nir, a spiking model to NIR."""
     import torch
@@ -184,9 +187,17 @@ def export(
 
             console.print(export_nir(gm.eval(), out, torch.zeros(shape), dt=dt).table())
             return
+        if reestimate_bn and data is None:
+            raise EvefxError("--reestimate-bn needs real images: give --data (on random inputs BatchNorm would "
+                             "learn the statistics of noise)")
         calib, held_out = _export_data(data, shape, calibrate_batches)
         if checkpoint is None:
             calibrate(gm, calib)
+        if reestimate_bn:
+            from evefx.ptq import reestimate_bn as reestimate
+
+            names = reestimate(gm, calib, progress=False)
+            console.print(f"re-estimated {len(names)} BatchNorms on {len(calib)} batches of --data")
         unpruned = never_pruned(gm)
         if unpruned:
             where = "the checkpoint was saved before evefx.prune_step" if checkpoint else "no --checkpoint was given"
