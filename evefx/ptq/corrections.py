@@ -88,11 +88,15 @@ def bake_batchnorm(layer: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> list[str]:
+def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: bool = False,
+                  progress: bool = True) -> list[str]:
     """Re-estimate the running statistics of every BatchNorm of ``model`` (those that quantized
     layers fold included) as plain averages over ``batches`` (model inputs, or ``(x, y)`` pairs),
     with the rest of the model as in eval: quantizer grids, pruning masks and neurons' settings
-    stay. Returns the BatchNorms' names. Run it after training, before evaluating or exporting.
+    stay. Returns the re-estimated BatchNorms' names. Run it after training, before evaluating or
+    exporting. A folded BatchNorm that trains on its frozen running statistics now
+    (``bn_statistics`` running, or auto at low bits) keeps them, since the network learnt around
+    them; ``include_frozen=True`` re-estimates those too (a configuration scored without training).
 
     Why: in QAT weights oscillate across rounding boundaries, so the running statistics, an average
     over the last batches' weights, do not describe the final weights (Nagel et al. 2022); the
@@ -107,6 +111,9 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, progress: bool = 
     """
     norms = {name: m for name, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None}
+    frozen = {id(m.bn) for m in model.modules() if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None
+              and m.bn_running_stats and not include_frozen}
+    norms = {name: bn for name, bn in norms.items() if id(bn) not in frozen}  # they keep normalising as trained
     data = inputs_only(batches)
     if not norms or not data:
         return []

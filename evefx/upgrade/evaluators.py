@@ -127,4 +127,4 @@ class BNRecalibrate:
         return out
 
     def __call__(self, gm: nn.Module) -> None:
-        reestimate_bn(gm, self._inputs(), progress=False)
+        reestimate_bn(gm, self._inputs(), include_frozen=True, progress=False)  # scored untrained: every BatchNorm

@@ -217,7 +217,8 @@ def test_reestimate_bn_averages_the_batches_statistics_and_restores_modes(fold_b
     data = batches(3)
     zs = _conv1_outputs(model, data)  # what the BatchNorm normalises, per batch
     gm.train()
-    names = evefx.reestimate_bn(gm, [(x, torch.zeros(len(x), dtype=torch.long)) for x in data], progress=False)
+    names = evefx.reestimate_bn(gm, [(x, torch.zeros(len(x), dtype=torch.long)) for x in data], include_frozen=True,
+                                progress=False)
     assert names == (["conv1.bn"] if fold_bn else ["bn1"])
     bn = gm.get_submodule(names[0])
     mean = torch.stack([z.mean(dim=(0, 2, 3)) for z in zs]).mean(0)
@@ -267,3 +268,14 @@ def test_reestimate_bn_leaves_the_statistics_when_a_batch_fails():
         evefx.reestimate_bn(gm, [batches(1)[0], torch.zeros(2, 3, 8, 8)], progress=False)
     assert torch.equal(gm.conv1.bn.running_mean, stats[0]) and torch.equal(gm.conv1.bn.running_var, stats[1])
     assert gm.conv1.bn.momentum == 0.1 and not gm.training
+
+
+def test_reestimate_bn_keeps_the_statistics_a_layer_trained_frozen_on():
+    frozen = transformed(tiny(), bn_statistics="running")
+    stats = frozen.conv1.bn.running_var.clone()
+    assert evefx.reestimate_bn(frozen, batches(2), progress=False) == []  # the network learnt around them
+    assert torch.equal(frozen.conv1.bn.running_var, stats)
+    auto = transformed(tiny(), weight={"bits": 2})  # a trained network at 2 bits: auto freezes ...
+    assert auto.conv1.bn_running_stats and evefx.reestimate_bn(auto, batches(2), progress=False) == []
+    auto.conv1.weight_quantizer.set_bits(4)  # ... and at 4 bits trains on batch statistics: re-estimated
+    assert evefx.reestimate_bn(auto, batches(2), progress=False) == ["conv1.bn"]
