@@ -137,17 +137,18 @@ def start_model(model: nn.Module, spec: dict, train) -> nn.Module:
     return gm.eval()
 
 
-REESTIMATE_BN = False  # --reestimate-bn: final trainings on batch statistics, BatchNorm re-estimated after them
+REESTIMATE_BN = False  # --reestimate-bn: evefx.reestimate_bn after every final training (float too)
+BN_STATISTICS: str | None = None  # --bn-statistics: the quantize sections' bn_statistics in the final trainings
 
 
 def final_accuracy(model: nn.Module, spec, train, score_on, epochs: int, seeds: int) -> list[float]:
     """``model`` (float) transformed with ``spec`` (None: float), trained ``epochs`` on ``train`` per seed,
-    accuracy on ``score_on`` after the last epoch (with ``REESTIMATE_BN``: quantize sections on
-    ``bn_statistics: batch`` and :func:`evefx.reestimate_bn` on 16 batches of 64 after training, float too)."""
+    accuracy on ``score_on`` after the last epoch (with ``REESTIMATE_BN``: :func:`evefx.reestimate_bn` on 16
+    batches of 64 after training, float too; ``BN_STATISTICS`` written into the quantize sections)."""
     out = []
     for seed in range(seeds):
-        if spec is not None and REESTIMATE_BN:
-            spec = {**spec, "passes": [{**p, "bn_statistics": "batch"} if p["kind"] == "quantize" else p
+        if spec is not None and BN_STATISTICS:
+            spec = {**spec, "passes": [{**p, "bn_statistics": BN_STATISTICS} if p["kind"] == "quantize" else p
                                        for p in spec["passes"]]}
         net = copy.deepcopy(model) if spec is None else evefx.transform(model, spec)
         if spec is not None:
@@ -285,7 +286,9 @@ def main() -> None:
     ap.add_argument("--final-seeds", type=int, default=1)
     ap.add_argument("--skip-float", action="store_true", help="do not train the float reference (another run has it)")
     ap.add_argument("--reestimate-bn", action="store_true",
-                    help="final trainings with bn_statistics: batch and evefx.reestimate_bn after them (float too)")
+                    help="evefx.reestimate_bn after every final training (float too)")
+    ap.add_argument("--bn-statistics", choices=["auto", "batch", "running"], default=None,
+                    help="bn_statistics of the final trainings (default: the spec's, auto)")
     ap.add_argument("--full", action="store_true", help="the issue's protocol (hours on 2 cores)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -293,8 +296,8 @@ def main() -> None:
         args.network, args.evaluations, args.search_seeds, args.final_seeds = ["demonet", "resnet"], [50, 100, 200], 3, 3
         args.final_epochs, args.rank = 10, 24
         args.methods = args.methods or ["ilp", "random", "greedy", "knapsack", "uniform", "tpe", "ddpg", "ddpg-warm"]
-    global REESTIMATE_BN
-    REESTIMATE_BN = args.reestimate_bn
+    global REESTIMATE_BN, BN_STATISTICS
+    REESTIMATE_BN, BN_STATISTICS = args.reestimate_bn, args.bn_statistics
     torch.set_num_threads(1)
     root = args.out or Path(tempfile.mkdtemp(prefix="evefx-bench-search-"))
     root.mkdir(parents=True, exist_ok=True)
