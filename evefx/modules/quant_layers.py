@@ -69,6 +69,13 @@ class _QuantLayerMixin(nn.Module):
     def bn_running_stats(self, value: bool) -> None:
         self.bn_statistics = "running" if value else "batch"
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a layer pickled before bn_statistics existed kept a plain bn_running_stats flag
+        old = state.pop("bn_running_stats", None)
+        if old is not None and "bn_statistics" not in state:
+            state["bn_statistics"] = "running" if old else "batch"
+        super().__setstate__(state)
+
     weight: torch.Tensor
     bias: torch.Tensor | None
     weight_quantizer: Quantizer

@@ -106,7 +106,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: b
     (a per-tensor grid cannot follow per-channel factors: its codes follow the new ``f``).
 
     Example:
-        >>> evefx.fit(gm, train_loader, epochs=5)            # with bn_statistics: batch
+        >>> evefx.train.fit(gm, train_loader, epochs=5)      # 4-bit weights: batch statistics (auto)
         >>> evefx.reestimate_bn(gm, itertools.islice(train_loader, 16))
     """
     norms = {name: m for name, m in model.named_modules()

@@ -821,3 +821,16 @@ def test_stretch_grid_keeps_the_codes_of_stretched_inputs(fn, domain):
     torch.testing.assert_close(q(stretched), (codes - zero.reshape(-1, 1, 1, 1)) * scale2.reshape(-1, 1, 1, 1))
     with pytest.raises(QuantizationError, match=r"stretch_grid needs finite factors > 0 \(got tensor\(\[ 1\., -1\.,  1\.\]\)\)"):
         q.stretch_grid(torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_a_layer_pickled_with_the_old_bn_running_stats_flag_loads_its_choice():
+    conv, bn = _conv_bn(15)
+    layer = QuantConv2d.from_float(copy.deepcopy(conv), Quantizer(8, "round", "per_channel", num_channels=4),
+                                   copy.deepcopy(bn))
+    layer.__dict__.pop("bn_statistics", None)  # as saved before the option: a plain flag in the instance
+    layer.__dict__["bn_running_stats"] = True
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.bn_statistics == "running" and loaded.bn_running_stats
