@@ -1,7 +1,9 @@
 """What a folded BatchNorm should train on when a trained network is fine-tuned with quantization:
 ``bn_statistics: running`` (frozen, torch.ao's ``freeze_bn_stats``), ``batch`` (the float model's
-BatchNorm), and ``batch`` followed by :func:`evefx.reestimate_bn` (AIMET's BatchNorm re-estimation),
-side by side in one run, next to the float network given the same training (docs/quantization.md).
+BatchNorm) and evefx's default ``auto`` (frozen at 3 weight bits or fewer, batch above), each as
+trained and (but ``running``) followed by :func:`evefx.reestimate_bn` (AIMET's BatchNorm
+re-estimation), side by side in one run, next to the float network given the same training
+(docs/quantization.md). The float rows' ``batch`` columns are the float network's own BatchNorm.
 
 Networks: DemoNet (bench_recipes' validation split: 3,500 training images scored on the last 500,
 float 10 epochs then 10 of fine-tuning), the small ResNet of bench_search (3,000 / 1,000, 10 + 5
@@ -44,7 +46,7 @@ CONFIGS = {  # name -> the quantize section (bn_statistics added per column)
     "w4a4": {"weight": {"bits": 4}, "activation": {"bits": 4}},
     "w2a2_lsq_keep8": {"weight": {"bits": 2, "fn": "lsq"}, "activation": {"bits": 2}, "keep_first_last": 8},
 }
-COLUMNS = ("running", "batch", "batch + re-estimated")
+COLUMNS = ("running", "batch", "batch + re-estimated", "auto", "auto + re-estimated")
 
 
 def data(network: str) -> tuple[TensorDataset, TensorDataset]:
@@ -75,16 +77,16 @@ def run(network: str, configs: list[str], seeds: int) -> dict[str, dict[str, lis
     for config in ["float", *configs]:
         row = out.setdefault(config, {})
         for seed in range(1, seeds + 1):
-            for stats in (("float",) if config == "float" else ("running", "batch")):
+            for stats in (("float",) if config == "float" else ("running", "batch", "auto")):
                 section = {"kind": "quantize", **copy.deepcopy(CONFIGS.get(config, {})), "bn_statistics": stats}
                 net = copy.deepcopy(model) if config == "float" else evefx.transform(
                     model, {"trace": {"input_shape": [1, channels, 28, 28]}, "passes": [section]})
                 fit(net, loader(train, seed), None, tune_epochs, lr=1e-3, seed=seed, progress=False)
                 name = "batch" if stats == "float" else stats
                 row.setdefault(name, []).append(evaluate(net, score)["accuracy"])
-                if stats != "running":
+                if stats != "running":  # auto: only the layers on batch statistics are re-estimated
                     reestimate(net, train, seed)
-                    row.setdefault("batch + re-estimated", []).append(evaluate(net, score)["accuracy"])
+                    row.setdefault(f"{name} + re-estimated", []).append(evaluate(net, score)["accuracy"])
         print(f"{network} {config}: " + "; ".join(f"{k} {mean_std(v)}" for k, v in row.items()), flush=True)
     return out
 
@@ -101,12 +103,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {cpu()}; torch {torch.__version__}, 1 thread", flush=True)
-    lines = ["| network | config | " + " | ".join(COLUMNS) + " | batch + re-estimated minus running |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| network | config | " + " | ".join(COLUMNS) + " | auto + re-estimated minus running |",
+             "|---|---|---|---|---|---|---|---|"]
     for network in args.networks:
         for config, row in run(network, args.configs, args.seeds).items():
             cells = [mean_std(row[c]) if c in row else "" for c in COLUMNS]
-            gain = (f"{statistics.fmean(row['batch + re-estimated']) - statistics.fmean(row['running']):+.2f}"
+            gain = (f"{statistics.fmean(row['auto + re-estimated']) - statistics.fmean(row['running']):+.2f}"
                     if "running" in row else "")
             lines.append(f"| {network} | {config} | " + " | ".join(cells) + f" | {gain} |")
     print("\n".join(lines))
