@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def loader(ds: TensorDataset, seed: int, batch_size: int = 128) -> DataLoader:
 
 
 def reestimate(net: torch.nn.Module, train: TensorDataset, seed: int) -> None:
-    evefx.reestimate_bn(net, [x for _, (x, _y) in zip(range(16), loader(train, seed, 64))], progress=False)
+    evefx.reestimate_bn(net, itertools.islice(loader(train, seed, 64), 16), progress=False)
 
 
 def run(network: str, configs: list[str], seeds: int) -> dict[str, dict[str, list[float]]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import subprocess
@@ -138,7 +139,7 @@ def train(model: torch.nn.Module, data, epochs: int, seed: int, reestimate: bool
     fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False)
     if reestimate:
         first = DataLoader(data[0], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        evefx.reestimate_bn(model, [x for _, (x, _y) in zip(range(16), first)], progress=False)
+        evefx.reestimate_bn(model, itertools.islice(first, 16), progress=False)  # (x, y) pairs: the inputs are taken
     return evaluate(model, held)["accuracy"]
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -156,7 +157,7 @@ def final_accuracy(model: nn.Module, spec, train, score_on, epochs: int, seeds: 
         if epochs:
             fit(net, loader(train, seed), None, epochs, lr=1e-3, seed=seed, progress=False)
         if REESTIMATE_BN:
-            evefx.reestimate_bn(net, [x for _, (x, _y) in zip(range(16), loader(train, seed, 64))], progress=False)
+            evefx.reestimate_bn(net, itertools.islice(loader(train, seed, 64), 16), progress=False)
         out.append(evaluate(net, DataLoader(score_on, batch_size=500))["accuracy"])
     return out
 

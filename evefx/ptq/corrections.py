@@ -117,19 +117,18 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: b
     data = inputs_only(batches)
     if not norms or not data:
         return []
-    by_id = {id(m) for m in norms.values()}
-    folding = [m for m in model.modules() if isinstance(m, QUANT_LAYER_TYPES) and id(m.bn) in by_id]
-    before = {id(m): m.bn.running_var.clone() for m in folding}
     saved = {id(bn): (bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
              for bn in norms.values()}
+    folding = [m for m in model.modules() if isinstance(m, QUANT_LAYER_TYPES) and id(m.bn) in saved]
+    before = {m: saved[id(m.bn)][2] for m in folding}  # each folded BatchNorm's variance as trained
+    modes = {m: m.bn_statistics for m in folding}
     with eval_mode(model):
         for m in folding:  # the folded path normalises with (and updates) batch statistics only in training
             m.training = True
-            object.__setattr__(m, "_frozen_bn", m.bn_statistics)
             m.bn_statistics = "batch"
             # the weights are quantized with the fold factor they were trained with, not with the
             # statistics being averaged (which start from 0 / 1): those are the codes measured
-            object.__setattr__(m, "_held_fold_var", before[id(m)])
+            object.__setattr__(m, "_held_fold_var", before[m])
         for bn in norms.values():
             bn.reset_running_stats()
             bn.momentum = None  # a plain average over the batches
@@ -145,8 +144,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: b
         finally:
             for bn in norms.values():
                 bn.momentum = saved[id(bn)][0]
-            for m in folding:
-                m.bn_statistics = m.__dict__.pop("_frozen_bn")
+            for m, mode in modes.items():
+                m.bn_statistics = mode
                 del m.__dict__["_held_fold_var"]
     for m in folding:
         q, folded = m.weight_quantizer, m.bn
@@ -156,7 +155,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: b
         if q.num_channels is None:
             log.info("%s: per_tensor weight grid, so its codes follow the re-estimated fold factor", q.name)
             continue
-        q.stretch_grid(torch.sqrt((before[id(m)] + folded.eps) / (folded.running_var + folded.eps)))
+        q.stretch_grid(torch.sqrt((before[m] + folded.eps) / (folded.running_var + folded.eps)))
     log.info("re-estimated %d BatchNorms on %d batches", len(norms), len(data))
     return list(norms)
 
