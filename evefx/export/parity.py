@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from evefx.export.deploy import safe_deepcopy
-from evefx.export.onnx_graph import scope_of
+from evefx.export.onnx_graph import consumers, scope_of
 from evefx.modules import Quantizer
 
 __all__ = ["Parity", "check_parity", "graph_parity", "degenerate_outputs", "first_divergence", "ort_session", "flatten_outputs", "TOP1_MIN"]
@@ -373,11 +373,11 @@ def _forced_graph(model: onnx.ModelProto, quantizers: set[str], codes: bool = Fa
             by_scope.setdefault(scope_of(node), []).append(node)
     forced: dict[str, str] = {}
     grids: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+    users = consumers(graph) if codes else {}
     for scope, nodes in by_scope.items():
         if len(nodes) != 1 or nodes[0].output[0] in outputs:
             continue  # a quantizer applied twice has no single reference value; a graph output needs no forcing
         node = nodes[0]
-        name = node.output[0]
         elem = onnx.TensorProto.FLOAT
         if codes:
             if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
@@ -386,6 +386,10 @@ def _forced_graph(model: onnx.ModelProto, quantizers: set[str], codes: bool = Fa
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             grids[scope] = (numpy_helper.to_array(inits[node.input[1]]).astype(np.float64), zero, axis)
             elem = inits[node.input[2]].data_type
+            after = users.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Clip" and scope_of(after[0]) == scope:
+                node = after[0]  # below 8 bits the codes are clipped to the quantizer's range: compare those
+        name = node.output[0]
         node.output[0] = name + "__computed"
         graph.input.append(helper.make_tensor_value_info(name, elem, None))
         graph.output.append(helper.make_tensor_value_info(name + "__computed", elem, None))

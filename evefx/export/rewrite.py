@@ -6,10 +6,10 @@ as onnx-ir passes (``onnx_ir.passes``): each edits the model in place and report
 * :class:`RequantizeDataMovement`: after ops that only move values (Flatten, Reshape, MaxPool,
   Transpose...), a ``Q -> DQ`` pair with the producer's scale is inserted. The values are already on
   that grid, so this is exact, and it lets the consumer (a Gemm after a Flatten) fuse too.
-* :class:`QuantizeBiases`: the float bias of a Conv/Gemm whose input and weight both come from
-  ``DequantizeLinear`` becomes int32 codes with scale ``s_x * s_w`` behind a ``DequantizeLinear``;
-  onnxruntime's QDQ Conv/Gemm fusion needs every input of the node to be dequantized (and its
-  optimizer would round the bias this way anyway).
+* :class:`QuantizeBiases`: the float bias of a Conv/Gemm (or the constant added to a MatMul) whose
+  input and weight both come from ``DequantizeLinear`` becomes int32 codes with scale ``s_x * s_w``
+  behind a ``DequantizeLinear``: PyTorch's eval rounds it so, and onnxruntime's QDQ Conv/Gemm fusion
+  needs every input of the node dequantized (its optimizer would round the bias this way anyway).
 
 :func:`rewrite` runs them on the exporter's ``ModelProto``. onnx-ir gives each value its producer
 and its uses, so a pass rewires edges directly instead of rebuilding name maps and node lists; it
@@ -160,11 +160,16 @@ def _plain_gemm(node: ir.Node) -> bool:
 
 
 class QuantizeBiases(ir.passes.InPlacePass):
-    """Store Conv/Gemm biases as int32 codes (scale ``s_x * s_w``) where input and weight are dequantized
-    (the input per tensor).
+    """Store the float bias of a layer whose input and weight are dequantized (the input per tensor) as
+    int32 codes (scale ``s_x * s_w``) behind a ``DequantizeLinear``: the bias of a Conv/Gemm, and the
+    constant added to a ``MatMul`` (a Linear on inputs of more than two dimensions, as in a
+    transformer's projections).
 
-    onnxruntime's graph optimizer makes the same rounding itself for such nodes, so the file states
-    what runs; the rounding moves a bias by at most ``0.5 * s_x * s_w``.
+    A quantized layer rounds its bias to that grid in PyTorch's eval (see
+    ``QuantizedWeightLayer.set_input_quantizer``) and onnxruntime's optimizer makes the same rounding
+    for a Conv/Gemm, so the file states what runs; the rounding moves a bias by at most
+    ``0.5 * s_x * s_w``. Left in float after a MatMul, it shifted every output channel of a 4-bit
+    transformer's projections by up to half a unit, enough to flip roundings that grew end to end.
 
     Example:
         >>> QuantizeBiases()(ir_model).edits
@@ -176,20 +181,18 @@ class QuantizeBiases(ir.passes.InPlacePass):
         names = _Names(graph)
         done = 0
         for node in list(graph):
-            if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or _array(node.inputs[2]) is None:
+            site = _bias_site(node)
+            if site is None:
                 continue
-            if node.op_type == "Gemm" and not _plain_gemm(node):
-                continue
-            dq_x, dq_w = node.inputs[0].producer(), node.inputs[1].producer()
-            if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
-                continue
+            slot, dq_x, dq_w = site
             s_x, s_w = _array(dq_x.inputs[1]), _array(dq_w.inputs[1])
-            if s_x is None or s_w is None or s_x.size != 1:
+            bias = node.inputs[slot]
+            b = _array(bias)
+            if s_x is None or s_w is None or b is None or s_x.size != 1 or s_w.size not in (1, b.size):
                 continue  # a per-channel input has no single bias scale
-            bias = node.inputs[2]
             scale = (s_x.astype(np.float64).reshape(()) * s_w.astype(np.float64)).astype(np.float32)
-            full = np.broadcast_to(scale, _array(bias).shape).astype(np.float32)
-            codes = np.round(_array(bias).astype(np.float64) / full.astype(np.float64))
+            full = np.broadcast_to(scale, b.shape).astype(np.float32)
+            codes = np.round(b.astype(np.float64) / full.astype(np.float64))
             if np.any(np.abs(codes) > _INT32.max):
                 log.warning("%s: bias too large for int32 codes at scale s_x*s_w; it stays in float", node.name)
                 continue
@@ -202,11 +205,43 @@ class QuantizeBiases(ir.passes.InPlacePass):
                          name=f"{node.name}_bias_dq")
             dq.outputs[0].name = names(f"{bias.name}_dequantized")
             graph.insert_before(node, dq)
-            node.replace_input_with(2, dq.outputs[0])
-            if not bias.uses():
+            node.replace_input_with(slot, dq.outputs[0])
+            if not bias.uses() and bias.name in graph.initializers:
                 graph.initializers.pop(bias.name)
             done += 1
         return RewriteResult(model, modified=bool(done), edits=done)
+
+
+def _dequantized(value: ir.Value | None) -> ir.Node | None:
+    """The ``DequantizeLinear`` that produces ``value``, or None."""
+    node = None if value is None else value.producer()
+    return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _bias_site(node: ir.Node) -> tuple[int, ir.Node, ir.Node] | None:
+    """``(bias input slot, input's DQ, weight's DQ)`` of a layer with a constant bias whose input and
+    weight are dequantized: ``Conv``/plain ``Gemm``, or ``Add(bias, MatMul(DQ x, [Transpose] DQ w))``."""
+    if node.op_type in ("Conv", "Gemm"):
+        if len(node.inputs) < 3 or _array(node.inputs[2]) is None or (node.op_type == "Gemm" and not _plain_gemm(node)):
+            return None
+        dq_x, dq_w = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+        return (2, dq_x, dq_w) if dq_x is not None and dq_w is not None else None
+    if node.op_type != "Add" or len(node.inputs) != 2:
+        return None
+    for slot in (0, 1):
+        bias, product = node.inputs[slot], node.inputs[1 - slot]
+        b = _array(bias)
+        matmul = None if product is None else product.producer()
+        if b is None or b.ndim != 1 or matmul is None or matmul.op_type != "MatMul" or len(product.uses()) != 1:
+            continue
+        weight = matmul.inputs[1]
+        moved = None if weight is None else weight.producer()
+        if moved is not None and moved.op_type == "Transpose":
+            weight = moved.inputs[0]  # Linear's W.T: the DQ's per-channel axis is still the output one
+        dq_x, dq_w = _dequantized(matmul.inputs[0]), _dequantized(weight)
+        if dq_x is not None and dq_w is not None and dq_w.inputs[0] is not None and dq_w.inputs[0].is_initializer():
+            return slot, dq_x, dq_w
+    return None
 
 
 def _edits(rewrite_pass: ir.passes.InPlacePass, model: ir.Model) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 import evefx
 from evefx.export import check_parity, export_onnx, first_divergence, onnx_accuracy
 from evefx.export import onnx as onnx_module
-from evefx.export.parity import ort_session
+from evefx.export.parity import graph_parity, ort_session
 from evefx.data import mnist5k
 from evefx.modules import QuantConv2d, Quantizer, levels
 from examples.models import DemoNet
@@ -412,3 +412,42 @@ def test_the_default_float_logits_export_and_pass_every_check(tmp_path):
     # the image input, four activations (none on the logits) and the requantizations after data movement
     assert report.ops["QuantizeLinear"] == 5 + report.rewrites["requantized_data_movement"]
     assert json.loads(_metadata(path)["evefx.bits"])["classifier.3"] == {"weight": 8, "activation": None}
+
+
+class _Tokens(nn.Module):
+    """Linear layers on (batch, tokens, features), as a transformer's projections: each exports as
+    MatMul + Add, not Gemm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_linear_on_tokens_has_its_bias_rounded_as_in_pytorch(tmp_path):
+    """PyTorch's eval rounds a quantized layer's bias to s_x * s_w; the file must too, also where the
+    Linear becomes MatMul + Add (left in float, 4-bit outputs flipped by a step wherever the bias
+    rounding crossed a rounding boundary, and the flips grow through a transformer)."""
+    torch.manual_seed(0)
+    net = _Tokens()
+    with torch.no_grad():
+        net.fc1.bias.uniform_(-1, 1), net.fc2.bias.uniform_(-1, 1)
+    section = {"kind": "quantize", "weight": {"bits": 4, "fn": "lsq", "granularity": "per_channel"},
+               "activation": {"bits": 4, "fn": "lsq", "symmetric": False, "signed": False}, "quantize_output": True}
+    x = torch.randn(64, 12, 16, generator=torch.Generator().manual_seed(1))
+    gm = evefx.transform(net, {"passes": [section]}, x[:1])
+    evefx.calibrate(gm, [x[:32], x[32:]])
+    report = export_onnx(gm, x[:1], tmp_path / "tokens.onnx", real_inputs=x)
+    assert report.rewrites["int32_biases"] == 2
+    with torch.no_grad():
+        expected = gm(x).numpy()
+    graph_as_written = ort_session(str(tmp_path / "tokens.onnx"), optimize=False).run(None, {"x": x.numpy()})[0]
+    step = float(gm.get_submodule("fc2_act_quant").qparams()[0].max())
+    assert np.abs(graph_as_written - expected).max() < 1e-3 * step  # every output on PyTorch's code
+    assert np.abs(_ort(tmp_path / "tokens.onnx", x) - expected).max() < 1e-3 * step
+    # op by op on this CPU's kernels every code is PyTorch's, the clipped ones included (below 8 bits
+    # QuantizeLinear's codes are clipped to the quantizer's range by the Clip after it)
+    ops = graph_parity(gm, str(tmp_path / "tokens.onnx"), [x], kernels=True)
+    assert ops.passed and ops.max_steps == 0.0

@@ -81,3 +81,39 @@ def test_a_float_graph_has_nothing_to_rewrite():
     assert [(n.op_type, list(n.input), list(n.output)) for n in after.graph.node] == \
         [(n.op_type, list(n.input), list(n.output)) for n in before.graph.node]
     assert {i.name for i in after.graph.initializer} == {"w", "b"}
+
+
+def test_the_constant_added_to_a_matmul_becomes_int32_codes():
+    """A Linear on a 3-D input exports as MatMul(DQ x, Transpose(DQ w)) + bias: its bias is rounded
+    to ``s_x * s_w`` as PyTorch's eval rounds it (per output channel, the weight's axis)."""
+    s_w = np.array([0.01, 0.02, 0.03], np.float32)
+    nodes = [
+        _const("s", np.array(S_X, np.float32), "act_quant"),
+        _const("z", np.array(128, np.uint8), "act_quant"),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="/act_quant/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="/act_quant/DequantizeLinear"),
+        _const("wq", W, "fc"),
+        _const("ws", s_w, "fc"),
+        _const("wz", np.zeros(3, np.int8), "fc"),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="/fc/DequantizeLinear", axis=0),
+        helper.make_node("Transpose", ["w"], ["wt"], name="/fc/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["xd", "wt"], ["mm"], name="/fc/MatMul"),
+        _const("b", BIAS, "fc"),
+        helper.make_node("Add", ["b", "mm"], ["y"], name="/fc/Add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])])
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    after, counts = rewrite(before)
+    onnx.checker.check_model(after, full_check=True)
+    assert counts["int32_biases"] == 1
+    add = next(n for n in after.graph.node if n.op_type == "Add")
+    bias_dq = next(n for n in after.graph.node if n.output[0] == add.input[0])
+    assert bias_dq.name == "/fc/Add_bias_dq" and bias_dq.attribute[0].i == 0
+    inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
+    codes, scale = inits[bias_dq.input[0]], inits[bias_dq.input[1]]
+    assert codes.dtype == np.int32 and np.array_equal(codes, np.round(BIAS / (S_X * s_w)))
+    assert np.allclose(scale, S_X * s_w)
+    x = np.random.default_rng(0).uniform(-3, 3, (2, 5, 8)).astype(np.float32)
+    expected = _run(before, x) - BIAS + codes * (S_X * s_w)  # the same graph with the rounded bias
+    assert np.allclose(_run(after, x), expected, atol=1e-5)
