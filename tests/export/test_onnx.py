@@ -451,3 +451,27 @@ def test_a_linear_on_tokens_has_its_bias_rounded_as_in_pytorch(tmp_path):
     # QuantizeLinear's codes are clipped to the quantizer's range by the Clip after it)
     ops = graph_parity(gm, str(tmp_path / "tokens.onnx"), [x], kernels=True)
     assert ops.passed and ops.max_steps == 0.0
+
+
+def test_codes_one_step_off_more_often_than_ties_fail_and_name_the_quantizer(tmp_path, monkeypatch):
+    """A file that computes an op slightly differently (here: the bias after a MatMul left in float,
+    as before the fix above) moves each code by at most one step, but far more often than rounding
+    ties do; the op-by-op check refuses it and names the first quantizer where it shows."""
+    from evefx.export import rewrite as rewrite_module
+
+    site = rewrite_module._bias_site
+    monkeypatch.setattr(rewrite_module, "_bias_site", lambda node: None if node.op_type == "Add" else site(node))
+    torch.manual_seed(0)
+    net = _Tokens()
+    with torch.no_grad():
+        net.fc1.bias.uniform_(-1, 1), net.fc2.bias.uniform_(-1, 1)
+    section = {"kind": "quantize", "weight": {"bits": 4, "fn": "lsq", "granularity": "per_channel"},
+               "activation": {"bits": 4, "fn": "lsq", "symmetric": False, "signed": False}, "quantize_output": True}
+    x = torch.randn(256, 12, 16, generator=torch.Generator().manual_seed(1))
+    gm = evefx.transform(net, {"passes": [section]}, x[:1])
+    evefx.calibrate(gm, [x[:128], x[128:]])
+    with pytest.raises(evefx.ExportError, match=r"QDQ graph \(onnxruntime, optimizations off\) vs PyTorch: "
+                       r"fc1_act_quant \(computed from PyTorch's inputs\): \d+\.\d{3}% of its codes one step off "
+                       r"\(rounding ties alone flip at most 0\.1%\)") as info:
+        export_onnx(gm, x[:1], tmp_path / "tokens.onnx", real_inputs=x)
+    assert info.value.report.graph.off_by_one > 1e-3 and info.value.report.graph.max_steps < 1.001
