@@ -234,6 +234,8 @@ def _bias_site(node: ir.Node) -> tuple[int, ir.Node, ir.Node] | None:
         matmul = None if product is None else product.producer()
         if b is None or b.ndim != 1 or matmul is None or matmul.op_type != "MatMul" or len(product.uses()) != 1:
             continue
+        if not scope_of(node) or scope_of(node) != scope_of(matmul):
+            continue  # a constant added outside the layer (not its bias): PyTorch does not round it
         weight = matmul.inputs[1]
         moved = None if weight is None else weight.producer()
         if moved is not None and moved.op_type == "Transpose":

@@ -117,3 +117,30 @@ def test_the_constant_added_to_a_matmul_becomes_int32_codes():
     x = np.random.default_rng(0).uniform(-3, 3, (2, 5, 8)).astype(np.float32)
     expected = _run(before, x) - BIAS + codes * (S_X * s_w)  # the same graph with the rounded bias
     assert np.allclose(_run(after, x), expected, atol=1e-5)
+
+
+
+def test_a_constant_added_after_the_layer_is_not_its_bias():
+    """Only the Add of the Linear's own call (same module scope as its MatMul) holds its bias; a
+    constant a user adds afterwards stays in float, as PyTorch computes it."""
+    nodes = [
+        _const("s", np.array(S_X, np.float32), "act_quant"),
+        _const("z", np.array(128, np.uint8), "act_quant"),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="/act_quant/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="/act_quant/DequantizeLinear"),
+        _const("wq", W, "fc"),
+        _const("ws", np.full(3, S_W, np.float32), "fc"),
+        _const("wz", np.zeros(3, np.int8), "fc"),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="/fc/DequantizeLinear", axis=0),
+        helper.make_node("Transpose", ["w"], ["wt"], name="/fc/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["xd", "wt"], ["mm"], name="/fc/MatMul"),
+        _const("offset", BIAS, "model"),
+        helper.make_node("Add", ["mm", "offset"], ["y"], name="/Add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])])
+    after, counts = rewrite(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert counts["int32_biases"] == 0
+    add = next(n for n in after.graph.node if n.op_type == "Add")
+    inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
+    assert np.array_equal(inits[add.input[1]], BIAS)
