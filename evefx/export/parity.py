@@ -57,14 +57,19 @@ deep network a few percent of the outputs legitimately differ by more than one s
 :func:`graph_parity` has no such allowance: there every element is within one step."""
 
 OFF_BY_ONE_MAX = 1e-3
-"""Op by op, the largest fraction of a quantizer's codes that may be one step off PyTorch's. Ties
-decided by a different float summation order flipped at most 0.0067% of a quantizer's codes (the
-zoo's CNNs, MobileNet, ShuffleNet, SqueezeNet, ConvNeXt, Swin, ViT, transformer encoder and MLP, W8A8
-and W4A4, Intel Xeon with AVX-512 VNNI); a bias the file rounded otherwise than PyTorch (a
-transformer's MatMul bias left in float, until 2026-11-30) flipped 0.8% of the codes after it at 4
-bits, each by one step, and those flips grew to 0.31 max |diff| end to end (at 8 bits 0.08%, below
-this bound: end to end it stayed within tolerance). At least :data:`OFF_BY_ONE_MIN_CODES` codes
-must differ."""
+"""Op by op, the largest fraction of a quantizer's codes that may be one step off PyTorch's where
+PyTorch's value is not at a rounding tie (:data:`TIE_WINDOW`). A tie goes either way with the
+float summation order, and some layers make many exact ties (an output grid finer than the
+accumulator's ``s_x * s_w``: mnasnet's last blocks put 0.19% of a quantizer's codes a step off,
+every one at a tie); away from ties a code moves only when the file computes an op otherwise: a
+transformer's MatMul bias left in float (until 2026-11-30) put 0.8% of the 4-bit codes after it a
+step off (0.34% in the first projection) and those flips grew to 0.31 max |diff| end to end. At
+least :data:`OFF_BY_ONE_MIN_CODES` codes must differ."""
+
+TIE_WINDOW = 1e-3
+"""Within this many quantization steps of ``k + 0.5`` a PyTorch value is at a rounding tie. Long
+float sums can differ by more: away from ties at most 0.0041% of a quantizer's codes moved on the
+zoo's models (shufflenet_v2 W8A8), 24 times under :data:`OFF_BY_ONE_MAX`."""
 
 OFF_BY_ONE_MIN_CODES = 10
 
@@ -85,8 +90,8 @@ class Parity:
     top1_required: bool = True
     first_divergence: str | None = None
     off_by_one: float | None = None
-    """Op by op (:func:`graph_parity`): the largest fraction, over the quantizers, of codes that
-    differ from PyTorch's (by one step; more fails the check)."""
+    """Op by op (:func:`graph_parity`): the largest fraction, over the quantizers, of codes one step
+    off PyTorch's where PyTorch's value is not at a rounding tie."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,14 +289,19 @@ def _top1_agree(expected: np.ndarray, got: np.ndarray, step: float = 0.0) -> int
     return int((picked >= best - step * (1 + 1e-4)).sum())
 
 
-def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: set[str]) -> dict[str, np.ndarray]:
+def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: set[str],
+                    tie_distance: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The outputs of the named modules on ``inputs``; with ``tie_distance``, also each named
+    quantizer's distance from a rounding tie per element (see :func:`_distance_from_tie`)."""
     captured: dict[str, np.ndarray] = {}
     handles = []
     for name, module in model.named_modules():
         if name in names:
-            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            def hook(m: nn.Module, args: Any, out: Any, name: str = name) -> None:
                 if isinstance(out, torch.Tensor):
                     captured[name] = out.detach().float().cpu().clone().numpy()  # a copy: a later in-place op (ReLU(inplace=True)) would change it
+                if tie_distance is not None and isinstance(m, Quantizer) and args and isinstance(args[0], torch.Tensor):
+                    tie_distance[name] = _distance_from_tie(m, args[0])
             handles.append(module.register_forward_hook(hook))
     try:
         _run_torch(model, inputs)
@@ -299,6 +309,14 @@ def _module_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: s
         for h in handles:
             h.remove()
     return captured
+
+
+@torch.no_grad()
+def _distance_from_tie(quantizer: Quantizer, x: torch.Tensor) -> np.ndarray:
+    """How far, in quantization steps, each ``x / s`` lies from a rounding tie ``k + 0.5``: a code
+    one step off PyTorch's is a tie decided by float rounding only where this is tiny."""
+    u = x.detach().double() / quantizer._view(quantizer.scale.detach().double(), x)
+    return (u - torch.floor(u) - 0.5).abs().float().cpu().numpy()
 
 
 def first_divergence(
@@ -460,10 +478,11 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
     worst_q = 0.0
     first: str | None = None
     pairs: list[tuple[list[np.ndarray], list[Any]]] = []
-    counted: dict[str, list[int]] = {}  # quantizer -> [codes that differ, codes compared]
+    counted: dict[str, list[int]] = {}  # quantizer -> [codes one step off away from ties, codes compared]
     for batch in batches:
         inputs = _as_tuple(batch)
-        values = _module_outputs(ref, inputs, set(forced))
+        near_tie: dict[str, np.ndarray] = {}
+        values = _module_outputs(ref, inputs, set(forced), near_tie)
         expected = _run_torch(ref, inputs)
         feed = {n: t.detach().cpu().numpy() for n, t in zip(real_inputs, inputs)}
         feed.update({forced[s]: _as_codes(values[s], grids[s]) if kernels else values[s] for s in forced if s in values})
@@ -480,7 +499,10 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
                 steps_off = np.abs(g.astype(np.float32) - values[scope]) / step
             d = float(np.max(steps_off)) if steps_off.size else 0.0
             seen = counted.setdefault(scope, [0, 0])
-            seen[0] += int(np.count_nonzero(steps_off > 0.5))
+            flipped = steps_off > 0.5
+            if scope in near_tie and near_tie[scope].size == flipped.size:
+                flipped &= near_tie[scope].reshape(flipped.shape) >= TIE_WINDOW  # a tie decided by float rounding is no finding
+            seen[0] += int(np.count_nonzero(flipped))
             seen[1] += int(steps_off.size)
             worst_q = max(worst_q, d)
             if first is None and d > 1 + 1e-4:
@@ -501,11 +523,11 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
 
 
 def _systematic_flips(counted: dict[str, list[int]], how: str) -> str | None:
-    """The first quantizer (graph order) whose codes are one step off PyTorch's more often than ties
-    explain (:data:`OFF_BY_ONE_MAX`), described; None when there is none."""
+    """The first quantizer (graph order) with more than :data:`OFF_BY_ONE_MAX` of its codes one step
+    off PyTorch's away from rounding ties, described; None when there is none."""
     for scope, (n, total) in counted.items():
         if n >= OFF_BY_ONE_MIN_CODES and n > OFF_BY_ONE_MAX * total:
-            return (f"{scope} ({how}): {100 * n / total:.3f}% of its codes one step off (rounding ties alone flip "
-                    f"at most {100 * OFF_BY_ONE_MAX:g}%): an op before it computes slightly differently "
-                    f"(a bias or scale rounded otherwise than in PyTorch)")
+            return (f"{scope} ({how}): {100 * n / total:.3f}% of its codes one step off where PyTorch's value is "
+                    f"not at a rounding tie (at most {100 * OFF_BY_ONE_MAX:g}% allowed): an op before it computes "
+                    f"slightly differently (a bias or scale rounded otherwise than in PyTorch)")
     return None

@@ -455,8 +455,8 @@ def test_a_linear_on_tokens_has_its_bias_rounded_as_in_pytorch(tmp_path):
 
 def test_codes_one_step_off_more_often_than_ties_fail_and_name_the_quantizer(tmp_path, monkeypatch):
     """A file that computes an op slightly differently (here: the bias after a MatMul left in float,
-    as before the fix above) moves each code by at most one step, but far more often than rounding
-    ties do; the op-by-op check refuses it and names the first quantizer where it shows."""
+    as before the fix above) moves each code by at most one step, but also where PyTorch's value is
+    far from a rounding tie; the op-by-op check refuses it and names the first quantizer where it shows."""
     from evefx.export import rewrite as rewrite_module
 
     site = rewrite_module._bias_site
@@ -471,7 +471,7 @@ def test_codes_one_step_off_more_often_than_ties_fail_and_name_the_quantizer(tmp
     gm = evefx.transform(net, {"passes": [section]}, x[:1])
     evefx.calibrate(gm, [x[:128], x[128:]])
     with pytest.raises(evefx.ExportError, match=r"QDQ graph \(onnxruntime, optimizations off\) vs PyTorch: "
-                       r"fc1_act_quant \(computed from PyTorch's inputs\): \d+\.\d{3}% of its codes one step off "
-                       r"\(rounding ties alone flip at most 0\.1%\)") as info:
+                       r"fc1_act_quant \(computed from PyTorch's inputs\): \d+\.\d{3}% of its codes one step off where "
+                       r"PyTorch's value is not at a rounding tie \(at most 0\.1% allowed\)") as info:
         export_onnx(gm, x[:1], tmp_path / "tokens.onnx", real_inputs=x)
     assert info.value.report.graph.off_by_one > 1e-3 and info.value.report.graph.max_steps < 1.001
