@@ -426,19 +426,26 @@ class _Tokens(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_a_linear_on_tokens_has_its_bias_rounded_as_in_pytorch(tmp_path):
-    """PyTorch's eval rounds a quantized layer's bias to s_x * s_w; the file must too, also where the
-    Linear becomes MatMul + Add (left in float, 4-bit outputs flipped by a step wherever the bias
-    rounding crossed a rounding boundary, and the flips grow through a transformer)."""
+def _tokens_w4a4(samples: int) -> tuple[evefx.EveModule, torch.Tensor]:
+    """``_Tokens`` with biases of about a unit, W4A4 lsq (logits quantized), calibrated on ``samples``
+    random token sequences; the model and those inputs."""
     torch.manual_seed(0)
     net = _Tokens()
     with torch.no_grad():
         net.fc1.bias.uniform_(-1, 1), net.fc2.bias.uniform_(-1, 1)
     section = {"kind": "quantize", "weight": {"bits": 4, "fn": "lsq", "granularity": "per_channel"},
                "activation": {"bits": 4, "fn": "lsq", "symmetric": False, "signed": False}, "quantize_output": True}
-    x = torch.randn(64, 12, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(samples, 12, 16, generator=torch.Generator().manual_seed(1))
     gm = evefx.transform(net, {"passes": [section]}, x[:1])
-    evefx.calibrate(gm, [x[:32], x[32:]])
+    evefx.calibrate(gm, [x[:samples // 2], x[samples // 2:]])
+    return gm, x
+
+
+def test_a_linear_on_tokens_has_its_bias_rounded_as_in_pytorch(tmp_path):
+    """PyTorch's eval rounds a quantized layer's bias to s_x * s_w; the file must too, also where the
+    Linear becomes MatMul + Add (left in float, 4-bit outputs flipped by a step wherever the bias
+    rounding crossed a rounding boundary, and the flips grow through a transformer)."""
+    gm, x = _tokens_w4a4(64)
     report = export_onnx(gm, x[:1], tmp_path / "tokens.onnx", real_inputs=x)
     assert report.rewrites["int32_biases"] == 2
     with torch.no_grad():
@@ -461,15 +468,7 @@ def test_codes_one_step_off_more_often_than_ties_fail_and_name_the_quantizer(tmp
 
     site = rewrite_module._bias_site
     monkeypatch.setattr(rewrite_module, "_bias_site", lambda node: None if node.op_type == "Add" else site(node))
-    torch.manual_seed(0)
-    net = _Tokens()
-    with torch.no_grad():
-        net.fc1.bias.uniform_(-1, 1), net.fc2.bias.uniform_(-1, 1)
-    section = {"kind": "quantize", "weight": {"bits": 4, "fn": "lsq", "granularity": "per_channel"},
-               "activation": {"bits": 4, "fn": "lsq", "symmetric": False, "signed": False}, "quantize_output": True}
-    x = torch.randn(256, 12, 16, generator=torch.Generator().manual_seed(1))
-    gm = evefx.transform(net, {"passes": [section]}, x[:1])
-    evefx.calibrate(gm, [x[:128], x[128:]])
+    gm, x = _tokens_w4a4(256)
     with pytest.raises(evefx.ExportError, match=r"QDQ graph \(onnxruntime, optimizations off\) vs PyTorch: "
                        r"fc1_act_quant \(computed from PyTorch's inputs\): \d+\.\d{3}% of its codes one step off where "
                        r"PyTorch's value is not at a rounding tie \(at most 0\.1% allowed\)") as info:

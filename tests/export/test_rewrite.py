@@ -83,10 +83,9 @@ def test_a_float_graph_has_nothing_to_rewrite():
     assert {i.name for i in after.graph.initializer} == {"w", "b"}
 
 
-def test_the_constant_added_to_a_matmul_becomes_int32_codes():
-    """A Linear on a 3-D input exports as MatMul(DQ x, Transpose(DQ w)) + bias: its bias is rounded
-    to ``s_x * s_w`` as PyTorch's eval rounds it (per output channel, the weight's axis)."""
-    s_w = np.array([0.01, 0.02, 0.03], np.float32)
+def _matmul_model(s_w: np.ndarray, add: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """x -> Q -> DQ -> MatMul(., Transpose(DQ(int8 codes, per channel s_w))) -> ``add`` -> y, as the
+    TorchScript exporter writes a Linear on (batch, tokens, features); ``add`` reads ``mm``."""
     nodes = [
         _const("s", np.array(S_X, np.float32), "act_quant"),
         _const("z", np.array(128, np.uint8), "act_quant"),
@@ -98,12 +97,18 @@ def test_the_constant_added_to_a_matmul_becomes_int32_codes():
         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="/fc/DequantizeLinear", axis=0),
         helper.make_node("Transpose", ["w"], ["wt"], name="/fc/Transpose", perm=[1, 0]),
         helper.make_node("MatMul", ["xd", "wt"], ["mm"], name="/fc/MatMul"),
-        _const("b", BIAS, "fc"),
-        helper.make_node("Add", ["b", "mm"], ["y"], name="/fc/Add"),
+        *add,
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])])
-    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_constant_added_to_a_matmul_becomes_int32_codes():
+    """A Linear on a 3-D input exports as MatMul(DQ x, Transpose(DQ w)) + bias: its bias is rounded
+    to ``s_x * s_w`` as PyTorch's eval rounds it (per output channel, the weight's axis)."""
+    s_w = np.array([0.01, 0.02, 0.03], np.float32)
+    before = _matmul_model(s_w, add=[_const("b", BIAS, "fc"), helper.make_node("Add", ["b", "mm"], ["y"], name="/fc/Add")])
     after, counts = rewrite(before)
     onnx.checker.check_model(after, full_check=True)
     assert counts["int32_biases"] == 1
@@ -123,23 +128,8 @@ def test_the_constant_added_to_a_matmul_becomes_int32_codes():
 def test_a_constant_added_after_the_layer_is_not_its_bias():
     """Only the Add of the Linear's own call (same module scope as its MatMul) holds its bias; a
     constant a user adds afterwards stays in float, as PyTorch computes it."""
-    nodes = [
-        _const("s", np.array(S_X, np.float32), "act_quant"),
-        _const("z", np.array(128, np.uint8), "act_quant"),
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="/act_quant/QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="/act_quant/DequantizeLinear"),
-        _const("wq", W, "fc"),
-        _const("ws", np.full(3, S_W, np.float32), "fc"),
-        _const("wz", np.zeros(3, np.int8), "fc"),
-        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="/fc/DequantizeLinear", axis=0),
-        helper.make_node("Transpose", ["w"], ["wt"], name="/fc/Transpose", perm=[1, 0]),
-        helper.make_node("MatMul", ["xd", "wt"], ["mm"], name="/fc/MatMul"),
-        _const("offset", BIAS, "model"),
-        helper.make_node("Add", ["mm", "offset"], ["y"], name="/Add"),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])])
-    after, counts = rewrite(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    offset = [_const("offset", BIAS, "model"), helper.make_node("Add", ["mm", "offset"], ["y"], name="/Add")]
+    after, counts = rewrite(_matmul_model(np.full(3, S_W, np.float32), add=offset))
     assert counts["int32_biases"] == 0
     add = next(n for n in after.graph.node if n.op_type == "Add")
     inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
