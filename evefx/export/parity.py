@@ -60,11 +60,11 @@ OFF_BY_ONE_MAX = 1e-3
 """Op by op, the largest fraction of a quantizer's codes that may be one step off PyTorch's where
 PyTorch's value is not at a rounding tie (:data:`TIE_WINDOW`). A tie goes either way with the
 float summation order, and some layers make many exact ties (an output grid finer than the
-accumulator's ``s_x * s_w``: mnasnet's last blocks put 0.19% of a quantizer's codes a step off,
-every one at a tie); away from ties a code moves only when the file computes an op otherwise: a
-transformer's MatMul bias left in float (until 2026-11-30) put 0.8% of the 4-bit codes after it a
-step off (0.34% in the first projection) and those flips grew to 0.31 max |diff| end to end. At
-least :data:`OFF_BY_ONE_MIN_CODES` codes must differ."""
+accumulator's ``s_x * s_w``: mnasnet's last blocks put 0.19% of a quantizer's codes a step off, at
+ties); away from ties a code moves when the file computes an op otherwise: a transformer's MatMul
+bias left in float (until 2026-11-30) put 0.68% of the 4-bit codes after it a step off away from
+ties, and those flips grew to 0.31 max |diff| end to end. At least :data:`OFF_BY_ONE_MIN_CODES`
+codes must differ."""
 
 TIE_WINDOW = 1e-3
 """Within this many quantization steps of ``k + 0.5`` a PyTorch value is at a rounding tie. Long

@@ -238,11 +238,16 @@ def _bias_site(node: ir.Node) -> tuple[int, ir.Node, ir.Node] | None:
             continue  # a constant added outside the layer (not its bias): PyTorch does not round it
         weight = matmul.inputs[1]
         moved = None if weight is None else weight.producer()
-        if moved is not None and moved.op_type == "Transpose":
-            weight = moved.inputs[0]  # Linear's W.T: the DQ's per-channel axis is still the output one
+        transposed = moved is not None and moved.op_type == "Transpose"
+        if transposed:
+            weight = moved.inputs[0]  # Linear's W.T: per channel along axis 0 of W, the outputs
         dq_x, dq_w = _dequantized(matmul.inputs[0]), _dequantized(weight)
-        if dq_x is not None and dq_w is not None and dq_w.inputs[0] is not None and dq_w.inputs[0].is_initializer():
-            return slot, dq_x, dq_w
+        if dq_x is None or dq_w is None or dq_w.inputs[0] is None or not dq_w.inputs[0].is_initializer():
+            continue
+        s_w = _array(dq_w.inputs[1])
+        if s_w is not None and s_w.size > 1 and dq_w.attributes.get_int("axis", 1) != (0 if transposed else 1):
+            continue  # scales along the inputs: no per-output bias scale
+        return slot, dq_x, dq_w
     return None
 
 

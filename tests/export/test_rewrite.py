@@ -83,14 +83,27 @@ def test_a_float_graph_has_nothing_to_rewrite():
     assert {i.name for i in after.graph.initializer} == {"w", "b"}
 
 
-def _matmul_model(s_w: np.ndarray, add: list[onnx.NodeProto]) -> onnx.ModelProto:
-    """x -> Q -> DQ -> MatMul(., Transpose(DQ(int8 codes, per channel s_w))) -> ``add`` -> y, as the
-    TorchScript exporter writes a Linear on (batch, tokens, features); ``add`` reads ``mm``."""
-    nodes = [
+def _quantized_input() -> list[onnx.NodeProto]:
+    """x -> Q -> DQ (per tensor, scale ``S_X``): ``xd``."""
+    return [
         _const("s", np.array(S_X, np.float32), "act_quant"),
         _const("z", np.array(128, np.uint8), "act_quant"),
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="/act_quant/QuantizeLinear"),
         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="/act_quant/DequantizeLinear"),
+    ]
+
+
+def _token_model(nodes: list[onnx.NodeProto], features: int) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _matmul_model(s_w: np.ndarray, add: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """x -> Q -> DQ -> MatMul(., Transpose(DQ(int8 codes, per channel s_w))) -> ``add`` -> y, as the
+    TorchScript exporter writes a Linear on (batch, tokens, features); ``add`` reads ``mm``."""
+    return _token_model([
+        *_quantized_input(),
         _const("wq", W, "fc"),
         _const("ws", s_w, "fc"),
         _const("wz", np.zeros(3, np.int8), "fc"),
@@ -98,10 +111,7 @@ def _matmul_model(s_w: np.ndarray, add: list[onnx.NodeProto]) -> onnx.ModelProto
         helper.make_node("Transpose", ["w"], ["wt"], name="/fc/Transpose", perm=[1, 0]),
         helper.make_node("MatMul", ["xd", "wt"], ["mm"], name="/fc/MatMul"),
         *add,
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ], features=8)
 
 
 def test_the_constant_added_to_a_matmul_becomes_int32_codes():
@@ -134,3 +144,22 @@ def test_a_constant_added_after_the_layer_is_not_its_bias():
     add = next(n for n in after.graph.node if n.op_type == "Add")
     inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
     assert np.array_equal(inits[add.input[1]], BIAS)
+
+
+def test_a_matmul_weight_scaled_along_its_inputs_keeps_a_float_bias():
+    """A MatMul weight ``[in, out]`` quantized per channel along ``in`` (axis 0, no Transpose) has no
+    per-output bias scale, even when ``in == out``: the bias stays float; along ``out`` it is rounded."""
+    def model(axis: int) -> onnx.ModelProto:
+        return _token_model([
+            *_quantized_input(),
+            _const("wq", np.arange(-4, 5, dtype=np.int8).reshape(3, 3), "fc"),
+            _const("ws", np.array([0.01, 0.02, 0.03], np.float32), "fc"),
+            _const("wz", np.zeros(3, np.int8), "fc"),
+            helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="/fc/DequantizeLinear", axis=axis),
+            helper.make_node("MatMul", ["xd", "w"], ["mm"], name="/fc/MatMul"),
+            _const("b", BIAS, "fc"),
+            helper.make_node("Add", ["mm", "b"], ["y"], name="/fc/Add"),
+        ], features=3)
+
+    assert rewrite(model(axis=0))[1]["int32_biases"] == 0
+    assert rewrite(model(axis=1))[1]["int32_biases"] == 1
