@@ -105,10 +105,22 @@ def _check_selector_words(gm: fx.GraphModule, section: Section, spec_path: str, 
     for field in ("names", "exclude"):
         for glob in getattr(select, field) or ():
             if not any(fnmatch.fnmatchcase(name, glob) for name in names):
+                regex = ""
+                if ".*" in glob or glob.startswith("^") or glob.endswith("$"):
+                    regex = (f"it reads like a regular expression, but {field} takes shell globs "
+                             f"({glob.replace('.*', '*').strip('^$')!r}; or write select.regex); ")
                 raise PlanError(
-                    f"{spec_path}.select.{field}: {glob!r} matches no layer; {_suggest(glob, names, 1)}"
-                    f"candidates: {', '.join(names) or '(none)'}"
+                    f"{spec_path}.select.{field}: {glob!r} matches no layer; {regex}{_suggest(glob, names, 1)}"
+                    f"candidates: {_listed(names)}"
                 )
+
+
+def _listed(names: list[str], most: int = 20) -> str:
+    """``names`` comma-separated, the first ``most`` of them (a deep network has hundreds)."""
+    if not names:
+        return "(none)"
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _describe(gm: fx.GraphModule, nodes: list[fx.Node]) -> str:

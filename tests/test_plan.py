@@ -70,6 +70,21 @@ def test_globs_that_match_no_layer_are_errors(gm):
         "candidates: features.0, features.3, features.6, classifier.1, classifier.3")
     with pytest.raises(PlanError, match=r"^passes\[0\]\.select\.names: 'nope\.\*' matches no layer; "):
         plan(gm, {"kind": "quantize", "select": {"names": ["features.*", "nope.*"]}})
+    # a regular expression written where a glob goes gets the glob it meant
+    with pytest.raises(PlanError) as err:
+        plan(gm, {"kind": "quantize", "select": {"exclude": [".*classifier.*"]}})
+    assert str(err.value).startswith(
+        "passes[0].select.exclude: '.*classifier.*' matches no layer; it reads like a regular expression, but "
+        "exclude takes shell globs ('*classifier*'; or write select.regex); ")
+
+
+def test_a_long_candidate_list_is_cut_to_twenty_names():
+    traced = fx.symbolic_trace(nn.Sequential(*[nn.Linear(4, 4) for _ in range(30)]))
+    with pytest.raises(PlanError) as err:
+        plan(traced, {"kind": "quantize", "select": {"names": ["nope"]}})
+    message = str(err.value)
+    assert message.endswith("candidates: " + ", ".join(str(i) for i in range(20)) + ", ... (10 more)")
+    assert "\n" not in message
 
 
 def test_unsupported_type_is_an_error(gm):
