@@ -479,6 +479,7 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
     first: str | None = None
     pairs: list[tuple[list[np.ndarray], list[Any]]] = []
     counted: dict[str, list[int]] = {}  # quantizer -> [codes one step off away from ties, codes compared]
+    how = "this CPU's kernels, from PyTorch's codes" if kernels else "computed from PyTorch's inputs"
     for batch in batches:
         inputs = _as_tuple(batch)
         near_tie: dict[str, np.ndarray] = {}
@@ -506,12 +507,10 @@ def graph_parity(reference: nn.Module, onnx_path: str, batches: Sequence[Any], *
             seen[1] += int(steps_off.size)
             worst_q = max(worst_q, d)
             if first is None and d > 1 + 1e-4:
-                how = "this CPU's kernels, from PyTorch's codes" if kernels else "computed from PyTorch's inputs"
                 first = f"{scope} ({how}): {d:.2f} quantization steps"
         pairs.append((expected, [got[n] for n in out_names[:n_out]]))
     off_by_one = {scope: n / total for scope, (n, total) in counted.items() if total}
     if first is None:
-        how = "this CPU's kernels, from PyTorch's codes" if kernels else "computed from PyTorch's inputs"
         first = _systematic_flips(counted, how)
     outputs = _compare_outputs(pairs, steps, bool(quantizers), tolerance, top1_min, required)
     return Parity(outputs.samples, outputs.max_abs_diff, outputs.tolerance,

@@ -111,8 +111,8 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: b
     """
     norms = {name: m for name, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None}
-    frozen = {id(m.bn) for m in model.modules() if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None
-              and m.bn_running_stats and not include_frozen}
+    frozen = set() if include_frozen else {id(m.bn) for m in model.modules()
+                                           if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None and m.bn_running_stats}
     norms = {name: bn for name, bn in norms.items() if id(bn) not in frozen}  # they keep normalising as trained
     data = inputs_only(batches)
     if not norms or not data:
