@@ -146,11 +146,11 @@ def final_accuracy(model: nn.Module, spec, train, score_on, epochs: int, seeds: 
     """``model`` (float) transformed with ``spec`` (None: float), trained ``epochs`` on ``train`` per seed,
     accuracy on ``score_on`` after the last epoch (with ``REESTIMATE_BN``: :func:`evefx.reestimate_bn` on 16
     batches of 64 after training, float too; ``BN_STATISTICS`` written into the quantize sections)."""
+    if spec is not None and BN_STATISTICS:
+        spec = {**spec, "passes": [{**p, "bn_statistics": BN_STATISTICS} if p["kind"] == "quantize" else p
+                                   for p in spec["passes"]]}
     out = []
     for seed in range(seeds):
-        if spec is not None and BN_STATISTICS:
-            spec = {**spec, "passes": [{**p, "bn_statistics": BN_STATISTICS} if p["kind"] == "quantize" else p
-                                       for p in spec["passes"]]}
         net = copy.deepcopy(model) if spec is None else evefx.transform(model, spec)
         if spec is not None:
             apply_pruning(net)  # masks at the searched ratios (nothing without pruners), as the search scored them
