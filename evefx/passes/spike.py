@@ -4,7 +4,8 @@ For every planned layer (``exclude_last`` leaves the classifier analog), in grap
 
 * the activation that ends its output block (``layer -> [bn] -> act``) is **replaced** by a
   neuron (its node is erased: the neuron is the non-linearity); without an activation the neuron
-  is **inserted** after ``layer -> [bn]``;
+  is **inserted** after ``layer -> [bn]`` (with ``neurons_at: activations`` the layer is left
+  analog instead);
 * every tensor input of the graph gets an encoder (``poisson`` or ``direct``) that makes ``T``
   time-folded steps ``[T*B, ...]``, and every output a :class:`~evefx.modules.encoding.MeanDecoder`,
   so the model is still called with ``[B, ...]`` and returns ``[B, ...]``.
@@ -144,6 +145,7 @@ class SpikePass(SectionPass[SpikeSection]):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changes: list[Change] = []
+        analog: list[str] = []  # neurons_at: activations, and the layer has none to replace
         timesteps = self.section.timesteps
         for layer, planned in self.plan(gm).items():
             if self.marked(gm, layer, role="neuron"):
@@ -153,9 +155,12 @@ class SpikePass(SectionPass[SpikeSection]):
             if section.timesteps != timesteps:
                 raise PassError(f"{self.spec_path}.overrides: timesteps cannot differ per layer ({layer})")
             self.current_node = planned.node
+            block = output_block(gm, planned.node)
+            if block.act is None and section.neurons_at == "activations":
+                analog.append(layer)
+                continue
             neuron = make_neuron(section, out_channels(planned.module), planned.channel_axis)
             neuron.train(planned.module.training)
-            block = output_block(gm, planned.node)
             before = block.bn or block.layer
             new = insert_after(gm, before, neuron, f"{layer}.neuron")
             self.mark(new, layer, "neuron", channel_axis=planned.channel_axis)
@@ -171,6 +176,9 @@ class SpikePass(SectionPass[SpikeSection]):
             else:
                 changes.append(self.change("inserted", new, layer, f"{kind} after {before.name}"))
         self.current_node = None
+        if analog:
+            log.info("%s: neurons_at activations: %d selected layers without an activation stay analog (%s)",
+                     self.spec_path, len(analog), ", ".join(analog[:5]) + (", ..." if len(analog) > 5 else ""))
         changes += self._encode(gm, timesteps)
         changes += self._decode(gm, timesteps)
         return PassResult(gm, bool(changes), tuple(changes))

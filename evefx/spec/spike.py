@@ -80,6 +80,16 @@ class SpikeSection(Section):
     decoder: Literal["mean"] = "mean"
     """How the output sequence becomes one output: mean over the timesteps."""
     neuron: NeuronConfig = NeuronConfig()
+    neurons_at: Literal["layers", "activations"] = "layers"
+    """Where neurons go. ``layers`` (default): after every selected layer, replacing the activation
+    that ends its output block (``layer -> [bn] -> act``) or inserted after ``layer -> [bn]`` where
+    there is none. ``activations``: only where there is an activation to replace; a selected layer
+    without one keeps its analog output. Why: the layers without an activation are mostly the last
+    projections of residual branches (attention's output and q/k/v projections, an MLP's second
+    Linear, an MBConv's 1x1 projection, a ResNet block's second conv), and spikes there make a
+    deep residual stream of spikes whose LayerNorms multiply the gradient at every block; on
+    torchvision's MaxViT (35 such blocks) the first backward overflows with ``layers`` and stays
+    finite with ``activations`` (docs/transformers.md)."""
     weight_scale: Bounded(float, 0.0, 1e3, low_open=True) = 0.333
     """The weight and bias of each selected layer followed by BatchNorm are multiplied by this when
     the pass runs, and the BatchNorm's running statistics and ``eps`` to match: the network

@@ -167,6 +167,42 @@ def test_selection_errors_and_layer_without_activation():
     assert gm(torch.rand(7, 5)).shape == (7, 3)
 
 
+class ResidualBlocks(nn.Module):
+    """A conv block with a residual sum, then a pre-norm MLP block on tokens (fc2 has no activation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(4), nn.Linear(4, 8), nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        t = x.flatten(2).transpose(1, 2)  # [B, tokens, 4]
+        t = t + self.fc2(F.relu(self.fc1(self.norm(t))))
+        return self.head(t.mean(1))
+
+
+def test_neurons_at_activations_leaves_layers_without_one_analog():
+    torch.manual_seed(0)
+    model, x = ResidualBlocks().eval(), torch.rand(2, 1, 6, 6)
+    every = evefx.transform(model, spec(timesteps=2, neuron={"type": "if"}), x)
+    acts = evefx.transform(model, spec(timesteps=2, neuron={"type": "if"}, neurons_at="activations"), x)
+    by_layer = lambda gm: {c.layer: c.action for c in gm.report.changes if c.action in ("replaced", "inserted")  # noqa: E731
+                           and c.layer not in ("x", "output")}
+    assert by_layer(every) == {"stem.0": "replaced", "conv1": "replaced", "conv2": "inserted", "fc1": "replaced",
+                               "fc2": "inserted"}
+    assert by_layer(acts) == {"stem.0": "replaced", "conv1": "replaced", "fc1": "replaced"}
+    assert sorted(isinstance(module_of(acts, n), IFNeuron) for n in marked(acts, "spike", role="neuron")) == [True] * 3
+    evefx.set_mode(acts, spiking=False)  # IF in ANN mode is the ReLU it replaced: the user's network again
+    assert torch.allclose(acts(x), model(x), atol=1e-5)
+    assert load_spec(spec(neurons_at="activations")).passes[0].neurons_at == "activations"
+    assert load_spec(spec()).passes[0].neurons_at == "layers"
+
+
 def test_functional_activation_and_overrides():
     class Functional(nn.Module):
         def __init__(self):
