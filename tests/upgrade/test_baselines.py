@@ -84,6 +84,28 @@ def test_each_baseline_is_deterministic_for_a_seed_and_fits_the_budget(tmp_path,
         assert a.episodes[0]["values"] == uniform_values(env_for()) and set(a.episodes[0]["values"].values()) == {3.0}
 
 
+def test_ilp_evaluates_its_optimum_then_the_uniform_and_greedy_allocations(tmp_path):
+    section = {"algorithm": "ilp", "episodes": 18, "budget": BUDGET}
+    run = search(quantized(), Accuracy(batches()), section, run_dir=tmp_path / "a", progress=False)
+    pure = search(quantized(), Accuracy(batches()), {**section, "hyperparams": {"ilp_baselines": []}},
+                  run_dir=tmp_path / "b", progress=False)
+    greedy = search(quantized(), Accuracy(batches()), {**section, "algorithm": "greedy"}, run_dir=tmp_path / "c",
+                    progress=False)
+    values = [r["values"] for r in run.episodes]
+    ilp_only = [r["values"] for r in pure.episodes]
+    assert values[0] == ilp_only[0]  # the ILP's optimum first, as before
+    baselines = [uniform_values(env_for()), greedy.episodes[0]["values"]]
+    expected = [v for v in baselines if v != ilp_only[0]]
+    assert values[1:1 + len(expected)] == expected and len(values) == len({str(v) for v in values}) == 5
+    assert [v for v in values if v not in baselines] == [v for v in ilp_only if v not in baselines][:len(values) - 1 - len(expected)]
+    assert run.best["accuracy"] == max(r["accuracy"] for r in run.episodes)  # the best candidate, whoever made it
+    with pytest.raises(SearchError, match=r"search.hyperparams.ilp_baselines: a list of uniform, greedy, knapsack "
+                                          r"\(got \['random'\]\)"):
+        search(quantized(), Accuracy(batches()), {**section, "hyperparams": {"ilp_baselines": ["random"]}},
+               run_dir=tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()  # refused before the probes
+
+
 def test_sensitivity_probes_are_not_paid_twice_on_resume(tmp_path):
     section = {"algorithm": "ilp", "episodes": 15, "budget": BUDGET}
     search(quantized(), Accuracy(batches()), {**section, "episodes": 14}, run_dir=tmp_path, progress=False)
