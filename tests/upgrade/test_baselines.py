@@ -94,10 +94,10 @@ def test_ilp_evaluates_its_optimum_then_the_uniform_and_greedy_allocations(tmp_p
     values = [r["values"] for r in run.episodes]
     ilp_only = [r["values"] for r in pure.episodes]
     assert values[0] == ilp_only[0]  # the ILP's optimum first, as before
-    baselines = [uniform_values(env_for()), greedy.episodes[0]["values"]]
-    expected = [v for v in baselines if v != ilp_only[0]]
-    assert values[1:1 + len(expected)] == expected and len(values) == len({str(v) for v in values}) == 5
-    assert [v for v in values if v not in baselines] == [v for v in ilp_only if v not in baselines][:len(values) - 1 - len(expected)]
+    # the optimum, uniform, greedy, then the ILP's next-best solutions, each candidate once
+    candidates = [ilp_only[0], uniform_values(env_for()), greedy.episodes[0]["values"], *ilp_only[1:]]
+    expected = [v for i, v in enumerate(candidates) if v not in candidates[:i]][:5]
+    assert values == expected and len({str(v) for v in values}) == 5
     assert run.best["accuracy"] == max(r["accuracy"] for r in run.episodes)  # the best candidate, whoever made it
     with pytest.raises(SearchError, match=r"search.hyperparams.ilp_baselines: a list of uniform, greedy, knapsack "
                                           r"\(got \['random'\]\)"):
