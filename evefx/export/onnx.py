@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import onnx
 import torch
 from torch import fx, nn
+from torch.utils._pytree import GetAttrKey, MappingKey, tree_flatten_with_path
 
 from evefx.errors import ExportError
 from evefx.export.check import (
@@ -332,16 +333,84 @@ def _torch_export(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Pa
     """Run the deployed module once (it must return tensors) and write it with the TorchScript exporter."""
     with torch.no_grad():
         try:
-            outputs = flatten_outputs(deployed.model(*inputs))
+            raw = deployed.model(*inputs)
+            outputs = flatten_outputs(raw)
         except Exception as e:
             raise ExportError(f"the model does not run on the example inputs: {e}") from e
     if not outputs:
         raise ExportError("the model returns no tensor; nothing to export")
+    exported = _bind_defaults(deployed.model, len(inputs))
     input_names = _input_names(deployed.source, len(inputs))
-    output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    output_names = _output_names(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _export(deployed.model, deployed.source, inputs, path, min(opset, _TORCHSCRIPT_MAX_OPSET), input_names,
+    _export(exported, deployed.source, inputs, path, min(opset, _TORCHSCRIPT_MAX_OPSET), input_names,
             output_names, dynamic_batch)
+
+
+def _output_names(out: Any) -> list[str]:
+    """ONNX output names: ``output`` for one tensor, the keys of a dict (or fields of a named tuple,
+    joined by ``.`` when nested) when every tensor has one, else ``output_0``, ``output_1``...
+
+    Example:
+        >>> _output_names({"logits": y, "probs": p})
+        ['logits', 'probs']
+    """
+    leaves = [path for path, leaf in tree_flatten_with_path(out)[0] if isinstance(leaf, torch.Tensor)]
+    if len(leaves) == 1:
+        return ["output"]
+    names = [".".join(str(getattr(k, "key", getattr(k, "name", ""))) for k in path) for path in leaves]
+    named = all(path and all(isinstance(k, (MappingKey, GetAttrKey)) for k in path) for path in leaves)
+    if named and len(set(names)) == len(names):
+        return names
+    return [f"output_{i}" for i in range(len(leaves))]
+
+
+class _Positional(nn.Module):
+    """Calls ``model`` with the example inputs only, so its other parameters keep their defaults."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*inputs)
+
+
+def _bind_defaults(model: nn.Module, count: int) -> nn.Module:
+    """The module to hand the exporter: ``model`` with the parameters after the ``count`` example
+    inputs fixed at their defaults.
+
+    Why: the TorchScript exporter turns a default it is not given (``scale: float = 1.0``) into a
+    graph input that no caller feeds, and the file cannot run. An fx copy (what evefx.transform
+    returns) gets the defaults written into its graph, keeping its module names, which the export
+    and its checks read; another module is wrapped. A parameter without a default is left, and
+    the model's run reports it.
+
+    Example:
+        >>> _bind_defaults(deployed.model, 2)   # forward(image, table, scale=1.0): scale is 1.0
+    """
+    if not isinstance(model, fx.GraphModule):
+        params = list(inspect.signature(model.forward).parameters.values())
+        extra = [p for p in params[count:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                 and p.default is not p.empty]
+        return _Positional(model) if extra else model
+    bound = False
+    for node in [n for n in model.graph.nodes if n.op == "placeholder"][count:]:
+        if str(node.target).startswith("*") or not node.args:  # *args/**kwargs, or no default
+            continue
+        default = node.args[0]
+
+        def constant(arg: fx.Node, node: fx.Node = node, value: Any = default) -> Any:
+            return value if arg is node else arg
+
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, constant)
+            user.kwargs = fx.node.map_arg(user.kwargs, constant)
+        model.graph.erase_node(node)
+        bound = True
+    if bound:
+        model.recompile()
+    return model
 
 
 def _rewrite(path: Path, deployed: Deployed, int32_bias: bool) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 
 import numpy as np
@@ -474,3 +475,44 @@ def test_codes_one_step_off_more_often_than_ties_fail_and_name_the_quantizer(tmp
                        r"PyTorch's value is not at a rounding tie \(at most 0\.1% allowed\)") as info:
         export_onnx(gm, x[:1], tmp_path / "tokens.onnx", real_inputs=x)
     assert info.value.report.graph.off_by_one > 1e-3 and info.value.report.graph.max_steps < 1.001
+
+
+class _TwoInputs(nn.Module):
+    """Image and table inputs, a defaulted non-tensor parameter, a dict output (a user's model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.img = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                 nn.Linear(16, 8))
+        self.tab = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, image, table, scale: float = 2.0):
+        logits = self.head(torch.cat([self.img(image), self.tab(table)], dim=-1)) * scale
+        return {"logits": logits, "probs": logits.softmax(-1)}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_defaulted_parameters_become_constants_and_dict_outputs_keep_their_keys(quantized, tmp_path):
+    # the TorchScript exporter made `scale` a graph input that nothing feeds, and the file could not run
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(8, 1, 8, 8, generator=g), torch.randn(8, 5, generator=g)) for _ in range(4)]
+    if quantized:
+        model = evefx.transform(model, {"passes": [{"kind": "quantize"}]}, batches[0])
+        evefx.calibrate(model, batches)
+        model.eval()
+    path = tmp_path / "two.onnx"
+    export_onnx(model, batches[0], path, real_inputs=(torch.cat([b[0] for b in batches]),
+                                                      torch.cat([b[1] for b in batches])), kernels=False)
+    session = ort_session(str(path), 1)
+    assert [i.name for i in session.get_inputs()] == ["image", "table"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
+    image, table = batches[1]
+    logits, probs = session.run(None, {"image": image.numpy(), "table": table.numpy()})
+    expected = model(image, table)  # scale at its default, 2.0
+    np.testing.assert_allclose(probs, expected["probs"].detach().numpy(), atol=1e-2 if quantized else 1e-5)
+    if not quantized:
+        np.testing.assert_allclose(logits, expected["logits"].detach().numpy(), atol=1e-5, rtol=1e-4)
+    assert "scale" in str(inspect.signature(model.forward))  # the user's model keeps its parameter
