@@ -7,7 +7,8 @@ For every planned layer (``exclude_last`` leaves the classifier analog), in grap
   is **inserted** after ``layer -> [bn]`` (with ``neurons_at: activations`` the layer is left
   analog instead);
 * every tensor input of the graph gets an encoder (``poisson`` or ``direct``) that makes ``T``
-  time-folded steps ``[T*B, ...]``, and every output a :class:`~evefx.modules.encoding.MeanDecoder`,
+  time-folded steps ``[T*B, ...]`` (integer and boolean inputs, token ids and masks, are always
+  repeated: ``direct``), and every output a :class:`~evefx.modules.encoding.MeanDecoder`,
   so the model is still called with ``[B, ...]`` and returns ``[B, ...]``.
 
 Layers between encoder and decoder run once on the time-folded batch. With ``encoder: direct``
@@ -127,6 +128,12 @@ def _is_tensor_input(node: fx.Node) -> bool:
     return not node.args  # a placeholder with a default value is a non-tensor option
 
 
+def _integer_input(node: fx.Node) -> bool:
+    """An input known (from the example inputs) to hold integers or booleans: token ids, masks."""
+    meta = node.meta.get("tensor_meta")
+    return isinstance(meta, TensorMetadata) and not meta.dtype.is_floating_point and not meta.dtype.is_complex
+
+
 class SpikePass(SectionPass[SpikeSection]):
     """Runs one ``kind: spike`` section (see the module docstring for what it does).
 
@@ -226,7 +233,10 @@ class SpikePass(SectionPass[SpikeSection]):
             outside = [u for u in src.users if u not in inside]
             if not outside:
                 continue
-            enc = PoissonEncoder(timesteps) if self.section.encoder == "poisson" else DirectEncoder(timesteps)
+            # token ids and masks are not rates: they are repeated at every step, whatever ``encoder`` says
+            integer = _integer_input(src)
+            poisson = self.section.encoder == "poisson" and not integer
+            enc = PoissonEncoder(timesteps) if poisson else DirectEncoder(timesteps)
             name = unique_name(gm, f"spike_encoder_{src.name}")
             gm.add_submodule(name, enc)
             after = anchor if src.op == "placeholder" else src
@@ -241,6 +251,8 @@ class SpikePass(SectionPass[SpikeSection]):
             self.mark(new, src.name, "encoder")
             where = f"input {src.name}" if src.op == "placeholder" else f"{src.name} ({src.target})"
             detail = f"{type(enc).__name__}(T={timesteps}) on {where}"
+            if integer and self.section.encoder == "poisson":
+                detail += " (not floating point: repeated at every step, not rate-coded)"
             if src.op != "placeholder":
                 detail += f"; {', '.join(map(str, hoisted))} run once, not once per step (same input every step)"
             changes.append(self.change("inserted", new, src.name, detail))

@@ -76,7 +76,8 @@ class SpikeSection(Section):
     timesteps: Bounded(int, 1, 4096) = 8
     """Number of simulation steps T."""
     encoder: Literal["poisson", "direct"] = "poisson"
-    """poisson: Bernoulli spikes with probability = input (inputs in [0, 1]); direct: the input repeated."""
+    """poisson: Bernoulli spikes with probability = input (inputs in [0, 1]); direct: the input repeated.
+    Integer and boolean inputs (token ids, masks) are repeated either way."""
     decoder: Literal["mean"] = "mean"
     """How the output sequence becomes one output: mean over the timesteps."""
     neuron: NeuronConfig = NeuronConfig()

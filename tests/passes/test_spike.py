@@ -203,6 +203,34 @@ def test_neurons_at_activations_leaves_layers_without_one_analog():
     assert load_spec(spec()).passes[0].neurons_at == "layers"
 
 
+class TokenClassifier(nn.Module):
+    """Token ids and a padding mask in, class scores out (a text model's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens, keep):
+        h = F.relu(self.fc1(self.emb(tokens))) * keep.unsqueeze(-1)
+        return self.fc2(h.sum(1) / keep.sum(1, keepdim=True))
+
+
+def test_integer_and_boolean_inputs_are_repeated_not_rate_coded():
+    # a Poisson encoder on token ids made float spikes that Embedding refused
+    torch.manual_seed(0)
+    model = TokenClassifier().eval()
+    tokens, keep = torch.randint(0, 20, (2, 5)), torch.tensor([[True] * 5, [True, True, True, False, False]])
+    gm = evefx.transform(model, spec(timesteps=3, neuron={"type": "if"}), (tokens, keep))
+    encoders = {c.layer: c.detail for c in gm.report.changes if c.layer in ("tokens", "keep")}
+    assert encoders == {name: f"DirectEncoder(T=3) on input {name} (not floating point: repeated at every step, "
+                              f"not rate-coded)" for name in ("tokens", "keep")}
+    out = gm(tokens, keep)
+    out.sum().backward()
+    assert out.shape == (2, 3) and torch.isfinite(gm.fc1.weight.grad).all()
+    evefx.set_mode(gm, spiking=False)  # IF in ANN mode is the ReLU it replaced: the user's network again
+    assert torch.allclose(gm(tokens, keep), model(tokens, keep), atol=1e-6)
+
+
 class PreNormStack(nn.Module):
     """16 pre-norm residual MLP blocks: the residual stream every LayerNorm reads."""
 
