@@ -87,7 +87,8 @@ class ChannelAnalysis(fx.Interpreter):
 
     def analyze(self) -> DependencyGraph:
         for node in self.gm.graph.nodes:
-            if node.op == "placeholder" and node.users and "tensor_meta" not in node.meta:
+            # a placeholder with a default and no recorded tensor is an option (scale: float = 1.0)
+            if node.op == "placeholder" and node.users and "tensor_meta" not in node.meta and not node.args:
                 raise PruneError(f"input {node.name!r} of {type(self.gm).__name__} has no shape information; {_NEEDS_SHAPES}")
         self.run(enable_io_processing=False)
         return self.dg

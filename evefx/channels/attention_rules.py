@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evefx.channels.rules import DEFAULT_RULES, ChannelMap, MaskedValue, OpCall, becomes_constant
+from evefx.channels.rules import DEFAULT_RULES, ChannelMap, MaskedValue, OpCall, becomes_constant, elementwise_to_constant
+from evefx.modules.attention import attention_bias
 
 if TYPE_CHECKING:
     from evefx.channels.analysis import ChannelAnalysis
@@ -270,4 +271,6 @@ _default((torch.einsum, "torch.functional.einsum"), einsum)
 _default((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
           nn.TransformerDecoder, nn.Transformer, "torchvision.models.swin_transformer.shifted_window_attention"), opaque)
 _default("torchvision.models.swin_transformer._patch_merging_pad", patch_merging_pad)
+# a decomposed attention's masks added to the scores: per token, the same for every channel (0 -> the mask)
+_default(attention_bias, elementwise_to_constant)
 del _default

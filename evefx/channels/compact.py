@@ -81,7 +81,10 @@ def compact_report(gm: fx.GraphModule) -> CompactReport:
 def _example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
     out = []
+    defaults = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.args}
     for name, shape, dtype in recorded_inputs(gm):
+        if (shape is None or dtype is None) and name in defaults:
+            break  # a defaulted option (scale: float = 1.0, mask=None): it and those after keep their defaults
         if shape is None or dtype is None:
             raise PruneError(f"input {name!r} has no shape; pass example_inputs to evefx.compact")
         if dtype.is_floating_point:

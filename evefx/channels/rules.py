@@ -253,6 +253,13 @@ def linear(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     return walk.broadcast_channels(out, np.zeros(len(out), dtype=np.int8), -1)
 
 
+def embedding(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """An Embedding looks vectors up by integer ids: fresh features on the last axis, frozen, since
+    compaction does not slice its table (a text model's residual width stays; its MLPs prune)."""
+    return walk.fresh(call.target.embedding_dim, frozen=f"embedding {call.node.target} (compaction does not slice "
+                                                        f"its table)", axis=-1)
+
+
 def batch_norm(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     m, x = call.target, walk.input(call)
     ids, _ = walk.per_channel(x)
@@ -366,6 +373,7 @@ _default = DEFAULT_RULES.register
 _default(ChannelPruner, channel_pruner)
 _default(nn.modules.conv._ConvNd, conv)
 _default(nn.Linear, linear)
+_default(nn.Embedding, embedding)
 _default(nn.modules.batchnorm._BatchNorm, batch_norm)
 _default(nn.PReLU, prelu)
 _default(EveHooks, eve_module)

@@ -258,3 +258,38 @@ def test_torchvision_transformers_prune_their_mlp_width_and_compact_equals_maske
     for name, width in mlp.items():
         assert small.get_submodule(name).out_features == width
     assert compact_report(small).params_after < compact_report(small).params_before
+
+
+class TextClassifier(nn.Module):
+    """Token ids, a padding mask and a defaulted option in: a text model as users write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens, pad_mask=None, temperature: float = 1.0):
+        x = self.emb(tokens)
+        x = x + self.attn(x, x, x, key_padding_mask=pad_mask, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1)) / temperature
+
+
+def test_a_text_model_with_embedding_padding_mask_and_defaulted_option_prunes_and_compacts():
+    # Embedding and the decomposed attention's mask had no rule, and compact asked for a shape of `temperature`
+    tokens = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    gm = evefx.transform(randomise(TextClassifier()), spec("head"), (tokens, mask))
+    groups = groups_by_layer(gm)
+    assert groups[("attn.q_proj", "attn.k_proj", "attn.v_proj")].prunable == 4
+    assert groups[("mlp.0",)].prunable == 32
+    stream = groups[("attn.out_proj", "mlp.2")]  # the residual stream the embedding starts
+    assert stream.prunable == 0 and stream.frozen[0] == "embedding emb (compaction does not slice its table)"
+    evefx.prune_step(gm)
+    small = evefx.compact(gm)
+    assert small.get_submodule("mlp.0").out_features == 16 and small.get_submodule("attn.q_proj").out_features == 8
+    other = torch.randint(0, 30, (3, 6), generator=torch.Generator().manual_seed(1))
+    other_mask = torch.tensor([[False] * 6, [False] * 5 + [True], [False] * 2 + [True] * 4])
+    assert torch.allclose(small(other, other_mask), gm.eval()(other, other_mask), atol=1e-5)
+    assert torch.allclose(small(other, other_mask, 2.0), gm(other, other_mask) / 2.0, atol=1e-5)
