@@ -46,6 +46,7 @@ from torch import fx, nn
 from evefx.errors import ExportError
 from evefx.export.nir_import import import_nir, spike_traces
 from evefx.export.nir_nodes import NodeBuilder, load_nir
+from evefx.export.spiking import require_threshold
 from evefx.graph import recorded_inputs
 from evefx.modules.neurons import SpikingNeuron
 
@@ -147,6 +148,9 @@ def _build(gm: nn.Module, example_input: Any, dt: float, rules=None) -> tuple[An
     if not isinstance(gm, fx.GraphModule):
         raise ExportError(f"NIR export takes the fx.GraphModule evefx.transform returns, not a {type(gm).__name__}")
     args = _example_input(gm, example_input)
+    for name, m in gm.named_modules():
+        if isinstance(m, SpikingNeuron):
+            require_threshold(m, name)  # the shape run below would set it from the example input
     work = copy.deepcopy(gm).eval()  # copy once: the shape run must not touch the user's statistics
     for m in work.modules():
         if isinstance(m, SpikingNeuron) and m.step_mode != "multi":

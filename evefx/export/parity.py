@@ -30,6 +30,8 @@ Example:
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -43,6 +45,8 @@ from torch import nn
 from evefx.export.deploy import safe_deepcopy
 from evefx.export.onnx_graph import consumers, scope_of
 from evefx.modules import Quantizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Parity", "check_parity", "graph_parity", "degenerate_outputs", "first_divergence", "ort_session", "flatten_outputs", "TOP1_MIN"]
 
@@ -319,6 +323,16 @@ def _distance_from_tie(quantizer: Quantizer, x: torch.Tensor) -> np.ndarray:
     return (u - torch.floor(u) - 0.5).abs().float().cpu().numpy()
 
 
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type onnx's shape inference gives each intermediate value (none when it fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # noqa: BLE001 - the types only refine what is declared; FLOAT is the default
+        log.debug("shape inference failed (%s): intermediate values declared float", e)
+        return {}
+    return {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.type.tensor_type.elem_type}
+
+
 def first_divergence(
     reference: nn.Module, onnx_path: str, inputs: Any, quantizer_steps: dict[str, float] | None = None
 ) -> str | None:
@@ -350,10 +364,12 @@ def first_divergence(
     if not order:
         return None
     existing = {o.name for o in model.graph.output}
+    types = _value_types(model)
     for scope in order:
         name = value_of[scope][0]
         if name not in existing and name not in graph_inputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            # integer values too (a spiking text model's repeated token ids): declared with their own type
+            model.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
             existing.add(name)
     session = ort_session(model.SerializeToString())
     out_names = [o.name for o in session.get_outputs()]

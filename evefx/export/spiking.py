@@ -23,7 +23,7 @@ from evefx.errors import ExportError
 from evefx.modules.encoding import PoissonEncoder
 from evefx.modules.neurons import SpikingNeuron
 
-__all__ = ["UnrolledNeuron", "RandomPoisson", "spiking_standin", "is_stochastic"]
+__all__ = ["UnrolledNeuron", "RandomPoisson", "spiking_standin", "is_stochastic", "require_threshold"]
 
 
 class UnrolledNeuron(nn.Module):
@@ -71,6 +71,21 @@ class RandomPoisson(nn.Module):
         return spikes.reshape(-1, *x.shape[1:])
 
 
+def require_threshold(neuron: SpikingNeuron, name: str) -> None:
+    """Refuse a neuron whose data-dependent threshold (``threshold_std``) was never set: PyTorch
+    sets it from the first batch it sees, an export from its example inputs.
+
+    Example:
+        >>> require_threshold(gm.get_submodule("features_0_neuron"), "features_0_neuron")
+    """
+    if neuron.spiking and neuron.threshold_std is not None and not bool(neuron.threshold_ready):
+        raise ExportError(
+            f"{name}: the data-dependent threshold (threshold_std) was never set (no batch has passed "
+            f"through the neuron), so the file and PyTorch would each take it from different data; "
+            f"train the model, or run it once on real inputs, before exporting"
+        )
+
+
 def spiking_standin(module: nn.Module, name: str) -> nn.Module | None:
     """The export stand-in of a spiking module, or None when it exports as it is.
 
@@ -84,6 +99,7 @@ def spiking_standin(module: nn.Module, name: str) -> nn.Module | None:
                 f"{name}: {type(module).__name__} is in single-step mode; export runs whole sequences, "
                 f"so call set_mode(gm, step='multi') before exporting"
             )
+        require_threshold(module, name)
         return UnrolledNeuron(module)
     if isinstance(module, PoissonEncoder):
         if module.step_mode != "multi":

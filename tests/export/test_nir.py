@@ -350,6 +350,7 @@ def test_a_rule_exports_a_module_evefx_does_not_know():
     spec = {"trace": {"leaf_modules": ["Gain"]},
             "passes": [{"kind": "spike", "select": {"types": ["Linear"]}, "timesteps": 3}]}
     gm = evefx.transform(model, spec, torch.zeros(1, 3)).eval()
+    gm(torch.randn(8, 3))  # sets the data-dependent threshold
     with pytest.raises(ExportError, match=r"Gain.*rules=\{Gain: fn\}"):
         to_nir(gm)
     graph = to_nir(gm, rules={Gain: lambda m, shape: nir.Scale(scale=np.full(shape, 2.0, np.float32))})
@@ -466,3 +467,15 @@ def test_cli_export_format_nir(tmp_path):
     bad = CliRunner().invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec",
                                    str(ROOT / "examples/specs/spiking.yaml"), "--out", str(out), "--format", "tflite"])
     assert bad.exit_code != 0 and "--format must be onnx or nir" in bad.output
+
+
+def test_a_threshold_never_set_is_refused_before_the_shape_run_sets_it():
+    # the shape run on the example input (often zeros) would have set it and written that to the file
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    gm = evefx.transform(model, {"passes": [{"kind": "spike", "timesteps": 3}]}, torch.zeros(1, 3)).eval()
+    with pytest.raises(ExportError, match=r"^0_neuron: the data-dependent threshold \(threshold_std\) was never set"):
+        to_nir(gm)
+    assert not bool(gm.get_submodule("0_neuron").threshold_ready)  # refused before anything ran
+    gm(torch.randn(8, 3))
+    assert to_nir(gm) is not None

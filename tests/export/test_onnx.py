@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+import torch.nn.functional as F
 from torch import nn
 
 import evefx
@@ -339,10 +340,41 @@ def test_spiking_model_exports_unrolled_with_same_signature(tmp_path):
     assert _ort(path, x).shape == tuple(out.shape) == (32, 10)
 
 
+class _TokenIds(nn.Module):
+    """Token ids and a padding mask in (a text model's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens, keep):
+        h = F.relu(self.fc1(self.emb(tokens))) * keep.unsqueeze(-1)
+        return self.fc2(h.sum(1))
+
+
+def test_spiking_text_model_exports_with_its_integer_inputs_repeated(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    tokens, keep = torch.randint(0, 20, (16, 5), generator=g), torch.rand(16, 5, generator=g) > 0.3
+    snn = evefx.transform(_TokenIds(), {"passes": [{"kind": "spike", "timesteps": 3, "encoder": "direct"}]},
+                          (tokens[:2], keep[:2]))
+    with pytest.raises(evefx.ExportError, match=r"fc1_neuron: the data-dependent threshold \(threshold_std\) was "
+                                                r"never set .* run it once on real inputs, before exporting"):
+        export_onnx(snn, (tokens[:2], keep[:2]), tmp_path / "early.onnx", kernels=False)
+    assert not (tmp_path / "early.onnx").exists()
+    snn(tokens, keep)  # sets the thresholds
+    path = tmp_path / "text.onnx"
+    report = export_onnx(snn.eval(), (tokens[:2], keep[:2]), path, real_inputs=(tokens, keep), kernels=False)
+    assert report.parity.passed and report.parity.max_abs_diff < 1e-5
+    # the op-by-op walk exposes the repeated int64 token ids as outputs: declared with their own type
+    assert first_divergence(snn, str(path), (tokens, keep)) is None
+
+
 def test_poisson_encoder_exports_random_and_is_documented(tmp_path):
     torch.manual_seed(0)
     spec = {"passes": [{"kind": "spike", "timesteps": 4, "encoder": "poisson"}]}
     snn = evefx.transform(DemoNet(), spec, X0).eval()
+    snn(_data(8, 1))  # sets the data-dependent thresholds
     report = export_onnx(snn, X0, tmp_path / "p.onnx", kernels=False)
     assert report.ops["RandomUniformLike"] == 1
     assert report.parity.rule.startswith("not checked") and report.parity.samples == 0
