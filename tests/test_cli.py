@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import evefx
@@ -80,6 +81,18 @@ def test_export_writes_checked_int8_file(tmp_path):
     assert "passed" in result.output and "int8 QDQ" in result.output
     model = onnx.load(out)
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "nir"])
+def test_export_of_a_spiking_spec_sets_data_dependent_thresholds_from_the_calibration_batches(fmt, tmp_path):
+    # export refuses a threshold never set; without a checkpoint the CLI sets it as it calibrates ranges
+    spec = tmp_path / "s.yaml"
+    spec.write_text("trace: {input_shape: [1, 1, 28, 28]}\npasses: [{kind: spike, encoder: direct, timesteps: 2}]\n")
+    out = tmp_path / f"snn.{fmt}"
+    result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(spec), "--out", str(out),
+                                 "--format", fmt, "--data", "mnist5k", "--calibrate-batches", "1"])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and ("passed" in result.output or fmt == "nir")
 
 
 def test_export_without_shape_is_a_clear_error(tmp_path):

@@ -182,6 +182,10 @@ def export(
         gm = transform_model(model, spec, ",".join(map(str, shape)), model_kwargs)
         if checkpoint is not None:
             load_checkpoint(gm, checkpoint, "--checkpoint")
+        calib, held_out = _export_data(data, shape, calibrate_batches)
+        if checkpoint is None:
+            calibrate(gm, calib)
+            _set_thresholds(gm, calib)
         if format == "nir":
             from evefx.export.nir import export_nir
 
@@ -190,9 +194,6 @@ def export(
         if reestimate_bn and data is None:
             raise EvefxError("--reestimate-bn needs real images: give --data (on random inputs BatchNorm would "
                              "learn the statistics of noise)")
-        calib, held_out = _export_data(data, shape, calibrate_batches)
-        if checkpoint is None:
-            calibrate(gm, calib)
         if reestimate_bn:
             from evefx.ptq import reestimate_bn as reestimate
 
@@ -212,6 +213,19 @@ def export(
     except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         fail(e)
     console.print(report.table())
+
+
+def _set_thresholds(gm: Any, batches: list[Any]) -> None:
+    """Without a checkpoint, data-dependent neuron thresholds are set from the first calibration
+    batch, as the quantizers' ranges are calibrated (export refuses a threshold never set)."""
+    import torch
+
+    from evefx.modules.neurons import SpikingNeuron
+
+    if any(isinstance(m, SpikingNeuron) and m.threshold_std is not None and not bool(m.threshold_ready)
+           for m in gm.modules()):
+        with torch.no_grad():
+            gm.eval()(batches[0])
 
 
 def _export_data(data: Optional[str], shape: tuple[int, ...], batches: int) -> tuple[list[Any], Any]:
