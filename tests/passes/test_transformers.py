@@ -180,6 +180,7 @@ def test_per_channel_activation_quantizer_axis_and_export(tmp_path):
 
 def test_nir_export_refuses_a_linear_on_tokens_with_the_reason(tmp_path):
     gm = evefx.transform(TokenMLP(), {"passes": [SPIKE]}, torch.randn(1, 5, 8))
+    gm.eval()(torch.randn(4, 5, 8))  # sets the data-dependent thresholds
     with pytest.raises(ExportError, match=r"NIR export: fc1 \(Linear\) reads \(5, 8\) per sample .* NIR's Affine maps one "
                                           r"vector"):
         evefx.export_nir(gm.eval(), tmp_path / "m.nir", dt=1e-3)
