@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import json
@@ -52,7 +53,7 @@ from evefx.export.check import (
     set_aside,
     stand_in_inputs,
 )
-from evefx.export.parity import TOP1_MIN, Parity, degenerate_outputs, flatten_outputs, ort_session
+from evefx.export.parity import TOP1_MIN, Parity, degenerate_outputs, flatten_outputs, ort_session, plain_outputs
 from evefx.export.packed import MIN_PACKED_OPSET, name_weight_nodes, pack_weights, packed_layers, require_opset, upgrade_opset, weight_bytes
 from evefx.export.deploy import Deployed, deployable, is_quantized
 from evefx.export.qdq import QuantizedWeightLayer
@@ -339,7 +340,7 @@ def _torch_export(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Pa
             raise ExportError(f"the model does not run on the example inputs: {e}") from e
     if not outputs:
         raise ExportError("the model returns no tensor; nothing to export")
-    exported = _bind_defaults(deployed.model, len(inputs))
+    exported = _bind_defaults(deployed.model, len(inputs), _holds_dataclass(raw))
     input_names = _input_names(deployed.source, len(inputs))
     output_names = _output_names(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,14 +349,14 @@ def _torch_export(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Pa
 
 
 def _output_names(out: Any) -> list[str]:
-    """ONNX output names: ``output`` for one tensor, the keys of a dict (or fields of a named tuple,
-    joined by ``.`` when nested) when every tensor has one, else ``output_0``, ``output_1``...
+    """ONNX output names: ``output`` for one tensor, the keys of a dict (or fields of a named tuple
+    or a dataclass, joined by ``.`` when nested) when every tensor has one, else ``output_0``, ``output_1``...
 
     Example:
         >>> _output_names({"logits": y, "probs": p})
         ['logits', 'probs']
     """
-    leaves = [path for path, leaf in tree_flatten_with_path(out)[0] if isinstance(leaf, torch.Tensor)]
+    leaves = [path for path, leaf in tree_flatten_with_path(plain_outputs(out))[0] if isinstance(leaf, torch.Tensor)]
     if len(leaves) == 1:
         return ["output"]
     names = [".".join(str(getattr(k, "key", getattr(k, "name", ""))) for k in path) for path in leaves]
@@ -366,19 +367,28 @@ def _output_names(out: Any) -> list[str]:
 
 
 class _Positional(nn.Module):
-    """Calls ``model`` with the example inputs only, so its other parameters keep their defaults."""
+    """Calls ``model`` with the example inputs only, so its other parameters keep their defaults,
+    and returns its output with dataclasses made dicts (:func:`plain_outputs`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, *inputs: Any) -> Any:
-        return self.model(*inputs)
+        return plain_outputs(self.model(*inputs))
 
 
-def _bind_defaults(model: nn.Module, count: int) -> nn.Module:
+def _holds_dataclass(out: Any) -> bool:
+    """Whether a model's output is, or holds in its tuples, lists and dicts, a dataclass instance."""
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return True
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return any(_holds_dataclass(v) for v in values)
+
+
+def _bind_defaults(model: nn.Module, count: int, dataclass_out: bool = False) -> nn.Module:
     """The module to hand the exporter: ``model`` with the parameters after the ``count`` example
-    inputs fixed at their defaults.
+    inputs fixed at their defaults (and, with ``dataclass_out``, its output made plain containers).
 
     Why: the TorchScript exporter turns a default it is not given (``scale: float = 1.0``) into a
     graph input that no caller feeds, and the file cannot run. An fx copy (what evefx.transform
@@ -393,8 +403,13 @@ def _bind_defaults(model: nn.Module, count: int) -> nn.Module:
         params = list(inspect.signature(model.forward).parameters.values())
         extra = [p for p in params[count:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                  and p.default is not p.empty]
-        return _Positional(model) if extra else model
+        return _Positional(model) if extra or dataclass_out else model
     bound = False
+    if dataclass_out:  # the graph returns plain containers; its module names stay as they are
+        out = next(n for n in model.graph.nodes if n.op == "output")
+        with model.graph.inserting_before(out):
+            out.args = (model.graph.call_function(plain_outputs, out.args),)
+        bound = True
     for node in [n for n in model.graph.nodes if n.op == "placeholder"][count:]:
         if str(node.target).startswith("*") or not node.args:  # *args/**kwargs, or no default
             continue

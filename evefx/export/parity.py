@@ -30,6 +30,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from dataclasses import asdict, dataclass
@@ -48,7 +49,7 @@ from evefx.modules import Quantizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Parity", "check_parity", "graph_parity", "degenerate_outputs", "first_divergence", "ort_session", "flatten_outputs", "TOP1_MIN"]
+__all__ = ["Parity", "check_parity", "graph_parity", "degenerate_outputs", "first_divergence", "ort_session", "flatten_outputs", "plain_outputs", "TOP1_MIN"]
 
 TOP1_MIN = 99.5
 """Minimum top-1 agreement (percent) between PyTorch and onnxruntime."""
@@ -121,9 +122,30 @@ def ort_session(path_or_bytes: Any, threads: int = 1, optimized_path: str | None
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
+def plain_outputs(out: Any) -> Any:
+    """``out`` with every dataclass instance (a model's ``Output(logits=..., hidden=...)``) made a
+    dict of its fields, recursively; tuples, lists and dicts keep their type. The TorchScript
+    exporter and pytree read those containers, not dataclasses.
+
+    Example:
+        >>> plain_outputs(Output(logits=y, hidden=h))
+        {'logits': y, 'hidden': h}
+    """
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return {f.name: plain_outputs(getattr(out, f.name)) for f in dataclasses.fields(out)}
+    if isinstance(out, dict):
+        return {k: plain_outputs(v) for k, v in out.items()}
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):  # a named tuple keeps its fields
+        return tuple(plain_outputs(v) for v in out)
+    if isinstance(out, list):
+        return [plain_outputs(v) for v in out]
+    return out
+
+
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """Tensors of a module's output in the order ``torch.onnx.export`` writes them."""
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    """Tensors of a module's output in the order ``torch.onnx.export`` writes them (dataclass
+    fields in their order, see :func:`plain_outputs`)."""
+    return [t for t in tree_leaves(plain_outputs(out)) if isinstance(t, torch.Tensor)]
 
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:

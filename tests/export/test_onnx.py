@@ -1,6 +1,7 @@
 """ONNX export: QDQ round trips for every quantizer variant, parity, metadata, errors, float/spiking/pruned."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -338,6 +339,42 @@ def test_spiking_model_exports_unrolled_with_same_signature(tmp_path):
     assert report.ops["GreaterOrEqual"] == 4 * 4  # one threshold test per neuron layer and step
     assert report.parity.passed and report.parity.max_abs_diff < 1e-5
     assert _ort(path, x).shape == tuple(out.shape) == (32, 10)
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _DataclassOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.l1(x))
+        return _Output(logits=self.l2(h), hidden=h)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_dataclass_output_exports_its_fields_as_named_outputs(quantized, tmp_path):
+    # it was "the model returns no tensor": neither pytree nor the exporter reads dataclasses
+    torch.manual_seed(0)
+    model, x = _DataclassOut().eval(), torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    if quantized:
+        model = evefx.transform(model, {"passes": [{"kind": "quantize"}]}, x[:2])
+        evefx.calibrate(model, [x], progress=False)
+        model.eval()
+    report = export_onnx(model, x[:2], tmp_path / "dc.onnx", real_inputs=x, kernels=False)
+    assert report.parity.passed
+    session = ort_session(str(tmp_path / "dc.onnx"), 1)
+    assert [o.name for o in session.get_outputs()] == ["logits", "hidden"]
+    logits, hidden = session.run(None, {"x": x.numpy()})
+    out = model(x)
+    assert isinstance(out, _Output)  # the user's model still returns its dataclass
+    np.testing.assert_allclose(logits, out.logits.detach().numpy(), atol=1e-5 if not quantized else 0.05)
+    np.testing.assert_allclose(hidden, out.hidden.detach().numpy(), atol=1e-5 if not quantized else 0.05)
 
 
 class _TokenIds(nn.Module):
