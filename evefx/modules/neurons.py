@@ -31,6 +31,8 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any
 
@@ -281,7 +283,13 @@ class SpikingNeuron(EveHooks, nn.Module):
         th = as_scalar(self._shaped(self.threshold, x.dim()))
         r = as_scalar(self._shaped(self.reset, x.dim()))
         k = self.leak()
-        out, h = MultiStep.apply(xs, th, r, k, self._dynamics())
+        # under autocast the input arrives in bf16/fp16 while threshold and leak stay float32: the
+        # membrane is integrated in float32 (the fused recurrence writes into one dtype, and a bf16
+        # membrane summed over the steps would move spikes); a model cast to half stays in half
+        floor = torch.float32 if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        wide = functools.reduce(torch.promote_types, [t.dtype for t in (th, r, k) if isinstance(t, torch.Tensor)
+                                                      and t.is_floating_point()], torch.promote_types(xs.dtype, floor))
+        out, h = MultiStep.apply(xs.to(wide), th, r, k, self._dynamics())
         if self.record_in_training or not self.training:
             self._record(out, h, restart=True)
         return out.reshape(x.shape)

@@ -298,3 +298,22 @@ def test_surrogate_choice_reaches_the_fused_backward():
     x = torch.tensor([[0.7]], dtype=torch.float64, requires_grad=True)
     n(x).sum().backward()
     assert x.grad.item() == pytest.approx(ATan.derivative(torch.tensor(-0.3, dtype=torch.float64), 3.0).item())
+
+
+@pytest.mark.parametrize("cls, kw", [(IFNeuron, {"reset": 0.0}), (LIFNeuron, {"reset": None}),
+                                     (PLIFNeuron, {"reset": 0.1, "threshold": 0.7})])
+def test_a_half_precision_input_under_autocast_integrates_in_float32(cls, kw):
+    # autocast hands the neuron bf16 conv outputs while its threshold and leak stay float32: the
+    # fused recurrence wrote float32 values into a bf16 buffer and failed
+    torch.manual_seed(0)
+    neuron = cls(timesteps=4, **kw)
+    x = (torch.randn(4 * 3, 5) * 2).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = neuron(x)
+    out.sum().backward()
+    reference = copy.deepcopy(neuron)
+    x32 = x.detach().float().requires_grad_()
+    expected = reference(x32)
+    expected.sum().backward()
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert x.grad.dtype == torch.bfloat16 and torch.allclose(x.grad.float(), x32.grad, rtol=1e-2, atol=1e-2)
