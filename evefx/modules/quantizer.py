@@ -451,6 +451,10 @@ class Quantizer(EveHooks, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._enabled:
             return x
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            # autocast's bf16/fp16 activations: x / s in 8 bits of mantissa rounds codes above 128
+            # to the wrong integer, so the grid is computed in float32 (as eval and the file do)
+            x = x.float()
         return self._run(x, None)
 
     @torch.no_grad()

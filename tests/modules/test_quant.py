@@ -834,3 +834,19 @@ def test_a_layer_pickled_with_the_old_bn_running_stats_flag_loads_its_choice():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert loaded.bn_statistics == "running" and loaded.bn_running_stats
+
+
+def test_autocast_activations_are_quantized_in_float32():
+    # in bf16, x / s has 8 bits of mantissa: codes above 128 rounded to the wrong integer (1.16 steps off)
+    torch.manual_seed(0)
+    q = Quantizer(8, "lsq", "per_tensor", symmetric=False, signed=False)
+    x = torch.rand(4096) * 6
+    q.train()
+    q(x)
+    q.eval()
+    half = x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(half)
+    assert out.dtype == torch.float32 and torch.equal(out, q(half.float()))
+    codes = out.detach() / q.scale.detach() + q.zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
