@@ -21,7 +21,7 @@ from evefx.errors import ShapeError
 
 __all__ = [
     "out_channels", "in_channels", "channel_axis", "shape_of", "output_positions", "layer_macs", "count_macs", "count_params",
-    "as_inputs", "eval_mode",
+    "as_inputs", "eval_mode", "runs_torch_forward",
 ]
 
 
@@ -35,6 +35,20 @@ def out_channels(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
     return getattr(module, "out_channels", None)
+
+
+def runs_torch_forward(module: nn.Module) -> bool:
+    """Whether ``module`` computes what a ``torch.nn`` layer computes: an instance of one, or of a
+    subclass that keeps its forward (torchvision's ``Conv3DSimple(nn.Conv3d)`` only changes
+    ``__init__``). Such a module is traced as a leaf and compaction slices it like the layer.
+
+    Example:
+        >>> runs_torch_forward(torchvision.models.video.resnet.Conv3DSimple(3, 8))
+        True
+    """
+    owner = next(c for c in type(module).__mro__ if "forward" in c.__dict__)
+    return (owner is not nn.Module and owner.__module__.startswith(("torch.nn.", "torch.ao.nn."))
+            and not issubclass(owner, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
 
 
 def in_channels(module: nn.Module) -> int | None:

@@ -23,7 +23,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from evefx.errors import EvefxError, ShapeError, TraceError
-from evefx.layers import eval_mode
+from evefx.layers import eval_mode, runs_torch_forward
 from evefx.modules.attention import (
     DecomposedMultiheadAttention,
     TraceableTransformerEncoder,
@@ -58,6 +58,10 @@ class EveTracer(fx.Tracer):
         if getattr(m, "evefx_trace_through", False):
             return False  # evefx's traceable attention: its Linear layers must be in the graph
         if type(m).__module__.startswith("evefx."):
+            return True
+        if type(m).__module__.split(".")[0] != "torch" and runs_torch_forward(m) and not any(m.children()):
+            # a subclass of a torch.nn layer keeping its forward (torchvision's Conv3DSimple): a conv
+            # to the passes, not the F.conv3d call fx would trace it into (composite layers are traced)
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -112,3 +112,39 @@ def test_shape_propagation_changes_no_statistics(demo_net):
     before = demo_net.features[1].running_mean.clone()
     gm = evefx.transform(demo_net, {"passes": []}, torch.rand(8, 1, 28, 28))
     assert torch.equal(gm.get_submodule("features.1").running_mean, before) and gm.training and gm.get_submodule("features.1").training
+
+
+class PresetConv(nn.Conv2d):
+    """Only __init__ differs from nn.Conv2d, as torchvision's Conv3DSimple(nn.Conv3d)."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, padding=1, bias=False)
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class PresetNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = PresetConv(1, 8), PresetConv(8, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x))).mean((2, 3))
+
+
+def test_a_torch_layer_subclass_keeping_its_forward_is_a_layer_to_the_passes():
+    # fx traced PresetConv into F.conv2d: 16 of r3d_18's 20 convs were left float by the quantize pass
+    torch.manual_seed(0)
+    model, x = PresetNet().eval(), torch.rand(2, 1, 8, 8)
+    gm = trace(nn.Sequential(PresetConv(1, 8), ScaledConv(8, 8, 1)))
+    calls = [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    assert calls[0] == "0" and "1" not in calls  # ScaledConv overrides forward: traced through, as before
+    q = evefx.transform(model, {"passes": [{"kind": "quantize"}]}, x)
+    assert {type(q.get_submodule(n)).__name__ for n in ("a", "c")} == {"QuantConv2d"}
+    p = evefx.transform(model, {"passes": [{"kind": "prune", "ratio": 0.5, "select": {"names": ["a"]}}]}, x)
+    evefx.prune_step(p)
+    small = evefx.compact(p)
+    assert small.get_submodule("a").out_channels == 4 and torch.allclose(small(x), p.eval()(x), atol=1e-6)

@@ -28,7 +28,7 @@ from evefx.channels.analysis import ConsumerSite, DependencyGraph, Site, analyze
 from evefx.channels.rules import MaskedValue, RuleRegistry
 from evefx.errors import PruneError, ShapeError
 from evefx.graph import describe_node, module_of, output_block, recorded_inputs, remove_node
-from evefx.layers import as_inputs, count_macs, count_params, eval_mode
+from evefx.layers import as_inputs, count_macs, count_params, eval_mode, runs_torch_forward
 from evefx.trace import propagate_shapes
 
 __all__ = ["CompactReport", "compact", "compact_report"]
@@ -123,7 +123,7 @@ class _Slicer:
         self.cuts: dict[tuple[int, _Side], _Cut] = {}
 
     def add(self, side: _Side, site: Site, keep: np.ndarray) -> None:
-        if not keep.all() and not type(site.module).__module__.startswith("torch.nn."):
+        if not keep.all() and not runs_torch_forward(site.module):
             raise PruneError(
                 f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers "
                 f"are sliced (a quantized or custom layer may hold per-channel state); prune and compact before quantizing"
