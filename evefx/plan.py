@@ -21,13 +21,14 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Generic, TypeVar
 
 from torch import fx, nn
 
-from evefx.errors import PlanError, ShapeError
+from evefx.errors import EvefxWarning, PlanError, ShapeError
 from evefx.graph import LAYER_TYPES, layer_nodes, module_of
 from evefx.layers import channel_axis, out_channels, shape_of
 from evefx.spec import Section
@@ -63,14 +64,16 @@ def _resolve_dotted(path: str) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
-def type_matches(module: nn.Module, wanted: str) -> bool:
-    """``Conv2d`` matches by class name anywhere in the MRO; ``pkg.mod.Class`` by dotted path (subclasses too)."""
+def type_matches(module: nn.Module | type, wanted: str) -> bool:
+    """``Conv2d`` matches by class name anywhere in the MRO; ``pkg.mod.Class`` by dotted path
+    (subclasses too). ``module`` may also be a class."""
+    kind = module if isinstance(module, type) else type(module)
     if "." in wanted:
         cls = _resolve_dotted(wanted)
         if cls is not None:
-            return isinstance(module, cls)
-        return any(f"{c.__module__}.{c.__qualname__}" == wanted for c in type(module).__mro__)
-    return any(c.__name__ == wanted for c in type(module).__mro__)
+            return issubclass(kind, cls)
+        return any(f"{c.__module__}.{c.__qualname__}" == wanted for c in kind.__mro__)
+    return any(c.__name__ == wanted for c in kind.__mro__)
 
 
 @lru_cache(maxsize=1)
@@ -173,6 +176,7 @@ def plan_section(
             f"{spec_path}.select matches no layer; candidates: {_describe(gm, candidates)}. "
             f"Fix types/names/regex/exclude."
         )
+    _warn_traced_through(gm, section, spec_path, accepts)
     names = [str(n.target) for n in chosen]
     for i, patch in enumerate(section.overrides):
         if not any(fnmatch.fnmatchcase(name, g) for g in patch["names"] for name in names):
@@ -185,6 +189,25 @@ def plan_section(
                                     _checked_axis(gm, n, spec_path))
         for n in chosen
     }
+
+
+def _warn_traced_through(gm: fx.GraphModule, section: Section, spec_path: str,
+                         accepts: tuple[type[nn.Module], ...]) -> None:
+    """Warn about layers the section would select that are not called in the graph: fx traced into
+    their forward (a subclass that overrides it, ``2 * super().forward(x)``) or their parent hands
+    their weights to a function, so no pass can attach to them and they stay float and dense.
+    Layers inside a module kept opaque (a leaf) are meant and not named."""
+    types = section.select.types
+    traced_into = gm.meta.get("evefx_traced_into", {}) if hasattr(gm, "meta") else {}
+    hidden = [name for name, kind in traced_into.items() if issubclass(kind, accepts)
+              and (types is None or any(type_matches(kind, t) for t in types)) and section.select.matches_name(name)]
+    if hidden:
+        warnings.warn(
+            f"{spec_path}: {_listed(hidden)} {'is' if len(hidden) == 1 else 'are'} not called as layers in the "
+            f"traced graph (a function reads their weights: a subclass that overrides forward, or a parent such "
+            f"as torchvision's shifted_window_attention), so this section leaves them as they are; a pass reaches "
+            f"a layer that is called as a module; select.names the layers you mean to silence this",
+            EvefxWarning, stacklevel=2)
 
 
 def _checked_axis(gm: fx.GraphModule, node: fx.Node, spec_path: str) -> int | None:

@@ -23,6 +23,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from evefx.errors import EvefxError, ShapeError, TraceError
+from evefx.graph import LAYER_TYPES
 from evefx.layers import eval_mode, runs_torch_forward
 from evefx.modules.attention import (
     DecomposedMultiheadAttention,
@@ -169,6 +170,10 @@ def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None
         ) from e
     gm = cls(tracer.root, graph, type(model).__name__)
     gm.training = model.training
+    # conv/linear layers fx traced into (a subclass overriding forward): the plan names them in a warning
+    called = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    gm.meta["evefx_traced_into"] = {name: type(m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)
+                                    and name not in called and not any(name.startswith(c + ".") for c in called)}
     return gm
 
 

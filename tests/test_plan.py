@@ -1,8 +1,13 @@
 """Selectors resolve to a plan, with documented precedence and errors that name things."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import torch
 from torch import fx, nn
+
+import evefx
 
 from evefx import PlanError, load_spec
 from evefx.plan import plan_section, type_matches
@@ -106,3 +111,22 @@ def test_effective_section_per_layer(gm):
     section = load_spec({"passes": [{"kind": "quantize", "overrides": [{"names": ["classifier.*"], "weight": {"bits": 4}}]}]}).passes[0]
     p = plan_section(gm, section, "passes[0]")
     assert p["classifier.1"].section.weight.bits == 4 and p["features.0"].section.weight.bits == 8
+
+
+class _DoubledConv(nn.Conv2d):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_a_layer_fx_traces_into_is_named_in_a_warning_not_skipped_silently():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), _DoubledConv(4, 4, 1)).eval(), torch.rand(2, 1, 6, 6)
+    with pytest.warns(evefx.EvefxWarning, match=r"^passes\[0\]: 2 is not called as layers in the traced graph \(a "
+                                                 r"function reads their weights"):
+        gm = evefx.transform(model, {"passes": [{"kind": "quantize", "exclude_last": False}]}, x)
+    assert [n for n, m in gm.named_modules() if type(m).__name__ == "QuantConv2d"] == ["0"]
+    evefx.set_mode(gm, quantized=False)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)  # the doubling is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", evefx.EvefxWarning)
+        evefx.transform(model, {"passes": [{"kind": "quantize", "select": {"names": ["0"]}}]}, x)
