@@ -29,6 +29,7 @@ from evefx.channels.rules import MaskedValue, RuleRegistry
 from evefx.errors import PruneError, ShapeError
 from evefx.graph import describe_node, module_of, output_block, recorded_inputs, remove_node
 from evefx.layers import as_inputs, count_macs, count_params, eval_mode, runs_torch_forward
+from evefx.modules.neurons import SpikingNeuron
 from evefx.trace import propagate_shapes
 
 __all__ = ["CompactReport", "compact", "compact_report"]
@@ -123,7 +124,7 @@ class _Slicer:
         self.cuts: dict[tuple[int, _Side], _Cut] = {}
 
     def add(self, side: _Side, site: Site, keep: np.ndarray) -> None:
-        if not keep.all() and not runs_torch_forward(site.module):
+        if not keep.all() and not runs_torch_forward(site.module) and not isinstance(site.module, SpikingNeuron):
             raise PruneError(
                 f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers "
                 f"are sliced (a quantized or custom layer may hold per-channel state); prune and compact before quantizing"
@@ -184,7 +185,17 @@ def _slice_in(m: nn.modules.conv._ConvNd | nn.Linear, idx: torch.Tensor) -> None
         m.in_channels = len(idx)
 
 
-def _slice_norm(m: nn.modules.batchnorm._BatchNorm | nn.GroupNorm, idx: torch.Tensor) -> None:
+def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
+    if isinstance(m, SpikingNeuron):  # its per-channel threshold and reset (parameters or buffers)
+        for name in ("threshold", "reset"):
+            t = getattr(m, name)
+            if isinstance(t, nn.Parameter):
+                setattr(m, name, _param(t.detach()[idx], t))
+            elif isinstance(t, torch.Tensor):
+                m.register_buffer(name, t[idx].clone())
+        m.channels = len(idx)
+        return
+    assert isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
     if m.weight is not None:
         m.weight = _param(m.weight.detach()[idx], m.weight)
         m.bias = _param(m.bias.detach()[idx], m.bias)

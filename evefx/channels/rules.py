@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from evefx.modules.neurons import SpikingNeuron
 from evefx.modules.protocol import EveHooks
 from evefx.modules.prune import ChannelPruner
 
@@ -297,6 +298,23 @@ def eve_module(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     return ChannelMap(x.ids, np.zeros_like(x.masked))
 
 
+def spiking_neuron(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """A spiking neuron: channel c in, channel c out. Per-channel thresholds and resets
+    (``neuron_wise``) are sliced with the channels. A pruned (zero) channel stays zero while its
+    resting membrane (the reset value, 0 with a soft reset) is below its threshold: it never fires;
+    a constant one becomes a spike train over the steps, which is data."""
+    m, x = call.target, walk.input(call)
+    if m.neuron_wise:
+        ids, _ = walk.per_channel(x, m.channel_axis)
+        if m.channels != len(ids):
+            raise walk.error(f"{m.channels} per-channel thresholds but {len(ids)} input channels")
+        walk.add_norm(m, ids)
+    rest = m.reset.detach() if m.reset is not None else torch.zeros(())
+    silent = bool((rest < m.threshold.detach()).all())
+    zero = (x.masked == MaskedValue.ZERO) & silent
+    return ChannelMap(x.ids, np.where(zero, MaskedValue.ZERO, MaskedValue.DATA).astype(np.int8))
+
+
 def _binary(kind: str) -> Rule:
     def rule(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
         a, b = [v if isinstance(v, ChannelMap) else None for v in (list(call.args) + [call.kwargs.get("other")])[:2]]
@@ -377,6 +395,7 @@ _default(nn.Embedding, embedding)
 _default(nn.modules.batchnorm._BatchNorm, batch_norm)
 _default(nn.PReLU, prelu)
 _default(EveHooks, eve_module)
+_default(SpikingNeuron, spiking_neuron)
 _default((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh,
     nn.Mish, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), elementwise)

@@ -43,10 +43,12 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from evefx.errors import ExportError
+from evefx.errors import ExportError, PruneError
 from evefx.export.nir_import import import_nir, spike_traces
 from evefx.export.nir_nodes import NodeBuilder, load_nir
 from evefx.export.spiking import require_threshold
+from evefx.channels import compact
+from evefx.modules.prune import ChannelPruner
 from evefx.graph import recorded_inputs
 from evefx.modules.neurons import SpikingNeuron
 
@@ -151,7 +153,14 @@ def _build(gm: nn.Module, example_input: Any, dt: float, rules=None) -> tuple[An
     for name, m in gm.named_modules():
         if isinstance(m, SpikingNeuron):
             require_threshold(m, name)  # the shape run below would set it from the example input
-    work = copy.deepcopy(gm).eval()  # copy once: the shape run must not touch the user's statistics
+    if any(isinstance(m, ChannelPruner) for m in gm.modules()):
+        # NIR has no mask node: the pruned channels go for real, as export_onnx does (a new module)
+        try:
+            work = compact(gm).eval()
+        except PruneError as e:
+            raise ExportError(f"NIR export: the pruners' channels must be removed first, and compact cannot: {e}") from e
+    else:
+        work = copy.deepcopy(gm).eval()  # copy once: the shape run must not touch the user's statistics
     for m in work.modules():
         if isinstance(m, SpikingNeuron) and m.step_mode != "multi":
             m.set_mode(step="multi")

@@ -10,6 +10,7 @@ import evefx
 from evefx.channels import compact_report, count_params
 from evefx.errors import PruneError
 from evefx.graph import marked
+from evefx.modules.neurons import SpikingNeuron
 
 from tests.channels.nets import PRUNE, X16, X28, PreActDense, ResLike, ShuffleLike, masks_of, prune_and_compact
 
@@ -89,3 +90,25 @@ def test_constant_fold_goes_into_a_following_batchnorm_when_the_conv_has_no_bias
     keep = masks_of(gm)["conv"].bool()
     shifted = small.get_submodule("after").running_mean
     assert shifted.shape == (3,) and not torch.allclose(shifted, gm.get_submodule("after").running_mean[keep])
+
+
+def test_a_pruned_spiking_network_compacts_with_its_per_channel_thresholds(demo_net, mnist_batch, tmp_path):
+    # neurons keep one threshold per channel (neuron_wise, the default): compact refused to cut through them
+    spec = {"passes": [{"kind": "prune", "ratio": 0.5},
+                       {"kind": "spike", "timesteps": 3, "encoder": "direct", "neuron": {"reset": 0.0, "threshold": 0.1}}]}
+    gm = evefx.transform(demo_net, spec, mnist_batch[:1]).eval()
+    gen = torch.Generator().manual_seed(0)
+    for m in gm.modules():  # distinct thresholds per channel, low enough that every layer fires
+        if isinstance(m, SpikingNeuron):
+            m.threshold.copy_(torch.rand(m.threshold.shape, generator=gen) * 0.1 + 0.02)
+    evefx.prune_step(gm)
+    small = evefx.compact(gm.eval()).eval()
+    neuron = small.get_submodule("features_0_neuron")
+    conv = small.get_submodule("features.0")
+    assert neuron.threshold.shape == (conv.out_channels,) == (2,) and neuron.channels == 2
+    kept = torch.nonzero(masks_of(gm)["features.0"]).flatten()
+    assert torch.equal(neuron.threshold, gm.get_submodule("features_0_neuron").threshold[kept])
+    out = gm(mnist_batch)
+    assert out.std(0).max() > 0 and torch.allclose(small(mnist_batch), out, atol=1e-6)  # the same network
+    graph = evefx.export_nir(gm, tmp_path / "pruned.nir", mnist_batch[:1]).graph  # compacts as export_onnx does
+    assert graph.nodes["features_0_neuron"].v_threshold.shape[0] == 2
