@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from evefx import load_spec
 from evefx.passes import Sequential
@@ -20,3 +22,15 @@ def probe_model(model, section=None):
     gm = Sequential([ProbePass(spec_section, "passes[0]")])(gm).graph_module
     gm.recompile()
     return gm
+
+
+class TokenClassifier(nn.Module):
+    """Token ids and a padding mask in, class scores out (a text model's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens, keep):
+        h = F.relu(self.fc1(self.emb(tokens))) * keep.unsqueeze(-1)
+        return self.fc2(h.sum(1) / keep.sum(1, keepdim=True))

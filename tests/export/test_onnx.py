@@ -21,6 +21,7 @@ from evefx.export.parity import graph_parity, ort_session
 from evefx.data import mnist5k
 from evefx.modules import QuantConv2d, Quantizer, levels
 from examples.models import DemoNet
+from tests.helpers import TokenClassifier
 
 X0 = torch.zeros(1, 1, 28, 28)
 
@@ -377,23 +378,11 @@ def test_a_dataclass_output_exports_its_fields_as_named_outputs(quantized, tmp_p
     np.testing.assert_allclose(hidden, out.hidden.detach().numpy(), atol=1e-5 if not quantized else 0.05)
 
 
-class _TokenIds(nn.Module):
-    """Token ids and a padding mask in (a text model's inputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, tokens, keep):
-        h = F.relu(self.fc1(self.emb(tokens))) * keep.unsqueeze(-1)
-        return self.fc2(h.sum(1))
-
-
 def test_spiking_text_model_exports_with_its_integer_inputs_repeated(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     tokens, keep = torch.randint(0, 20, (16, 5), generator=g), torch.rand(16, 5, generator=g) > 0.3
-    snn = evefx.transform(_TokenIds(), {"passes": [{"kind": "spike", "timesteps": 3, "encoder": "direct"}]},
+    snn = evefx.transform(TokenClassifier(), {"passes": [{"kind": "spike", "timesteps": 3, "encoder": "direct"}]},
                           (tokens[:2], keep[:2]))
     with pytest.raises(evefx.ExportError, match=r"fc1_neuron: the data-dependent threshold \(threshold_std\) was "
                                                 r"never set .* run it once on real inputs, before exporting"):

@@ -19,6 +19,7 @@ from evefx.passes.spike import SpikePass, firing_rates, make_neuron
 from evefx.pipeline import EveModule
 from evefx.spec import SpikeSection, load_spec
 from evefx.trace import trace
+from tests.helpers import TokenClassifier
 
 LIF8 = {"passes": [{"kind": "spike", "timesteps": 8, "encoder": "direct"}]}
 NEURON_LAYERS = ["features.0", "features.3", "features.6", "classifier.1"]
@@ -201,18 +202,6 @@ def test_neurons_at_activations_leaves_layers_without_one_analog():
     assert torch.allclose(acts(x), model(x), atol=1e-5)
     assert load_spec(spec(neurons_at="activations")).passes[0].neurons_at == "activations"
     assert load_spec(spec()).passes[0].neurons_at == "layers"
-
-
-class TokenClassifier(nn.Module):
-    """Token ids and a padding mask in, class scores out (a text model's inputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, tokens, keep):
-        h = F.relu(self.fc1(self.emb(tokens))) * keep.unsqueeze(-1)
-        return self.fc2(h.sum(1) / keep.sum(1, keepdim=True))
 
 
 def test_integer_and_boolean_inputs_are_repeated_not_rate_coded():
