@@ -108,7 +108,7 @@ def adaround(
     """
     from evefx.spec import AdaRoundConfig
 
-    data = inputs_only(batches)
+    data = inputs_only(batches, gm)
     if not data:
         raise QuantizationError("adaround: no calibration batches were given")
     names = quant_layer_names(gm, layers)

@@ -12,8 +12,9 @@ import contextlib
 from typing import Any, Iterable, Iterator
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from evefx.graph import recorded_inputs
 from evefx.layers import eval_mode
 from evefx.modules import Quantizer
 
@@ -31,18 +32,34 @@ def batch_size(batch: Any) -> int:
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
-def inputs_only(batches: Iterable[Any]) -> list[Any]:
-    """Calibration batches as model inputs: ``(x, y)`` pairs from a labelled loader become ``x``.
+def inputs_only(batches: Iterable[Any], model: nn.Module | None = None) -> list[Any]:
+    """Calibration batches as model inputs: labelled batches ``(x, y)`` become ``x``.
+
+    With ``model`` (an fx module that recorded its example inputs) the count decides: a batch of
+    one more tensor than the model's inputs whose last is integer drops that last (the labels),
+    and a batch of as many tensors is inputs, integer ones too (token ids and a mask, with no
+    labels). Without it, a pair whose second tensor is integer is ``(x, labels)``.
 
     Example:
         >>> inputs_only([(x, torch.tensor([1, 0]))]) == [x]
+        >>> inputs_only([(tokens, mask)], text_model)   # two inputs: kept whole
     """
+    count = None
+    if isinstance(model, fx.GraphModule):
+        count = sum(1 for _, shape, _ in recorded_inputs(model) if shape is not None) or None
     out = []
     for b in batches:
-        if isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[1], torch.Tensor) and not b[1].is_floating_point():
-            b = b[0]
+        if isinstance(b, (tuple, list)) and b and _is_labels(b[-1]):
+            if count is not None and len(b) == count + 1:
+                b = b[0] if count == 1 else tuple(b[:-1])
+            elif count is None and len(b) == 2:
+                b = b[0]
         out.append(b)
     return out
+
+
+def _is_labels(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_floating_point()
 
 
 def progress_over(items: list[Any], description: str, enabled: bool) -> Iterable[Any]:

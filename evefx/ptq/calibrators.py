@@ -181,7 +181,7 @@ def calibrate(
     targets = _targets(gm, method, percentile, bins, weight_method)
     if not targets:
         raise QuantizationError("calibrate: the model has no evefx quantizer (transform it with a quantize section first)")
-    data = inputs_only(batches)
+    data = inputs_only(batches, gm)
     limits = [t.batches for t in targets]
     limit = num_batches or (max(limits) if limits and None not in limits else None)  # type: ignore[type-var]
     if limit is not None:

@@ -114,7 +114,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], *, include_frozen: b
     frozen = set() if include_frozen else {id(m.bn) for m in model.modules()
                                            if isinstance(m, QUANT_LAYER_TYPES) and m.bn is not None and m.bn_running_stats}
     norms = {name: bn for name, bn in norms.items() if id(bn) not in frozen}  # they keep normalising as trained
-    data = inputs_only(batches)
+    data = inputs_only(batches, model)
     if not norms or not data:
         return []
     saved = {id(bn): (bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
@@ -231,7 +231,7 @@ def bias_correction(gm: nn.Module, batches: Iterable[Any], *, layers: Iterable[s
         >>> deltas = bias_correction(gm, batches)
         >>> float(deltas["features.0"].abs().max())
     """
-    data = inputs_only(batches)
+    data = inputs_only(batches, gm)
     if not data:
         raise QuantizationError("bias_correction: no calibration batches were given")
     names = quant_layer_names(gm, layers)

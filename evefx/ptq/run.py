@@ -86,7 +86,7 @@ def post_training_quantize(gm: fx.GraphModule, batches: Iterable[Any], *, progre
     Example:
         >>> report = evefx.post_training_quantize(gm, [x for x, _ in calibration_loader])
     """
-    data = inputs_only(batches)
+    data = inputs_only(batches, gm)
     if not data:
         raise QuantizationError("post_training_quantize: no calibration batches were given")
     sections = _layer_sections(gm)

@@ -1,6 +1,7 @@
 """Calibrators against hand-computed references, and evefx.calibrate on a tiny model."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,6 +11,9 @@ import evefx
 from evefx.errors import QuantizationError
 from evefx.modules import Quantizer
 from evefx.ptq import Grid, Histogram, RangeObserver, calibrate, entropy_range, mse_range, percentile_range
+from evefx.ptq.batches import inputs_only
+from examples.models import DemoNet
+from tests.helpers import TokenClassifier
 from tests.ptq.models import batches, tiny, transformed
 
 
@@ -203,3 +207,22 @@ def test_entropy_on_two_sided_data_with_an_asymmetric_grid_clips_both_outliers()
     x = torch.cat([torch.randn(50000, generator=gen), torch.tensor([-40.0, 40.0])])
     lo, hi = entropy_range(Histogram.of(x, -40.0, 40.0, 2048), Grid(0, 255, symmetric=False, signed=False))
     assert -10.0 < float(lo) < -2.0 and 2.0 < float(hi) < 10.0
+
+
+def test_batches_of_a_model_with_integer_inputs_are_told_from_labelled_ones():
+    # (token ids, mask) looked like (x, labels): the mask was dropped and the model called without it
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    tokens, keep = torch.randint(0, 20, (32, 5), generator=g), torch.rand(32, 5, generator=g) > 0.2
+    keep[:, 0] = True
+    labels = torch.randint(0, 3, (32,), generator=g)
+    gm = evefx.transform(TokenClassifier(), {"passes": [{"kind": "quantize"}]}, (tokens[:2], keep[:2]))
+    assert inputs_only([(tokens, keep)], gm)[0] == (tokens, keep)
+    dropped = inputs_only([(tokens, keep, labels)], gm)[0]
+    assert len(dropped) == 2 and dropped[1] is keep
+    calibrated = [evefx.calibrate(copy.deepcopy(gm), batches, progress=False).rows
+                  for batches in ([(tokens, keep)], [(tokens, keep, labels)])]
+    assert calibrated[0] == calibrated[1]
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 0, 3, 2])
+    demo = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize"}]}, x[:1])
+    assert inputs_only([(x, y)], demo)[0] is x and inputs_only([(x, y)])[0] is x
