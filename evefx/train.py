@@ -67,6 +67,21 @@ def extra_losses(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
+    """``(inputs, labels)`` of a labelled batch: the labels are its last item, the model's inputs
+    the rest (``(x, y)``, or ``(token_ids, mask, y)`` for a model of two inputs).
+
+    Example:
+        >>> split_batch((x, y))
+        ((x,), y)
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise OptionError(f"a training or evaluation batch is (inputs..., labels); got {type(batch).__name__}"
+                          f"{f' of {len(batch)}' if isinstance(batch, (tuple, list)) else ''}: give a loader "
+                          f"over (x, y) pairs (e.g. a TensorDataset of images and labels)")
+    return tuple(batch[:-1]), batch[-1]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean loss over ``data``; the model's train/eval mode is restored."""
@@ -74,8 +89,9 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) 
     correct = total = 0
     loss_sum = 0.0
     with eval_mode(model):
-        for x, y in data:
-            out = model(x)
+        for batch in data:
+            inputs, y = split_batch(batch)
+            out = model(*inputs)
             loss_sum += float(loss_fn(out, y))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
@@ -141,9 +157,10 @@ def _fit(model: nn.Module, train: Iterable, val: Iterable | None, epochs: int, *
         for epoch in range(1, epochs + 1):
             model.train()
             start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            for x, y in train:
+            for batch in train:
+                inputs, y = split_batch(batch)
                 opt.zero_grad(set_to_none=True)
-                out = model(x)
+                out = model(*inputs)
                 loss = loss_fn(out, y) + extra_losses(model)
                 loss.backward()
                 opt.step()

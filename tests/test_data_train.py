@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import evefx
 from evefx import data
+from evefx.export import onnx_accuracy
 from evefx.train import evaluate, fit
 from examples.models import DemoNet
+from tests.helpers import TokenClassifier
 
 
 def test_mnist5k_split_is_fixed_and_disjoint():
@@ -75,3 +79,22 @@ def test_fit_draws_from_its_generator_and_leaves_the_global_rngs_alone():
     assert run(seed=6) != losses
     g = torch.Generator().manual_seed(5)
     assert run(generator=g) == losses and run(generator=g) != losses  # each call draws on: a reproducible sequence
+
+
+def test_a_model_of_two_inputs_trains_and_is_evaluated_from_batches_with_labels_last(tmp_path):
+    # `for x, y in train` failed with "too many values to unpack" on (token_ids, mask, labels) batches
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 20, (64, 5), generator=g)
+    keep = torch.ones(64, 5, dtype=torch.bool)
+    labels = tokens[:, 0] % 3  # learnable from the first token
+    loader = DataLoader(TensorDataset(tokens, keep, labels), batch_size=16, shuffle=True, generator=g)
+    model = TokenClassifier()
+    before = evaluate(model, loader)["loss"]
+    history = fit(model, loader, loader, epochs=5, lr=1e-2, progress=False)
+    assert history[-1]["val_loss"] < before
+    with pytest.raises(evefx.OptionError, match=r"^a training or evaluation batch is \(inputs\.\.\., labels\); got Tensor"):
+        evaluate(model, [tokens])
+    path = tmp_path / "text.onnx"
+    evefx.export_onnx(model.eval(), (tokens[:2], keep[:2]), path, real_inputs=(tokens, keep), kernels=False)
+    assert onnx_accuracy(path, loader) == pytest.approx(evaluate(model, loader)["accuracy"])

@@ -517,11 +517,17 @@ def onnx_accuracy(path: str | Path, loader: Iterable[Any], threads: int = 1) -> 
         >>> onnx_accuracy("demo.onnx", test_loader)
         97.6
     """
+    from evefx.train import split_batch
+
     session = ort_session(str(path), threads)
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     correct = total = 0
-    for x, y in loader:
-        logits = session.run(None, {name: x.numpy()})[0]
+    for batch in loader:
+        inputs, y = split_batch(batch)  # (x, y), or (token_ids, mask, y) for a file of two inputs
+        if len(inputs) != len(names):
+            raise ExportError(f"onnx_accuracy: {path} takes {len(names)} inputs ({', '.join(names)}) but a batch "
+                              f"gives {len(inputs)} before its labels")
+        logits = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
         correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
         total += int(y.shape[0])
     if total == 0:
