@@ -73,6 +73,14 @@ def _array(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
+def _through_identities(value: ir.Value | None) -> ir.Value | None:
+    """The value behind a chain of ``Identity`` nodes: the TorchScript exporter stores equal
+    tensors once and hands each other reader an ``Identity`` of it (the biases of cloned layers)."""
+    while value is not None and value.producer() is not None and value.producer().op_type == "Identity":
+        value = value.producer().inputs[0]
+    return value
+
+
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -187,7 +195,7 @@ class QuantizeBiases(ir.passes.InPlacePass):
             slot, dq_x, dq_w = site
             s_x, s_w = _array(dq_x.inputs[1]), _array(dq_w.inputs[1])
             bias = node.inputs[slot]
-            b = _array(bias)
+            b = _array(_through_identities(bias))
             if s_x is None or s_w is None or b is None or s_x.size != 1 or s_w.size not in (1, b.size):
                 continue  # a per-channel input has no single bias scale
             scale = (s_x.astype(np.float64).reshape(()) * s_w.astype(np.float64)).astype(np.float32)
@@ -206,10 +214,22 @@ class QuantizeBiases(ir.passes.InPlacePass):
             dq.outputs[0].name = names(f"{bias.name}_dequantized")
             graph.insert_before(node, dq)
             node.replace_input_with(slot, dq.outputs[0])
-            if not bias.uses() and bias.name in graph.initializers:
-                graph.initializers.pop(bias.name)
+            _drop_unused(graph, bias)
             done += 1
         return RewriteResult(model, modified=bool(done), edits=done)
+
+
+def _drop_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove ``value`` once nothing reads it: an initializer, or an ``Identity`` (and what it read)."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if value.name in graph.initializers:
+            graph.initializers.pop(value.name)
+            return
+        if producer is None or producer.op_type != "Identity":
+            return
+        graph.remove(producer, safe=True)
+        value = producer.inputs[0]
 
 
 def _dequantized(value: ir.Value | None) -> ir.Node | None:
@@ -222,7 +242,8 @@ def _bias_site(node: ir.Node) -> tuple[int, ir.Node, ir.Node] | None:
     """``(bias input slot, input's DQ, weight's DQ)`` of a layer with a constant bias whose input and
     weight are dequantized: ``Conv``/plain ``Gemm``, or ``Add(bias, MatMul(DQ x, [Transpose] DQ w))``."""
     if node.op_type in ("Conv", "Gemm"):
-        if len(node.inputs) < 3 or _array(node.inputs[2]) is None or (node.op_type == "Gemm" and not _plain_gemm(node)):
+        if (len(node.inputs) < 3 or _array(_through_identities(node.inputs[2])) is None
+                or (node.op_type == "Gemm" and not _plain_gemm(node))):
             return None
         dq_x, dq_w = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
         return (2, dq_x, dq_w) if dq_x is not None and dq_w is not None else None
@@ -230,7 +251,7 @@ def _bias_site(node: ir.Node) -> tuple[int, ir.Node, ir.Node] | None:
         return None
     for slot in (0, 1):
         bias, product = node.inputs[slot], node.inputs[1 - slot]
-        b = _array(bias)
+        b = _array(_through_identities(bias))
         matmul = None if product is None else product.producer()
         if b is None or b.ndim != 1 or matmul is None or matmul.op_type != "MatMul" or len(product.uses()) != 1:
             continue

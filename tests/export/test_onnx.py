@@ -1,6 +1,7 @@
 """ONNX export: QDQ round trips for every quantizer variant, parity, metadata, errors, float/spiking/pruned."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -574,3 +575,30 @@ def test_defaulted_parameters_become_constants_and_dict_outputs_keep_their_keys(
     if not quantized:
         np.testing.assert_allclose(logits, expected["logits"].detach().numpy(), atol=1e-5, rtol=1e-4)
     assert "scale" in str(inspect.signature(model.forward))  # the user's model keeps its parameter
+
+
+class _ClonedTokenLayers(nn.Module):
+    """Two Linear layers on tokens built as clones (nn.TransformerEncoder deep-copies its layer)."""
+
+    def __init__(self):
+        super().__init__()
+        first = nn.Linear(8, 8)
+        self.a, self.b, self.head = first, copy.deepcopy(first), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(x)))).mean(1))
+
+
+def test_equal_biases_the_exporter_shares_through_identity_are_rounded_for_every_layer(tmp_path):
+    # the TorchScript exporter stores equal tensors once and gives the second reader an Identity:
+    # b's bias stayed float after its MatMul, 0.98% of a 4-bit BERT's codes one step off
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, 8, generator=torch.Generator().manual_seed(1))
+    gm = evefx.transform(_ClonedTokenLayers().eval(), {"passes": [{"kind": "quantize", "weight": {"bits": 4}}]}, x[:2])
+    evefx.calibrate(gm, [x], progress=False)
+    report = export_onnx(gm.eval(), x[:2], tmp_path / "clones.onnx", real_inputs=x, kernels=False)
+    assert report.parity.passed and report.rewrites["int32_biases"] == 3
+    graph = onnx.load(str(tmp_path / "clones.onnx")).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    bias_adds = [n for n in graph.node if n.op_type == "Add" and any(producers.get(i) == "MatMul" for i in n.input)]
+    assert len(bias_adds) == 2 and all("DequantizeLinear" in (producers.get(i) for i in n.input) for n in bias_adds)
