@@ -43,14 +43,14 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from evefx.channels import compact
 from evefx.errors import ExportError, PruneError
 from evefx.export.nir_import import import_nir, spike_traces
 from evefx.export.nir_nodes import NodeBuilder, load_nir
 from evefx.export.spiking import require_threshold
-from evefx.channels import compact
-from evefx.modules.prune import ChannelPruner
 from evefx.graph import recorded_inputs
 from evefx.modules.neurons import SpikingNeuron
+from evefx.modules.prune import ChannelPruner
 
 __all__ = ["export_nir", "to_nir", "import_nir", "spike_traces", "NIRReport", "DEFAULT_DT"]
 

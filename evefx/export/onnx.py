@@ -340,7 +340,7 @@ def _torch_export(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Pa
             raise ExportError(f"the model does not run on the example inputs: {e}") from e
     if not outputs:
         raise ExportError("the model returns no tensor; nothing to export")
-    exported = _bind_defaults(deployed.model, len(inputs), _holds_dataclass(raw))
+    exported = _exportable(deployed.model, len(inputs), _holds_dataclass(raw))
     input_names = _input_names(deployed.source, len(inputs))
     output_names = _output_names(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +386,7 @@ def _holds_dataclass(out: Any) -> bool:
     return any(_holds_dataclass(v) for v in values)
 
 
-def _bind_defaults(model: nn.Module, count: int, dataclass_out: bool = False) -> nn.Module:
+def _exportable(model: nn.Module, count: int, dataclass_out: bool = False) -> nn.Module:
     """The module to hand the exporter: ``model`` with the parameters after the ``count`` example
     inputs fixed at their defaults (and, with ``dataclass_out``, its output made plain containers).
 
@@ -397,7 +397,7 @@ def _bind_defaults(model: nn.Module, count: int, dataclass_out: bool = False) ->
     the model's run reports it.
 
     Example:
-        >>> _bind_defaults(deployed.model, 2)   # forward(image, table, scale=1.0): scale is 1.0
+        >>> _exportable(deployed.model, 2)   # forward(image, table, scale=1.0): scale is 1.0
     """
     if not isinstance(model, fx.GraphModule):
         params = list(inspect.signature(model.forward).parameters.values())
