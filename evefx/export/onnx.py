@@ -290,8 +290,8 @@ def export_onnx(
             AVX2 u8s8 emulation (a ``portable`` file must not saturate). Outputs that cannot show a
             difference (NaN, all zero, the same for every sample) are refused. On failure raise
             :class:`~evefx.errors.ExportError` with the figures and the first diverging node, and
-            move the file to ``<name>.failed.onnx``: nothing wrong is left at ``path``
-            (see :mod:`evefx.export.parity`).
+            move the file to ``<name>.failed.onnx``: nothing wrong is left at ``path``, and a file
+            that was there before is put back (see :mod:`evefx.export.parity`).
         tolerance: absolute tolerance overriding the default rules; ``top1_min``: the required top-1
             agreement in percent. Deep networks amplify the one-step differences of ties (each
             runtime orders its float sums differently), so a deep model may need a stated budget.
@@ -310,12 +310,31 @@ def export_onnx(
     inputs, path = _as_tuple(example_inputs), Path(path)
     packed, opset = _storage(source, weight_storage, opset)
     deployed = gm if isinstance(gm, Deployed) else deployable(gm)
-    _torch_export(deployed, inputs, path, opset, dynamic_batch)
-    model, rewrites = _rewrite(path, deployed, int32_bias)
-    model, forms = _pack(model, path, opset, packed, linear_form)
-    rewrites["packed_weights"] = len(forms)
-    report = _save(model, path, deployed, opset, rewrites, bool(forms), kernels)
-    return _check(deployed, inputs, path, report, real_inputs, tolerance, top1_min) if check else report
+    with _previous_file_kept(path):
+        _torch_export(deployed, inputs, path, opset, dynamic_batch)
+        model, rewrites = _rewrite(path, deployed, int32_bias)
+        model, forms = _pack(model, path, opset, packed, linear_form)
+        rewrites["packed_weights"] = len(forms)
+        report = _save(model, path, deployed, opset, rewrites, bool(forms), kernels)
+        return _check(deployed, inputs, path, report, real_inputs, tolerance, top1_min) if check else report
+
+
+@contextlib.contextmanager
+def _previous_file_kept(path: Path) -> Iterator[None]:
+    """A file already at ``path`` (yesterday's good export) is moved aside while the new one is
+    written and checked, and put back when the export fails: a failed export leaves the user's
+    previous file where it was, and the new file at ``<name>.failed.onnx``."""
+    previous = path.with_name(f".{path.name}.previous") if path.is_file() else None
+    if previous is not None:
+        os.replace(path, previous)
+    try:
+        yield
+    except BaseException:
+        if previous is not None:
+            os.replace(previous, path)
+        raise
+    if previous is not None:
+        previous.unlink()
 
 
 def _storage(source: nn.Module, weight_storage: str | None, opset: int | None) -> tuple[dict[str, tuple[int, str]], int]:

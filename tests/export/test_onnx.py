@@ -602,3 +602,19 @@ def test_equal_biases_the_exporter_shares_through_identity_are_rounded_for_every
     producers = {o: n.op_type for n in graph.node for o in n.output}
     bias_adds = [n for n in graph.node if n.op_type == "Add" and any(producers.get(i) == "MatMul" for i in n.input)]
     assert len(bias_adds) == 2 and all("DequantizeLinear" in (producers.get(i) for i in n.input) for n in bias_adds)
+
+
+def test_a_failed_export_leaves_the_previous_file_at_its_path(tmp_path):
+    # the exporter wrote over the user's earlier file before the checks refused the new one
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"yesterday's good export")
+    silent = nn.Linear(4, 2)
+    nn.init.zeros_(silent.weight)
+    nn.init.zeros_(silent.bias)
+    with pytest.raises(evefx.ExportError, match="cannot check the file"):
+        export_onnx(silent.eval(), torch.randn(2, 4), path, kernels=False)
+    assert path.read_bytes() == b"yesterday's good export"
+    assert (tmp_path / "model.failed.onnx").exists() and not (tmp_path / ".model.onnx.previous").exists()
+    export_onnx(nn.Linear(4, 2).eval(), torch.randn(2, 4), path, kernels=False)
+    assert onnx.load(str(path)).graph.node and sorted(p.name for p in tmp_path.iterdir()) == ["model.failed.onnx",
+                                                                                               "model.onnx"]
