@@ -247,6 +247,13 @@ def pack_weights(model: onnx.ModelProto, layers: dict[str, Any], linear_form: Li
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64) if len(node.input) > 2 else np.zeros(1, np.int64)
         gemm = users.get(node.output[0], [])
+        tokens = _token_linear(users, node, codes) if linear_form == "matmulnbits" else None
+        if tokens is not None:  # MatMulNBits takes A of any rank [..., K]: the Transpose goes too
+            transpose, matmul = tokens
+            replace[index[matmul.output[0]]] = _to_matmulnbits(graph, matmul, prod, inits, codes, scale, zero, signed, layer)
+            drop.update({index[node.output[0]], index[transpose.output[0]]})
+            forms[layer] = "matmulnbits"
+            continue
         if linear_form == "matmulnbits" and _plain_linear(gemm, node, codes):
             new = _to_matmulnbits(graph, gemm[0], prod, inits, codes, scale, zero, signed, layer)
             replace[index[gemm[0].output[0]]] = new
@@ -279,6 +286,22 @@ def _plain_linear(gemm: list[onnx.NodeProto], dq: onnx.NodeProto, codes: np.ndar
     axis = {a.name: helper.get_attribute_value(a) for a in dq.attribute}.get("axis", 1)
     return (attrs.get("transB", 0) == 1 and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0
             and attrs.get("beta", 1.0) == 1.0 and (axis == 0 or codes.shape[0] == 1))
+
+
+def _token_linear(users: dict[str, list[onnx.NodeProto]], dq: onnx.NodeProto,
+                  codes: np.ndarray) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """``(Transpose, MatMul)`` of a Linear on inputs of more than two dimensions (tokens), as the
+    TorchScript exporter writes it: ``MatMul(x, Transpose(DQ(W)))`` (its bias is a separate Add)."""
+    moved = users.get(dq.output[0], [])
+    if len(moved) != 1 or moved[0].op_type != "Transpose" or codes.ndim != 2:
+        return None
+    perm = {a.name: helper.get_attribute_value(a) for a in moved[0].attribute}.get("perm")
+    matmul = users.get(moved[0].output[0], [])
+    axis = {a.name: helper.get_attribute_value(a) for a in dq.attribute}.get("axis", 1)
+    if (perm not in (None, [1, 0]) or len(matmul) != 1 or matmul[0].op_type != "MatMul"
+            or list(matmul[0].input)[1:] != [moved[0].output[0]] or not (axis == 0 or codes.shape[0] == 1)):
+        return None
+    return moved[0], matmul[0]
 
 
 def _to_matmulnbits(graph: onnx.GraphProto, gemm: onnx.NodeProto, prod: dict[str, onnx.NodeProto],

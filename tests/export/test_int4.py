@@ -311,3 +311,21 @@ def test_unknown_linear_form_is_refused_and_no_file_left(tmp_path):
                                           r"file was moved to .*m.failed.onnx"):
         export_onnx(_quantized(_trained()), X0, path, linear_form="fast", check=False)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("linear_form, form", [("matmulnbits", "matmulnbits"), ("qdq", "int4")])
+def test_linears_on_tokens_pack_into_matmulnbits_too(tmp_path, linear_form, form):
+    # a Linear on [B, N, C] exports as MatMul(x, Transpose(DQ(W))) + Add: it stayed INT4 Q/DQ + MatMul
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(64, 6, 16, generator=torch.Generator().manual_seed(1))
+    gm = evefx.transform(model, {"passes": [{"kind": "quantize", "weight": {"bits": 4}, "weight_storage": "packed",
+                                             "exclude_last": False}]}, x[:2])
+    evefx.calibrate(gm, [x], progress=False)
+    report = export_onnx(gm.eval(), x[:2], tmp_path / "tokens.onnx", real_inputs=x, kernels=False, linear_form=linear_form)
+    assert report.parity.passed and {w["form"] for w in report.weights.values()} == {form}
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "tokens.onnx")).graph.node]
+    if form == "matmulnbits":
+        assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops and "Transpose" not in ops
+    else:
+        assert "MatMulNBits" not in ops and ops.count("MatMul") == 2
