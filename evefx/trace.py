@@ -171,9 +171,11 @@ def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None
     gm = cls(tracer.root, graph, type(model).__name__)
     gm.training = model.training
     # conv/linear layers fx traced into (a subclass overriding forward): the plan names them in a warning
-    called = [str(n.target) for n in graph.nodes if n.op == "call_module"]
-    gm.meta["evefx_traced_into"] = {name: type(m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)
-                                    and name not in called and not any(name.startswith(c + ".") for c in called)}
+    # (a layer inside a called module, a leaf kept opaque, is meant: one of its parents is called)
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    gm.meta["evefx_traced_into"] = {
+        name: type(m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)
+        and not any(".".join(name.split(".")[:i]) in called for i in range(1, name.count(".") + 2))}
     return gm
 
 

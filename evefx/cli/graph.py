@@ -222,8 +222,7 @@ def _set_thresholds(gm: Any, batches: list[Any]) -> None:
 
     from evefx.modules.neurons import SpikingNeuron
 
-    if any(isinstance(m, SpikingNeuron) and m.threshold_std is not None and not bool(m.threshold_ready)
-           for m in gm.modules()):
+    if any(isinstance(m, SpikingNeuron) and m.threshold_pending for m in gm.modules()):
         with torch.no_grad():
             gm.eval()(batches[0])
 

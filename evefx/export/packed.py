@@ -246,18 +246,12 @@ def pack_weights(model: onnx.ModelProto, layers: dict[str, Any], linear_form: Li
         signed = codes_init.data_type == onnx.TensorProto.INT8
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64) if len(node.input) > 2 else np.zeros(1, np.int64)
-        gemm = users.get(node.output[0], [])
-        tokens = _token_linear(users, node, codes) if linear_form == "matmulnbits" else None
-        if tokens is not None:  # MatMulNBits takes A of any rank [..., K]: the Transpose goes too
-            transpose, matmul = tokens
-            replace[index[matmul.output[0]]] = _to_matmulnbits(graph, matmul, prod, inits, codes, scale, zero, signed, layer)
-            drop.update({index[node.output[0]], index[transpose.output[0]]})
-            forms[layer] = "matmulnbits"
-            continue
-        if linear_form == "matmulnbits" and _plain_linear(gemm, node, codes):
-            new = _to_matmulnbits(graph, gemm[0], prod, inits, codes, scale, zero, signed, layer)
-            replace[index[gemm[0].output[0]]] = new
-            drop.add(index[node.output[0]])
+        site = _linear_site(users, node, codes) if linear_form == "matmulnbits" else None
+        if site is not None:
+            product, between = site
+            replace[index[product.output[0]]] = _to_matmulnbits(graph, product, prod, inits, codes, scale, zero, signed,
+                                                                layer)
+            drop.update(index[n.output[0]] for n in (node, *between))
             forms[layer] = "matmulnbits"
             continue
         w = int4_tensor(codes, signed, f"{layer}.weight_int4")
@@ -278,30 +272,30 @@ def pack_weights(model: onnx.ModelProto, layers: dict[str, Any], linear_form: Li
     return forms
 
 
-def _plain_linear(gemm: list[onnx.NodeProto], dq: onnx.NodeProto, codes: np.ndarray) -> bool:
-    """A Linear as the TorchScript exporter writes it: ``Gemm(x, DQ(W), b)`` with ``transB=1``."""
-    if len(gemm) != 1 or gemm[0].op_type != "Gemm" or gemm[0].input[1] != dq.output[0] or codes.ndim != 2:
-        return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in gemm[0].attribute}
-    axis = {a.name: helper.get_attribute_value(a) for a in dq.attribute}.get("axis", 1)
-    return (attrs.get("transB", 0) == 1 and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0
-            and attrs.get("beta", 1.0) == 1.0 and (axis == 0 or codes.shape[0] == 1))
+def _linear_site(users: dict[str, list[onnx.NodeProto]], dq: onnx.NodeProto,
+                 codes: np.ndarray) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """The product a Linear's ``DQ(W)`` feeds as the TorchScript exporter writes a Linear, and the
+    nodes between them, all of which one ``MatMulNBits`` replaces (it takes A of any rank [..., K]):
+    ``Gemm(x, DQ(W), b)`` with ``transB=1`` (2-D inputs), or ``MatMul(x, Transpose(DQ(W)))`` with the
+    bias in an Add after it (tokens). None for anything else (a conv, a per-input-channel scale)."""
+    axis = _attributes(dq).get("axis", 1)
+    readers = users.get(dq.output[0], [])
+    if codes.ndim != 2 or not (axis == 0 or codes.shape[0] == 1) or len(readers) != 1:
+        return None
+    reader, attrs = readers[0], _attributes(readers[0])
+    if reader.op_type == "Gemm":
+        plain = (reader.input[1] == dq.output[0] and attrs.get("transB", 0) == 1 and not attrs.get("transA", 0)
+                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
+        return (reader, []) if plain else None
+    if reader.op_type == "Transpose" and attrs.get("perm") in (None, [1, 0]):
+        matmul = users.get(reader.output[0], [])
+        if len(matmul) == 1 and matmul[0].op_type == "MatMul" and list(matmul[0].input)[1:] == [reader.output[0]]:
+            return matmul[0], [reader]
+    return None
 
 
-def _token_linear(users: dict[str, list[onnx.NodeProto]], dq: onnx.NodeProto,
-                  codes: np.ndarray) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
-    """``(Transpose, MatMul)`` of a Linear on inputs of more than two dimensions (tokens), as the
-    TorchScript exporter writes it: ``MatMul(x, Transpose(DQ(W)))`` (its bias is a separate Add)."""
-    moved = users.get(dq.output[0], [])
-    if len(moved) != 1 or moved[0].op_type != "Transpose" or codes.ndim != 2:
-        return None
-    perm = {a.name: helper.get_attribute_value(a) for a in moved[0].attribute}.get("perm")
-    matmul = users.get(moved[0].output[0], [])
-    axis = {a.name: helper.get_attribute_value(a) for a in dq.attribute}.get("axis", 1)
-    if (perm not in (None, [1, 0]) or len(matmul) != 1 or matmul[0].op_type != "MatMul"
-            or list(matmul[0].input)[1:] != [moved[0].output[0]] or not (axis == 0 or codes.shape[0] == 1)):
-        return None
-    return moved[0], matmul[0]
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _to_matmulnbits(graph: onnx.GraphProto, gemm: onnx.NodeProto, prod: dict[str, onnx.NodeProto],

@@ -78,7 +78,7 @@ def require_threshold(neuron: SpikingNeuron, name: str) -> None:
     Example:
         >>> require_threshold(gm.get_submodule("features_0_neuron"), "features_0_neuron")
     """
-    if neuron.spiking and neuron.threshold_std is not None and not bool(neuron.threshold_ready):
+    if neuron.spiking and neuron.threshold_pending:
         raise ExportError(
             f"{name}: the data-dependent threshold (threshold_std) was never set (no batch has passed "
             f"through the neuron), so the file and PyTorch would each take it from different data; "

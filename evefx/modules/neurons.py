@@ -231,6 +231,16 @@ class SpikingNeuron(EveHooks, nn.Module):
         return Dynamics.of(self.surrogate, self.alpha, hard=self.reset is not None, binary=self.binary,
                            time_dependent=self.time_dependent, leaky=self.leaky, relative=self.relative_surrogate)
 
+    @property
+    def threshold_pending(self) -> bool:
+        """True while a data-dependent threshold (``threshold_std``) waits for its first batch.
+
+        Example:
+            >>> LIFNeuron(timesteps=4, threshold_std=1.0).threshold_pending
+            True
+        """
+        return self.threshold_std is not None and not bool(self.threshold_ready)
+
     @torch.no_grad()
     def _init_threshold(self, x: torch.Tensor) -> None:
         """Data-dependent threshold: ``threshold_std`` standard deviations of this batch's input
@@ -258,7 +268,7 @@ class SpikingNeuron(EveHooks, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spiking:
             return F.leaky_relu(x, self.ann_slope) if self.leaky else F.relu(x)
-        if self.threshold_std is not None and not bool(self.threshold_ready):
+        if self.threshold_pending:
             self._init_threshold(x)
         if isinstance(self.threshold, nn.Parameter):
             self._keep_threshold_above_reset()
