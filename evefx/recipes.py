@@ -1,6 +1,6 @@
 """Recipes the CLI runs: data sets and training wired around the library (which imports neither).
 
-``evefx search`` calls :func:`search_from_spec`: it loads MNIST, trains the float model, runs a
+``evefx search`` calls :func:`search_from_spec`: it loads the data ``--data`` names, trains the float model, runs a
 short QAT, then hands the library's :func:`evefx.upgrade.search` an evaluator on a validation split.
 
 Example:
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evefx.data import DataSplits, open_data
 from evefx.errors import SearchError
 from evefx.spec import Spec, load_spec
 from evefx.upgrade.runlog import read_episodes
@@ -30,7 +31,7 @@ def search_from_spec(
     spec: Spec | dict | str | Path,
     *,
     run_dir: str | Path,
-    data: str = "mnist5k",
+    data: str | Path | DataSplits = "mnist5k",
     data_root: str | Path | None = None,
     weights: str | Path | None = None,
     epochs: int = 3,
@@ -40,8 +41,10 @@ def search_from_spec(
     pareto_latency: bool = False,
 ) -> SearchResult:
     """What ``evefx search`` runs: train (or load) ``model``, transform it with ``spec``, search with
-    ``spec.search``. The reward is scored on a validation split held out of the training images
-    (the last 1,000 of MNIST-5k's 4,000; the last 5,000 of full MNIST), never on the test set.
+    ``spec.search``. ``data``: what ``--data`` names (``mnist5k``, ``mnist`` with ``data_root``, a
+    ``.pt`` file of ``(inputs, labels)``; :func:`evefx.data.open_data`) or a :class:`~evefx.data.DataSplits`.
+    The reward is scored on a validation split held out of the training part (the last 1,000 of
+    MNIST-5k's 4,000 images; the last 5,000 of full MNIST; a file's last fifth), never on its test part.
 
     Each configuration is scored as ``search.evaluator`` says: BatchNorm statistics re-estimated
     on training batches, a short fine-tune on the training images, or neither.
@@ -55,7 +58,6 @@ def search_from_spec(
     """
     from torch.utils.data import DataLoader, Subset
 
-    from evefx.data import mnist, mnist5k
     from evefx.pipeline import transform
     from evefx.train import fit
     from evefx.upgrade import Accuracy, BNRecalibrate, FineTune, search
@@ -72,16 +74,10 @@ def search_from_spec(
     if not eve_parameters(transform(model, spec)):  # say it before minutes of training, not after
         raise SearchError("the spec has no eve parameters to search: set upgrade_bits: true in a quantize section "
                           "or upgrade_ratio: true in a prune section")
-    if data == "mnist5k":
-        full = mnist5k("train")
-        n_val = 1000
-    elif data == "mnist":
-        if data_root is None:
-            raise SearchError("--data mnist needs --data-root, the folder holding torchvision's MNIST")
-        full = mnist(data_root, "train")
-        n_val = 5000
-    else:
-        raise SearchError(f"--data: unknown {data!r}; use mnist5k or mnist")
+    source = data if isinstance(data, DataSplits) else open_data(data, data_root)
+    if not source.labelled:
+        raise SearchError(f"--data {source.name} holds no labels: a search scores accuracy, so it needs (inputs, labels)")
+    full, n_val = source.train, source.validation_size
     train, val = Subset(full, range(len(full) - n_val)), Subset(full, range(len(full) - n_val, len(full)))
     loader = lambda: DataLoader(train, batch_size=64, shuffle=True,  # noqa: E731
                                 generator=torch.Generator().manual_seed(spec.search.seed))

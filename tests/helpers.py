@@ -34,3 +34,25 @@ class TokenClassifier(nn.Module):
     def forward(self, tokens, keep):
         h = F.relu(self.fc1(self.emb(tokens))) * keep.unsqueeze(-1)
         return self.fc2(h.sum(1) / keep.sum(1, keepdim=True))
+
+
+class ColourNet(nn.Module):
+    """A user's 3x32x32 classifier that needs a constructor argument (not an evefx example)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def colour_data(n: int = 120, classes: int = 3, seed: int = 0):
+    """``(inputs, labels)``: 3x32x32 images whose class is the brightest colour channel (learnable)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = torch.rand(n, 3, 32, 32, generator=gen) * 0.5
+    x[torch.arange(n), y] += 0.5
+    return x, y

@@ -152,8 +152,10 @@ def export(
     model_kwargs: Optional[str] = MODEL_KWARGS,
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
     calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
-    data: Optional[str] = typer.Option(None, help="mnist5k: calibrate on its training split and check parity on 256 "
-                                       "held-out images (else random inputs, 64 for parity)"),
+    data: Optional[str] = typer.Option(None, help="mnist5k, mnist (with --data-root) or a .pt file of inputs (or "
+                                       "(inputs, labels)): calibrate on its training part and check parity on 256 "
+                                       "held-out inputs (else random inputs, 64 for parity)"),
+    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default 17; 21 when the spec stores weights packed)"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
     tolerance: Optional[float] = typer.Option(None, help="a stated absolute tolerance for the outputs, replacing the "
@@ -182,7 +184,7 @@ def export(
         gm = transform_model(model, spec, ",".join(map(str, shape)), model_kwargs)
         if checkpoint is not None:
             load_checkpoint(gm, checkpoint, "--checkpoint")
-        calib, held_out = _export_data(data, shape, calibrate_batches)
+        calib, held_out = _export_data(data, data_root, shape, calibrate_batches)
         if checkpoint is None:
             calibrate(gm, calib)
             _set_thresholds(gm, calib)
@@ -227,18 +229,21 @@ def _set_thresholds(gm: Any, batches: list[Any]) -> None:
             gm.eval()(batches[0])
 
 
-def _export_data(data: Optional[str], shape: tuple[int, ...], batches: int) -> tuple[list[Any], Any]:
-    """Calibration batches and held-out parity inputs for ``evefx export``."""
+def _export_data(data: Optional[str], data_root: Optional[Path], shape: tuple[int, ...],
+                 batches: int) -> tuple[list[Any], Any]:
+    """Calibration batches (32 inputs each, from the data's training part) and held-out parity
+    inputs (256) for ``evefx export``; random inputs without ``--data``."""
     import torch
+
+    from evefx.data import open_data
 
     if data is None:
         gen = torch.Generator().manual_seed(0)
         return [torch.rand(shape, generator=gen) for _ in range(batches)], None
-    if data != "mnist5k":
-        raise EvefxError(f"--data must be mnist5k (got {data!r})")
-    from evefx.data import mnist5k
-
-    if tuple(shape[1:]) != (1, 28, 28):
-        raise EvefxError(f"--data mnist5k gives 1x28x28 images but the model takes {list(shape)}; give no --data")
-    train, test = mnist5k("train").tensors[0], mnist5k("test").tensors[0]
-    return [train[i * 32:(i + 1) * 32] for i in range(batches)], test[:256]
+    source = open_data(data, data_root)
+    sample = tuple(source.inputs("train", 1).shape[1:])
+    if sample != tuple(shape[1:]):
+        raise EvefxError(f"--data {source.name} holds inputs of shape {list(sample)} but the model takes "
+                         f"{list(shape)}; give data of that shape, or no --data (random inputs)")
+    calib = [source.inputs("train", 32, start=i * 32) for i in range(batches)]
+    return [c for c in calib if len(c)], source.inputs("held_out", 256)

@@ -12,22 +12,24 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from evefx.cli.app import MODEL, app, console, fail
-from evefx.cli.models import load_model
+from evefx.cli.app import MODEL, MODEL_KWARGS, app, console, fail
+from evefx.cli.models import load_model, parse_kwargs
 from evefx.errors import EvefxError
 from evefx.spec import load_spec
 
 __all__ = ["quantize", "sensitivity_cmd"]
 
 
-def _ptq_setup(model: str, checkpoint: Optional[Path], spec: Path, data: str, data_root: Optional[Path],
-               calib_samples: int, batch_size: int):
-    """Float model (checkpoint loaded), transformed copy, calibration batches and a labelled test set (or None)."""
+def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Path], spec: Path, data: str,
+               data_root: Optional[Path], calib_samples: int, batch_size: int):
+    """Float model (checkpoint loaded), transformed copy, calibration batches (from the data's training
+    part) and its labelled held-out part as batches (None without labels)."""
     import torch
+    from torch.utils.data import DataLoader
 
     import evefx
 
-    float_model = load_model(model)
+    float_model = load_model(model, parse_kwargs(model_kwargs))
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu")
         try:
@@ -36,35 +38,28 @@ def _ptq_setup(model: str, checkpoint: Optional[Path], spec: Path, data: str, da
             raise EvefxError(f"--checkpoint {checkpoint} does not fit {model} (a state_dict of the float model is "
                              f"expected): {e}") from e
     float_model.eval()
-    labelled: list[tuple[Any, Any]] | None
-    if data in ("mnist5k", "mnist"):
-        from evefx.data import loaders
+    from evefx.data import open_data
 
-        train, test = loaders(batch_size=batch_size, source=data, root=data_root)
-        xs = torch.stack([train.dataset[i][0] for i in range(min(calib_samples, len(train.dataset)))])
-        labelled = [(x, y) for x, y in test]
-    else:
-        path = Path(data)
-        if not path.is_file():
-            raise EvefxError(f"--data must be mnist5k, mnist or a .pt file holding a tensor or (inputs, labels) (got {data!r})")
-        obj = torch.load(path, map_location="cpu")
-        x_all, y_all = (obj[0], obj[1]) if isinstance(obj, (tuple, list)) else (obj, None)
-        xs = x_all[:calib_samples]
-        labelled = None if y_all is None else [(x_all[i:i + batch_size], y_all[i:i + batch_size])
-                                                for i in range(0, len(x_all), batch_size)]
+    source = open_data(data, data_root)
+    xs = source.inputs("train", calib_samples)
+    labelled: list[tuple[Any, Any]] | None = None
+    if source.labelled:  # scored on the held-out part, never on the calibration samples
+        labelled = list(DataLoader(source.held_out, batch_size=max(batch_size, 256)))
     calib = [xs[i:i + batch_size] for i in range(0, len(xs), batch_size)]
     gm = evefx.transform(float_model, load_spec(spec), xs[:1])
     return float_model, gm, calib, labelled
 
 
 _PTQ_DATA = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision, needs --data-root) or a .pt file "
-                                      "holding a tensor or (inputs, labels)")
+                                      "holding inputs, (inputs, labels) or {'train': ..., 'test': ...}; calibrated on "
+                                      "the training part, scored on the held-out one (a file's last fifth)")
 
 
 @app.command()
 def quantize(
     model: str = MODEL,
     spec: Path = typer.Option(..., help="spec file with a quantize section (calibration, corrections)"),
+    model_kwargs: Optional[str] = MODEL_KWARGS,
     out: Path = typer.Option(..., help="the ONNX file to write"),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
     data: str = _PTQ_DATA,
@@ -80,7 +75,7 @@ def quantize(
     from evefx.train import evaluate
 
     try:
-        float_model, gm, calib, labelled = _ptq_setup(model, checkpoint, spec, data, data_root, calib_samples, batch_size)
+        float_model, gm, calib, labelled = _ptq_setup(model, model_kwargs, checkpoint, spec, data, data_root, calib_samples, batch_size)
         ptq = evefx.post_training_quantize(gm, calib)
         export = export_onnx(gm, calib[0][:1], out, real_inputs=calib[0], check=check)
     except EvefxError as e:
@@ -106,6 +101,7 @@ def quantize(
 def sensitivity_cmd(
     model: str = MODEL,
     spec: Path = typer.Option(..., help="spec file with a quantize section"),
+    model_kwargs: Optional[str] = MODEL_KWARGS,
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
     data: str = _PTQ_DATA,
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
@@ -130,7 +126,7 @@ def sensitivity_cmd(
     except ValueError:
         fail(EvefxError(f"--bits must be comma-separated integers like 8,4,2 (got {bits!r})"))
     try:
-        float_model, gm, calib, labelled = _ptq_setup(model, checkpoint, spec, data, data_root, calib_samples, batch_size)
+        float_model, gm, calib, labelled = _ptq_setup(model, model_kwargs, checkpoint, spec, data, data_root, calib_samples, batch_size)
         evefx.post_training_quantize(gm, calib, progress=False)
         if labelled is not None:
             def metric(m: Any) -> float:

@@ -1,0 +1,148 @@
+"""A user's own data (a .pt file) through ``evefx.data.open_data`` and every command's ``--data``."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from evefx import OptionError
+from evefx.cli import app
+from evefx.data import open_data
+from tests.helpers import ColourNet, colour_data
+
+runner = CliRunner()
+MODEL = ["--model", "tests.helpers:ColourNet", "--model-kwargs", '{"num_classes": 3}']
+
+
+def test_a_file_of_inputs_and_labels_keeps_its_last_fifth_out(tmp_path):
+    x, y = colour_data(100)
+    torch.save((x, y), tmp_path / "d.pt")
+    d = open_data(tmp_path / "d.pt")
+    assert (len(d.train), len(d.held_out), d.labelled, d.validation_size) == (80, 20, True, 16)
+    assert torch.equal(d.held_out.tensors[0], x[80:]) and torch.equal(d.train.tensors[1], y[:80])
+    assert torch.equal(d.inputs("train", 5, start=78), x[78:80])  # never reaches into the held-out part
+    torch.save(x[:10].double(), tmp_path / "x.pt")
+    only = open_data(tmp_path / "x.pt")
+    assert (len(only.train), len(only.held_out), only.labelled) == (8, 2, False) and only.inputs("train", 1).dtype == torch.float32
+    torch.save((torch.arange(20).view(10, 2), y[:10]), tmp_path / "ids.pt")
+    assert open_data(tmp_path / "ids.pt").inputs("train", 1).dtype == torch.int64  # token ids stay integers
+    torch.save({"train": (x[:30], y[:30]), "test": (x[30:40], y[30:40])}, tmp_path / "tt.pt")
+    split = open_data(tmp_path / "tt.pt")
+    assert (len(split.train), len(split.held_out), split.validation_size) == (30, 10, 6)
+    from torch.utils.data import Subset
+
+    from evefx.data import DataSplits  # any map-style data set (a Python user's), not only tensors
+    mine = DataSplits("mine", Subset(split.train, range(10, 20)), split.held_out, True, 2)
+    assert torch.equal(mine.inputs("train", 3, start=8), x[18:20])
+
+
+def test_data_that_does_not_fit_is_a_one_line_error(tmp_path):
+    x, y = colour_data(10)
+    cases = {
+        "labels.pt": ((x, y.float()), "labels must be a 1-D integer tensor of one label per input (got (10,) torch.float32 for 10 inputs)"),
+        "keys.pt": ({"train": (x, y)}, "a dict must have exactly the keys 'train' and 'test' (got ['train'])"),
+        "mixed.pt": ({"train": (x, y), "test": x}, "'train' and 'test' must both have labels or both not"),
+        "one.pt": (x[:1], "holds 1 sample(s); at least 2 are needed (one to hold out)"),
+        "other.pt": ([1, 2, 3], "must hold a tensor of inputs, a pair (inputs, labels) or a dict {'train': ..., 'test': ...} "
+                                "of those (got list); save one with torch.save"),
+    }
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(OptionError) as e:
+            open_data(tmp_path / name)
+        assert str(e.value).startswith(f"--data {tmp_path / name}") and str(e.value).endswith(message), str(e.value)
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(OptionError, match=r"^--data .*text.pt: cannot read it with torch.load\(weights_only=True\): "):
+        open_data(tmp_path / "text.pt")
+    with pytest.raises(OptionError, match=r"^--data must be mnist5k, mnist or a .pt file saved with torch.save \(got 'nope.pt': no such file\)$"):
+        open_data("nope.pt")
+    with pytest.raises(OptionError, match=r"^--data mnist needs --data-root, the folder holding torchvision's MNIST$"):
+        open_data("mnist")
+
+
+def _spec(tmp_path, text: str):
+    path = tmp_path / "s.yaml"
+    path.write_text("schema_version: 1\ntrace: {input_shape: [1, 3, 32, 32]}\n" + text)
+    return str(path)
+
+
+def test_search_runs_on_the_users_file_and_scores_on_its_own_validation_part(tmp_path, monkeypatch):
+    """`evefx search` knew only MNIST: a user's model and data could not be searched from the command line."""
+    import evefx.upgrade
+
+    x, y = colour_data(120)
+    torch.save((x, y), tmp_path / "d.pt")
+    seen = []
+    score = evefx.upgrade.Accuracy.__call__
+
+    def spy(self, model):
+        seen.append(torch.cat([b[0] for b in self.data]))
+        return score(self, model)
+
+    monkeypatch.setattr(evefx.upgrade.Accuracy, "__call__", spy)
+    spec = _spec(tmp_path, "passes: [{kind: quantize, upgrade_bits: true, min_bits: 2, max_bits: 8}]\n"
+                           "search: {algorithm: random, episodes: 2, evaluator: {kind: none}, budget: {kind: avg_bits, max: 4}}\n")
+    result = runner.invoke(app, ["search", *MODEL, "--spec", spec, "--data", str(tmp_path / "d.pt"),
+                                 "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen and all(torch.equal(s, x[77:96]) for s in seen)  # the last fifth of the 96 training inputs
+    rows = list(csv.DictReader(open(tmp_path / "run" / "episodes.csv")))
+    assert len(rows) == 2 and all(float(r["cost"]) <= 4 for r in rows)
+    assert yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())["passes"][0]["overrides"]
+    torch.save(x, tmp_path / "x.pt")
+    unlabelled = runner.invoke(app, ["search", *MODEL, "--spec", spec, "--data", str(tmp_path / "x.pt"),
+                                     "--run-dir", str(tmp_path / "run2")])
+    assert unlabelled.exit_code == 1 and unlabelled.output.strip().splitlines()[-1] == (
+        f"error: --data {tmp_path / 'x.pt'} holds no labels: a search scores accuracy, so it needs (inputs, labels)")
+
+
+def test_export_calibrates_on_the_users_file_and_checks_parity_on_its_held_out_part(tmp_path, monkeypatch):
+    """`evefx export --data` took only mnist5k: a user's model was calibrated on random inputs."""
+    import evefx.export
+
+    x, y = colour_data(80)
+    torch.save((x, y), tmp_path / "d.pt")
+    seen = {}
+    export = evefx.export.export_onnx
+
+    def spy(gm, example, path, **kwargs):
+        seen["parity"] = kwargs["real_inputs"]
+        seen["range"] = {n: float(q.range_max.max()) for n, q in gm.named_modules() if n == "body_0_input_quant"}
+        return export(gm, example, path, **kwargs)
+
+    monkeypatch.setattr(evefx.export, "export_onnx", spy)
+    spec = _spec(tmp_path, "passes: [{kind: quantize}]\n")
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", *MODEL, "--spec", spec, "--out", str(out), "--data", str(tmp_path / "d.pt"),
+                                 "--calibrate-batches", "1"])
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output and out.exists()
+    assert torch.equal(seen["parity"], x[64:])  # the held-out fifth, not the calibration inputs
+    assert seen["range"]["body_0_input_quant"] == pytest.approx(float(x[:32].max()))  # the file's inputs, not U(0, 1)
+    mnist = runner.invoke(app, ["export", *MODEL, "--spec", spec, "--out", str(tmp_path / "n.onnx"), "--data", "mnist5k"])
+    assert mnist.exit_code == 1 and mnist.output.strip().splitlines()[-1] == (
+        "error: --data mnist5k holds inputs of shape [1, 28, 28] but the model takes [1, 3, 32, 32]; give data of that "
+        "shape, or no --data (random inputs)")
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_quantize_takes_model_arguments_and_scores_on_the_held_out_part(tmp_path):
+    torch.manual_seed(0)
+    model = ColourNet(3)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    x, _ = colour_data(50)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    y[:40] = (y[:40] + 1) % 3  # wrong labels on the calibration part: scoring there would say 0% for float
+    torch.save((x, y), tmp_path / "d.pt")
+    report = tmp_path / "r.json"
+    result = runner.invoke(app, ["quantize", *MODEL, "--checkpoint", str(tmp_path / "w.pt"), "--spec",
+                                 _spec(tmp_path, "passes: [{kind: quantize, weight: {bits: 7}}]\n"),
+                                 "--data", str(tmp_path / "d.pt"), "--out", str(tmp_path / "m.onnx"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    assert json.loads(report.read_text())["accuracy"]["float"] == 100.0
