@@ -122,6 +122,7 @@ def fit(
     log_csv: str | Path | None = None,
     max_steps: int | None = None,
     description: str = "train",
+    log_level: int = logging.INFO,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for ``epochs``; return one dict of metrics per epoch (also written to ``log_csv``).
 
@@ -130,7 +131,8 @@ def fit(
     runs), else from ``torch.Generator().manual_seed(seed)``: runs with the same seed are identical
     on CPU, and fit leaves the global RNGs of Python, NumPy and torch as they were.
     ``seed=None`` without a generator draws from torch's global RNG instead. ``max_steps`` stops
-    early (for fine-tuning in a search).
+    early (for fine-tuning in a search). ``log_level``: of the line logged per epoch (a search's
+    evaluator logs them at ``logging.DEBUG``: its progress bar says enough).
 
     Example:
         >>> fit(gm, train, val, epochs=2, generator=torch.Generator().manual_seed(1))
@@ -139,12 +141,12 @@ def fit(
         generator = torch.Generator().manual_seed(seed)
     with _random_stream(generator):
         return _fit(model, train, val, epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, loss_fn=loss_fn,
-                    progress=progress, log_csv=log_csv, max_steps=max_steps, description=description)
+                    progress=progress, log_csv=log_csv, max_steps=max_steps, description=description, log_level=log_level)
 
 
 def _fit(model: nn.Module, train: Iterable, val: Iterable | None, epochs: int, *, optimizer: str | torch.optim.Optimizer,
          lr: float, weight_decay: float, loss_fn: Callable | None, progress: bool, log_csv: str | Path | None,
-         max_steps: int | None, description: str) -> list[dict[str, Any]]:
+         max_steps: int | None, description: str, log_level: int) -> list[dict[str, Any]]:
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else _optimizer(optimizer, model.parameters(), lr, weight_decay)
     history: list[dict[str, Any]] = []
@@ -178,7 +180,7 @@ def _fit(model: nn.Module, train: Iterable, val: Iterable | None, epochs: int, *
                 metrics = evaluate(model, val)
                 row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
             history.append(row)
-            log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%%s (%.1f s)", description, epoch, epochs,
+            log.log(log_level, "%s epoch %d/%d: loss %.4f, train accuracy %.2f%%%s (%.1f s)", description, epoch, epochs,
                      row["train_loss"], row["train_accuracy"],
                      f", val accuracy {row['val_accuracy']:.2f}%" if "val_accuracy" in row else "", row["seconds"])
             if max_steps is not None and steps >= max_steps:

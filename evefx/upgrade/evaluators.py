@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -97,7 +98,7 @@ class FineTune:
                             generator=torch.Generator().manual_seed(self.seed))
         epochs = max(1, math.ceil(steps / max(len(loader), 1)))
         fit(gm, loader, None, epochs, lr=self.lr, generator=torch.Generator().manual_seed(self.seed), progress=False,
-            max_steps=steps)
+            max_steps=steps, description="evaluator fine-tune", log_level=logging.DEBUG)  # one line per episode is the search's
 
 
 class BNRecalibrate:

@@ -103,3 +103,23 @@ def test_evaluator_settings_are_checked(tmp_path):
     with pytest.raises(SearchError, match="bn_recalibrate: pass recalibrate=BNRecalibrate"):
         search(gm, Accuracy([]), {"evaluator": {"kind": "bn_recalibrate"}}, run_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_fine_tune_evaluator_keeps_its_epoch_lines_out_of_the_search_log(caplog):
+    """A search on a user's small data set logged 17 'train epoch' lines per evaluation at INFO."""
+    import logging
+
+    from evefx.train import fit
+
+    gm = evefx.transform(convnet(), load_spec(SPEC))
+    with caplog.at_level(logging.INFO, logger="evefx"):
+        FineTune(dataset(), batch_size=16)(gm, 20)  # 20 steps = 4 epochs of 6 batches
+    assert not [r for r in caplog.records if "epoch" in r.getMessage()]
+    with caplog.at_level(logging.DEBUG, logger="evefx"):
+        FineTune(dataset(), batch_size=16)(gm, 20)
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "epoch" in r.getMessage()] == [
+        f"evaluator fine-tune epoch {k}/4" for k in range(1, 5)]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="evefx"):
+        fit(gm, torch.utils.data.DataLoader(dataset(), batch_size=48), None, 1, progress=False)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["train epoch 1/1"]  # fit's own default
