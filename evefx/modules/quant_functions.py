@@ -101,20 +101,26 @@ def least_error_grid(
     return best_scale, best_zero
 
 
+def _ewgs(grad: torch.Tensor, frac: torch.Tensor, delta: float) -> torch.Tensor:
+    """EWGS (Lee et al. 2021): ``g * (1 + delta * sign(g) * (v - round(v)))`` with ``frac = round(v) - v``:
+    a value that rounded up gets a larger gradient towards falling back and a smaller one the other way."""
+    return grad - delta * grad.abs() * frac
+
+
 class _LSQ(torch.autograd.Function):
     """``s * clamp(round(x / s), lo, hi)`` with the LSQ gradients (Esser et al. 2019, eq. 3):
-    ``dx̂/dx = 1`` for ``lo <= x/s <= hi`` else 0; ``dx̂/ds = round(x/s) - x/s`` inside,
-    ``lo`` below and ``hi`` above, multiplied by ``grad_factor``."""
+    ``dx̂/dx = 1`` for ``lo <= x/s <= hi`` else 0 (scaled element-wise by EWGS when ``ewgs > 0``);
+    ``dx̂/ds = round(x/s) - x/s`` inside, ``lo`` below and ``hi`` above, multiplied by ``grad_factor``."""
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, grad_factor):
+    def forward(ctx, x, scale, lo, hi, grad_factor, ewgs=0.0):
         v = x / scale
         r = torch.round(v)
         # bounds are integers, so clamping the rounded value equals rounding the clamped one
         below, above = v <= lo, v >= hi
         out = torch.where(below, lo, torch.where(above, hi, r)).mul_(scale)
         ctx.save_for_backward(r.sub_(v), below, above, scale, lo, hi)
-        ctx.grad_factor = grad_factor
+        ctx.grad_factor, ctx.ewgs = grad_factor, ewgs
         return out
 
     @staticmethod
@@ -122,22 +128,26 @@ class _LSQ(torch.autograd.Function):
         frac, below, above, scale, lo, hi = ctx.saved_tensors  # frac = round(v) - v
         grad_x = grad_s = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.masked_fill(below | above, 0.0)
+            grad_x = (_ewgs(grad, frac, ctx.ewgs) if ctx.ewgs else grad).masked_fill(below | above, 0.0)
         if ctx.needs_input_grad[1]:
             ds = torch.where(below, lo, torch.where(above, hi, frac))
             grad_s = (grad * ds).sum_to_size(scale.shape) * ctx.grad_factor
-        return grad_x, grad_s, None, None, None
+        return grad_x, grad_s, None, None, None, None
 
 
 class _STE(torch.autograd.Function):
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s``; the gradient passes where the rounded
-    code lies in ``[qmin, qmax]``. Written with plain tensor ops: on CPU they vectorise, where
-    ``torch.fake_quantize_*`` kernels run several times slower. ``may_clip=False`` promises that
-    no code leaves the range (the caller checked the batch's min/max): no clamp, no mask."""
+    code lies in ``[qmin, qmax]`` (scaled element-wise by EWGS when ``ewgs > 0``). Written with
+    plain tensor ops: on CPU they vectorise, where ``torch.fake_quantize_*`` kernels run several
+    times slower. ``may_clip=False`` promises that no code leaves the range (the caller checked the
+    batch's min/max): no clamp, no mask."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, qmin, qmax, may_clip):
-        r = torch.div(x, scale).round_()
+    def forward(ctx, x, scale, zero, qmin, qmax, may_clip, ewgs=0.0):
+        v = torch.div(x, scale)
+        r = v.round() if ewgs else v.round_()
+        ctx.ewgs = ewgs
+        ctx.frac = (r - v) if ewgs else None  # not saved for backward: v is a fresh tensor, never changed in place
         if not may_clip:  # round(x/s) + z - z: the zero point cancels when nothing clips
             ctx.clipped = False
             return r.mul_(scale)
@@ -153,30 +163,35 @@ class _STE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.ewgs:
+            grad = _ewgs(grad, ctx.frac, ctx.ewgs)
         if not ctx.clipped:
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, 0.0), None, None, None, None, None
+        return grad.masked_fill(outside, 0.0), None, None, None, None, None, None
 
 
 def ste_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, may_clip: bool = True
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, may_clip: bool = True,
+    ewgs: float = 0.0,
 ) -> torch.Tensor:
     """Quantize-dequantize with a fixed ``scale``/``zero`` (broadcastable to ``x``) and the
-    straight-through estimator.
+    straight-through estimator (with ``ewgs > 0``, EWGS's element-wise scaling of it).
 
     Example:
         >>> ste_quantize(torch.tensor([0.26, 9.0]), torch.tensor(0.5), torch.tensor(0), -8, 7).tolist()
         [0.5, 3.5]
     """
-    return _STE.apply(x, scale, zero.to(x.dtype), qmin, qmax, may_clip)
+    return _STE.apply(x, scale, zero.to(x.dtype), qmin, qmax, may_clip, float(ewgs))
 
 
 def lsq_quantize(
-    x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, grad_factor: float = 1.0
+    x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, grad_factor: float = 1.0,
+    ewgs: float = 0.0,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` with a learnable ``scale`` (broadcastable to ``x``) and integer bounds
-    ``lo``/``hi`` (``qmin - z``, ``qmax - z``), using the LSQ straight-through gradients.
+    ``lo``/``hi`` (``qmin - z``, ``qmax - z``), using the LSQ straight-through gradients (with
+    ``ewgs > 0``, the input's gradient scaled element-wise as EWGS does).
 
     Example:
         >>> s = torch.tensor(0.5, requires_grad=True)
@@ -185,4 +200,4 @@ def lsq_quantize(
     """
     lo_t = torch.as_tensor(lo, dtype=x.dtype)
     hi_t = torch.as_tensor(hi, dtype=x.dtype)
-    return _LSQ.apply(x, scale.to(x.dtype), lo_t, hi_t, float(grad_factor))
+    return _LSQ.apply(x, scale.to(x.dtype), lo_t, hi_t, float(grad_factor), float(ewgs))

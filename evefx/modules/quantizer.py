@@ -83,6 +83,7 @@ class Quantizer(EveHooks, nn.Module):
     code_range = _option("code_range")
     init_steps = _option("init_steps")
     bits_schedule = _option("bits_schedule")
+    ewgs = _option("ewgs")
     name = _option("name")
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -428,14 +429,14 @@ class Quantizer(EveHooks, nn.Module):
                 z = self.zero_point.float()
                 may_clip = not bool(((mn / self.scale + z) >= qmin - 0.49).all() and ((mx / self.scale + z) <= qmax + 0.49).all())
             return ste_quantize(x, view(scale.detach()).to(x.dtype), view(zero) if per_row and zero.dim() else zero,
-                                qmin, qmax, may_clip)
+                                qmin, qmax, may_clip, self.ewgs)
         zero_f = (view(zero) if per_row and zero.dim() else zero).to(x.dtype)
         if self.fn == "lsq":
             n = x.numel() if self.num_channels is None else x.numel() // self.num_channels
             grad_factor = 1.0 / math.sqrt(n * max(qmax, 1))
         else:
             grad_factor = 1.0
-        return lsq_quantize(x, view(scale), qmin - zero_f, qmax - zero_f, grad_factor)
+        return lsq_quantize(x, view(scale), qmin - zero_f, qmax - zero_f, grad_factor, self.ewgs)
 
     def quantize_folded(self, weight: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
         """``Q(weight * f) / f`` for a per-output-channel fold factor ``f`` (shape ``[C, 1, ...]``),

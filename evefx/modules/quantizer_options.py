@@ -96,6 +96,10 @@ class QuantizerOptions:
             it has reached (counting its own training forwards); a learned scale then starts over
             as at initialisation (``init_steps`` of range tracking, then the least-squares step).
             E.g. ``((0, 8), (100, 4), (200, 2))``. The first entry's bits replace ``bits``.
+        ewgs: element-wise gradient scaling (EWGS, Lee et al. 2021) of the straight-through
+            gradient of the input, in ``[0, 1]``: ``g * (1 + ewgs * sign(g) * (v - round(v)))`` with
+            ``v = x/s``, so a value's gradient grows when it points back across the rounding
+            boundary the value crossed and shrinks the other way. 0 (default): the plain estimator.
         name: the layer the quantizer belongs to, for error messages.
 
     Example:
@@ -121,6 +125,7 @@ class QuantizerOptions:
     code_range: tuple[int, int] | None = None
     init_steps: int = 0
     bits_schedule: tuple[tuple[int, int], ...] | None = None
+    ewgs: float = 0.0
     name: str = "<unnamed quantizer>"
 
     def __post_init__(self) -> None:
@@ -149,6 +154,8 @@ class QuantizerOptions:
                 raise QuantizationError(f"{name}: code_range must contain 0 and two codes at least (got {code_range})")
         if int(self.init_steps) < 0:
             raise QuantizationError(f"{name}: init_steps must be >= 0 (got {self.init_steps})")
+        if not 0.0 <= float(self.ewgs) <= 1.0:
+            raise QuantizationError(f"{name}: ewgs must be in [0, 1] (got {self.ewgs})")
         schedule = self.bits_schedule
         if schedule is not None:
             schedule = tuple((int(st), int(b)) for st, b in schedule)
@@ -169,7 +176,7 @@ class QuantizerOptions:
             "ch_axis": int(self.ch_axis), "num_channels": int(self.num_channels) if per_channel else None,
             "symmetric": bool(self.symmetric), "signed": bool(self.signed), "momentum": float(self.momentum),
             "learnable_scale": bool(self.learnable_scale) or self.fn in ("lsq", "llsq"),
-            "reg_weight": float(self.reg_weight), "init_steps": int(self.init_steps),
+            "reg_weight": float(self.reg_weight), "init_steps": int(self.init_steps), "ewgs": float(self.ewgs),
         }
         for key, setting in normal.items():  # frozen: the normal form is written once, here
             object.__setattr__(self, key, setting)

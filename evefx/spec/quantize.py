@@ -74,6 +74,12 @@ class QuantizerConfig(StrictModel):
     86% from random weights and from 52 to 89% fine-tuned (docs/quantization.md)."""
     progressive: ProgressiveBits | None = None
     """Lower the bits progressively during training (e.g. 8 -> 4 -> 2); ``null``: ``bits`` throughout."""
+    ewgs: Bounded(float, 0.0, 1.0) = 0.0
+    """Element-wise gradient scaling (EWGS, Lee et al. 2021) of the straight-through gradient, 0 to 1:
+    each element's gradient is multiplied by ``1 + ewgs * sign(g) * (x/s - round(x/s))``. 0: the
+    plain estimator (default). Measured on validation (docs/quantization.md): 0.1 on weights and
+    activations lifted a small ResNet fine-tuned at W4A4 from 91.3 +- 2.4 to 93.7 +- 0.9 and at
+    W3A3 by about 1.4 points, and changed nothing beyond noise on DemoNet (W2A2 to W4A4)."""
 
     @model_validator(mode="after")
     def _progressive_starts_higher(self) -> QuantizerConfig:

@@ -850,3 +850,47 @@ def test_autocast_activations_are_quantized_in_float32():
     assert out.dtype == torch.float32 and torch.equal(out, q(half.float()))
     codes = out.detach() / q.scale.detach() + q.zero_point
     assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+@pytest.mark.parametrize("fn", ["lsq", "round"])
+def test_ewgs_scales_each_elements_gradient_by_its_rounding_residual(fn):
+    """EWGS (Lee et al. 2021): g * (1 + delta * sign(g) * (x/s - round(x/s))), zero outside the grid; 0 is the plain STE.
+    Reference values by hand, s = 0.5: 0.26 -> v 0.52, residual -0.48; 0.74 -> +0.48; -0.3 -> v -0.6, residual +0.4."""
+    from evefx.modules.quant_functions import ste_quantize
+
+    x = torch.tensor([0.26, 0.74, -0.3, 9.0], requires_grad=True)
+    g = torch.tensor([1.0, 1.0, -2.0, 1.0])
+    grads = {}
+    for delta in (0.0, 0.5):
+        x.grad = None
+        if fn == "lsq":
+            out = lsq_quantize(x, torch.tensor(0.5), -8, 7, 1.0, ewgs=delta)
+        else:
+            out = ste_quantize(x, torch.tensor(0.5), torch.tensor(0), -8, 7, may_clip=True, ewgs=delta)
+        assert out.tolist() == [0.5, 0.5, -0.5, 3.5]  # the forward does not change
+        out.backward(g)
+        grads[delta] = x.grad.tolist()
+    assert grads[0.0] == [1.0, 1.0, -2.0, 0.0]
+    assert grads[0.5] == pytest.approx([1 - 0.5 * 0.48, 1 + 0.5 * 0.48, -2 * (1 - 0.5 * 0.4), 0.0])
+    # the no-clip path of the STE (the caller checked the range) scales the same way
+    y = torch.tensor([0.26, 0.74, -0.3], requires_grad=True)
+    ste_quantize(y, torch.tensor(0.5), torch.tensor(0), -8, 7, may_clip=False, ewgs=0.5).backward(g[:3])
+    assert y.grad.tolist() == pytest.approx(grads[0.5][:3])
+
+
+def test_ewgs_reaches_the_weights_of_a_quantized_layer_through_the_spec():
+    import evefx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for delta in (0.0, 0.3):
+        spec = {"trace": {"input_shape": [1, 1, 6, 6]}, "passes": [{"kind": "quantize", "weight": {"bits": 3, "fn": "lsq", "ewgs": delta},
+                                                                     "activation": {"bits": 3, "ewgs": delta}}]}
+        gm = evefx.transform(net, spec).train()
+        assert {m.ewgs for m in gm.modules() if isinstance(m, Quantizer)} == {delta}
+        gm(x).square().sum().backward()
+        grads[delta] = gm.get_submodule("0").weight.grad.clone()
+    change = float((grads[0.3] - grads[0.0]).norm() / grads[0.0].norm())
+    assert 0.0 < change < 0.3, change  # rescaled element by element, not a different gradient

@@ -60,6 +60,7 @@ def test_options_are_normalised_once():
     ({"bits": 8, "bit_range": (2, 4)}, "fc: bits=8 lies outside bit_range (2, 4); pick bits inside it"),
     ({"code_range": (1, 5)}, "fc: code_range must contain 0 and two codes at least (got (1, 5))"),
     ({"init_steps": -1}, "fc: init_steps must be >= 0 (got -1)"),
+    ({"ewgs": 1.5}, "fc: ewgs must be in [0, 1] (got 1.5)"),
     ({"bits_schedule": ((1, 8),)}, "fc: bits_schedule needs (step, bits) pairs with rising steps starting at 0"),
     ({"bits_schedule": ((0, 8), (5, 17))}, "fc: bits_schedule bits must be between 1 and 16"),
     ({"bits_schedule": ((0, 8),), "bit_range": (2, 8)}, "fc: bits_schedule and bit_range both set the bits; use one"),
@@ -82,12 +83,13 @@ def test_options_and_fields_together_are_an_error():
 def test_make_quantizer_hands_every_spec_option_through():
     cfg = QuantizerConfig(bits=3, fn="llsq", granularity="per_channel", symmetric=False, signed=False,
                           tracker="global", momentum=0.5, learnable_scale=True, regularization="l1", init_steps=7,
-                          scale_domain="log", progressive={"start_bits": 8, "steps": 20})
+                          scale_domain="log", progressive={"start_bits": 8, "steps": 20}, ewgs=0.1)
     q = make_quantizer(cfg, name="fc (weight)", num_channels=5, ch_axis=0, bit_range=None, code_range=(-4, 3))
     expected = QuantizerOptions(bits=8, fn="llsq", granularity="per_channel", ch_axis=0, num_channels=5, symmetric=False,
                                 signed=False, tracker="global", momentum=0.5, learnable_scale=True,
                                 regularization="l1", code_range=(-4, 3), init_steps=7,
-                                scale_domain="log", bits_schedule=((0, 8), (10, 4), (20, 3)), name="fc (weight)")
+                                scale_domain="log", bits_schedule=((0, 8), (10, 4), (20, 3)), ewgs=0.1,
+                                name="fc (weight)")
     assert q.options == expected
     # every field of the spec block is an option of the same name, except progressive (the schedule)
     spec_only = set(QuantizerConfig.model_fields) - {f.name for f in dataclasses.fields(QuantizerOptions)}
