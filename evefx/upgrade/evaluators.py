@@ -117,14 +117,20 @@ class BNRecalibrate:
         self.dataset, self.batches, self.batch_size, self.seed = dataset, int(batches), int(batch_size), int(seed)
 
     def _inputs(self) -> list[Any]:
+        """The batches, whole: ``(inputs..., labels)`` items stacked field by field (a model of two
+        inputs gets both; :func:`evefx.reestimate_bn` drops the labels), bare tensors stacked."""
         g = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(self.dataset), generator=g).tolist()
-        out = []
+        out: list[Any] = []
         for b in range(self.batches):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             if not idx:
                 break
-            out.append(torch.stack([self.dataset[i][0] for i in idx]))
+            items = [self.dataset[i] for i in idx]
+            if isinstance(items[0], torch.Tensor):
+                out.append(torch.stack(items))
+            else:
+                out.append(tuple(torch.stack([item[k] for item in items]) for k in range(len(items[0]))))
         return out
 
     def __call__(self, gm: nn.Module) -> None:

@@ -36,10 +36,10 @@ def test_bn_recalibrate_sets_the_exact_batch_statistics_and_restores_modes():
     bn.running_var.fill_(100.0)
     recal = BNRecalibrate(dataset(), batches=3, batch_size=32, seed=0)
     recal(model)
-    x = torch.cat(recal._inputs())
+    x = torch.cat([b[0] for b in recal._inputs()])
     y = model[0](x)
     # equal batches: the average of the per-batch means is the mean over all of them
-    per_batch = [model[0](b) for b in recal._inputs()]
+    per_batch = [model[0](b[0]) for b in recal._inputs()]
     assert torch.allclose(bn.running_mean, y.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.running_var, torch.stack([b.var((0, 2, 3), unbiased=True) for b in per_batch]).mean(0), atol=1e-5)
     assert bn.momentum == 0.1 and all(m.training for m in model.modules())  # modes and momentum put back
@@ -123,3 +123,33 @@ def test_the_fine_tune_evaluator_keeps_its_epoch_lines_out_of_the_search_log(cap
     with caplog.at_level(logging.INFO, logger="evefx"):
         fit(gm, torch.utils.data.DataLoader(dataset(), batch_size=48), None, 1, progress=False)
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["train epoch 1/1"]  # fit's own default
+
+
+def test_bn_recalibrate_feeds_every_input_of_a_two_input_model():
+    """It stacked only each item's first field: a model of two inputs failed with a missing argument."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+        def forward(self, x, z):
+            return self.b(torch.relu(self.bn(self.a(x) + z)))
+
+    g = torch.Generator().manual_seed(0)
+    x, z, y = torch.randn(64, 4, generator=g), torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    gm = evefx.transform(Two(), {"passes": [{"kind": "quantize", "activation": {"bits": 8}}]}, (x[:2], z[:2]))
+    gm.train()
+    gm(x, z)  # ranges set
+    gm.eval()
+    recal = BNRecalibrate(TensorDataset(x, z, y), batches=1, batch_size=64)
+    recal(gm)
+    (bx, bz, by), = recal._inputs()
+    assert torch.equal(by.sort().values, y.sort().values)
+    seen = []
+    hook = gm.get_submodule("bn").register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        gm(bx, bz)  # eval: the quantizers' grids as the re-estimation saw them
+    hook.remove()
+    assert torch.allclose(gm.get_submodule("bn").running_mean, seen[0].mean(0), atol=1e-6)
