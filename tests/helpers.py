@@ -56,3 +56,20 @@ def colour_data(n: int = 120, classes: int = 3, seed: int = 0):
     x = torch.rand(n, 3, 32, 32, generator=gen) * 0.5
     x[torch.arange(n), y] += 0.5
     return x, y
+
+
+class ResidualDepthwiseNet(nn.Module):
+    """A user's block: a residual add around a depthwise conv (its channels coupled to the conv before it)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.c2, self.b2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width)
+        self.c3, self.b3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2 * width), nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = x + F.hardswish(self.b3(self.c3(x)))
+        return self.fc(x.mean((2, 3)))

@@ -65,6 +65,9 @@ class LayerCost:
     """The conv/linear layer whose output channels feed this one (pruning it shrinks our input)."""
     fixed_weight_bits: int
     """Bit width of the weights when no eve parameter sets it (32 for a float layer)."""
+    depthwise: bool = False
+    """One input channel per output channel (``groups == in_channels``): its input shrinks with its
+    output channels (coupled), so the producer's pruning is not counted again."""
 
 
 def _producer(gm: fx.GraphModule, node: fx.Node, layers: dict[str, fx.Node]) -> str | None:
@@ -83,6 +86,72 @@ def _producer(gm: fx.GraphModule, node: fx.Node, layers: dict[str, fx.Node]) -> 
     return None
 
 
+@dataclass(frozen=True)
+class _CoupledGroup:
+    """Channels sharing one mask (:func:`evefx.channels.analyze`): ``prune_step`` prunes the group
+    at the least ratio of its ``pruners`` (layer -> ratio when it is not searched, else None),
+    ``int(ratio * channels)`` channels, at most ``prunable``; ``layers`` produce its channels."""
+
+    layers: tuple[str, ...]
+    channels: int
+    prunable: int
+    pruners: tuple[tuple[str, float | None], ...]
+
+
+@dataclass(frozen=True)
+class _Coupling:
+    """What pruning does to every layer, from the channel analysis: the coupled groups, and for
+    each layer reading channels the group of each of its input channels (-1: none, never pruned)."""
+
+    groups: tuple[_CoupledGroup, ...]
+    inputs: dict[str, np.ndarray]
+
+    def kept(self, ratios: Mapping[str, float]) -> list[float]:
+        """Fraction of each group's channels left with the searched ``ratios`` (layer -> ratio)."""
+        out = []
+        for g in self.groups:
+            least = min(ratios[n] if fixed is None else fixed for n, fixed in g.pruners)
+            out.append((g.channels - min(int(least * g.channels + 1e-9), g.prunable)) / g.channels)
+        return out
+
+
+def _coupling(gm: fx.GraphModule, searched: set[str]) -> _Coupling | None:
+    """The channel coupling when every searched ratio belongs to a channel pruner the analysis sees;
+    ``None`` otherwise (a hand-made gate marked as a pruner, channels that cannot be followed): each
+    layer's ratio is then priced alone, its input shrinking with its direct producer."""
+    import networkx as nx
+
+    from evefx.channels import analyze
+    from evefx.channels.depgraph import layer_name
+    from evefx.errors import EvefxError
+
+    try:
+        dg = analyze(gm)
+    except EvefxError as e:
+        log.warning("pruning costs priced per layer, not per coupled group: %s", e)
+        return None
+    pruners = {layer_name(s.node): s for s in dg.pruners}
+    if not searched <= pruners.keys():
+        return None
+    frozen = dg.frozen_roots()
+    pruned_by = {r for s in dg.pruners for r in dg.root(s.ids).tolist()}
+    groups: list[_CoupledGroup] = []
+    group_of: dict[int, int] = {}
+    for comp in nx.connected_components(dg.layer_graph()):
+        layers = sorted(n[1] for n in comp if n[0] == "layer")
+        owners = [n for n in layers if n in pruners]
+        if not owners:
+            continue
+        classes = [n[1] for n in comp if n[0] == "class"]
+        for c in classes:
+            group_of[c] = len(groups)
+        groups.append(_CoupledGroup(tuple(layers), len(classes), sum(1 for c in classes if c not in frozen and c in pruned_by),
+                                    tuple((n, None if n in searched else pruners[n].module.target_ratio()) for n in owners)))
+    inputs = {layer_name(site.node): np.array([group_of.get(int(r), -1) for r in dg.root(site.ids).reshape(-1).tolist()])
+              for site in dg.consumers}
+    return _Coupling(tuple(groups), inputs)
+
+
 def _fixed_weight_bits(module: nn.Module) -> int:
     wq = getattr(module, "weight_quantizer", None)
     bits = getattr(wq, "bits", None)
@@ -95,8 +164,10 @@ def _table(gm: fx.GraphModule) -> dict[str, LayerCost]:
     for name, node in nodes.items():
         m = module_of(gm, node)
         bias = getattr(m, "bias", None)
+        groups = int(getattr(m, "groups", 1))
         out[name] = LayerCost(name, int(m.weight.numel()), int(bias.numel()) if bias is not None else 0, int(out_channels(m)),
-                              layer_macs(m, shape_of(node)), _producer(gm, node, nodes), _fixed_weight_bits(m))
+                              layer_macs(m, shape_of(node)), _producer(gm, node, nodes), _fixed_weight_bits(m),
+                              depthwise=groups > 1 and groups == int(getattr(m, "in_channels", 0)))
     return out
 
 
@@ -135,7 +206,9 @@ class CostModel:
     * ``avg_bits``: mean of the chosen bit widths (every ``bits`` eve parameter counts once);
     * ``weight_bytes``: bytes of the conv/linear weights at their bit widths, kept channels only;
     * ``macs``: fraction of the dense model's multiply-accumulates left after pruning (a layer
-      loses its pruned output channels and the input channels its producer pruned);
+      loses its pruned output channels and the input channels its producer pruned; layers whose
+      channels are coupled, e.g. a residual stream, are pruned together at the least of their
+      ratios, as :func:`evefx.prune_step` does);
     * ``sparsity``: fraction of output channels kept (1 - sparsity);
     * ``latency``: onnxruntime seconds per call on ``latency_inputs`` (measured, so the
       configuration must be applied to ``gm`` first: :meth:`measure`).
@@ -174,16 +247,18 @@ class CostModel:
                                   "transform with example inputs (or set trace.input_shape in the spec)")
         self._dense_macs = sum(lc.macs or 0 for lc in self.layers.values()) or 1.0
         self._dense_channels = sum(lc.channels for lc in self.layers.values()) or 1
+        self._coupling = _coupling(gm, {p.layer for p in ratios}) if ratios else None
 
     @property
     def static(self) -> bool:
         """True when the cost follows from the values alone (everything but latency)."""
         return self.kind != "latency"
 
-    def _resolve(self, values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float], list[float]]:
+    def _resolve(self, values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float], dict[str, float], list[float]]:
         w_bits = {name: float(lc.fixed_weight_bits) for name, lc in self.layers.items()}
         keep = dict.fromkeys(self.layers, 1.0)
         bits = []
+        ratio: dict[str, float] = {}
         for p in self.parameters:
             v = float(values[p.name]) if p.name in values else p.value
             if p.kind == "bits":
@@ -191,27 +266,41 @@ class CostModel:
                 if p.role == "weight" and p.layer in w_bits:
                     w_bits[p.layer] = v
             elif p.kind == "ratio" and p.layer in keep:
+                ratio[p.layer] = v
                 # channel counts are integers: round as a pruner would, never below one channel
                 ch = self.layers[p.layer].channels
                 keep[p.layer] = max(1, ch - int(math.floor(v * ch))) / ch
-        return w_bits, keep, bits
+        k_in = {name: keep[lc.producer] if lc.producer is not None and not lc.depthwise else 1.0
+                for name, lc in self.layers.items()}
+        if self._coupling is not None:
+            # one mask per coupled group, at the least ratio of its pruners (what prune_step does)
+            kept = self._coupling.kept(ratio)
+            for g, f in zip(self._coupling.groups, kept):
+                for n in g.layers:
+                    if n in keep:
+                        keep[n] = f
+            f_of = np.array(kept + [1.0])  # index -1: channels no pruner removes
+            for name, groups in self._coupling.inputs.items():
+                if name in k_in:
+                    # a depthwise conv's input is its own (coupled) output: counted once, in keep
+                    k_in[name] = 1.0 if self.layers[name].depthwise else float(f_of[groups].mean()) if len(groups) else 1.0
+        return w_bits, keep, k_in, bits
 
     def __call__(self, values: Mapping[str, float]) -> float:
         """The static cost of ``values`` (raises for ``latency``: use :meth:`measure`)."""
         if self.kind == "latency":
             raise SearchError("latency is measured, not computed: call CostModel.measure(gm) after applying the values")
-        w_bits, keep, bits = self._resolve(values)
+        w_bits, keep, k_in, bits = self._resolve(values)
         if self.kind == "avg_bits":
             return float(np.mean(bits)) if bits else 32.0
         if self.kind == "sparsity":
             return sum(lc.channels * keep[n] for n, lc in self.layers.items()) / self._dense_channels
         total = 0.0
         for name, lc in self.layers.items():
-            k_in = keep[lc.producer] if lc.producer is not None else 1.0
             if self.kind == "macs":
-                total += (lc.macs or 0) * keep[name] * k_in
+                total += (lc.macs or 0) * keep[name] * k_in[name]
             else:  # weight_bytes: weights at their bits, biases in float32
-                total += lc.weights * keep[name] * k_in * w_bits[name] / 8.0 + 4.0 * lc.biases * keep[name]
+                total += lc.weights * keep[name] * k_in[name] * w_bits[name] / 8.0 + 4.0 * lc.biases * keep[name]
         return total / self._dense_macs if self.kind == "macs" else total
 
     def measure(self, gm: nn.Module | None = None) -> float:
@@ -222,6 +311,6 @@ class CostModel:
 
     def layer_values(self, values: Mapping[str, float]) -> dict[str, Any]:
         """Per layer ``{w_bits, keep}`` for reports."""
-        w_bits, keep, _ = self._resolve(values)
+        w_bits, keep, _, _ = self._resolve(values)
         return {n: {"w_bits": w_bits[n], "keep": keep[n]} for n in self.layers}
 

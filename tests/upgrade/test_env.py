@@ -345,3 +345,25 @@ def test_spec_with_values_merges_with_the_overrides_already_there():
     ]
     fresh = evefx.transform(mlp(), spec_with_values(gm.spec, params, values), torch.zeros(1, 8))
     assert {p.name: p.value for p in evefx.eve_parameters(fresh)} == values
+
+
+@pytest.mark.parametrize("values", [(0.5, 0.2, 0.05), (0.25, 0.6, 0.6), (0.0, 0.7, 0.3)])
+def test_the_macs_a_search_prices_are_the_macs_of_the_compacted_model(values):
+    """Coupled layers (a depthwise conv and the conv feeding it, tied by a residual add) share one mask,
+    pruned at the least of their ratios; the cost priced each ratio alone, so a search's pick "within
+    MACs <= 0.5" compacted to 0.51 of the dense model."""
+    from evefx.channels import compact_report
+    from tests.helpers import ResidualDepthwiseNet
+
+    torch.manual_seed(0)
+    gm = evefx.transform(ResidualDepthwiseNet(), {"trace": {"input_shape": [1, 3, 16, 16]}, "passes": [
+        {"kind": "prune", "criterion": "l1_norm", "ratio": 0.0, "upgrade_ratio": True, "max_ratio": 0.8}]})
+    params = evefx.eve_parameters(gm)
+    assert [p.layer for p in params] == ["c1", "c2", "c3"]
+    config = {p.name: v for p, v in zip(params, values)}
+    priced = CostModel(gm, "macs")(config)
+    for name, v in config.items():
+        evefx.set_eve_parameter(gm, name, v)
+    evefx.prune_step(gm)
+    report = compact_report(evefx.compact(gm))
+    assert priced == pytest.approx(report.macs_after / report.macs_before, rel=1e-12)
