@@ -28,6 +28,7 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
     from torch.utils.data import DataLoader
 
     import evefx
+    from evefx.data import open_data
 
     float_model = load_model(model, parse_kwargs(model_kwargs))
     if checkpoint is not None:
@@ -38,8 +39,6 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
             raise EvefxError(f"--checkpoint {checkpoint} does not fit {model} (a state_dict of the float model is "
                              f"expected): {e}") from e
     float_model.eval()
-    from evefx.data import open_data
-
     source = open_data(data, data_root)
     xs = source.inputs("train", calib_samples)
     labelled: list[tuple[Any, Any]] | None = None
