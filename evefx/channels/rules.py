@@ -37,6 +37,7 @@ from torch import fx, nn
 from evefx.modules.neurons import SpikingNeuron
 from evefx.modules.protocol import EveHooks
 from evefx.modules.prune import ChannelPruner
+from evefx.modules.quantizer import Quantizer
 
 if TYPE_CHECKING:
     from evefx.channels.analysis import ChannelAnalysis
@@ -298,6 +299,14 @@ def eve_module(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     return ChannelMap(x.ids, np.zeros_like(x.masked))
 
 
+def quantizer(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
+    """A fake quantizer of activations: element-wise, and a pruned channel stays what it was: its
+    zero point is always a code, so 0 comes out as exactly 0, and a constant as a constant."""
+    eve_module(walk, call)  # a per-channel quantizer of activations is refused as any eve module
+    x = walk.input(call)
+    return ChannelMap(x.ids, x.masked)
+
+
 def spiking_neuron(walk: ChannelAnalysis, call: OpCall) -> ChannelMap:
     """A spiking neuron: channel c in, channel c out. Per-channel thresholds and resets
     (``neuron_wise``) are sliced with the channels. A pruned (zero) channel stays zero while its
@@ -395,6 +404,7 @@ _default(nn.Embedding, embedding)
 _default(nn.modules.batchnorm._BatchNorm, batch_norm)
 _default(nn.PReLU, prelu)
 _default(EveHooks, eve_module)
+_default(Quantizer, quantizer)
 _default(SpikingNeuron, spiking_neuron)
 _default((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh,
     nn.Mish, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Identity,

@@ -36,3 +36,28 @@ def test_pass_is_idempotent_and_leaves_the_users_model_alone(demo_net):
     evefx.compact(gm)
     assert all(torch.equal(before[k], v) for k, v in demo_net.state_dict().items())
     assert all(isinstance(m, nn.Conv2d) and m.out_channels in (4, 8, 16) for m in demo_net.features if isinstance(m, nn.Conv2d))
+
+
+def test_a_quantizer_between_a_pruner_and_the_next_layer_keeps_pruned_channels_at_zero():
+    """prune then quantize: the classifier's input quantizer was taken to turn a pruned channel into data,
+    so prune_step froze every channel feeding the classifier ('read by fc without passing a pruner') and a
+    search over those ratios pruned nothing. A quantizer maps 0 to exactly 0 (its zero point is a code)."""
+    from evefx.modules import Quantizer
+    from tests.helpers import ResidualDepthwiseNet
+
+    torch.manual_seed(0)
+    gm = evefx.transform(ResidualDepthwiseNet(), {"trace": {"input_shape": [1, 3, 16, 16]}, "passes": [
+        {"kind": "prune", "criterion": "l1_norm", "ratio": 0.5},
+        {"kind": "quantize", "activation": {"bits": 4}}]})
+    assert isinstance(gm.get_submodule("fc_input_quant"), Quantizer)
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    gm.train()
+    gm(x)  # ranges
+    gm.eval()
+    assert evefx.prune_step(gm) == {"c1": (8, 16), "c2": (16, 32), "c3": (16, 32)}
+    seen = []
+    gm.get_submodule("fc").register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        gm(x)
+    pruned = ~gm.get_submodule("relu_1_pruner").mask.bool()
+    assert int(pruned.sum()) == 16 and torch.equal(seen[0][:, pruned], torch.zeros(8, 16))
