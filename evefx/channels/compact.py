@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
@@ -30,6 +31,8 @@ from evefx.errors import PruneError, ShapeError
 from evefx.graph import describe_node, module_of, output_block, recorded_inputs, remove_node
 from evefx.layers import as_inputs, count_macs, count_params, eval_mode, runs_torch_forward
 from evefx.modules.neurons import SpikingNeuron
+from evefx.modules.quant_layers import QUANT_LAYER_TYPES
+from evefx.modules.quantizer import Quantizer
 from evefx.trace import propagate_shapes
 
 __all__ = ["CompactReport", "compact", "compact_report"]
@@ -124,10 +127,10 @@ class _Slicer:
         self.cuts: dict[tuple[int, _Side], _Cut] = {}
 
     def add(self, side: _Side, site: Site, keep: np.ndarray) -> None:
-        if not keep.all() and not runs_torch_forward(site.module) and not isinstance(site.module, SpikingNeuron):
+        if not keep.all() and not runs_torch_forward(site.module) and not isinstance(site.module, (SpikingNeuron, *QUANT_LAYER_TYPES)):
             raise PruneError(
-                f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers "
-                f"are sliced (a quantized or custom layer may hold per-channel state); prune and compact before quantizing"
+                f"compact cannot slice {describe_node(self.gm, site.node)}: only torch.nn conv, linear and BatchNorm layers, "
+                f"evefx's quantized layers and neurons are sliced (a custom layer may hold per-channel state)"
             )
         idx = torch.as_tensor(np.flatnonzero(keep), dtype=torch.long)
         key = (id(site.module), side)
@@ -175,6 +178,24 @@ def _slice_out(m: nn.modules.conv._ConvNd | nn.Linear, idx: torch.Tensor) -> Non
         m.out_features = len(idx)
     else:
         m.out_channels = len(idx)
+    if isinstance(m, QUANT_LAYER_TYPES):  # its weights' per-channel grid and the BatchNorm folded into it
+        _slice_quantizer(m.weight_quantizer, idx)
+        if m.bn is not None:
+            _slice_norm(m.bn, idx)
+
+
+def _slice_quantizer(q: Quantizer, idx: torch.Tensor) -> None:
+    """A per-channel quantizer's grid (scale or its log ratio and base, zero point, tracked range)
+    keeps the channels ``idx``: each kept channel quantizes exactly as before."""
+    if q.num_channels is None:
+        return
+    for name, t in [*q.named_parameters(recurse=False), *q.named_buffers(recurse=False)]:
+        if t.dim() == 1 and t.shape[0] == q.num_channels:
+            if isinstance(t, nn.Parameter):
+                setattr(q, name, _param(t.detach()[idx], t))
+            else:
+                q.register_buffer(name, t[idx].clone())
+    q.options = dataclasses.replace(q.options, num_channels=len(idx))
 
 
 def _slice_in(m: nn.modules.conv._ConvNd | nn.Linear, idx: torch.Tensor) -> None:
@@ -383,6 +404,11 @@ def _constant_folds(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> lis
     folds = []
     for site in dg.consumers:
         need = ~keep(site.ids) & (site.masked == MaskedValue.CONSTANT)
+        if need.any() and isinstance(site.module, QUANT_LAYER_TYPES):
+            # the constant reaches it through its input quantizer and meets quantized weights: a float
+            # bias shift would not be what the quantized layer computed
+            raise PruneError(f"{describe_node(gm, site.node)} reads removed channels as a constant (not 0) and is quantized: "
+                             "compact would have to fold them into its bias; prune and compact before quantizing")
         if need.any():
             if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == site.node.target) > 1:
                 raise PruneError(f"{describe_node(gm, site.node)} is called more than once and would need a bias fold")

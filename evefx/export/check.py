@@ -76,10 +76,14 @@ def stand_in_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...
 
 
 def check_file(gm: nn.Module, deploy: nn.Module, path: Path, batches: list[tuple[torch.Tensor, ...]],
-           report: ExportReport, tolerance: float | None, top1_min: float) -> ExportReport:
-    """The three comparisons and the emulation of the other CPU class (see :class:`ExportReport`)."""
+               report: ExportReport, tolerance: float | None, top1_min: float,
+               graph_reference: nn.Module | None = None) -> ExportReport:
+    """The three comparisons and the emulation of the other CPU class (see :class:`ExportReport`).
+    ``graph_reference``: the model whose quantizers match the file's op by op (the compacted model of
+    a pruned one; ``gm`` by default); the end-to-end comparison is always with ``gm``."""
     here = local_cpu_class()
-    graph = graph_parity(gm, str(path), batches, tolerance=tolerance, top1_min=top1_min)
+    graph = graph_parity(graph_reference if graph_reference is not None else gm, str(path), batches,
+                         tolerance=tolerance, top1_min=top1_min)
     kernels = check_parity(None, str(path), batches, tolerance=tolerance, top1_min=top1_min)
     parity = check_parity(gm, str(path), batches, tolerance=tolerance, top1_min=top1_min)
     emulated = tuple(u8s8_saturation(str(path), batches)) if report.quantized else ()

@@ -4,8 +4,8 @@ Every exporter and every latency measurement goes through it, once:
 
 1. copy the model (the user's module is never edited), in eval mode, on the CPU;
 2. remove pruned channels for real (:func:`evefx.compact`) when some pruner masks channels, so
-   the file is smaller and faster; where compact cannot slice (quantized layers), the masks stay
-   and export as multiplications;
+   the file is smaller and faster (quantized layers too); where compact cannot slice (a custom
+   layer), the masks stay and export as multiplications;
 3. swap quantizers, quantized layers, spiking neurons and Poisson encoders for the export
    stand-ins of :mod:`evefx.export.qdq` and :mod:`evefx.export.spiking`.
 
@@ -55,6 +55,14 @@ class Deployed:
     """Qualified names of the modules swapped for export stand-ins."""
     quantized: bool
     """True when some quantizer is enabled (the file is int8 QDQ)."""
+    compacted: nn.Module | None = None
+    """The compacted model before its stand-ins (same graph as the file, quantizers in place): the
+    op-by-op reference of a pruned and quantized model; None when nothing was compacted."""
+
+    @property
+    def graph_reference(self) -> nn.Module:
+        """What the file's graph is compared with op by op: the compacted model, else the user's."""
+        return self.compacted if self.compacted is not None else self.source
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -120,5 +128,8 @@ def deployable(gm: nn.Module) -> Deployed:
     compacted, removed = _without_pruned_channels(gm)
     work = compacted if compacted is not None else safe_deepcopy(gm)  # compact already returned a new module
     work = work.eval().cpu()  # exported and checked on the CPU, wherever the model trains
+    # the stand-ins replace the quantizers in place; a quantized compacted model keeps a copy with them
+    reference = safe_deepcopy(work) if compacted is not None and is_quantized(gm) else None
     stand_ins = swap_stand_ins(work)
-    return Deployed(model=work, source=gm, channels_removed=removed, stand_ins=stand_ins, quantized=is_quantized(gm))
+    return Deployed(model=work, source=gm, channels_removed=removed, stand_ins=stand_ins, quantized=is_quantized(gm),
+                    compacted=reference)

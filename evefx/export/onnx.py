@@ -520,7 +520,7 @@ def _check(deployed: Deployed, inputs: tuple[torch.Tensor, ...], path: Path, rep
             f"agree with it; train or calibrate the model first (evefx.calibrate), or pass real_inputs. "
             f"The unchecked file was moved to {failed}"
         )
-    report = check_file(gm, deployed.model, path, batches, report, tolerance, top1_min)
+    report = check_file(gm, deployed.model, path, batches, report, tolerance, top1_min, graph_reference=deployed.graph_reference)
     if not report.passed:
         failed = set_aside(path)
         err = ExportError(f"{failure_text(report)}; the file was moved to {failed}")

@@ -1,5 +1,5 @@
 """compact: sizes against a net built small by hand, the nothing-to-do case, masks it refuses, quantized
-layers it refuses, and a constant folded into a following BatchNorm."""
+layers it slices (and the constant fold it refuses there), and a constant folded into a following BatchNorm."""
 from __future__ import annotations
 
 import pytest
@@ -53,12 +53,33 @@ def test_hand_set_masks_that_cannot_be_compacted_are_refused():
         evefx.compact(shuffle)
 
 
-def test_with_quantization_masks_work_but_compact_refuses_quantized_layers(demo_net, caplog):
-    spec = {"passes": [{"kind": "prune"}, {"kind": "quantize", "quantize_inputs": False}]}
+@pytest.mark.parametrize("weight", [{"bits": 8}, {"bits": 4, "fn": "lsq", "scale_domain": "log"}])
+def test_a_pruned_then_quantized_model_compacts_with_its_weight_grids_and_folded_batchnorms(demo_net, weight):
+    """compact refused quantized layers ('prune and compact before quantizing'), so a pruned and quantized
+    model exported its masks as multiplications over the full-size int8 layers."""
+    from evefx.modules import QuantConv2d
+
+    spec = {"passes": [{"kind": "prune"}, {"kind": "quantize", "quantize_inputs": False, "weight": weight}]}
     gm = evefx.transform(demo_net, spec, X28)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    gm.train()
+    gm(x)
+    gm.eval()
     assert evefx.prune_step(gm)["features.3"] == (4, 8)
-    with pytest.raises(PruneError, match=r"compact cannot slice node 'features_0' \(features.0: QuantConv2d\)"):
-        evefx.compact(gm)
+    kept = gm.get_submodule("features_5_pruner").mask.bool()  # after features.3's ReLU
+    before = gm.get_submodule("features.3")
+    small = evefx.compact(gm)
+    conv = small.get_submodule("features.3")
+    assert isinstance(conv, QuantConv2d) and conv.out_channels == 4 and conv.bn.num_features == 4
+    q, q0 = conv.weight_quantizer, before.weight_quantizer
+    assert q.num_channels == 4 and q.scale.shape == (4,) and q.range_max.shape == (4,)
+    assert torch.equal(q.scale.detach(), q0.scale.detach()[kept]) and torch.equal(conv.bn.running_var, before.bn.running_var[kept])
+    # each kept channel quantizes as before (summing fewer channels may round the last float bit differently)
+    torch.testing.assert_close(small(x), gm(x), atol=1e-6, rtol=0)
+    assert before.out_channels == 8  # gm untouched
+
+
+def test_pruning_then_quantizing_keeps_the_masks_working(demo_net):
     # prune then quantize with quantize_inputs (the default): the next layer's input quantizer is not
     # needed (the mask keeps the previous quantizer's grid), so the masks still work
     gm = evefx.transform(demo_net, {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X28)
@@ -112,3 +133,20 @@ def test_a_pruned_spiking_network_compacts_with_its_per_channel_thresholds(demo_
     assert out.std(0).max() > 0 and torch.allclose(small(mnist_batch), out, atol=1e-6)  # the same network
     graph = evefx.export_nir(gm, tmp_path / "pruned.nir", mnist_batch[:1]).graph  # compacts as export_onnx does
     assert graph.nodes["features_0_neuron"].v_threshold.shape[0] == 2
+
+
+def test_a_removed_constant_channel_is_not_folded_into_a_quantized_layer():
+    torch.manual_seed(0)
+    # a BatchNorm after the ReLU (not foldable) turns a pruned zero into a constant the next conv reads
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+    net[2].bias.data.uniform_(0.5, 1.0)
+    gm = evefx.transform(net, {"trace": {"input_shape": [1, 1, 8, 8]},
+                               "passes": [{"kind": "prune", "ratio": 0.5}, {"kind": "quantize"}]})
+    gm.train()
+    gm(torch.rand(8, 1, 8, 8))
+    gm.eval()
+    evefx.prune_step(gm)
+    with pytest.raises(PruneError) as err:
+        evefx.compact(gm)
+    assert str(err.value) == ("node '_3' (3: QuantConv2d) reads removed channels as a constant (not 0) and is quantized: "
+                              "compact would have to fold them into its bias; prune and compact before quantizing")

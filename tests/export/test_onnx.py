@@ -418,14 +418,20 @@ def test_pruned_model_exports_with_channels_removed(tmp_path):
     assert report.parity.passed and report.ops.get("Mul", 0) == 0
     assert report.rewrites["pruned_channels_removed"] == sum(int((m.mask == 0).sum()) for m in pruned.modules() if hasattr(m, "mask"))
     assert report.params["float"] < dense.params["float"] / 2  # BatchNorm folded in both files
-    # quantized layers cannot be sliced: the masks then export as multiplications
+    # pruned, then quantized: the int8 layers are sliced too (they were not, and the masks exported as
+    # multiplications over full-size layers); the op-by-op check compares the file with the compacted model
     both = evefx.transform(DemoNet(), {"passes": [{"kind": "prune"}, {"kind": "quantize"}]}, X0)
     evefx.prune_step(both)
     from evefx.export import calibrate
 
     calibrate(both, [_data(32, 2)])
     mixed = export_onnx(both, X0, tmp_path / "both.onnx", real_inputs=_data(64, 1), kernels=False)
-    assert mixed.parity.passed and mixed.ops.get("Mul", 0) > 0 and mixed.rewrites["pruned_channels_removed"] == 0
+    removed = sum(int((m.mask == 0).sum()) for m in both.modules() if hasattr(m, "mask"))
+    assert mixed.parity.passed and mixed.ops.get("Mul", 0) == 0 and mixed.rewrites["pruned_channels_removed"] == removed > 0
+    assert mixed.passed  # the op-by-op check too
+    int8 = {i.name: list(i.dims) for i in onnx.load(tmp_path / "both.onnx").graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert int8["features.3.weight_quantized"][0] == both.get_submodule("features.3").out_channels - int(
+        (both.get_submodule("features_5_pruner").mask == 0).sum())
 
 
 def test_report_table_dict_and_onnx_accuracy(tmp_path):
