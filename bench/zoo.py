@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evefx  # noqa: E402
 from evefx.export import calibrate, export_onnx  # noqa: E402
 
-COLUMNS = ("identity", "w8a8", "w4a4_lsq", "w8_pt_asym", "spike_t4", "prune50")
+COLUMNS = ("identity", "w8a8", "w4a4_lsq", "w8_pt_asym", "spike_t4", "prune50", "prune50_w8a8")
 QUICK_MODELS = ("seq_cnn", "user_cnn", "mlp", "resnet18", "mobilenet_v2", "shufflenet_v2", "squeezenet", "vit_small",
                 "transformer_encoder")
 
@@ -258,9 +258,18 @@ def run_column(name: str, column: str, model: nn.Module, data: dict[str, torch.T
         if not grads or not all(bool(torch.isfinite(g).all()) for g in grads):
             return "FAIL: no or non-finite gradients"
         return "ok"
+    prune50 = {"kind": "prune", "select": {"types": ["Conv2d", "Linear"]}, "exclude_last": True, "ratio": 0.5,
+               "criterion": "l1_norm"}
+    if column == "prune50_w8a8":  # pruned, then quantized: the int8 file with the channels removed
+        gm = evefx.transform(model, _spec(name, [prune50, QUANT["w8a8"]]), x1)
+        calibrate(gm, [data["calib"][i:i + 32] for i in range(0, 256, 32)])
+        evefx.prune_step(gm)
+        report = export_onnx(gm, x1, workdir / f"{name}_{column}.onnx", real_inputs=data["x_test"], kernels=False)
+        removed = report.rewrites.get("pruned_channels_removed", 0)
+        return (f"ok (top-1 agree {report.parity.top1_agreement:.1f}%, {removed} channels removed, "
+                f"{'masks as Mul' if not removed else 'compacted'})")
     if column == "prune50":
-        spec = {"kind": "prune", "select": {"types": ["Conv2d", "Linear"]}, "exclude_last": True, "ratio": 0.5,
-                "criterion": "l1_norm"}
+        spec = prune50
         gm = evefx.transform(model, _spec(name, [spec]), x1)
         evefx.prune_step(gm)
         small = evefx.compact(gm)
