@@ -53,7 +53,7 @@ def pair(v: Any, n: int) -> np.ndarray:
 _SKIP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 SUPPORTED = ("Conv1d", "Conv2d", "Linear", "BatchNorm1d/2d (folded into the conv/linear before it)", "Flatten",
               "AvgPool2d", "AdaptiveAvgPool2d (evenly divisible)", "IFNeuron", "LIFNeuron", "PLIFNeuron",
-              "Identity/Dropout", "add", "flatten/view/reshape that flattens")
+              "Identity/Dropout", "add", "flatten/view/reshape that flattens", "mean over H and W")
 
 
 class NodeBuilder:
@@ -201,8 +201,8 @@ class NodeBuilder:
             b = _np(m.bias) if m.bias is not None else np.zeros(w.shape[0], np.float32)
             in_shape = self.step_shape(x)[1:]
             cls = nir.Conv2d if nd == 2 else nir.Conv1d
-            node = cls(input_shape=in_shape if nd == 2 else in_shape[0], weight=w, stride=pair(m.stride, nd),
-                       padding=pair(m.padding, nd), dilation=pair(m.dilation, nd), groups=int(m.groups), bias=b)
+            node = _conv(cls, input_shape=in_shape if nd == 2 else in_shape[0], weight=w, stride=pair(m.stride, nd),
+                         padding=pair(m.padding, nd), dilation=pair(m.dilation, nd), groups=int(m.groups), bias=b)
             self.emit(n, node, "weights as trained", arg=x)
         elif type(m) is nn.Linear:
             if len(self.step_shape(x)) != 1:
@@ -292,8 +292,8 @@ class NodeBuilder:
         name = names[0]
         if isinstance(prev, (nir.Conv1d, nir.Conv2d)):
             cls = type(prev)
-            new = cls(input_shape=prev.input_shape, weight=w.astype(np.float32), stride=prev.stride,
-                      padding=prev.padding, dilation=prev.dilation, groups=prev.groups, bias=b.astype(np.float32))
+            new = _conv(cls, input_shape=prev.input_shape, weight=w.astype(np.float32), stride=prev.stride,
+                        padding=prev.padding, dilation=prev.dilation, groups=prev.groups, bias=b.astype(np.float32))
         else:
             new = nir.Affine(weight=w.astype(np.float32), bias=b.astype(np.float32))
         self.nodes[name] = new
@@ -319,6 +319,24 @@ class NodeBuilder:
     def pool(self, n: fx.Node, x: fx.Node, kernel, stride, padding) -> None:
         node = self.nir.AvgPool2d(kernel_size=pair(kernel, 2), stride=pair(stride, 2), padding=pair(padding, 2))
         self.emit(n, node, "mean over the window", arg=x)
+
+    def global_mean(self, n: fx.Node, x: fx.Node) -> None:
+        """``x.mean((2, 3))`` of a (C, H, W) map: global average pooling, as NIR's AvgPool2d over the
+        whole map (then Flatten to C values unless ``keepdim``)."""
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keepdim = bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+        shape = self.full_shape(x)
+        spatial = {d % len(shape) for d in ((dims,) if isinstance(dims, int) else tuple(dims or ()))}
+        if len(shape) != 4 or spatial != {2, 3}:
+            raise ExportError(f"NIR export: node {n.name} ({n.format_node()}) averages over dims {dims} of a "
+                              f"{len(shape)}-D tensor; NIR has global average pooling only over the two spatial dims "
+                              f"of a (N, C, H, W) map")
+        height, width = shape[2:]
+        pool = self.emit(n, self.nir.AvgPool2d(kernel_size=pair((height, width), 2), stride=pair((height, width), 2),
+                                               padding=pair(0, 2)), "mean over every position", arg=x)
+        if not keepdim:
+            flat = self.nir.Flatten(input_type={"input": np.array((shape[1], 1, 1))}, start_dim=0, end_dim=-1)
+            self.edges.append((pool, self.emit(n, flat, "the 1x1 map as C values", name=f"{pool}_flatten")))
 
     def function(self, n: fx.Node) -> None:
         if self.shapes.get(n) is None:
@@ -347,12 +365,26 @@ class NodeBuilder:
             if after == before:
                 self.src[n] = self.sources(n, x)
                 return
+        if target in ("mean", torch.mean) and len(ins) == 1:
+            self.global_mean(n, ins[0])
+            return
         if target in ("contiguous", "clone", "detach") and len(ins) == 1:
             self.src[n] = self.sources(n, ins[0])
             return
         fname = getattr(target, "__name__", str(target))
         raise ExportError(f"NIR export: node {n.name} calls {fname} ({n.format_node()}), which has no NIR node; "
                           f"supported: {', '.join(SUPPORTED)}")
+
+
+def _conv(cls: Any, **fields: Any) -> Any:
+    """A nir Conv1d/Conv2d whose input type counts every input channel: nir 1.0 infers it as
+    ``weight.shape[1]``, which a grouped conv has ``groups`` times over, and its own type check then
+    rejects a depthwise conv's graph."""
+    node = cls(**fields)
+    declared = node.input_type.get("input")
+    if fields["groups"] > 1 and declared is not None:
+        node.input_type = {"input": np.array([fields["weight"].shape[1] * fields["groups"], *np.atleast_1d(declared)[1:]])}
+    return node
 
 
 def _summary(a: np.ndarray) -> str:

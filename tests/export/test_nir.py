@@ -203,6 +203,41 @@ def test_adaptive_pool_with_none_keeps_that_axis():
     torch.testing.assert_close(ours["output"], theirs["output"])
 
 
+def test_a_depthwise_conv_in_a_residual_block_and_a_spatial_mean_round_trip():
+    """A user's block (tests.helpers.ResidualDepthwiseNet): the exporter refused `x.mean((2, 3))` (global
+    average pooling written as a mean), and nir 1.0 typed the depthwise conv's input as one channel, so
+    its own check rejected the graph."""
+    from tests.helpers import ResidualDepthwiseNet
+
+    torch.manual_seed(0)
+    gm = spiking(ResidualDepthwiseNet(width=4).eval(), (1, 3, 8, 8), T=4)
+    graph = to_nir(gm, dt=DT)
+    convs = {k: graph.nodes[k] for k in by_type(graph, nir.Conv2d)}
+    assert [int(c.groups) for c in convs.values()] == [1, 1, 8] and list(convs["c3"].input_type["input"]) == [8, 4, 4]
+    (pool,) = by_type(graph, nir.AvgPool2d)
+    assert list(graph.nodes[pool].kernel_size) == [4, 4]
+    (flat,) = by_type(graph, nir.Flatten)
+    assert list(graph.nodes[flat].output_type["output"]) == [8]
+    steps = spike_steps(4, 3, (3, 8, 8), p=0.6)
+    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
+    torch.testing.assert_close(ours["output"], theirs["output"])
+
+
+def test_a_mean_over_other_dims_is_refused_with_what_nir_can_do():
+    class ChannelMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean(1).flatten(1)[:, :6])
+
+    gm = spiking(ChannelMean().eval(), (1, 1, 6, 6), T=2)
+    with pytest.raises(evefx.ExportError, match=r"averages over dims 1 of a 4-D tensor; NIR has global average pooling "
+                                                 r"only over the two spatial dims of a \(N, C, H, W\) map"):
+        to_nir(gm, dt=DT)
+
+
 def test_conv1d_with_batchnorm1d_round_trips():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 2))
