@@ -112,10 +112,35 @@ def _tensors(obj: Any, where: str) -> TensorDataset:
                       f"{{'train': ..., 'test': ...}} of those (got {type(obj).__name__}); save one with torch.save")
 
 
+def _read_pt(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding more than tensors
+        raise OptionError(f"--data {path}: cannot read it with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+
+
+def _read_npz(path: Path) -> Any:
+    """A ``numpy.savez`` file as the objects a ``.pt`` file holds: ``x`` [``y``] [``x_test`` [``y_test``]]."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: torch.from_numpy(f[k].copy()) for k in f.files}
+    except Exception as e:  # not a zip of arrays, or arrays of objects
+        raise OptionError(f"--data {path}: cannot read it with numpy.load(allow_pickle=False): {str(e).splitlines()[0]}") from None
+    keys = set(arrays)
+    if "x" not in keys or not keys <= {"x", "y", "x_test", "y_test"} or ("y_test" in keys and "x_test" not in keys):
+        raise OptionError(f"--data {path}: a .npz file holds arrays x, and optionally y, x_test, y_test (got {sorted(keys)})")
+
+    def part(x: str, y: str) -> Any:
+        return (arrays[x], arrays[y]) if y in arrays else arrays[x]
+
+    return {"train": part("x", "y"), "test": part("x_test", "y_test")} if "x_test" in arrays else part("x", "y")
+
+
 def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
     """What a command's ``--data`` names: ``mnist5k`` (embedded), ``mnist`` (torchvision's files in
-    ``root``) or a ``.pt`` file written by ``torch.save`` holding inputs (a tensor, one sample per
-    row), ``(inputs, labels)``, or ``{"train": ..., "test": ...}`` of those. A file without a
+    ``root``), a ``.pt`` file written by ``torch.save`` holding inputs (a tensor, one sample per
+    row), ``(inputs, labels)``, or ``{"train": ..., "test": ...}`` of those, or a ``.npz`` file
+    (``numpy.savez``) of arrays ``x`` and optionally ``y``, ``x_test``, ``y_test``. A file without a
     ``test`` part keeps its last fifth as ``held_out``; a search scores on the last fifth of ``train``
     (the last 1,000 of MNIST-5k's 4,000 images, the last 5,000 of MNIST's 60,000).
 
@@ -132,12 +157,9 @@ def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
         return DataSplits("mnist", mnist(root, "train"), mnist(root, "test"), True, 5000)
     path = Path(source)
     if not path.is_file():
-        raise OptionError(f"--data must be mnist5k, mnist or a .pt file saved with torch.save (got {str(source)!r}: "
+        raise OptionError(f"--data must be mnist5k, mnist, a .pt file saved with torch.save or a .npz file (got {str(source)!r}: "
                           f"{'no such file' if not path.exists() else 'not a file'})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding more than tensors
-        raise OptionError(f"--data {path}: cannot read it with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    obj = _read_npz(path) if path.suffix == ".npz" else _read_pt(path)
     if isinstance(obj, dict):
         if set(obj) != {"train", "test"}:
             raise OptionError(f"--data {path}: a dict must have exactly the keys 'train' and 'test' (got {sorted(obj)})")

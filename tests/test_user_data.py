@@ -57,7 +57,7 @@ def test_data_that_does_not_fit_is_a_one_line_error(tmp_path):
     (tmp_path / "text.pt").write_text("not a torch file")
     with pytest.raises(OptionError, match=r"^--data .*text.pt: cannot read it with torch.load\(weights_only=True\): "):
         open_data(tmp_path / "text.pt")
-    with pytest.raises(OptionError, match=r"^--data must be mnist5k, mnist or a .pt file saved with torch.save \(got 'nope.pt': no such file\)$"):
+    with pytest.raises(OptionError, match=r"^--data must be mnist5k, mnist, a .pt file saved with torch.save or a .npz file \(got .nope.pt.: no such file\)$"):
         open_data("nope.pt")
     with pytest.raises(OptionError, match=r"^--data mnist needs --data-root, the folder holding torchvision's MNIST$"):
         open_data("mnist")
@@ -146,3 +146,19 @@ def test_quantize_takes_model_arguments_and_scores_on_the_held_out_part(tmp_path
     import json
 
     assert json.loads(report.read_text())["accuracy"]["float"] == 100.0
+
+
+def test_a_numpy_file_reads_as_the_same_splits(tmp_path):
+    import numpy as np
+
+    x, y = colour_data(50)
+    np.savez(tmp_path / "d.npz", x=x.double().numpy(), y=y.numpy())
+    d = open_data(tmp_path / "d.npz")
+    assert (len(d.train), len(d.held_out), d.labelled) == (40, 10, True)
+    assert d.inputs("train", 1).dtype == torch.float32 and torch.allclose(d.inputs("held_out", 10), x[40:])
+    np.savez(tmp_path / "tt.npz", x=x[:30].numpy(), y=y[:30].numpy(), x_test=x[30:].numpy(), y_test=y[30:].numpy())
+    assert (len(open_data(tmp_path / "tt.npz").train), len(open_data(tmp_path / "tt.npz").held_out)) == (30, 20)
+    np.savez(tmp_path / "bad.npz", images=x.numpy())
+    with pytest.raises(OptionError) as e:
+        open_data(tmp_path / "bad.npz")
+    assert str(e.value) == f"--data {tmp_path / 'bad.npz'}: a .npz file holds arrays x, and optionally y, x_test, y_test (got ['images'])"

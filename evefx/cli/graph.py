@@ -152,7 +152,7 @@ def export(
     model_kwargs: Optional[str] = MODEL_KWARGS,
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
     calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
-    data: Optional[str] = typer.Option(None, help="mnist5k, mnist (with --data-root) or a .pt file of inputs (or "
+    data: Optional[str] = typer.Option(None, help="mnist5k, mnist (with --data-root), or a .pt/.npz file of inputs (or "
                                        "(inputs, labels)): calibrate on its training part and check parity on 256 "
                                        "held-out inputs (else random inputs, 64 for parity)"),
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),

@@ -50,7 +50,8 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
 
 
 _PTQ_DATA = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision, needs --data-root) or a .pt file "
-                                      "holding inputs, (inputs, labels) or {'train': ..., 'test': ...}; calibrated on "
+                                      "holding inputs, (inputs, labels) or {'train': ..., 'test': ...}, or a .npz file (x, y, x_test, "
+                                      "y_test); calibrated on "
                                       "the training part, scored on the held-out one (a file's last fifth)")
 
 

@@ -69,7 +69,7 @@ def test_quantize_user_errors_are_one_line(tmp_path):
     ckpt, data, spec, _ = _files(tmp_path, "passes:\n  - kind: quantize\n")
     bad = runner.invoke(app, ["quantize", "--model", "examples.models:DemoNet", "--spec", str(spec), "--data", "nope",
                               "--out", str(tmp_path / "m.onnx")])
-    assert bad.exit_code == 1 and "--data must be mnist5k, mnist or a .pt file" in bad.output
+    assert bad.exit_code == 1 and "--data must be mnist5k, mnist, a .pt file saved with torch.save or a .npz file" in bad.output
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     wrong = runner.invoke(app, ["quantize", "--model", "examples.models:DemoNet", "--spec", str(spec), "--data", str(data),
                                 "--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "m.onnx")])
