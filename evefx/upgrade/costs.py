@@ -213,7 +213,8 @@ class CostModel:
     * ``latency``: onnxruntime seconds per call on ``latency_inputs`` (measured, so the
       configuration must be applied to ``gm`` first: :meth:`measure`).
 
-    Parameters missing from a configuration take their current value.
+    Parameters missing from a configuration take their current value. ``tied`` names, per layer of a
+    searched ratio, the layers whose ratio takes the same value (the search ties coupled layers).
 
     Example:
         >>> CostModel(gm, "macs")({"features.0.pruner.ratio": 0.5})
@@ -221,7 +222,7 @@ class CostModel:
     """
 
     def __init__(self, gm: fx.GraphModule, kind: str, *, latency_inputs: Sequence[torch.Tensor] | None = None,
-                 parameters: Sequence[EveParameter] | None = None):
+                 parameters: Sequence[EveParameter] | None = None, tied: Mapping[str, Sequence[str]] | None = None):
         if kind not in COST_KINDS:
             raise SearchError(f"search.budget.kind: unknown cost {kind!r}; use one of {', '.join(COST_KINDS)}")
         self.gm = gm
@@ -247,7 +248,10 @@ class CostModel:
                                   "transform with example inputs (or set trace.input_shape in the spec)")
         self._dense_macs = sum(lc.macs or 0 for lc in self.layers.values()) or 1.0
         self._dense_channels = sum(lc.channels for lc in self.layers.values()) or 1
-        self._coupling = _coupling(gm, {p.layer for p in ratios}) if ratios else None
+        # tied: {layer of a searched ratio: layers whose ratio follows it} (coupled layers, UpgradeEnv)
+        self.tied = {lead: list(fs) for lead, fs in (tied or {}).items()}
+        followers = {f for fs in self.tied.values() for f in fs}
+        self._coupling = _coupling(gm, {p.layer for p in ratios} | followers) if ratios else None
 
     @property
     def static(self) -> bool:
@@ -266,10 +270,11 @@ class CostModel:
                 if p.role == "weight" and p.layer in w_bits:
                     w_bits[p.layer] = v
             elif p.kind == "ratio" and p.layer in keep:
-                ratio[p.layer] = v
-                # channel counts are integers: round as a pruner would, never below one channel
-                ch = self.layers[p.layer].channels
-                keep[p.layer] = max(1, ch - int(math.floor(v * ch))) / ch
+                for layer in (p.layer, *self.tied.get(p.layer, ())):
+                    ratio[layer] = v
+                    # channel counts are integers: round as a pruner would, never below one channel
+                    ch = self.layers[layer].channels
+                    keep[layer] = max(1, ch - int(math.floor(v * ch))) / ch
         k_in = {name: keep[lc.producer] if lc.producer is not None and not lc.depthwise else 1.0
                 for name, lc in self.layers.items()}
         if self._coupling is not None:

@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters, observe, reset
-from evefx.errors import SearchError
+from evefx.errors import EvefxError, SearchError
 from evefx.graph import provenance
 from evefx.layers import as_inputs
 from evefx.modules.protocol import EveRange
@@ -65,6 +65,34 @@ def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, 
                 by_layer.setdefault((prov.spec_path, prov.layer), []).append(q)
     return {p.name: by_layer[(p.spec_path, p.layer)] for p in params
             if p.kind == "bits" and p.role == "activation" and (p.spec_path, p.layer) in by_layer}
+
+
+def _tied_ratios(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, list[EveParameter]]:
+    """Pruning ratios of coupled layers: ``{leader name: followers}``. Coupled layers share one channel
+    mask, which ``prune_step`` cuts at the least of their ratios, so a ratio per layer would spend
+    search dimensions on values that change nothing. The first of a group (graph order) is searched,
+    the others take its value. Only ratios of the same range are tied; ``{}`` when the channels
+    cannot be analysed."""
+    from evefx.channels import analyze
+
+    ratios = [p for p in params if p.kind == "ratio"]
+    if len(ratios) < 2 or not isinstance(gm, fx.GraphModule):
+        return {}
+    try:
+        groups = analyze(gm).groups()
+    except EvefxError:
+        return {}
+    group_of = {layer: i for i, g in enumerate(groups) for layer in g.layers}
+    ties: dict[str, list[EveParameter]] = {}
+    leaders: dict[tuple[int, float, float], EveParameter] = {}
+    for p in ratios:
+        key = (group_of.get(p.layer, -1 - len(leaders)), p.low, p.high)  # an unknown layer ties with nothing
+        if key[0] >= 0 and key in leaders:
+            ties[leaders[key].name].append(p)
+        else:
+            leaders[key] = p
+            ties[p.name] = []
+    return {k: v for k, v in ties.items() if v}
 
 
 def _last_fitting(fits: Callable[[float], bool], ok: float, bad: float, iterations: int) -> float:
@@ -141,6 +169,10 @@ class UpgradeEnv(gym.Env):
         if not params:
             raise SearchError("the model has no eve parameters to search: set upgrade_bits: true in a quantize "
                               "section or upgrade_ratio: true in a prune section of its spec")
+        self.all_params: list[EveParameter] = params
+        self.ties = _tied_ratios(gm, params)
+        followers = {f.name for fs in self.ties.values() for f in fs}
+        params = [p for p in params if p.name not in followers]
         self.params: list[EveParameter] = params
         self.coupled = _coupled_inputs(gm, params)
         if apply is None and any(p.kind == "ratio" for p in params):
@@ -152,7 +184,8 @@ class UpgradeEnv(gym.Env):
         self._state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=False).items()}
         self._training = {name: m.training for name, m in gm.named_modules()}
         self.initial_values = {p.name: p.value for p in params}
-        self.cost_model = CostModel(gm, budget.kind, latency_inputs=self.example_inputs, parameters=params)
+        self.cost_model = CostModel(gm, budget.kind, latency_inputs=self.example_inputs, parameters=params,
+                                    tied={lead.layer: [f.layer for f in self.ties[lead.name]] for lead in params if lead.name in self.ties})
         self._rows = self._layer_rows()
         self._check_feasible()
         dim = self._rows.shape[1] + len(PARAM_FEATURES)
@@ -302,8 +335,18 @@ class UpgradeEnv(gym.Env):
             p.set(values.get(p.name, self.initial_values[p.name]))
             for q in self.coupled.get(p.name, ()):
                 q.set_bits(int(round(p.value)))  # as the spec override will: activation bits -> input quantizer
+            for f in self.ties.get(p.name, ()):
+                f.set(p.value)  # a coupled layer's ratio follows its group's searched one
         if self.apply_fn is not None:
             self.apply_fn(self.gm)
+
+    def with_followers(self, values: Mapping[str, float]) -> dict[str, float]:
+        """``values`` with every tied ratio's value written out (what ``best.yaml`` records per layer)."""
+        out = dict(values)
+        for lead, followers in self.ties.items():
+            for f in followers:
+                out[f.name] = float(values.get(lead, self.initial_values[lead]))
+        return out
 
     def cost(self, values: Mapping[str, float]) -> float:
         """Cost of ``values`` under the budget's kind (latency is measured on ``gm`` with them applied)."""

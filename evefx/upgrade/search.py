@@ -235,7 +235,7 @@ def search(
         front = pareto_rows(env, rows, latency=pareto_latency)
     finally:
         env._restore()  # the caller's model leaves the search as it came in, even when interrupted
-    out_spec = spec_with_values(spec.model_copy(update={"search": section}), env.params, again["values"])
+    out_spec = spec_with_values(spec.model_copy(update={"search": section}), env.all_params, env.with_followers(again["values"]))
     dump_spec(out_spec, run_dir / SearchResult.spec_path.name)
     result = SearchResult(best=best, spec=out_spec, run_dir=run_dir, episodes=rows, replayed_accuracy=again["accuracy"],
                           probes=probes)

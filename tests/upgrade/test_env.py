@@ -367,3 +367,30 @@ def test_the_macs_a_search_prices_are_the_macs_of_the_compacted_model(values):
     evefx.prune_step(gm)
     report = compact_report(evefx.compact(gm))
     assert priced == pytest.approx(report.macs_after / report.macs_before, rel=1e-12)
+
+
+def test_coupled_ratios_are_one_search_dimension_and_best_yaml_builds_what_was_priced(tmp_path):
+    """Coupled layers each had their own ratio, and only the least acted: the search spent dimensions on values
+    that changed nothing, and best.yaml wrote them. The depthwise conv c3 now follows c2 (one channel mask)."""
+    from evefx.channels import compact_report
+    from evefx.upgrade import Accuracy, search
+    from tests.helpers import ResidualDepthwiseNet
+
+    torch.manual_seed(0)
+    spec = {"trace": {"input_shape": [1, 3, 16, 16]},
+            "passes": [{"kind": "prune", "criterion": "l1_norm", "ratio": 0.0, "upgrade_ratio": True, "max_ratio": 0.8}],
+            "search": {"algorithm": "random", "episodes": 3, "seed": 1, "evaluator": {"kind": "none"},
+                       "budget": {"kind": "macs", "max": 0.6}}}
+    model = ResidualDepthwiseNet()
+    gm = evefx.transform(model, spec)
+    env = UpgradeEnv(gm, accuracy, budget=Budget(kind="macs", max=0.6))
+    assert [p.layer for p in env.params] == ["c1", "c2"] and [f.layer for fs in env.ties.values() for f in fs] == ["c3"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+    result = search(gm, Accuracy([(x, y)]), gm.spec.search, run_dir=tmp_path / "run", progress=False)
+    overrides = {o["names"][0]: o["ratio"] for o in result.spec.passes[0].overrides}
+    assert set(overrides) == {"c1", "c2", "c3"} and overrides["c3"] == overrides["c2"]
+    rebuilt = evefx.transform(model, result.spec)
+    evefx.prune_step(rebuilt)
+    report = compact_report(evefx.compact(rebuilt))
+    assert result.best["cost"] == pytest.approx(report.macs_after / report.macs_before, rel=1e-12) and result.best["cost"] <= 0.6
