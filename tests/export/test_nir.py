@@ -177,6 +177,13 @@ class GlobalPool(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
+def _round_trips(gm, graph, shape) -> None:
+    """import_nir(graph) gives the outputs gm gives, on 4 steps of random spikes."""
+    steps = spike_steps(4, 3, shape, p=0.6)
+    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
+    torch.testing.assert_close(ours["output"], theirs["output"])
+
+
 def test_adaptive_pool_and_view_flatten():
     torch.manual_seed(0)
     gm = spiking(GlobalPool().eval(), (1, 1, 6, 6), T=4)
@@ -185,9 +192,7 @@ def test_adaptive_pool_and_view_flatten():
     assert list(graph.nodes[pool].kernel_size) == [6, 6] and list(graph.nodes[pool].stride) == [6, 6]
     (flat,) = by_type(graph, nir.Flatten)
     assert list(graph.nodes[flat].output_type["output"]) == [3]
-    steps = spike_steps(4, 3, (1, 6, 6), p=0.6)
-    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
-    torch.testing.assert_close(ours["output"], theirs["output"])
+    _round_trips(gm, graph, (1, 6, 6))
 
 
 def test_adaptive_pool_with_none_keeps_that_axis():
@@ -198,9 +203,7 @@ def test_adaptive_pool_with_none_keeps_that_axis():
     graph = to_nir(gm, dt=DT)
     (pool,) = by_type(graph, nir.AvgPool2d)
     assert list(graph.nodes[pool].kernel_size) == [1, 3] and list(graph.nodes[pool].stride) == [1, 3]
-    steps = spike_steps(4, 3, (1, 6, 6), p=0.6)
-    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
-    torch.testing.assert_close(ours["output"], theirs["output"])
+    _round_trips(gm, graph, (1, 6, 6))
 
 
 def test_a_depthwise_conv_in_a_residual_block_and_a_spatial_mean_round_trip():
@@ -218,9 +221,7 @@ def test_a_depthwise_conv_in_a_residual_block_and_a_spatial_mean_round_trip():
     assert list(graph.nodes[pool].kernel_size) == [4, 4]
     (flat,) = by_type(graph, nir.Flatten)
     assert list(graph.nodes[flat].output_type["output"]) == [8]
-    steps = spike_steps(4, 3, (3, 8, 8), p=0.6)
-    ours, theirs = spike_traces(gm, steps), spike_traces(import_nir(graph), steps)
-    torch.testing.assert_close(ours["output"], theirs["output"])
+    _round_trips(gm, graph, (3, 8, 8))
 
 
 def test_a_mean_over_other_dims_is_refused_with_what_nir_can_do():
