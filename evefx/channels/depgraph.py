@@ -98,7 +98,8 @@ class ChannelGroup:
 
     ``layers`` are the qualified names of the conv/linear layers producing the group's channels
     (depthwise convs included); ``channels`` the number of channel classes; ``prunable`` how many
-    of them may be removed; ``frozen`` the reasons the others may not.
+    of them may be removed; ``frozen`` the reasons the others may not; ``roots`` the classes' ids
+    (:meth:`DependencyGraph.root` of a site's ``ids`` says which group a channel belongs to).
 
     Example:
         >>> analyze(gm).groups()[0]
@@ -109,6 +110,7 @@ class ChannelGroup:
     channels: int
     prunable: int
     frozen: tuple[str, ...] = ()
+    roots: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass
@@ -165,7 +167,7 @@ class DependencyGraph:
             classes = [n[1] for n in comp if n[0] == "class"]
             reasons = sorted({frozen[c] for c in classes if c in frozen})
             prunable = sum(1 for c in classes if c not in frozen and c in pruned_by)
-            out.append(ChannelGroup(tuple(layers), len(classes), prunable, tuple(reasons)))
+            out.append(ChannelGroup(tuple(layers), len(classes), prunable, tuple(reasons), tuple(classes)))
         out.sort(key=lambda grp: order[grp.layers[0]])
         return out
 

@@ -25,7 +25,8 @@ import torch
 from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters
-from evefx.errors import SearchError
+from evefx.channels.depgraph import DependencyGraph, layer_name
+from evefx.errors import EvefxError, SearchError
 from evefx.graph import layer_nodes, module_of
 from evefx.layers import layer_macs, out_channels, shape_of
 
@@ -115,37 +116,35 @@ class _Coupling:
         return out
 
 
-def _coupling(gm: fx.GraphModule, searched: set[str]) -> _Coupling | None:
+def channel_analysis(gm: fx.GraphModule) -> DependencyGraph | None:
+    """:func:`evefx.channels.analyze` of ``gm``, or ``None`` (with a warning) when its channels cannot
+    be followed: pruning ratios are then priced layer by layer."""
+    from evefx.channels import analyze
+
+    try:
+        return analyze(gm)
+    except EvefxError as e:
+        log.warning("pruning costs priced per layer, not per coupled group: %s", e)
+        return None
+
+
+def _coupling(dg: DependencyGraph | None, searched: set[str]) -> _Coupling | None:
     """The channel coupling when every searched ratio belongs to a channel pruner the analysis sees;
     ``None`` otherwise (a hand-made gate marked as a pruner, channels that cannot be followed): each
     layer's ratio is then priced alone, its input shrinking with its direct producer."""
-    import networkx as nx
-
-    from evefx.channels import analyze
-    from evefx.channels.depgraph import layer_name
-    from evefx.errors import EvefxError
-
-    try:
-        dg = analyze(gm)
-    except EvefxError as e:
-        log.warning("pruning costs priced per layer, not per coupled group: %s", e)
+    if dg is None:
         return None
     pruners = {layer_name(s.node): s for s in dg.pruners}
     if not searched <= pruners.keys():
         return None
-    frozen = dg.frozen_roots()
-    pruned_by = {r for s in dg.pruners for r in dg.root(s.ids).tolist()}
     groups: list[_CoupledGroup] = []
     group_of: dict[int, int] = {}
-    for comp in nx.connected_components(dg.layer_graph()):
-        layers = sorted(n[1] for n in comp if n[0] == "layer")
-        owners = [n for n in layers if n in pruners]
+    for g in dg.groups():
+        owners = [n for n in g.layers if n in pruners]
         if not owners:
             continue
-        classes = [n[1] for n in comp if n[0] == "class"]
-        for c in classes:
-            group_of[c] = len(groups)
-        groups.append(_CoupledGroup(tuple(layers), len(classes), sum(1 for c in classes if c not in frozen and c in pruned_by),
+        group_of.update(dict.fromkeys(g.roots, len(groups)))
+        groups.append(_CoupledGroup(g.layers, g.channels, g.prunable,
                                     tuple((n, None if n in searched else pruners[n].module.target_ratio()) for n in owners)))
     inputs = {layer_name(site.node): np.array([group_of.get(int(r), -1) for r in dg.root(site.ids).reshape(-1).tolist()])
               for site in dg.consumers}
@@ -214,7 +213,8 @@ class CostModel:
       configuration must be applied to ``gm`` first: :meth:`measure`).
 
     Parameters missing from a configuration take their current value. ``tied`` names, per layer of a
-    searched ratio, the layers whose ratio takes the same value (the search ties coupled layers).
+    searched ratio, the layers whose ratio takes the same value (the search ties coupled layers);
+    ``analysis``: ``gm``'s :func:`channel_analysis` when the caller has it already.
 
     Example:
         >>> CostModel(gm, "macs")({"features.0.pruner.ratio": 0.5})
@@ -222,7 +222,8 @@ class CostModel:
     """
 
     def __init__(self, gm: fx.GraphModule, kind: str, *, latency_inputs: Sequence[torch.Tensor] | None = None,
-                 parameters: Sequence[EveParameter] | None = None, tied: Mapping[str, Sequence[str]] | None = None):
+                 parameters: Sequence[EveParameter] | None = None, tied: Mapping[str, Sequence[str]] | None = None,
+                 analysis: DependencyGraph | None = None):
         if kind not in COST_KINDS:
             raise SearchError(f"search.budget.kind: unknown cost {kind!r}; use one of {', '.join(COST_KINDS)}")
         self.gm = gm
@@ -251,7 +252,10 @@ class CostModel:
         # tied: {layer of a searched ratio: layers whose ratio follows it} (coupled layers, UpgradeEnv)
         self.tied = {lead: list(fs) for lead, fs in (tied or {}).items()}
         followers = {f for fs in self.tied.values() for f in fs}
-        self._coupling = _coupling(gm, {p.layer for p in ratios} | followers) if ratios else None
+        if ratios:
+            self._coupling = _coupling(analysis if analysis is not None else channel_analysis(gm), {p.layer for p in ratios} | followers)
+        else:
+            self._coupling = None
 
     @property
     def static(self) -> bool:

@@ -26,12 +26,13 @@ import torch
 from torch import fx, nn
 
 from evefx.api import EveParameter, eve_parameters, observe, reset
-from evefx.errors import EvefxError, SearchError
+from evefx.channels.depgraph import DependencyGraph
+from evefx.errors import SearchError
 from evefx.graph import provenance
 from evefx.layers import as_inputs
 from evefx.modules.protocol import EveRange
 from evefx.spec import Budget, Reward, load_section
-from evefx.upgrade.costs import CostModel, cheap_end
+from evefx.upgrade.costs import CostModel, channel_analysis, cheap_end
 from evefx.upgrade.evaluators import Accuracy, FineTune, accuracy_of, apply_pruning
 
 __all__ = ["UpgradeEnv", "EpisodeResult", "PARAM_FEATURES", "accuracy_of", "Accuracy", "FineTune", "apply_pruning"]
@@ -67,22 +68,16 @@ def _coupled_inputs(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, 
             if p.kind == "bits" and p.role == "activation" and (p.spec_path, p.layer) in by_layer}
 
 
-def _tied_ratios(gm: nn.Module, params: Sequence[EveParameter]) -> dict[str, list[EveParameter]]:
+def _tied_ratios(dg: DependencyGraph | None, params: Sequence[EveParameter]) -> dict[str, list[EveParameter]]:
     """Pruning ratios of coupled layers: ``{leader name: followers}``. Coupled layers share one channel
     mask, which ``prune_step`` cuts at the least of their ratios, so a ratio per layer would spend
     search dimensions on values that change nothing. The first of a group (graph order) is searched,
-    the others take its value. Only ratios of the same range are tied; ``{}`` when the channels
-    cannot be analysed."""
-    from evefx.channels import analyze
-
+    the others take its value. Only ratios of the same range are tied; ``{}`` without the channel
+    analysis ``dg``."""
     ratios = [p for p in params if p.kind == "ratio"]
-    if len(ratios) < 2 or not isinstance(gm, fx.GraphModule):
+    if len(ratios) < 2 or dg is None:
         return {}
-    try:
-        groups = analyze(gm).groups()
-    except EvefxError:
-        return {}
-    group_of = {layer: i for i, g in enumerate(groups) for layer in g.layers}
+    group_of = {layer: i for i, g in enumerate(dg.groups()) for layer in g.layers}
     ties: dict[str, list[EveParameter]] = {}
     leaders: dict[tuple[int, float, float], EveParameter] = {}
     for p in ratios:
@@ -170,7 +165,9 @@ class UpgradeEnv(gym.Env):
             raise SearchError("the model has no eve parameters to search: set upgrade_bits: true in a quantize "
                               "section or upgrade_ratio: true in a prune section of its spec")
         self.all_params: list[EveParameter] = params
-        self.ties = _tied_ratios(gm, params)
+        # one channel analysis for the ties and the cost of pruning ratios (nothing to analyse without them)
+        analysis = channel_analysis(gm) if isinstance(gm, fx.GraphModule) and any(p.kind == "ratio" for p in params) else None
+        self.ties = _tied_ratios(analysis, params)
         followers = {f.name for fs in self.ties.values() for f in fs}
         params = [p for p in params if p.name not in followers]
         self.params: list[EveParameter] = params
@@ -184,7 +181,7 @@ class UpgradeEnv(gym.Env):
         self._state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=False).items()}
         self._training = {name: m.training for name, m in gm.named_modules()}
         self.initial_values = {p.name: p.value for p in params}
-        self.cost_model = CostModel(gm, budget.kind, latency_inputs=self.example_inputs, parameters=params,
+        self.cost_model = CostModel(gm, budget.kind, latency_inputs=self.example_inputs, parameters=params, analysis=analysis,
                                     tied={lead.layer: [f.layer for f in self.ties[lead.name]] for lead in params if lead.name in self.ties})
         self._rows = self._layer_rows()
         self._check_feasible()
