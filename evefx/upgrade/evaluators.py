@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from evefx.errors import SearchError
 from evefx.ptq.corrections import reestimate_bn
@@ -126,11 +127,8 @@ class BNRecalibrate:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             if not idx:
                 break
-            items = [self.dataset[i] for i in idx]
-            if isinstance(items[0], torch.Tensor):
-                out.append(torch.stack(items))
-            else:
-                out.append(tuple(torch.stack([item[k] for item in items]) for k in range(len(items[0]))))
+            batch = default_collate([self.dataset[i] for i in idx])  # as a DataLoader stacks them
+            out.append(tuple(batch) if isinstance(batch, list) else batch)
         return out
 
     def __call__(self, gm: nn.Module) -> None:
