@@ -18,6 +18,8 @@ Rows:
 ``--split val`` trains on the first 3,500 training images and scores the last 500 (what the
 defaults were chosen on); ``--split test`` (default) trains on all 4,000 and scores the 1,000 test
 images, once. Seeds (weight init and batch order) 0..n-1; mean +- std. One torch thread.
+``--optimizer sgd --lr 0.05`` runs every row (float included) with another recipe (SGD, momentum
+0.9); a training that diverges (NaN reaching a quantizer) is recorded as such, not scored.
 
 Run:
     nice -n 5 .venv/bin/python bench/bench_recipes.py                   # every row, 3 seeds
@@ -47,6 +49,7 @@ from evefx.train import evaluate, fit, seed_everything  # noqa: E402
 from examples.models import DemoNet  # noqa: E402
 
 LR, BATCH = 1e-3, 128
+OPTIMIZER = "adam"  # --optimizer: "adam" or "sgd" (momentum 0.9), evefx.train.fit's names
 
 
 def _w(bits: int, fn: str) -> dict:
@@ -136,7 +139,7 @@ def loaders(data: tuple[TensorDataset, TensorDataset], seed: int) -> tuple[DataL
 
 def train(model: torch.nn.Module, data, epochs: int, seed: int, reestimate: bool = False) -> float:
     tr, held = loaders(data, seed)
-    fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False)
+    fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False, optimizer=OPTIMIZER)
     if reestimate:
         first = DataLoader(data[0], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
         evefx.reestimate_bn(model, itertools.islice(first, 16), progress=False)  # (x, y) pairs: the inputs are taken
@@ -175,8 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="sgd: momentum 0.9")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=Path("out/bench_recipes"))
     args = parser.parse_args(argv)
+    global OPTIMIZER, LR
+    OPTIMIZER, LR = args.optimizer, args.lr
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = cpu()
@@ -190,14 +197,20 @@ def main(argv: list[str] | None = None) -> None:
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
                 float_net, float_acc = trained_float(floats, seed, DemoNet, data, args.epochs)
+                diverged = None
                 if name == "float":
                     acc = float_acc
                 else:
                     init = float_net if start == "finetune" else fresh(DemoNet, seed)
                     model = copy.deepcopy(init) if spec is None else evefx.transform(init, spec, torch.zeros(1, 1, 28, 28))
-                    acc = train(model, data, args.epochs, seed, reestimate=name in REESTIMATE)
+                    try:
+                        acc = train(model, data, args.epochs, seed, reestimate=name in REESTIMATE)
+                    except evefx.QuantizationError as e:  # NaN reached a quantizer: the training diverged
+                        acc, diverged = float("nan"), str(e)
                 record(runs, log, {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
-                                   "epochs": args.epochs, "seconds": round(time.perf_counter() - t0, 1), "machine": machine})
+                                   "epochs": args.epochs, "optimizer": OPTIMIZER, "lr": LR, "machine": machine,
+                                   "seconds": round(time.perf_counter() - t0, 1)},
+                       {"diverged": diverged} if diverged else None)
     table = summarise(runs, args)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
@@ -211,23 +224,33 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace,
     a label reads as the epoch count."""
     rows = ROWS if rows is None else rows
     by: dict[str, list[float]] = {}
+    diverged: dict[str, int] = {}
     for r in runs:
-        by.setdefault(r["row"], []).append(r["accuracy"])
-    mean = {k: sum(v) / len(v) for k, v in by.items()}
+        if r["accuracy"] != r["accuracy"]:  # NaN: a diverged training, counted, not averaged
+            diverged[r["row"]] = diverged.get(r["row"], 0) + 1
+            by.setdefault(r["row"], [])
+        else:
+            by.setdefault(r["row"], []).append(r["accuracy"])
+    mean = {k: sum(v) / len(v) for k, v in by.items() if v}
     std = {k: (torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0) for k, v in by.items()}
 
     def label(name: str) -> str:
         return rows[name][0].replace("N more", f"{args.epochs} more")
 
-    lines = [f"| row ({args.split} split, {args.epochs} epochs, Adam {LR:g}, batch {BATCH}) | accuracy % | vs float |",
+    recipe = f"{'SGD (momentum 0.9)' if getattr(args, 'optimizer', 'adam') == 'sgd' else 'Adam'} {getattr(args, 'lr', LR):g}"
+    lines = [f"| row ({args.split} split, {args.epochs} epochs, {recipe}, batch {BATCH}) | accuracy % | vs float |",
              "|---|---|---|"]
     for name, accs in by.items():
         start = rows[name][2]
         ref = "float_more" if start in compared_later and name != "float_more" else "float"
         if name in REESTIMATE and name != "float_more_reest" and "float_more_reest" in mean:
             ref = "float_more_reest"  # against the float network whose BatchNorm was re-estimated too
+        failed = f", {diverged[name]} diverged" if name in diverged else ""
+        if not accs:
+            lines.append(f"| {label(name)} | every seed diverged ({diverged[name]}) | |")
+            continue
         delta = f"{mean[name] - mean[ref]:+.2f} (vs {label(ref)})" if ref in mean and ref != name else ""
-        lines.append(f"| {label(name)} | {mean[name]:.2f} +- {std[name]:.2f} ({len(accs)} seeds) | {delta} |")
+        lines.append(f"| {label(name)} | {mean[name]:.2f} +- {std[name]:.2f} ({len(accs)} seeds{failed}) | {delta} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,21 @@
+"""bench/bench_recipes.py's table: a diverged training (NaN accuracy) is counted, never averaged."""
+from __future__ import annotations
+
+import argparse
+
+from bench.bench_recipes import summarise
+
+
+def _run(row: str, seed: int, accuracy: float) -> dict:
+    return {"row": row, "seed": seed, "accuracy": accuracy}
+
+
+def test_summarise_counts_diverged_seeds_and_names_the_recipe():
+    args = argparse.Namespace(split="val", epochs=10, optimizer="sgd", lr=0.05)
+    runs = [_run("float", 0, 96.0), _run("float", 1, 97.0),
+            _run("w4_lsq", 0, 95.0), _run("w4_lsq", 1, float("nan")),
+            _run("w2_lsq", 0, float("nan")), _run("w2_lsq", 1, float("nan"))]
+    lines = summarise(runs, args).splitlines()
+    assert lines[0].startswith("| row (val split, 10 epochs, SGD (momentum 0.9) 0.05, batch 128)")
+    assert "| W4A4 lsq, random init | 95.00 +- 0.00 (1 seeds, 1 diverged) | -1.50 (vs float) |" in lines
+    assert "| W2A2 lsq, random init | every seed diverged (2) | |" in lines
