@@ -18,8 +18,9 @@ Rows:
 ``--split val`` trains on the first 3,500 training images and scores the last 500 (what the
 defaults were chosen on); ``--split test`` (default) trains on all 4,000 and scores the 1,000 test
 images, once. Seeds (weight init and batch order) 0..n-1; mean +- std. One torch thread.
-``--optimizer sgd --lr 0.05`` runs every row (float included) with another recipe (SGD, momentum
-0.9); a training that diverges (NaN reaching a quantizer) is recorded as such, not scored.
+``--optimizer sgd --lr 0.05`` (and ``--batch``, ``--weight-decay``) runs every row (float included)
+with another recipe (SGD: momentum 0.9); a training that diverges (NaN reaching a quantizer) is
+recorded as such, not scored.
 
 Run:
     nice -n 5 .venv/bin/python bench/bench_recipes.py                   # every row, 3 seeds
@@ -50,6 +51,7 @@ from examples.models import DemoNet  # noqa: E402
 
 LR, BATCH = 1e-3, 128
 OPTIMIZER = "adam"  # --optimizer: "adam" or "sgd" (momentum 0.9), evefx.train.fit's names
+WEIGHT_DECAY = 0.0  # --weight-decay (L2, on every parameter, as torch's optimizers apply it)
 
 
 def _w(bits: int, fn: str) -> dict:
@@ -139,7 +141,8 @@ def loaders(data: tuple[TensorDataset, TensorDataset], seed: int) -> tuple[DataL
 
 def train(model: torch.nn.Module, data, epochs: int, seed: int, reestimate: bool = False) -> float:
     tr, held = loaders(data, seed)
-    fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False, optimizer=OPTIMIZER)
+    fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False, optimizer=OPTIMIZER,
+        weight_decay=WEIGHT_DECAY)
     if reestimate:
         first = DataLoader(data[0], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
         evefx.reestimate_bn(model, itertools.islice(first, 16), progress=False)  # (x, y) pairs: the inputs are taken
@@ -180,10 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=["test", "val"], default="test")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="sgd: momentum 0.9")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_recipes"))
     args = parser.parse_args(argv)
-    global OPTIMIZER, LR
-    OPTIMIZER, LR = args.optimizer, args.lr
+    global OPTIMIZER, LR, BATCH, WEIGHT_DECAY
+    OPTIMIZER, LR, BATCH, WEIGHT_DECAY = args.optimizer, args.lr, args.batch, args.weight_decay
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = cpu()
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                     except evefx.QuantizationError as e:  # NaN reached a quantizer: the training diverged
                         acc, diverged = float("nan"), str(e)
                 record(runs, log, {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
-                                   "epochs": args.epochs, "optimizer": OPTIMIZER, "lr": LR, "machine": machine,
+                                   "epochs": args.epochs, "optimizer": OPTIMIZER, "lr": LR, "batch": BATCH,
+                                   "weight_decay": WEIGHT_DECAY, "machine": machine,
                                    "seconds": round(time.perf_counter() - t0, 1)},
                        {"diverged": diverged} if diverged else None)
     table = summarise(runs, args)
@@ -238,7 +244,10 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace,
         return rows[name][0].replace("N more", f"{args.epochs} more")
 
     recipe = f"{'SGD (momentum 0.9)' if getattr(args, 'optimizer', 'adam') == 'sgd' else 'Adam'} {getattr(args, 'lr', LR):g}"
-    lines = [f"| row ({args.split} split, {args.epochs} epochs, {recipe}, batch {BATCH}) | accuracy % | vs float |",
+    if getattr(args, "weight_decay", 0.0):
+        recipe += f", weight decay {args.weight_decay:g}"
+    lines = [f"| row ({args.split} split, {args.epochs} epochs, {recipe}, batch {getattr(args, 'batch', BATCH)}) "
+             "| accuracy % | vs float |",
              "|---|---|---|"]
     for name, accs in by.items():
         start = rows[name][2]

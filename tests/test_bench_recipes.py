@@ -19,3 +19,9 @@ def test_summarise_counts_diverged_seeds_and_names_the_recipe():
     assert lines[0].startswith("| row (val split, 10 epochs, SGD (momentum 0.9) 0.05, batch 128)")
     assert "| W4A4 lsq, random init | 95.00 +- 0.00 (1 seeds, 1 diverged) | -1.50 (vs float) |" in lines
     assert "| W2A2 lsq, random init | every seed diverged (2) | |" in lines
+
+
+def test_summarise_header_names_batch_and_weight_decay():
+    args = argparse.Namespace(split="test", epochs=10, optimizer="adam", lr=1e-3, batch=32, weight_decay=5e-4)
+    header = summarise([_run("float", 0, 96.0)], args).splitlines()[0]
+    assert header == "| row (test split, 10 epochs, Adam 0.001, weight decay 0.0005, batch 32) | accuracy % | vs float |"
