@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,12 +72,13 @@ def search_from_spec(
         import_ray()
     from evefx.api import eve_parameters
 
-    if not eve_parameters(transform(model, spec)):  # say it before minutes of training, not after
-        raise SearchError("the spec has no eve parameters to search: set upgrade_bits: true in a quantize section "
-                          "or upgrade_ratio: true in a prune section")
     source = data if isinstance(data, DataSplits) else open_data(data, data_root)
     if not source.labelled:
         raise SearchError(f"--data {source.name} holds no labels: a search scores accuracy, so it needs (inputs, labels)")
+    example = _first_inputs(source.train, 1)  # traced with the data's own inputs (token ids stay integers)
+    if not eve_parameters(transform(model, spec, example)):  # say it before minutes of training, not after
+        raise SearchError("the spec has no eve parameters to search: set upgrade_bits: true in a quantize section "
+                          "or upgrade_ratio: true in a prune section")
     full, n_val = source.train, source.validation_size
     train, val = Subset(full, range(len(full) - n_val)), Subset(full, range(len(full) - n_val, len(full)))
     loader = lambda: DataLoader(train, batch_size=64, shuffle=True,  # noqa: E731
@@ -87,7 +89,7 @@ def search_from_spec(
     start = run_dir / "start.pt"
     gm = None
     if resume and start.exists():
-        gm = transform(model, spec)
+        gm = transform(model, spec, example)
         gm.load_state_dict(torch.load(start))
         log.info("resume: starting weights loaded from %s", start)
     else:
@@ -97,15 +99,23 @@ def search_from_spec(
             load_checkpoint(model, weights, "--weights")
         elif epochs > 0:
             fit(model, loader(), None, epochs, lr=3e-3, seed=spec.search.seed, progress=progress, description="float")
-        gm = transform(model.eval(), spec)
+        gm = transform(model.eval(), spec, example)
         if qat_epochs > 0 and any(p.requires_grad for p in gm.parameters()):
             fit(gm, loader(), None, qat_epochs, lr=1e-3, seed=spec.search.seed, progress=progress, description="calibrate")
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(gm.state_dict(), start)
     gm.eval()
-    batch = torch.stack([train[i][0] for i in range(min(64, len(train)))])  # activation statistics for observations
+    batch = _first_inputs(train, 64)  # activation statistics for observations
     return search(gm, Accuracy(DataLoader(val, batch_size=500)), spec.search, run_dir=run_dir, spec=spec,
                   finetune=FineTune(train, seed=spec.search.seed),
                   recalibrate=BNRecalibrate(train, batches=spec.search.evaluator.batches, seed=spec.search.seed),
                   example_inputs=batch, resume=resume, pareto_latency=pareto_latency,
                   progress=progress)
+
+
+def _first_inputs(dataset: Any, count: int) -> Any:
+    """The inputs of ``dataset``'s first ``count`` ``(inputs..., label)`` items, stacked: a tensor,
+    or a tuple of tensors for a model of several inputs."""
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    fields = tuple(torch.stack([item[k] for item in items]) for k in range(len(items[0]) - 1))
+    return fields[0] if len(fields) == 1 else fields

@@ -58,6 +58,32 @@ def colour_data(n: int = 120, classes: int = 3, seed: int = 0):
     return x, y
 
 
+class TokenNet(nn.Module):
+    """A user's classifier of token ids (integer inputs): embedding, mean over the sequence, two linears."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, num_classes: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, num_classes)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(1))))
+
+
+class TokenMaskNet(TokenNet):
+    """TokenNet with a second input: a padding mask (1 for tokens, 0 for padding) over which it averages."""
+
+    def forward(self, ids, mask):
+        pooled = (self.emb(ids) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.fc2(torch.relu(self.fc1(pooled)))
+
+
+def token_data(n: int = 100, length: int = 12, vocab: int = 50, classes: int = 4, seed: int = 0):
+    """``(ids, labels)``: int64 token ids whose class is the first token modulo ``classes``."""
+    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+    return ids, ids[:, 0] % classes
+
+
 class ResidualDepthwiseNet(nn.Module):
     """A user's block: a residual add around a depthwise conv (its channels coupled to the conv before it)."""
 

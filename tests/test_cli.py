@@ -99,7 +99,8 @@ def test_export_without_shape_is_a_clear_error(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("passes: [{kind: quantize}]\n")
     result = runner.invoke(app, ["export", "--model", "examples.models:DemoNet", "--spec", str(spec), "--out", str(tmp_path / "m.onnx")])
-    assert result.exit_code == 1 and "give --input-shape or trace.input_shape" in result.output
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
+        "error: give --input-shape, trace.input_shape in the spec, or --data: export needs example inputs")
 
 
 # ---- issue 12: one clear error per user mistake, nothing silently a no-op -----------------------------------------

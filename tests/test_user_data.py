@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from evefx import OptionError
 from evefx.cli import app
 from evefx.data import open_data
-from tests.helpers import ColourNet, colour_data
+from tests.helpers import ColourNet, colour_data, token_data
 
 runner = CliRunner()
 MODEL = ["--model", "tests.helpers:ColourNet", "--model-kwargs", '{"num_classes": 3}']
@@ -162,3 +162,55 @@ def test_a_numpy_file_reads_as_the_same_splits(tmp_path):
     with pytest.raises(OptionError) as e:
         open_data(tmp_path / "bad.npz")
     assert str(e.value) == f"--data {tmp_path / 'bad.npz'}: a .npz file holds arrays x, and optionally y, x_test, y_test (got ['images'])"
+
+
+def test_a_token_model_exports_and_searches_on_its_integer_data(tmp_path):
+    """The commands traced with float zeros of --input-shape: a model of token ids failed in its
+    embedding, even with the ids given in --data. The data's own inputs are now the example."""
+    ids, y = token_data(100)
+    torch.save((ids, y), tmp_path / "tokens.pt")
+    token_model = ["--model", "tests.helpers:TokenNet"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("schema_version: 1\npasses: [{kind: quantize}]\n")
+    out = tmp_path / "t.onnx"
+    result = runner.invoke(app, ["export", *token_model, "--spec", str(plain), "--out", str(out),
+                                 "--data", str(tmp_path / "tokens.pt"), "--calibrate-batches", "2"])
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output and out.exists()
+    no_shape = runner.invoke(app, ["export", *token_model, "--spec", str(plain), "--out", str(tmp_path / "n.onnx")])
+    assert no_shape.exit_code == 1 and no_shape.output.strip().splitlines()[-1] == (
+        "error: give --input-shape, trace.input_shape in the spec, or --data: export needs example inputs")
+    spec = tmp_path / "s.yaml"  # trace.input_shape given, as docs/search.md writes it
+    spec.write_text("schema_version: 1\ntrace: {input_shape: [1, 12]}\n"
+                    "passes: [{kind: quantize, upgrade_bits: true, min_bits: 2, max_bits: 8}]\n"
+                    "search: {algorithm: random, episodes: 2, evaluator: {kind: none}, budget: {kind: avg_bits, max: 4}}\n")
+    search = runner.invoke(app, ["search", *token_model, "--spec", str(spec), "--data", str(tmp_path / "tokens.pt"),
+                                 "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert search.exit_code == 0, search.output
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "episodes.csv")))) == 2
+    best = runner.invoke(app, ["export", *token_model, "--spec", str(tmp_path / "run" / "best.yaml"), "--checkpoint",
+                               str(tmp_path / "run" / "best.pt"), "--data", str(tmp_path / "tokens.pt"),
+                               "--out", str(tmp_path / "best.onnx")])
+    assert best.exit_code == 0, best.output
+    assert "passed" in best.output
+
+
+def test_a_two_input_model_searches_through_the_python_api(tmp_path):
+    """search_from_spec took only each item's first field for its example and observation batch: a
+    model of (ids, mask) failed with a missing argument."""
+    from torch.utils.data import TensorDataset
+
+    from evefx.data import DataSplits
+    from evefx.recipes import search_from_spec
+    from tests.helpers import TokenMaskNet
+
+    ids, y = token_data(100)
+    mask = torch.ones(ids.shape)
+    mask[::2, 8:] = 0  # padded sequences
+    splits = DataSplits("mine", TensorDataset(ids[:80], mask[:80], y[:80]), TensorDataset(ids[80:], mask[80:], y[80:]),
+                        True, 16)
+    spec = {"schema_version": 1, "passes": [{"kind": "quantize", "upgrade_bits": True, "min_bits": 2, "max_bits": 8}],
+            "search": {"algorithm": "random", "episodes": 2, "evaluator": {"kind": "none"},
+                       "budget": {"kind": "avg_bits", "max": 4}}}
+    result = search_from_spec(TokenMaskNet(), spec, data=splits, run_dir=tmp_path / "run", epochs=1, progress=False)
+    assert len(result.episodes) == 2 and result.best["cost"] <= 4

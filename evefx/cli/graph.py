@@ -169,29 +169,26 @@ def export(
                                        "evefx.reestimate_bn)"),
 ) -> None:
     """Export a transformed model to ONNX (int8 QDQ when quantized) or, with --format nir, a spiking model to NIR."""
-    import torch
 
     from evefx.api import load_checkpoint, never_pruned
     from evefx.export import calibrate, export_onnx
 
     try:
         spec_obj = load_spec(spec)
-        shape = parse_shape(input_shape) or spec_obj.trace.input_shape
-        if shape is None:
-            raise EvefxError("give --input-shape or trace.input_shape in the spec: export needs example inputs")
         if format not in ("onnx", "nir"):
             raise EvefxError(f"--format must be onnx or nir (got {format!r})")
-        gm = transform_model(model, spec, ",".join(map(str, shape)), model_kwargs)
+        source, example = _export_source(data, data_root, parse_shape(input_shape) or spec_obj.trace.input_shape)
+        gm = transform_model(model, spec_obj, None, model_kwargs, example=example)  # loaded once: one schema warning
         if checkpoint is not None:
             load_checkpoint(gm, checkpoint, "--checkpoint")
-        calib, held_out = _export_data(data, data_root, shape, calibrate_batches)
+        calib, held_out = _export_data(source, example, calibrate_batches)
         if checkpoint is None:
             calibrate(gm, calib)
             _set_thresholds(gm, calib)
         if format == "nir":
             from evefx.export.nir import export_nir
 
-            console.print(export_nir(gm.eval(), out, torch.zeros(shape), dt=dt).table())
+            console.print(export_nir(gm.eval(), out, example, dt=dt).table())
             return
         if reestimate_bn and data is None:
             raise EvefxError("--reestimate-bn needs real images: give --data (on random inputs BatchNorm would "
@@ -210,7 +207,7 @@ def export(
                 raise EvefxError(f"{msg}; pass --checkpoint of a model pruned with evefx.prune_step, "
                                  "or --allow-unpruned to export it anyway")
             warnings.warn(msg, EvefxWarning, stacklevel=1)
-        report = export_onnx(gm, torch.zeros(shape), out, opset=opset, check=check, real_inputs=held_out,
+        report = export_onnx(gm, example, out, opset=opset, check=check, real_inputs=held_out,
                              tolerance=tolerance, top1_min=top1_min)
     except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         fail(e)
@@ -229,21 +226,32 @@ def _set_thresholds(gm: Any, batches: list[Any]) -> None:
             gm.eval()(batches[0])
 
 
-def _export_data(data: Optional[str], data_root: Optional[Path], shape: tuple[int, ...],
-                 batches: int) -> tuple[list[Any], Any]:
-    """Calibration batches (32 inputs each, from the data's training part) and held-out parity
-    inputs (256) for ``evefx export``; random inputs without ``--data``."""
+def _export_source(data: Optional[str], data_root: Optional[Path], shape: tuple[int, ...] | None) -> tuple[Any, Any]:
+    """``evefx export``'s data (None without ``--data``) and one example input: the data's first
+    training input (its dtype too: token ids stay integers), else zeros of ``shape``."""
     import torch
 
     from evefx.data import open_data
 
     if data is None:
-        gen = torch.Generator().manual_seed(0)
-        return [torch.rand(shape, generator=gen) for _ in range(batches)], None
+        if shape is None:
+            raise EvefxError("give --input-shape, trace.input_shape in the spec, or --data: export needs example inputs")
+        return None, torch.zeros(shape)
     source = open_data(data, data_root)
-    sample = tuple(source.inputs("train", 1).shape[1:])
-    if sample != tuple(shape[1:]):
-        raise EvefxError(f"--data {source.name} holds inputs of shape {list(sample)} but the model takes "
+    example = source.inputs("train", 1)
+    if shape is not None and tuple(example.shape[1:]) != tuple(shape[1:]):
+        raise EvefxError(f"--data {source.name} holds inputs of shape {list(example.shape[1:])} but the model takes "
                          f"{list(shape)}; give data of that shape, or no --data (random inputs)")
+    return source, example
+
+
+def _export_data(source: Any, example: Any, batches: int) -> tuple[list[Any], Any]:
+    """Calibration batches (32 inputs each, from the data's training part) and held-out parity
+    inputs (256) for ``evefx export``; random inputs shaped like ``example`` without ``--data``."""
+    import torch
+
+    if source is None:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.rand(example.shape, generator=gen) for _ in range(batches)], None
     calib = [source.inputs("train", 32, start=i * 32) for i in range(batches)]
     return [c for c in calib if len(c)], source.inputs("held_out", 256)

@@ -145,12 +145,14 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def transform_model(model: str, spec: Path, input_shape: str | None, model_kwargs: str | None = None):
-    """The ``--model`` transformed with ``--spec`` (shapes from ``--input-shape`` when given)."""
+def transform_model(model: str, spec: Any, input_shape: str | None, model_kwargs: str | None = None,
+                    example: Any = None):
+    """The ``--model`` transformed with ``--spec`` (shapes from ``example`` inputs, else from
+    ``--input-shape`` when given)."""
     import torch
 
     import evefx
 
     shape = parse_shape(input_shape)
-    inputs = torch.zeros(shape) if shape else None
+    inputs = example if example is not None else (torch.zeros(shape) if shape else None)
     return evefx.transform(load_model(model, parse_kwargs(model_kwargs)), load_spec(spec), inputs)
