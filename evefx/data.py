@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from evefx.errors import OptionError
 
-__all__ = ["mnist5k", "mnist", "loaders", "open_data", "DataSplits", "TRAIN_SIZE", "TEST_SIZE"]
+__all__ = ["mnist5k", "mnist", "loaders", "open_data", "DataSplits", "take", "rows", "TRAIN_SIZE", "TEST_SIZE"]
 
 TRAIN_SIZE, TEST_SIZE = 4000, 1000
 _SPLIT_SEED = 20260101  # fixed: the split is part of every reported figure
@@ -77,7 +77,8 @@ def loaders(batch_size: int = 128, seed: int = 0, source: str = "mnist5k", root:
 class DataSplits:
     """The two parts of a data source: ``train`` (training, calibration, a search's own validation
     part) and ``held_out`` (accuracy, export parity); ``labelled`` says whether items end in a label.
-    ``validation_size`` is how many of ``train``'s last items a search scores on."""
+    ``validation_size`` is how many of ``train``'s last items a search scores on. Items are
+    ``(inputs..., label)``: one field per model input, then the label when ``labelled``."""
 
     name: str
     train: Dataset
@@ -85,12 +86,32 @@ class DataSplits:
     labelled: bool
     validation_size: int
 
-    def inputs(self, part: str, count: int, start: int = 0) -> torch.Tensor:
-        """Up to ``count`` inputs of ``part`` (``train`` or ``held_out``) from ``start``, stacked."""
+    def inputs(self, part: str, count: int, start: int = 0) -> Any:
+        """Up to ``count`` inputs of ``part`` (``train`` or ``held_out``) from ``start``, stacked: a
+        tensor, or a tuple of tensors (one per model input) for a model of several inputs."""
         ds = getattr(self, part)
         if isinstance(ds, TensorDataset):
-            return ds.tensors[0][start:start + count]
-        return torch.stack([ds[i][0] for i in range(start, min(start + count, len(ds)))])
+            fields = ds.tensors[:-1] if self.labelled else ds.tensors
+            return take(fields[0] if len(fields) == 1 else tuple(fields), start, start + count)
+        items = [ds[i] for i in range(start, min(start + count, len(ds)))]
+        n = len(items[0]) - 1 if self.labelled else len(items[0])
+        stacked = tuple(torch.stack([item[k] for item in items]) for k in range(n))
+        return stacked[0] if n == 1 else stacked
+
+
+def take(inputs: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a batch of model inputs: a tensor, or each tensor of a tuple.
+
+    Example:
+        >>> take((torch.zeros(8, 12), torch.ones(8, 12)), 0, 2)[1].shape
+        torch.Size([2, 12])
+    """
+    return tuple(t[start:stop] for t in inputs) if isinstance(inputs, tuple) else inputs[start:stop]
+
+
+def rows(inputs: Any) -> int:
+    """How many samples a batch of model inputs holds (a tensor, or a tuple of tensors)."""
+    return len(inputs[0]) if isinstance(inputs, tuple) else len(inputs)
 
 
 def _model_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -99,17 +120,27 @@ def _model_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tensors(obj: Any, where: str) -> TensorDataset:
-    """A tensor of inputs or ``(inputs, labels)`` as a data set, checked."""
-    if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
+    """A tensor of inputs, ``(inputs, labels)`` or ``((inputs_1, inputs_2, ...), labels)`` (a model of
+    several inputs) as a data set of ``(inputs..., [labels])`` items, checked."""
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor) and (
+            isinstance(obj[0], torch.Tensor) or _all_tensors(obj[0])):
         x, y = obj
-        if y.dim() != 1 or y.dtype.is_floating_point or len(y) != len(x):
+        xs = [x] if isinstance(x, torch.Tensor) else list(x)
+        if any(len(t) != len(xs[0]) for t in xs):
+            raise OptionError(f"{where}: every input must have one row per sample (got {[len(t) for t in xs]} rows)")
+        if y.dim() != 1 or y.dtype.is_floating_point or len(y) != len(xs[0]):
             raise OptionError(f"{where}: labels must be a 1-D integer tensor of one label per input "
-                              f"(got {tuple(y.shape)} {y.dtype} for {len(x)} inputs)")
-        return TensorDataset(_model_dtype(x), y.long())
+                              f"(got {tuple(y.shape)} {y.dtype} for {len(xs[0])} inputs)")
+        return TensorDataset(*(_model_dtype(t) for t in xs), y.long())
     if isinstance(obj, torch.Tensor):
         return TensorDataset(_model_dtype(obj))
-    raise OptionError(f"{where} must hold a tensor of inputs, a pair (inputs, labels) or a dict "
-                      f"{{'train': ..., 'test': ...}} of those (got {type(obj).__name__}); save one with torch.save")
+    raise OptionError(f"{where} must hold a tensor of inputs, a pair (inputs, labels), ((inputs_1, inputs_2, ...), "
+                      f"labels) for a model of several inputs, or a dict {{'train': ..., 'test': ...}} of those "
+                      f"(got {type(obj).__name__}); save one with torch.save")
+
+
+def _all_tensors(obj: Any) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) > 0 and all(isinstance(t, torch.Tensor) for t in obj)
 
 
 def _read_pt(path: Path) -> Any:
@@ -139,7 +170,8 @@ def _read_npz(path: Path) -> Any:
 def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
     """What a command's ``--data`` names: ``mnist5k`` (embedded), ``mnist`` (torchvision's files in
     ``root``), a ``.pt`` file written by ``torch.save`` holding inputs (a tensor, one sample per
-    row), ``(inputs, labels)``, or ``{"train": ..., "test": ...}`` of those, or a ``.npz`` file
+    row), ``(inputs, labels)``, ``((inputs_1, inputs_2, ...), labels)`` for a model of several
+    inputs, or ``{"train": ..., "test": ...}`` of those, or a ``.npz`` file
     (``numpy.savez``) of arrays ``x`` and optionally ``y``, ``x_test``, ``y_test``. A file without a
     ``test`` part keeps its last fifth as ``held_out``; a search scores on the last fifth of ``train``
     (the last 1,000 of MNIST-5k's 4,000 images, the last 5,000 of MNIST's 60,000).
@@ -165,7 +197,8 @@ def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
             raise OptionError(f"--data {path}: a dict must have exactly the keys 'train' and 'test' (got {sorted(obj)})")
         train, held_out = _tensors(obj["train"], f"--data {path} ['train']"), _tensors(obj["test"], f"--data {path} ['test']")
         if len(train.tensors) != len(held_out.tensors):
-            raise OptionError(f"--data {path}: 'train' and 'test' must both have labels or both not")
+            raise OptionError(f"--data {path}: 'train' and 'test' must both have labels or both not, "
+                              "with the same number of inputs")
     else:
         every = _tensors(obj, f"--data {path}")
         n = len(every)
@@ -176,4 +209,5 @@ def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
                            TensorDataset(*(t[cut:] for t in every.tensors)))
     if len(train) < 2:
         raise OptionError(f"--data {path}: its training part holds {len(train)} sample(s); at least 2 are needed")
-    return DataSplits(str(path), train, held_out, len(train.tensors) == 2, max(1, len(train) // 5))
+    labelled = not (isinstance(obj, torch.Tensor) or (isinstance(obj, dict) and isinstance(obj["train"], torch.Tensor)))
+    return DataSplits(str(path), train, held_out, labelled, max(1, len(train) // 5))

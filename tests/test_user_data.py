@@ -44,10 +44,13 @@ def test_data_that_does_not_fit_is_a_one_line_error(tmp_path):
     cases = {
         "labels.pt": ((x, y.float()), "labels must be a 1-D integer tensor of one label per input (got (10,) torch.float32 for 10 inputs)"),
         "keys.pt": ({"train": (x, y)}, "a dict must have exactly the keys 'train' and 'test' (got ['train'])"),
-        "mixed.pt": ({"train": (x, y), "test": x}, "'train' and 'test' must both have labels or both not"),
+        "mixed.pt": ({"train": (x, y), "test": x}, "'train' and 'test' must both have labels or both not, "
+                                                   "with the same number of inputs"),
         "one.pt": (x[:1], "holds 1 sample(s); at least 2 are needed (one to hold out)"),
-        "other.pt": ([1, 2, 3], "must hold a tensor of inputs, a pair (inputs, labels) or a dict {'train': ..., 'test': ...} "
-                                "of those (got list); save one with torch.save"),
+        "other.pt": ([1, 2, 3], "must hold a tensor of inputs, a pair (inputs, labels), ((inputs_1, inputs_2, ...), labels) "
+                                "for a model of several inputs, or a dict {'train': ..., 'test': ...} of those (got list); "
+                                "save one with torch.save"),
+        "rows.pt": (((x, x[:5]), y), "every input must have one row per sample (got [10, 5] rows)"),
     }
     for name, (obj, message) in cases.items():
         torch.save(obj, tmp_path / name)
@@ -214,3 +217,37 @@ def test_a_two_input_model_searches_through_the_python_api(tmp_path):
                        "budget": {"kind": "avg_bits", "max": 4}}}
     result = search_from_spec(TokenMaskNet(), spec, data=splits, run_dir=tmp_path / "run", epochs=1, progress=False)
     assert len(result.episodes) == 2 and result.best["cost"] <= 4
+
+
+def test_a_two_input_model_runs_every_command_on_its_file(tmp_path):
+    """`--data` held one input per sample: a model of (ids, mask) could not be calibrated, exported,
+    quantized or searched from the command line. ((ids, mask), labels) files now feed all of them."""
+    from evefx.data import rows, take
+
+    ids, y = token_data(100)
+    mask = torch.ones(ids.shape)
+    mask[::2, 8:] = 0
+    torch.save(((ids, mask), y), tmp_path / "two.pt")
+    d = open_data(tmp_path / "two.pt")
+    first = d.inputs("train", 3, start=79)  # never reaches into the held-out part
+    assert d.labelled and isinstance(first, tuple) and rows(first) == 1 and torch.equal(first[1], mask[79:80])
+    assert torch.equal(take(d.inputs("held_out", 256), 0, 2)[0], ids[80:82])
+    data, two = ["--data", str(tmp_path / "two.pt")], ["--model", "tests.helpers:TokenMaskNet"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("schema_version: 1\npasses: [{kind: quantize}]\n")
+    exported = runner.invoke(app, ["export", *two, "--spec", str(plain), *data, "--out", str(tmp_path / "e.onnx")])
+    assert exported.exit_code == 0 and "passed" in exported.output, exported.output
+    quantized = runner.invoke(app, ["quantize", *two, "--spec", str(plain), *data, "--out", str(tmp_path / "q.onnx"),
+                                    "--report", str(tmp_path / "r.json")])
+    assert quantized.exit_code == 0, quantized.output
+    import json
+
+    accuracy = json.loads((tmp_path / "r.json").read_text())["accuracy"]
+    assert accuracy["quantized (PyTorch)"] == accuracy["quantized (onnxruntime)"]
+    spec = tmp_path / "s.yaml"
+    spec.write_text("schema_version: 1\npasses: [{kind: quantize, upgrade_bits: true, min_bits: 2, max_bits: 8}]\n"
+                    "search: {algorithm: random, episodes: 2, evaluator: {kind: none}, budget: {kind: avg_bits, max: 4}}\n")
+    searched = runner.invoke(app, ["search", *two, "--spec", str(spec), *data, "--run-dir", str(tmp_path / "run"),
+                                   "--epochs", "1"])
+    assert searched.exit_code == 0, searched.output
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "episodes.csv")))) == 2

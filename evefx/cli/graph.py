@@ -153,8 +153,9 @@ def export(
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
     calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
     data: Optional[str] = typer.Option(None, help="mnist5k, mnist (with --data-root), or a .pt/.npz file of inputs (or "
-                                       "(inputs, labels)): calibrate on its training part and check parity on 256 "
-                                       "held-out inputs (else random inputs, 64 for parity)"),
+                                       "(inputs, labels), ((inputs_1, inputs_2, ...), labels) for several inputs): traced with its first "
+                                       "input, calibrated on its training part, parity checked on 256 held-out inputs "
+                                       "(else random inputs of --input-shape, 64 for parity)"),
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default 17; 21 when the spec stores weights packed)"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
@@ -223,7 +224,7 @@ def _set_thresholds(gm: Any, batches: list[Any]) -> None:
 
     if any(isinstance(m, SpikingNeuron) and m.threshold_pending for m in gm.modules()):
         with torch.no_grad():
-            gm.eval()(batches[0])
+            gm.eval()(*(batches[0] if isinstance(batches[0], tuple) else (batches[0],)))
 
 
 def _export_source(data: Optional[str], data_root: Optional[Path], shape: tuple[int, ...] | None) -> tuple[Any, Any]:
@@ -238,8 +239,8 @@ def _export_source(data: Optional[str], data_root: Optional[Path], shape: tuple[
             raise EvefxError("give --input-shape, trace.input_shape in the spec, or --data: export needs example inputs")
         return None, torch.zeros(shape)
     source = open_data(data, data_root)
-    example = source.inputs("train", 1)
-    if shape is not None and tuple(example.shape[1:]) != tuple(shape[1:]):
+    example = source.inputs("train", 1)  # a tuple for a model of several inputs (no shape to check then)
+    if shape is not None and isinstance(example, torch.Tensor) and tuple(example.shape[1:]) != tuple(shape[1:]):
         raise EvefxError(f"--data {source.name} holds inputs of shape {list(example.shape[1:])} but the model takes "
                          f"{list(shape)}; give data of that shape, or no --data (random inputs)")
     return source, example
@@ -250,8 +251,10 @@ def _export_data(source: Any, example: Any, batches: int) -> tuple[list[Any], An
     inputs (256) for ``evefx export``; random inputs shaped like ``example`` without ``--data``."""
     import torch
 
+    from evefx.data import rows
+
     if source is None:
         gen = torch.Generator().manual_seed(0)
         return [torch.rand(example.shape, generator=gen) for _ in range(batches)], None
     calib = [source.inputs("train", 32, start=i * 32) for i in range(batches)]
-    return [c for c in calib if len(c)], source.inputs("held_out", 256)
+    return [c for c in calib if rows(c)], source.inputs("held_out", 256)

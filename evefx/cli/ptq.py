@@ -28,7 +28,7 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
     from torch.utils.data import DataLoader
 
     import evefx
-    from evefx.data import open_data
+    from evefx.data import open_data, rows, take
 
     float_model = load_model(model, parse_kwargs(model_kwargs))
     if checkpoint is not None:
@@ -44,13 +44,14 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
     labelled: list[tuple[Any, Any]] | None = None
     if source.labelled:  # scored on the held-out part, never on the calibration samples
         labelled = list(DataLoader(source.held_out, batch_size=max(batch_size, 256)))
-    calib = [xs[i:i + batch_size] for i in range(0, len(xs), batch_size)]
-    gm = evefx.transform(float_model, load_spec(spec), xs[:1])
+    calib = [take(xs, i, i + batch_size) for i in range(0, rows(xs), batch_size)]  # xs: a tuple for several inputs
+    gm = evefx.transform(float_model, load_spec(spec), take(xs, 0, 1))
     return float_model, gm, calib, labelled
 
 
 _PTQ_DATA = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision, needs --data-root) or a .pt file "
-                                      "holding inputs, (inputs, labels) or {'train': ..., 'test': ...}, or a .npz file (x, y, x_test, "
+                                      "holding inputs, (inputs, labels), ((inputs_1, inputs_2, ...), labels) for several inputs, or "
+                                      "{'train': ..., 'test': ...}, or a .npz file (x, y, x_test, "
                                       "y_test); calibrated on "
                                       "the training part, scored on the held-out one (a file's last fifth)")
 
@@ -71,13 +72,14 @@ def quantize(
 ) -> None:
     """Post-training quantization: transform, calibrate, correct (as the spec says), export with parity."""
     import evefx
+    from evefx.data import take
     from evefx.export import export_onnx, onnx_accuracy
     from evefx.train import evaluate
 
     try:
         float_model, gm, calib, labelled = _ptq_setup(model, model_kwargs, checkpoint, spec, data, data_root, calib_samples, batch_size)
         ptq = evefx.post_training_quantize(gm, calib)
-        export = export_onnx(gm, calib[0][:1], out, real_inputs=calib[0], check=check)
+        export = export_onnx(gm, take(calib[0], 0, 1), out, real_inputs=calib[0], check=check)
     except EvefxError as e:
         fail(e)
     console.print(ptq)
