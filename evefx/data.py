@@ -93,9 +93,12 @@ class DataSplits:
         if isinstance(ds, TensorDataset):
             fields = ds.tensors[:-1] if self.labelled else ds.tensors
             return take(fields[0] if len(fields) == 1 else tuple(fields), start, start + count)
-        items = [ds[i] for i in range(start, min(start + count, len(ds)))]
+        picked = range(start, min(start + count, len(ds)))
+        items = [ds[i] for i in picked] or [ds[0]]  # past the end: an empty batch of the right shape
+        if isinstance(items[0], torch.Tensor):  # a data set of bare inputs
+            return torch.stack(items)[:len(picked)]
         n = len(items[0]) - 1 if self.labelled else len(items[0])
-        stacked = tuple(torch.stack([item[k] for item in items]) for k in range(n))
+        stacked = tuple(torch.stack([item[k] for item in items])[:len(picked)] for k in range(n))
         return stacked[0] if n == 1 else stacked
 
 

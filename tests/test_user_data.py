@@ -37,6 +37,7 @@ def test_a_file_of_inputs_and_labels_keeps_its_last_fifth_out(tmp_path):
     from evefx.data import DataSplits  # any map-style data set (a Python user's), not only tensors
     mine = DataSplits("mine", Subset(split.train, range(10, 20)), split.held_out, True, 2)
     assert torch.equal(mine.inputs("train", 3, start=8), x[18:20])
+    assert mine.inputs("train", 32, start=32).shape == (0, 3, 32, 32)  # past the end: an empty batch, not an error
 
 
 def test_data_that_does_not_fit_is_a_one_line_error(tmp_path):
