@@ -240,6 +240,9 @@ def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.T
     k = vals.reshape(vals.shape[0], len(pos), -1)[0, :, 0]
     if not torch.allclose(vals, k.view((1, -1) + (1,) * (vals.dim() - 2)).expand_as(vals), atol=1e-5, rtol=1e-5):
         raise PruneError(f"{describe_node(gm, site.node)} reads removed channels that are not constant; please report this bug")
+    if isinstance(m, QUANT_LAYER_TYPES):
+        _fold_constant_quantized(m, pos, k)
+        return
     w = m.weight.detach()[:, pos]
     delta = (w.reshape(w.shape[0], len(pos), -1).sum(-1) @ k.to(w.dtype))
     if m.bias is None:
@@ -250,6 +253,25 @@ def _fold_constant(gm: fx.GraphModule, site: Site, pos: torch.Tensor, x: torch.T
                 1 for n in gm.graph.nodes if n.op == "call_module" and n.target == bn.target) == 1:
             norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
             return
+        m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=m.weight.requires_grad)
+    m.bias.add_(delta)
+
+
+def _fold_constant_quantized(m: nn.Module, pos: torch.Tensor, k: torch.Tensor) -> None:
+    """The same for an evefx quantized layer. It reads ``k`` on its input grid (captured after its
+    input quantizer) and computes with its eval weight ``Q(W f)`` (BatchNorm folded), so the removed
+    channels' share is ``sum Q(W f)[:, pos] k``: a whole number of ``s_x * s_w`` steps, which the
+    folded bias takes exactly, on the int32 grid the exported file rounds it to as well."""
+    w = m.weight_quantizer(m.folded_weight_bias()[0].detach())[:, pos]
+    delta = w.reshape(w.shape[0], len(pos), -1).sum(-1) @ k.to(w.dtype)
+    if m.bn is not None:  # b_f = beta + (b - running_mean) f: move b, or the mean when there is no b
+        shift = delta / m._fold_factor().detach()
+        if m.bias is None:
+            m.bn.running_mean.sub_(shift.to(m.bn.running_mean.dtype))
+        else:
+            m.bias.add_(shift)
+        return
+    if m.bias is None:
         m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=m.weight.requires_grad)
     m.bias.add_(delta)
 
@@ -404,11 +426,6 @@ def _constant_folds(gm: fx.GraphModule, dg: DependencyGraph, keep: _Keep) -> lis
     folds = []
     for site in dg.consumers:
         need = ~keep(site.ids) & (site.masked == MaskedValue.CONSTANT)
-        if need.any() and isinstance(site.module, QUANT_LAYER_TYPES):
-            # the constant reaches it through its input quantizer and meets quantized weights: a float
-            # bias shift would not be what the quantized layer computed
-            raise PruneError(f"{describe_node(gm, site.node)} reads removed channels as a constant (not 0) and is quantized: "
-                             "compact would have to fold them into its bias; prune and compact before quantizing")
         if need.any():
             if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == site.node.target) > 1:
                 raise PruneError(f"{describe_node(gm, site.node)} is called more than once and would need a bias fold")

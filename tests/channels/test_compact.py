@@ -135,7 +135,8 @@ def test_a_pruned_spiking_network_compacts_with_its_per_channel_thresholds(demo_
     assert graph.nodes["features_0_neuron"].v_threshold.shape[0] == 2
 
 
-def test_a_removed_constant_channel_is_not_folded_into_a_quantized_layer():
+def test_a_removed_constant_channel_folds_into_a_quantized_layer_exactly(tmp_path):
+    """compact refused it ('prune and compact before quantizing'), so such a model exported with masks."""
     torch.manual_seed(0)
     # a BatchNorm after the ReLU (not foldable) turns a pruned zero into a constant the next conv reads
     net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(64, 3))
@@ -146,7 +147,10 @@ def test_a_removed_constant_channel_is_not_folded_into_a_quantized_layer():
     gm(torch.rand(8, 1, 8, 8))
     gm.eval()
     evefx.prune_step(gm)
-    with pytest.raises(PruneError) as err:
-        evefx.compact(gm)
-    assert str(err.value) == ("node '_3' (3: QuantConv2d) reads removed channels as a constant (not 0) and is quantized: "
-                              "compact would have to fold them into its bias; prune and compact before quantizing")
+    small = evefx.compact(gm).eval()
+    assert small.get_submodule("3").in_channels == 4
+    x = torch.rand(64, 1, 8, 8)
+    out = gm(x)
+    assert out.std(0).max() > 0 and torch.equal(small(x), out)  # the share of the removed channels is whole int32 steps
+    report = evefx.export_onnx(gm, x[:1], tmp_path / "m.onnx", real_inputs=x)
+    assert report.passed
