@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +74,7 @@ def search_from_spec(
     source = data if isinstance(data, DataSplits) else open_data(data, data_root)
     if not source.labelled:
         raise SearchError(f"--data {source.name} holds no labels: a search scores accuracy, so it needs (inputs, labels)")
-    example = _first_inputs(source.train, 1)  # traced with the data's own inputs (token ids stay integers)
+    example = source.inputs("train", 1)  # traced with the data's own inputs (token ids stay integers; a tuple for several)
     if not eve_parameters(transform(model, spec, example)):  # say it before minutes of training, not after
         raise SearchError("the spec has no eve parameters to search: set upgrade_bits: true in a quantize section "
                           "or upgrade_ratio: true in a prune section")
@@ -105,17 +104,10 @@ def search_from_spec(
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(gm.state_dict(), start)
     gm.eval()
-    batch = _first_inputs(train, 64)  # activation statistics for observations
+    batch = source.inputs("train", min(64, len(train)))  # activation statistics for observations (train's first items)
     return search(gm, Accuracy(DataLoader(val, batch_size=500)), spec.search, run_dir=run_dir, spec=spec,
                   finetune=FineTune(train, seed=spec.search.seed),
                   recalibrate=BNRecalibrate(train, batches=spec.search.evaluator.batches, seed=spec.search.seed),
                   example_inputs=batch, resume=resume, pareto_latency=pareto_latency,
                   progress=progress)
 
-
-def _first_inputs(dataset: Any, count: int) -> Any:
-    """The inputs of ``dataset``'s first ``count`` ``(inputs..., label)`` items, stacked: a tensor,
-    or a tuple of tensors for a model of several inputs."""
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    fields = tuple(torch.stack([item[k] for item in items]) for k in range(len(items[0]) - 1))
-    return fields[0] if len(fields) == 1 else fields
