@@ -192,6 +192,11 @@ def test_a_token_model_exports_and_searches_on_its_integer_data(tmp_path):
                                  "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert search.exit_code == 0, search.output
     assert len(list(csv.DictReader(open(tmp_path / "run" / "episodes.csv")))) == 2
+    inspected = runner.invoke(app, ["inspect", *token_model, "--spec", str(spec), "--data", str(tmp_path / "tokens.pt")])
+    assert inspected.exit_code == 0 and "QuantLinear" in inspected.output, inspected.output
+    zeros = runner.invoke(app, ["transform", *token_model, "--spec", str(spec)])  # float zeros of trace.input_shape
+    assert zeros.exit_code == 1 and "layer emb (Embedding) fails on inputs of shape (1, 12)" in zeros.output
+    assert runner.invoke(app, ["transform", *token_model, "--spec", str(spec), "--data", str(tmp_path / "tokens.pt")]).exit_code == 0
     best = runner.invoke(app, ["export", *token_model, "--spec", str(tmp_path / "run" / "best.yaml"), "--checkpoint",
                                str(tmp_path / "run" / "best.pt"), "--data", str(tmp_path / "tokens.pt"),
                                "--out", str(tmp_path / "best.onnx")])

@@ -51,6 +51,20 @@ def schema(out: Optional[Path] = typer.Option(None, help="write the schema here 
         console.print(f"wrote {out}")
 
 
+DATA_EXAMPLE = typer.Option(None, help="mnist5k, mnist or a .pt/.npz file (as for export): trace with its first input "
+                                       "instead of zeros of --input-shape (token ids stay integers; several inputs)")
+
+
+def _transform_with_data(model: str, spec: Path, input_shape: Optional[str], model_kwargs: Optional[str],
+                         data: Optional[str], data_root: Optional[Path]) -> Any:
+    """``transform_model``, traced with ``--data``'s first input when it is given."""
+    if data is None:
+        return transform_model(model, spec, input_shape, model_kwargs)
+    spec_obj = load_spec(spec)
+    _, example = _export_source(data, data_root, parse_shape(input_shape) or spec_obj.trace.input_shape)
+    return transform_model(model, spec_obj, None, model_kwargs, example=example)
+
+
 @app.command()
 def transform(
     model: str = MODEL, spec: Path = SPEC,
@@ -58,10 +72,12 @@ def transform(
     model_kwargs: Optional[str] = MODEL_KWARGS,
     out: Optional[Path] = typer.Option(None, help="save the transformed module's state_dict here (.pt)"),
     report: Optional[Path] = typer.Option(None, help="write the change report here (JSON)"),
+    data: Optional[str] = DATA_EXAMPLE,
+    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
 ) -> None:
     """Transform a model with a spec and print the change table."""
     try:
-        gm = transform_model(model, spec, input_shape, model_kwargs)
+        gm = _transform_with_data(model, spec, input_shape, model_kwargs, data, data_root)
     except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         fail(e)
     console.print(gm.report)
@@ -96,6 +112,8 @@ def inspect(
     model: str = MODEL, spec: Path = SPEC,
     input_shape: Optional[str] = INPUT_SHAPE,
     model_kwargs: Optional[str] = MODEL_KWARGS,
+    data: Optional[str] = DATA_EXAMPLE,
+    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
 ) -> None:
     """List each layer: its quantizers' bits, the modules each pass put there, every resolved option.
 
@@ -106,7 +124,7 @@ def inspect(
     from evefx.graph import layer_nodes, module_of
 
     try:
-        gm = transform_model(model, spec, input_shape, model_kwargs)
+        gm = _transform_with_data(model, spec, input_shape, model_kwargs, data, data_root)
     except (EvefxError, OSError) as e:  # OSError: an output folder that does not exist, a full disk
         fail(e)
     attached: dict[str, list[str]] = {}
