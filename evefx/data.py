@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from evefx.errors import OptionError
 
@@ -90,16 +90,17 @@ class DataSplits:
         """Up to ``count`` inputs of ``part`` (``train`` or ``held_out``) from ``start``, stacked: a
         tensor, or a tuple of tensors (one per model input) for a model of several inputs."""
         ds = getattr(self, part)
-        if isinstance(ds, TensorDataset):
-            fields = ds.tensors[:-1] if self.labelled else ds.tensors
-            return take(fields[0] if len(fields) == 1 else tuple(fields), start, start + count)
-        picked = range(start, min(start + count, len(ds)))
-        items = [ds[i] for i in picked] or [ds[0]]  # past the end: an empty batch of the right shape
-        if isinstance(items[0], torch.Tensor):  # a data set of bare inputs
-            return torch.stack(items)[:len(picked)]
-        n = len(items[0]) - 1 if self.labelled else len(items[0])
-        stacked = tuple(torch.stack([item[k] for item in items])[:len(picked)] for k in range(n))
-        return stacked[0] if n == 1 else stacked
+        if isinstance(ds, TensorDataset):  # whole columns, sliced below
+            batch, stop = list(ds.tensors), start + count
+        else:
+            picked = range(start, min(start + count, len(ds)))
+            # stacked as a DataLoader would; past the end, an empty batch of the right shape
+            batch = default_collate([ds[i] for i in picked] or [ds[0]])
+            if isinstance(batch, torch.Tensor):  # a data set of bare inputs
+                return batch[:len(picked)]
+            start, stop = 0, len(picked)
+        fields = tuple(batch[:-1] if self.labelled else batch)
+        return take(fields[0] if len(fields) == 1 else fields, start, stop)
 
 
 def take(inputs: Any, start: int, stop: int) -> Any:

@@ -110,4 +110,3 @@ def search_from_spec(
                   recalibrate=BNRecalibrate(train, batches=spec.search.evaluator.batches, seed=spec.search.seed),
                   example_inputs=batch, resume=resume, pareto_latency=pareto_latency,
                   progress=progress)
-

@@ -61,7 +61,7 @@ def _transform_with_data(model: str, spec: Path, input_shape: Optional[str], mod
     if data is None:
         return transform_model(model, spec, input_shape, model_kwargs)
     spec_obj = load_spec(spec)
-    _, example = _export_source(data, data_root, parse_shape(input_shape) or spec_obj.trace.input_shape)
+    _, example = _data_example(data, data_root, parse_shape(input_shape) or spec_obj.trace.input_shape)
     return transform_model(model, spec_obj, None, model_kwargs, example=example)
 
 
@@ -196,7 +196,7 @@ def export(
         spec_obj = load_spec(spec)
         if format not in ("onnx", "nir"):
             raise EvefxError(f"--format must be onnx or nir (got {format!r})")
-        source, example = _export_source(data, data_root, parse_shape(input_shape) or spec_obj.trace.input_shape)
+        source, example = _data_example(data, data_root, parse_shape(input_shape) or spec_obj.trace.input_shape)
         gm = transform_model(model, spec_obj, None, model_kwargs, example=example)  # loaded once: one schema warning
         if checkpoint is not None:
             load_checkpoint(gm, checkpoint, "--checkpoint")
@@ -245,9 +245,10 @@ def _set_thresholds(gm: Any, batches: list[Any]) -> None:
             gm.eval()(*(batches[0] if isinstance(batches[0], tuple) else (batches[0],)))
 
 
-def _export_source(data: Optional[str], data_root: Optional[Path], shape: tuple[int, ...] | None) -> tuple[Any, Any]:
-    """``evefx export``'s data (None without ``--data``) and one example input: the data's first
-    training input (its dtype too: token ids stay integers), else zeros of ``shape``."""
+def _data_example(data: Optional[str], data_root: Optional[Path], shape: tuple[int, ...] | None) -> tuple[Any, Any]:
+    """The ``--data`` of ``export``, ``transform`` and ``inspect`` (None without it) and one example
+    input: the data's first training input (its dtype too: token ids stay integers), else zeros of
+    ``shape``."""
     import torch
 
     from evefx.data import open_data
