@@ -5,9 +5,11 @@ convs 4/8/16 + linear 16) on the embedded MNIST-5k split, spec defaults except w
 Rows:
 
 * float (10 epochs), and float given 10 more epochs (the reference of fine-tuned rows);
-* LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate) and with today's
-  (data-dependent threshold, threshold-relative surrogate); Poisson input, mean readout, both;
-  today's defaults at T=4 and T=2, with a soft reset, and IF neurons with the erf surrogate;
+* LIF T=8 with the previous defaults (threshold 1, fixed-width atan surrogate, no weights scaled)
+  and with today's (data-dependent threshold, threshold-relative surrogate, ``weight_scale`` and
+  ``weight_scale_no_bn``), without either scale, and with only the first (the defaults until
+  2026-11-30); Poisson input, mean readout, all; today's defaults at T=4 and T=2, with a soft
+  reset, and IF neurons with the erf surrogate;
 * W8A8, W4A4 and W2A2 with the spec defaults (weights ``round``, activations ``lsq``), ``lsq``
   for both and ``round`` for both, from random weights and (W4A4, W2A2) fine-tuned 10 epochs from
   the trained float network; W2A2 defaults and lsq with ``keep_first_last: 8``;
@@ -79,9 +81,13 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "float": ("float", None, "scratch"),
     "float_more": ("float, 10 more epochs", None, "finetune"),
     "lif_new": ("LIF T=8, spec defaults", {"passes": [{"kind": "spike"}]}, "scratch"),
-    "lif_unscaled": ("LIF T=8, spec defaults but weight_scale 1", {"passes": [{"kind": "spike", "weight_scale": 1.0}]},
-                     "scratch"),
-    "lif_old": ("LIF T=8, previous defaults", {"passes": [{"kind": "spike", "neuron": PREVIOUS_SPIKE}]}, "scratch"),
+    "lif_unscaled": ("LIF T=8, spec defaults but weight_scale 1 and weight_scale_no_bn 1",
+                     {"passes": [{"kind": "spike", "weight_scale": 1.0, "weight_scale_no_bn": 1.0}]}, "scratch"),
+    "lif_bn_only": ("LIF T=8, spec defaults but weight_scale_no_bn 1 (the defaults until 2026-11-30)",
+                    {"passes": [{"kind": "spike", "weight_scale_no_bn": 1.0}]}, "scratch"),
+    "lif_old": ("LIF T=8, the defaults before this round (threshold 1, fixed-width atan, no weights scaled)",
+                {"passes": [{"kind": "spike", "neuron": PREVIOUS_SPIKE, "weight_scale": 1.0, "weight_scale_no_bn": 1.0}]},
+                "scratch"),
     "lif_t4": ("LIF T=4, spec defaults", {"passes": [{"kind": "spike", "timesteps": 4}]}, "scratch"),
     "lif_t2": ("LIF T=2, spec defaults", {"passes": [{"kind": "spike", "timesteps": 2}]}, "scratch"),
     "lif_soft": ("LIF T=8, soft reset", {"passes": [{"kind": "spike", "neuron": {"reset": None}}]}, "scratch"),

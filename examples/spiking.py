@@ -48,7 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "base": {"kind": "spike", "neuron": {}}},
     "tuned": {"lr": 5e-3, "batch": 64,
               "base": {"kind": "spike", "timesteps": 8, "encoder": "direct", "exclude_last": True, "weight_scale": 1.0,
-                       "neuron": {"type": "lif", "threshold": 0.5, "reset": 0.0, "tau": 2.0, "neuron_wise": True,
+                       "weight_scale_no_bn": 1.0, "neuron": {"type": "lif", "threshold": 0.5, "reset": 0.0, "tau": 2.0, "neuron_wise": True,
                                   "surrogate": {"name": "atan", "alpha": 2.0, "relative": False}}}},
 }
 """One recipe for every row, the float baseline included: Adam at a constant LR. ``standard`` is
@@ -76,8 +76,12 @@ def rows(recipe: str = "standard") -> dict[str, dict]:
            "lif_T8": variant("baseline", "LIF T=8 (reference)")}
     if relative:
         out["lif_T8_threshold1"] = variant("baseline", "LIF T=8, previous defaults (threshold 1, fixed-width atan, "
-                                           "weight_scale 1)", neuron=previous, weight_scale=1.0)
-        out["weight_scale1"] = variant("baseline", "LIF T=8, weight_scale 1", weight_scale=1.0)
+                                           "weight_scale 1)", neuron=previous, weight_scale=1.0,
+                                           weight_scale_no_bn=1.0)
+        out["weight_scale1"] = variant("baseline", "LIF T=8, weight_scale 1 (no layer scaled)", weight_scale=1.0,
+                                       weight_scale_no_bn=1.0)
+        out["no_bn_scale1"] = variant("baseline", "LIF T=8, weight_scale_no_bn 1 (only layers before BatchNorm "
+                                      "scaled: the defaults until 2026-11-30)", weight_scale_no_bn=1.0)
     else:
         out["lif_T8_threshold1"] = variant("baseline", "LIF T=8, threshold 1 (the previous spec default)",
                                            neuron={"threshold": 1.0})

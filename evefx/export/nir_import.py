@@ -277,9 +277,9 @@ def spike_traces(gm: fx.GraphModule, steps: torch.Tensor) -> dict[str, torch.Ten
                 handles.append(e.register_forward_hook(lambda _m, _i, _o: steps.reshape(T * B, *steps.shape[2:])))
         decoders = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"
                     and isinstance(gm.get_submodule(n.target), MeanDecoder)]
-        for d in decoders:
+        for d in decoders:  # a step's output is what the decoder averages, times its gain (NIR folds it in)
             handles.append(d.register_forward_pre_hook(
-                lambda _m, inp: out.__setitem__("output", inp[0].detach().reshape(T, B, *inp[0].shape[1:]).clone())))
+                lambda m, inp: out.__setitem__("output", (inp[0].detach() * m.gain).reshape(T, B, *inp[0].shape[1:]))))
         with torch.no_grad():
             final = gm(x)
         if "output" not in out:

@@ -178,6 +178,8 @@ class NodeBuilder:
             self.meta["decoder"] = "mean"
             self.timesteps.add(m.timesteps)
             self.src[n] = self.sources(n, self.only_input(n))
+            if float(m.gain) != 1.0:
+                self.fold_gain(n, float(m.gain), self.only_input(n))
             return
         if isinstance(m, _SKIP_MODULES):
             self.src[n] = self.sources(n, self.only_input(n))
@@ -257,6 +259,8 @@ class NodeBuilder:
         self.timesteps.add(m.timesteps)
         shape = self.step_shape(n)
         axis = m.channel_axis - 1 if m.channel_axis > 0 else m.channel_axis  # an axis of one sample, not [B, ...]
+        if float(m.input_gain) != 1.0:
+            self.fold_gain(n, float(m.input_gain), x)
         th = _np(m.threshold, shape, axis=axis)
         reset = _np(m.reset, shape, axis=axis)
         if m.leaky:
@@ -269,6 +273,19 @@ class NodeBuilder:
             node = nir.IF(r=np.full(shape, 1.0 / self.dt), v_threshold=th, v_reset=reset)
             note = f"r=1/dt v_reset={_summary(reset)}"
         self.emit(n, node, note + f" v_th={_summary(th)}", arg=x)
+
+    def fold_gain(self, n: fx.Node, gain: float, x: fx.Node) -> None:
+        """A neuron's ``input_gain`` or a decoder's ``gain`` goes into the weights of the layer it
+        reads (NIR has no scaling node; the spike pass sets a gain only right after such a layer)."""
+        nir = self.nir
+        names = self.src.get(x, [])
+        prev = self.nodes.get(names[0]) if len(names) == 1 else None
+        if not isinstance(prev, (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Linear)) or any(a == names[0] for a, _ in self.edges):
+            raise ExportError(f"NIR export: {n.target} scales its input by {gain:g} but does not read a conv/linear "
+                              f"layer to fold it into; transform with weight_scale: 1")
+        prev.weight = (prev.weight.astype(np.float64) * gain).astype(np.float32)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias = (prev.bias.astype(np.float64) * gain).astype(np.float32)
 
     def fold_bn(self, n: fx.Node, m: nn.Module, x: fx.Node) -> None:
         nir = self.nir

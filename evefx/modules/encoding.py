@@ -103,17 +103,33 @@ class PoissonEncoder(_TimeModule):
 
 
 class MeanDecoder(_TimeModule):
-    """``[T*B, ...] -> [B, ...]``: the mean over the ``T`` steps (a rate or mean membrane readout).
+    """``[T*B, ...] -> [B, ...]``: the mean over the ``T`` steps (a rate or mean membrane readout),
+    times ``gain`` (in every mode). The spike pass sets ``gain`` to ``1/weight_scale_no_bn`` when
+    the output comes straight from a layer whose weights it multiplied by that, so the
+    network's output is unchanged; a state dict from before ``gain`` existed loads with gain 1.
 
     Example:
         >>> MeanDecoder(2)(torch.tensor([[1.0], [3.0]])).tolist()
         [[2.0]]
     """
 
+    def __init__(self, timesteps: int, gain: float = 1.0):
+        super().__init__(timesteps)
+        if not gain > 0:
+            raise OptionError(f"gain must be > 0 (got {gain})")
+        self.register_buffer("gain", torch.tensor(float(gain)))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        state_dict.setdefault(prefix + "gain", torch.tensor(1.0))  # saved before the gain: trained without one
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spiking or self.step_mode == "single":
-            return x
+            return x * self.gain if x.is_floating_point() else x
         T = self.timesteps
         if x.shape[0] % T:
             raise ShapeError(f"MeanDecoder averages {T} timesteps, so the first dim must be T*batch; got {tuple(x.shape)}")
-        return x.reshape(T, x.shape[0] // T, *x.shape[1:]).mean(0)
+        return x.reshape(T, x.shape[0] // T, *x.shape[1:]).mean(0) * self.gain
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", gain={float(self.gain):.4g}" if float(self.gain) != 1.0 else "")

@@ -68,6 +68,11 @@ class SpikingNeuron(EveHooks, nn.Module):
         relative_surrogate: take the surrogate on ``u / threshold``, so its width scales with the
             threshold: ``g'(u/th)/th`` (the same as before at threshold 1). A low threshold then gets
             a narrow, tall surrogate instead of one that is flat across the membrane's whole range.
+        input_gain: the neuron integrates ``input_gain * x``. The spike pass sets it to
+            ``1/weight_scale_no_bn`` after a selected layer without BatchNorm, whose weights it multiplies by that,
+            so the layer and neuron compute the same as before while Adam's steps on the weights are
+            longer relative to their size (docs/spiking.md). A buffer, saved with the state dict; a
+            state dict from before it loads with gain 1, as it was trained.
         threshold_std: data-dependent threshold: at the first forward (training, or eval when never
             trained) the threshold is set to ``threshold_std`` standard deviations of the layer's
             input current on that batch (``x/tau`` for LIF/PLIF, ``x`` for IF), one value per
@@ -104,6 +109,7 @@ class SpikingNeuron(EveHooks, nn.Module):
         record_in_training: bool = False,
         relative_surrogate: bool = False,
         threshold_std: float | None = None,
+        input_gain: float = 1.0,
     ):
         super().__init__()
         if timesteps < 1:
@@ -116,6 +122,8 @@ class SpikingNeuron(EveHooks, nn.Module):
             raise OptionError(f"unknown surrogate {surrogate!r}; valid names: {', '.join(SURROGATES)}")
         if threshold_std is not None and not threshold_std > 0:
             raise OptionError(f"threshold_std must be > 0 (got {threshold_std})")
+        if not input_gain > 0:
+            raise OptionError(f"input_gain must be > 0 (got {input_gain})")
         if learnable_reset and reset is None:
             raise OptionError("learnable_reset needs a hard reset value (reset=None means soft reset)")
         self.timesteps = int(timesteps)
@@ -132,6 +140,7 @@ class SpikingNeuron(EveHooks, nn.Module):
         self.record_in_training = bool(record_in_training)
         self.relative_surrogate = bool(relative_surrogate)
         self.threshold_std = None if threshold_std is None else float(threshold_std)
+        self.register_buffer("input_gain", torch.tensor(float(input_gain)))
         shape = (channels,) if neuron_wise else ()
         self._register("threshold", torch.full(shape, float(threshold)), learnable_threshold)
         if self.threshold_std is not None:
@@ -151,6 +160,11 @@ class SpikingNeuron(EveHooks, nn.Module):
             self.register_parameter(name, nn.Parameter(value))
         else:
             self.register_buffer(name, value)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a state saved before ``input_gain`` existed was trained without one: its weights are unscaled
+        state_dict.setdefault(prefix + "input_gain", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- the leak (overridden by LIF/PLIF) ------------------------------------------------------
     def leak(self) -> torch.Tensor | float | None:
@@ -266,6 +280,7 @@ class SpikingNeuron(EveHooks, nn.Module):
             torch.maximum(self.threshold, floor, out=self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.input_gain
         if not self.spiking:
             return F.leaky_relu(x, self.ann_slope) if self.leaky else F.relu(x)
         if self.threshold_pending:
@@ -327,6 +342,7 @@ class SpikingNeuron(EveHooks, nn.Module):
     def extra_repr(self) -> str:
         reset = "soft" if self.reset is None else f"hard to {self.get_eve('reset'):g}"
         return (f"timesteps={self.timesteps}, threshold={self.get_eve('threshold'):g}, reset={reset}, "
+                + (f"input_gain={float(self.input_gain):.4g}, " if float(self.input_gain) != 1.0 else "") +
                 f"surrogate={self.surrogate}(alpha={self.alpha:g}), neuron_wise={self.neuron_wise}, "
                 + (f"channel_axis={self.channel_axis}, " if self.channel_axis != 1 else "") +
                 f"mode={'spiking' if self.spiking else 'ann'}/{self.step_mode}")

@@ -88,36 +88,56 @@ def make_neuron(section: SpikeSection, channels: int | None, channel_axis: int |
     return _NEURON[cfg.type](section.timesteps, threshold, cfg.reset, **kwargs)
 
 
-def scale_feeding_weights(gm: fx.GraphModule, block: Block, scale: float) -> bool:
-    """Multiply the weight and bias of a ``layer -> BatchNorm`` block's layer by ``scale``, and the
-    BatchNorm's running statistics and ``eps`` to match, so the block computes exactly the same
-    function (training and eval). Returns whether it scaled: not without a BatchNorm, nor when the
-    weights also serve another call or the layer is not a plain conv/linear. Why (``weight_scale``
-    in the spec): Adam moves each weight by about ``lr`` per step, so smaller weights learn faster
-    relative to their size.
+def scale_feeding_weights(gm: fx.GraphModule, block: Block, scale: float) -> str | None:
+    """Multiply the weight and bias of a block's layer by ``scale`` and say how the block's output
+    is kept the same: ``"batchnorm"`` (a ``layer -> BatchNorm`` block: the BatchNorm's running
+    statistics and ``eps`` are scaled to match, training and eval), ``"gain"`` (no BatchNorm: the
+    module reading the layer's output must multiply it by ``1/scale``; the caller sets that gain), or
+    None when it did not scale: the weights also serve another call, or the layer is not a plain
+    conv/linear. Why (``weight_scale`` in the spec): Adam moves each weight by about ``lr`` per
+    step, so smaller weights learn faster relative to their size.
 
     Example:
         >>> scale_feeding_weights(gm, output_block(gm, conv_node), 1 / 3)
-        True
+        'batchnorm'
     """
+    if not _scale_layer(gm, block.layer, block.bn, scale):
+        return None
     if block.bn is None:
-        return False  # without a BatchNorm the scale would reach the neuron (and the ANN mode)
-    layer, bn = module_of(gm, block.layer), module_of(gm, block.bn)
-    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
-    if not isinstance(weight, nn.Parameter) or any(True for _ in layer.children()):
-        return False  # not a plain conv/linear (e.g. already quantized: its ranges would go stale)
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in (block.layer.target, block.bn.target)]
-    shared = sum(p is weight for _, p in gm.named_parameters(remove_duplicate=False)) > 1
-    if len(calls) > 2 or shared:
-        return False  # the same weights or BatchNorm also serve another call
+        return "gain"
+    bn = module_of(gm, block.bn)
     with torch.no_grad():
-        weight.mul_(scale)
-        if isinstance(bias, torch.Tensor):
-            bias.mul_(scale)
         if bn.running_mean is not None:
             bn.running_mean.mul_(scale)
             bn.running_var.mul_(scale * scale)
     bn.eps = float(bn.eps) * scale * scale  # type: ignore[assignment]  # BatchNorm's float attribute
+    return "batchnorm"
+
+
+def _no_bn_scale(section: SpikeSection) -> float:
+    """The weight scale of a layer without BatchNorm after it (``weight_scale_no_bn``, else ``weight_scale``)."""
+    return section.weight_scale if section.weight_scale_no_bn is None else section.weight_scale_no_bn
+
+
+def _scale_layer(gm: fx.GraphModule, node: fx.Node, bn: fx.Node | None, scale: float) -> bool:
+    """Multiply a plain conv/linear's weight and bias by ``scale``, unless they (or its BatchNorm)
+    also serve another call, or it is not plain (e.g. already quantized: its ranges would go stale)."""
+    if node.op != "call_module":
+        return False
+    layer = module_of(gm, node)
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) or not isinstance(weight, nn.Parameter) \
+            or any(True for _ in layer.children()):
+        return False
+    targets = (node.target,) if bn is None else (node.target, bn.target)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in targets]
+    shared = sum(p is weight for _, p in gm.named_parameters(remove_duplicate=False)) > 1
+    if len(calls) > len(targets) or shared:
+        return False
+    with torch.no_grad():
+        weight.mul_(scale)
+        if isinstance(bias, torch.Tensor):
+            bias.mul_(scale)
     return True
 
 
@@ -172,8 +192,12 @@ class SpikePass(SectionPass[SpikeSection]):
             new = insert_after(gm, before, neuron, f"{layer}.neuron")
             self.mark(new, layer, "neuron", channel_axis=planned.channel_axis)
             kind = type(neuron).__name__
-            scale = section.weight_scale
-            if scale != 1.0 and scale_feeding_weights(gm, block, scale):
+            scale = section.weight_scale if block.bn is not None else _no_bn_scale(section)
+            undone = scale_feeding_weights(gm, block, scale) if scale != 1.0 else None
+            if undone == "gain":
+                neuron.input_gain.fill_(1.0 / scale)
+                kind += f"; weights x{scale:g}, input x{1 / scale:.4g}"
+            elif undone:
                 kind += f"; weights x{scale:g}"
             if block.act is not None:
                 act_name = block.act.target if block.act.op == "call_module" else getattr(block.act.target, "__name__", block.act.target)
@@ -187,7 +211,7 @@ class SpikePass(SectionPass[SpikeSection]):
             log.info("%s: neurons_at activations: %d selected layers without an activation stay analog (%s)",
                      self.spec_path, len(analog), ", ".join(analog[:5]) + (", ..." if len(analog) > 5 else ""))
         changes += self._encode(gm, timesteps)
-        changes += self._decode(gm, timesteps)
+        changes += self._decode(gm, timesteps, _no_bn_scale(self.section))
         return PassResult(gm, bool(changes), tuple(changes))
 
     def _existing_timesteps(self, gm: fx.GraphModule, role: str) -> list[int]:
@@ -258,16 +282,22 @@ class SpikePass(SectionPass[SpikeSection]):
             changes.append(self.change("inserted", new, src.name, detail))
         return changes
 
-    def _decode(self, gm: fx.GraphModule, timesteps: int) -> list[Change]:
+    def _decode(self, gm: fx.GraphModule, timesteps: int, scale: float) -> list[Change]:
         if self._check_same_t(gm, "decoder", timesteps):
             return []
         changes = []
         for new in insert_before_output(gm, lambda: MeanDecoder(timesteps), "spike_decoder"):
             src = new.args[0]
+            assert isinstance(src, fx.Node)  # insert_before_output wraps nodes only
             if "tensor_meta" in src.meta:
                 new.meta["tensor_meta"] = src.meta["tensor_meta"]
             self.mark(new, "output", "decoder")
-            changes.append(self.change("inserted", new, "output", f"MeanDecoder(T={timesteps}) on output {src.name}"))
+            detail = f"MeanDecoder(T={timesteps}) on output {src.name}"
+            # the output layer (analog: exclude_last) learns at the pace weight_scale gives the others
+            if scale != 1.0 and len(src.users) == 1 and _scale_layer(gm, src, None, scale):
+                module_of(gm, new).gain.fill_(1.0 / scale)
+                detail += f"; {src.name} weights x{scale:g}, output x{1 / scale:.4g}"
+            changes.append(self.change("inserted", new, "output", detail))
         return changes
 
     def ensures(self, gm: fx.GraphModule) -> None:

@@ -97,6 +97,15 @@ class SpikeSection(Section):
     computes exactly the same function, spiking or not. Why: Adam moves every weight by about its
     learning rate whatever the gradient, so smaller weights change faster relative to their size;
     with surrogate gradients the spiking network otherwise learns more slowly per step than the
-    float one (docs/spiking.md). ``1``: weights as they are (the behaviour before this option)."""
+    float one (docs/spiking.md). ``1``: weights as they are (the behaviour before this option).
+    Layers without a BatchNorm after them take ``weight_scale_no_bn``."""
+    weight_scale_no_bn: Bounded(float, 0.0, 1e3, low_open=True) | None = 0.577
+    """The same for the layers without a BatchNorm after them: each selected one and the layer
+    whose output is the network's output (the analog readout ``exclude_last`` keeps). Their weight
+    and bias are multiplied by it and the neuron reading them (its ``input_gain``) or the decoder
+    (its ``gain``) multiplies by the inverse, so the function is the same. Adam's steps on them
+    become 1.73x longer relative to their size, SGD's 3x. Why not 0.333: under SGD at lr 0.05 that
+    made their steps 9x longer and IF neurons lost 6 points (docs/spiking.md). null: the same as
+    ``weight_scale``; ``1``: as they are (the behaviour before 2026-11-30)."""
     upgrade_threshold: bool = False
     """Expose each layer's threshold as an eve parameter for the upgrader."""

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from evefx.errors import ShapeError
+from evefx.errors import OptionError, ShapeError
 from evefx.modules.encoding import DirectEncoder, MeanDecoder, PoissonEncoder
 
 
@@ -56,10 +56,21 @@ def test_poisson_without_seed_follows_global_rng():
     assert torch.equal(enc(x), first)
 
 
+def test_decoder_gain_in_every_mode_and_only_on_floats():
+    dec = MeanDecoder(2, gain=3.0)
+    assert dec(torch.tensor([[1.0], [3.0]])).tolist() == [[6.0]]
+    dec.set_mode(spiking=False)
+    assert dec(torch.tensor([[1.0]])).tolist() == [[3.0]]
+    ids = torch.tensor([[1, 2]])
+    assert dec(ids) is ids  # integer outputs (indices) pass unscaled
+    with pytest.raises(OptionError, match="gain must be > 0"):
+        MeanDecoder(2, gain=0.0)
+
+
 def test_modes():
     x = torch.rand(2, 3)
     for enc in (PoissonEncoder(4, seed=0), DirectEncoder(4), MeanDecoder(4)):
         enc.set_mode(spiking=False)
-        assert enc(x) is x
+        assert torch.equal(enc(x), x)
         enc.set_mode(spiking=True, step="single")
         assert enc(x).shape == x.shape

@@ -163,7 +163,7 @@ def test_selection_errors_and_layer_without_activation():
 
     gm = evefx.transform(NoAct(), spec(timesteps=2, neuron={"type": "plif", "neuron_wise": False}))
     (change,) = [c for c in gm.report.changes if c.layer == "fc1"]
-    assert change.action == "inserted" and "PLIFNeuron after fc1" in change.detail
+    assert change.action == "inserted" and change.detail == "PLIFNeuron; weights x0.577, input x1.733 after fc1"
     assert isinstance(gm.get_submodule("fc1_neuron"), PLIFNeuron)
     assert gm(torch.rand(7, 5)).shape == (7, 3)
 
@@ -245,7 +245,10 @@ def test_neurons_at_activations_keeps_a_deep_residual_streams_gradient_at_the_fl
         torch.manual_seed(seed)
         model, x = PreNormStack(), torch.rand(16, 8)
         ref = largest_gradient(copy.deepcopy(model), x)
-        got = {at: largest_gradient(evefx.transform(model, spec(timesteps=4, encoder="direct", neurons_at=at), x).train(), x)
+        # weight_scale 1: a smaller weight has a proportionally larger gradient; this is about the stream
+        unscaled = {"weight_scale": 1.0, "weight_scale_no_bn": 1.0}
+        got = {at: largest_gradient(evefx.transform(model, spec(timesteps=4, encoder="direct", neurons_at=at, **unscaled), x)
+                                    .train(), x)
                for at in ("layers", "activations")}
         # measured: float 28-33, activations 28-35, layers 73-92 (spikes on every fc2 make the stream)
         assert got["activations"] < 1.5 * ref < got["layers"]
@@ -319,19 +322,26 @@ def test_spec_defaults_learn_faster_than_the_previous_defaults():
 
 def test_weight_scale_keeps_the_function_and_the_users_model(demo_net, mnist_batch):
     """weight_scale 0.5 (exact in binary): conv weights and bias halved, BatchNorm's running
-    statistics and eps scaled to match; same outputs spiking (train and eval) and as an ANN."""
+    statistics and eps scaled to match; weight_scale_no_bn 0.25: the Linears quartered and their
+    outputs x4 by the neuron and the decoder; same outputs spiking (train and eval) and as an ANN."""
     before = copy.deepcopy(demo_net.state_dict())
-    gms = {c: evefx.transform(demo_net, spec(encoder="direct", weight_scale=c), mnist_batch) for c in (1.0, 0.5)}
+    gms = {c: evefx.transform(demo_net, spec(encoder="direct", weight_scale=c, weight_scale_no_bn=c * c), mnist_batch)
+           for c in (1.0, 0.5)}
     assert all(torch.equal(v, demo_net.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
     half, same = gms[0.5], gms[1.0]
     for conv, bn in (("features.0", "features.1"), ("features.3", "features.4"), ("features.6", "features.7")):
         assert torch.equal(half.get_submodule(conv).weight, 0.5 * demo_net.get_submodule(conv).weight)
         assert torch.equal(half.get_submodule(bn).running_var, 0.25 * demo_net.get_submodule(bn).running_var)
         assert half.get_submodule(bn).eps == 0.25 * demo_net.get_submodule(bn).eps
-    # classifier.1 has no BatchNorm: its scale would reach the neuron, so it is left alone
-    assert torch.equal(half.get_submodule("classifier.1").weight, demo_net.get_submodule("classifier.1").weight)
-    details = [c.detail for c in half.report.changes if c.action == "replaced"]
-    assert details[0] == "ReLU (features_2) -> LIFNeuron; weights x0.5" and details[3] == "ReLU (classifier_2) -> LIFNeuron"
+    # no BatchNorm after classifier.1 (its neuron multiplies by 4) nor after the output layer classifier.3 (the decoder does)
+    for fc in ("classifier.1", "classifier.3"):
+        assert torch.equal(half.get_submodule(fc).weight, 0.25 * demo_net.get_submodule(fc).weight)
+        assert torch.equal(half.get_submodule(fc).bias, 0.25 * demo_net.get_submodule(fc).bias)
+    assert float(half.get_submodule("classifier_1_neuron").input_gain) == 4.0 == float(half.spike_decoder.gain)
+    details = [c.detail for c in half.report.changes if c.action in ("replaced", "inserted")]
+    assert details[0] == "ReLU (features_2) -> LIFNeuron; weights x0.5"
+    assert details[3] == "ReLU (classifier_2) -> LIFNeuron; weights x0.25, input x4"
+    assert details[-1] == "MeanDecoder(T=8) on output classifier_3; classifier_3 weights x0.25, output x4"
     for mode in ("train", "eval"):
         assert torch.equal(getattr(half, mode)()(mnist_batch), getattr(same, mode)()(mnist_batch))
     for gm in gms.values():
@@ -339,7 +349,7 @@ def test_weight_scale_keeps_the_function_and_the_users_model(demo_net, mnist_bat
     assert torch.allclose(half(mnist_batch), same(mnist_batch), atol=1e-6)
 
 
-def test_weight_scale_leaves_shared_and_bn_free_layers_alone():
+def test_weight_scale_leaves_shared_layers_alone_and_gains_bn_free_ones():
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -349,10 +359,26 @@ def test_weight_scale_leaves_shared_and_bn_free_layers_alone():
             h = torch.relu(self.bn(self.conv(x)))
             return self.fc(torch.relu(self.bn(self.conv(h))).flatten(1))
 
-    model = Shared()
-    gm = evefx.transform(model, spec(weight_scale=0.25, exclude_last=False), torch.rand(2, 2, 2, 2))
+    model, x = Shared(), torch.rand(2, 2, 2, 2)
+    gm = evefx.transform(model, spec(weight_scale=0.25, weight_scale_no_bn=0.25, exclude_last=False, encoder="direct"), x)
     assert torch.equal(gm.get_submodule("conv").weight, model.conv.weight)  # called twice: not scaled
-    assert torch.equal(gm.get_submodule("fc").weight, model.fc.weight)  # no BatchNorm: not scaled
+    assert torch.equal(gm.get_submodule("fc").weight, 0.25 * model.fc.weight)  # no BatchNorm: its neuron x4
+    assert float(gm.get_submodule("fc_neuron").input_gain) == 4.0 and float(gm.spike_decoder.gain) == 1.0
+    same = evefx.transform(model, spec(weight_scale=1.0, weight_scale_no_bn=1.0, exclude_last=False, encoder="direct"), x)
+    assert torch.equal(gm.train()(x), same.train()(x))
+
+
+def test_a_checkpoint_from_before_the_gains_loads_with_gain_one(demo_net, mnist_batch):
+    """A state dict saved before input_gain/gain existed holds unscaled Linears trained without a
+    gain: loading it must give its network back, not one whose Linears are multiplied by 3."""
+    old = evefx.transform(demo_net, spec(encoder="direct", weight_scale_no_bn=1.0), mnist_batch).eval()
+    state = {k: v for k, v in old.state_dict().items() if not k.endswith(("input_gain", "gain"))}
+    assert len(state) < len(old.state_dict())
+    new = evefx.transform(demo_net, spec(encoder="direct"), mnist_batch).eval()
+    assert float(new.spike_decoder.gain) != 1.0
+    new.load_state_dict(state)
+    assert float(new.spike_decoder.gain) == 1.0 and float(new.get_submodule("classifier_1_neuron").input_gain) == 1.0
+    assert torch.equal(new(mnist_batch), old(mnist_batch))
 
 
 def test_spec_defaults_learn_faster_than_unscaled_weights():
