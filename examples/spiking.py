@@ -76,7 +76,7 @@ def rows(recipe: str = "standard") -> dict[str, dict]:
            "lif_T8": variant("baseline", "LIF T=8 (reference)")}
     if relative:
         out["lif_T8_threshold1"] = variant("baseline", "LIF T=8, previous defaults (threshold 1, fixed-width atan, "
-                                           "weight_scale 1)", neuron=previous, weight_scale=1.0,
+                                           "no weights scaled)", neuron=previous, weight_scale=1.0,
                                            weight_scale_no_bn=1.0)
         out["weight_scale1"] = variant("baseline", "LIF T=8, weight_scale 1 (no layer scaled)", weight_scale=1.0,
                                        weight_scale_no_bn=1.0)
