@@ -282,7 +282,7 @@ class NodeBuilder:
         prev = self.nodes.get(names[0]) if len(names) == 1 else None
         if not isinstance(prev, (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Linear)) or any(a == names[0] for a, _ in self.edges):
             raise ExportError(f"NIR export: {n.target} scales its input by {gain:g} but does not read a conv/linear "
-                              f"layer to fold it into; transform with weight_scale: 1")
+                              f"layer to fold it into; transform with weight_scale_no_bn: 1")
         prev.weight = (prev.weight.astype(np.float64) * gain).astype(np.float32)
         if getattr(prev, "bias", None) is not None:
             prev.bias = (prev.bias.astype(np.float64) * gain).astype(np.float32)
