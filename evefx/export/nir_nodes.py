@@ -286,6 +286,9 @@ class NodeBuilder:
         prev.weight = (prev.weight.astype(np.float64) * gain).astype(np.float32)
         if getattr(prev, "bias", None) is not None:
             prev.bias = (prev.bias.astype(np.float64) * gain).astype(np.float32)
+        for row in self.rows:
+            if row["name"] == names[0]:
+                row["note"] += f", x{gain:.4g} (the gain of {n.target})"
 
     def fold_bn(self, n: fx.Node, m: nn.Module, x: fx.Node) -> None:
         nir = self.nir

@@ -515,3 +515,18 @@ def test_a_threshold_never_set_is_refused_before_the_shape_run_sets_it():
     assert not bool(gm.get_submodule("0_neuron").threshold_ready)  # refused before anything ran
     gm(torch.randn(8, 3))
     assert to_nir(gm) is not None
+
+
+def test_the_gains_of_weight_scale_no_bn_are_folded_back_into_the_weights():
+    """Linears without BatchNorm are stored x0.577 with a gain of 1/0.577 on the neuron or decoder
+    reading them; NIR has no scaling node, so the file holds the weights the network computes with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    gm = evefx.transform(model, {"passes": [{"kind": "spike", "timesteps": 4, "encoder": "direct"}]},
+                         torch.rand(2, 1, 4, 4))
+    assert float(gm.get_submodule("1_neuron").input_gain) == pytest.approx(1 / 0.577)
+    gm(torch.rand(2, 1, 4, 4))  # the data-dependent thresholds
+    graph = to_nir(gm, dt=DT)
+    for name, layer in (("1", model[1]), ("3", model[3])):
+        np.testing.assert_allclose(graph.nodes[name].weight, layer.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(graph.nodes[name].bias, layer.bias.detach().numpy(), rtol=1e-6, atol=1e-7)
