@@ -53,6 +53,7 @@ def schema(out: Optional[Path] = typer.Option(None, help="write the schema here 
 
 DATA_EXAMPLE = typer.Option(None, help="mnist5k, mnist or a .pt/.npz file (as for export): trace with its first input "
                                        "instead of zeros of --input-shape (token ids stay integers; several inputs)")
+DATA_ROOT = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)")
 
 
 def _transform_with_data(model: str, spec: Path, input_shape: Optional[str], model_kwargs: Optional[str],
@@ -73,7 +74,7 @@ def transform(
     out: Optional[Path] = typer.Option(None, help="save the transformed module's state_dict here (.pt)"),
     report: Optional[Path] = typer.Option(None, help="write the change report here (JSON)"),
     data: Optional[str] = DATA_EXAMPLE,
-    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
+    data_root: Optional[Path] = DATA_ROOT,
 ) -> None:
     """Transform a model with a spec and print the change table."""
     try:
@@ -113,7 +114,7 @@ def inspect(
     input_shape: Optional[str] = INPUT_SHAPE,
     model_kwargs: Optional[str] = MODEL_KWARGS,
     data: Optional[str] = DATA_EXAMPLE,
-    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
+    data_root: Optional[Path] = DATA_ROOT,
 ) -> None:
     """List each layer: its quantizers' bits, the modules each pass put there, every resolved option.
 
@@ -174,7 +175,7 @@ def export(
                                        "(inputs, labels), ((inputs_1, inputs_2, ...), labels) for several inputs): traced with its first "
                                        "input, calibrated on its training part, parity checked on 256 held-out inputs "
                                        "(else random inputs of --input-shape, 64 for parity)"),
-    data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST (--data mnist)"),
+    data_root: Optional[Path] = DATA_ROOT,
     opset: Optional[int] = typer.Option(None, help="ONNX opset (default 17; 21 when the spec stores weights packed)"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
     tolerance: Optional[float] = typer.Option(None, help="a stated absolute tolerance for the outputs, replacing the "

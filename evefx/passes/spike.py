@@ -211,7 +211,7 @@ class SpikePass(SectionPass[SpikeSection]):
             log.info("%s: neurons_at activations: %d selected layers without an activation stay analog (%s)",
                      self.spec_path, len(analog), ", ".join(analog[:5]) + (", ..." if len(analog) > 5 else ""))
         changes += self._encode(gm, timesteps)
-        changes += self._decode(gm, timesteps, _no_bn_scale(self.section))
+        changes += self._decode(gm, timesteps)
         return PassResult(gm, bool(changes), tuple(changes))
 
     def _existing_timesteps(self, gm: fx.GraphModule, role: str) -> list[int]:
@@ -282,10 +282,11 @@ class SpikePass(SectionPass[SpikeSection]):
             changes.append(self.change("inserted", new, src.name, detail))
         return changes
 
-    def _decode(self, gm: fx.GraphModule, timesteps: int, scale: float) -> list[Change]:
+    def _decode(self, gm: fx.GraphModule, timesteps: int) -> list[Change]:
         if self._check_same_t(gm, "decoder", timesteps):
             return []
         changes = []
+        scale = _no_bn_scale(self.section)
         for new in insert_before_output(gm, lambda: MeanDecoder(timesteps), "spike_decoder"):
             src = new.args[0]
             assert isinstance(src, fx.Node)  # insert_before_output wraps nodes only
