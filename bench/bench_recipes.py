@@ -22,7 +22,10 @@ defaults were chosen on); ``--split test`` (default) trains on all 4,000 and sco
 images, once. Seeds (weight init and batch order) 0..n-1; mean +- std. One torch thread.
 ``--optimizer sgd --lr 0.05`` (and ``--batch``, ``--weight-decay``) runs every row (float included)
 with another recipe (SGD: momentum 0.9); a training that diverges (NaN reaching a quantizer) is
-recorded as such, not scored.
+recorded as such, not scored. ``--width 2`` runs every row on DemoNet with twice the channels
+(8/16/32 + linear 32): what the network's size, not the defaults, costs at 2 bits.
+``--finetune-epochs 40`` fine-tunes (and gives the float reference) 40 epochs instead of
+``--epochs``; each run's line in ``runs.jsonl`` has its last epoch's training accuracy.
 
 Run:
     nice -n 5 .venv/bin/python bench/bench_recipes.py                   # every row, 3 seeds
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import platform
@@ -79,7 +83,7 @@ PREVIOUS_SPIKE = {"threshold": 1.0, "surrogate": {"relative": False}}
 # name -> (label, spec or None, start: "scratch" | "finetune")
 ROWS: dict[str, tuple[str, dict | None, str]] = {
     "float": ("float", None, "scratch"),
-    "float_more": ("float, 10 more epochs", None, "finetune"),
+    "float_more": ("float, N more epochs", None, "finetune"),
     "lif_new": ("LIF T=8, spec defaults", {"passes": [{"kind": "spike"}]}, "scratch"),
     "lif_unscaled": ("LIF T=8, spec defaults but weight_scale 1 and weight_scale_no_bn 1",
                      {"passes": [{"kind": "spike", "weight_scale": 1.0, "weight_scale_no_bn": 1.0}]}, "scratch"),
@@ -111,7 +115,7 @@ ROWS: dict[str, tuple[str, dict | None, str]] = {
     "ft_w4_round": ("W4A4 round, fine-tuned", _q(4, "round"), "finetune"),
     "ft_w2_round": ("W2A2 round, fine-tuned", _q(2, "round"), "finetune"),
     # BatchNorm on batch statistics in training, re-estimated after it (evefx.reestimate_bn, REESTIMATE)
-    "float_more_reest": ("float, 10 more epochs, BN re-estimated", None, "finetune"),
+    "float_more_reest": ("float, N more epochs, BN re-estimated", None, "finetune"),
     "ft_w4_reest": ("W4A4 defaults, bn_statistics batch, BN re-estimated, fine-tuned", _d(4, bn_statistics="batch"),
                     "finetune"),
     "ft_w2_lsq_keep8_reest": ("W2A2 lsq, keep_first_last: 8, bn_statistics batch, BN re-estimated, fine-tuned",
@@ -145,10 +149,15 @@ def loaders(data: tuple[TensorDataset, TensorDataset], seed: int) -> tuple[DataL
     return DataLoader(train, batch_size=BATCH, shuffle=True, generator=gen), DataLoader(held, batch_size=512)
 
 
-def train(model: torch.nn.Module, data, epochs: int, seed: int, reestimate: bool = False) -> float:
+def train(model: torch.nn.Module, data, epochs: int, seed: int, reestimate: bool = False,
+          history: list | None = None) -> float:
+    """Train ``epochs`` with the bench's recipe, return the held-out accuracy; ``history`` (a list)
+    receives fit's per-epoch metrics."""
     tr, held = loaders(data, seed)
-    fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False, optimizer=OPTIMIZER,
-        weight_decay=WEIGHT_DECAY)
+    epochs_run = fit(model, tr, None, epochs=epochs, lr=LR, seed=seed, progress=False, optimizer=OPTIMIZER,
+                     weight_decay=WEIGHT_DECAY)
+    if history is not None:
+        history.extend(epochs_run)
     if reestimate:
         first = DataLoader(data[0], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
         evefx.reestimate_bn(model, itertools.islice(first, 16), progress=False)  # (x, y) pairs: the inputs are taken
@@ -191,8 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="epochs of the fine-tuned rows and of the float reference given more (default: --epochs)")
+    parser.add_argument("--width", type=int, default=1, help="DemoNet's channel multiplier (2: convs 8/16/32 + linear 32)")
     parser.add_argument("--out", type=Path, default=Path("out/bench_recipes"))
     args = parser.parse_args(argv)
+    args.finetune_epochs = args.finetune_epochs or args.epochs
     global OPTIMIZER, LR, BATCH, WEIGHT_DECAY
     OPTIMIZER, LR, BATCH, WEIGHT_DECAY = args.optimizer, args.lr, args.batch, args.weight_decay
     torch.set_num_threads(1)
@@ -202,25 +215,29 @@ def main(argv: list[str] | None = None) -> None:
     data = split(args.split)
     runs: list[dict[str, Any]] = []
     floats: dict[int, tuple[DemoNet, float]] = {}  # seed -> (trained float network, its accuracy)
+    build = functools.partial(DemoNet, width=args.width)
     with open(args.out / "runs.jsonl", "a") as log:
         for name in args.rows:
             label, spec, start = ROWS[name]
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
-                float_net, float_acc = trained_float(floats, seed, DemoNet, data, args.epochs)
-                diverged = None
+                float_net, float_acc = trained_float(floats, seed, build, data, args.epochs)
+                diverged, history = None, []
                 if name == "float":
                     acc = float_acc
                 else:
-                    init = float_net if start == "finetune" else fresh(DemoNet, seed)
+                    init = float_net if start == "finetune" else fresh(build, seed)
                     model = copy.deepcopy(init) if spec is None else evefx.transform(init, spec, torch.zeros(1, 1, 28, 28))
                     try:
-                        acc = train(model, data, args.epochs, seed, reestimate=name in REESTIMATE)
+                        acc = train(model, data, args.finetune_epochs if start == "finetune" else args.epochs, seed,
+                                    reestimate=name in REESTIMATE, history=history)
                     except evefx.QuantizationError as e:  # NaN reached a quantizer: the training diverged
                         acc, diverged = float("nan"), str(e)
                 record(runs, log, {"row": name, "label": label, "seed": seed, "accuracy": acc, "split": args.split,
-                                   "epochs": args.epochs, "optimizer": OPTIMIZER, "lr": LR, "batch": BATCH,
-                                   "weight_decay": WEIGHT_DECAY, "machine": machine,
+                                   "epochs": args.finetune_epochs if start == "finetune" else args.epochs,
+                                   "train_accuracy": history[-1]["train_accuracy"] if history else None,
+                                   "optimizer": OPTIMIZER, "lr": LR, "batch": BATCH,
+                                   "weight_decay": WEIGHT_DECAY, "width": args.width, "machine": machine,
                                    "seconds": round(time.perf_counter() - t0, 1)},
                        {"diverged": diverged} if diverged else None)
     table = summarise(runs, args)
@@ -247,12 +264,17 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace,
     std = {k: (torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0) for k, v in by.items()}
 
     def label(name: str) -> str:
-        return rows[name][0].replace("N more", f"{args.epochs} more")
+        return rows[name][0].replace("N more", f"{getattr(args, 'finetune_epochs', None) or args.epochs} more")
 
     recipe = f"{'SGD (momentum 0.9)' if getattr(args, 'optimizer', 'adam') == 'sgd' else 'Adam'} {getattr(args, 'lr', LR):g}"
     if getattr(args, "weight_decay", 0.0):
         recipe += f", weight decay {args.weight_decay:g}"
-    lines = [f"| row ({args.split} split, {args.epochs} epochs, {recipe}, batch {getattr(args, 'batch', BATCH)}) "
+    if getattr(args, "width", 1) != 1:
+        recipe += f", DemoNet width x{args.width}"
+    epochs = f"{args.epochs} epochs"
+    if (getattr(args, "finetune_epochs", None) or args.epochs) != args.epochs:
+        epochs += f" (fine-tuned rows {args.finetune_epochs})"
+    lines = [f"| row ({args.split} split, {epochs}, {recipe}, batch {getattr(args, 'batch', BATCH)}) "
              "| accuracy % | vs float |",
              "|---|---|---|"]
     for name, accs in by.items():

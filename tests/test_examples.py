@@ -100,3 +100,21 @@ def test_demo_script_runs_from_anywhere_and_honours_help(tmp_path):
         proc = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "--epochs" in proc.stdout and "summary table" in proc.stdout
+
+
+def test_demonet_width_multiplies_every_layer_and_width_1_is_the_seed_network():
+    import torch
+
+    from examples.models import DemoNet
+
+    torch.manual_seed(0)
+    seed_net = DemoNet()
+    torch.manual_seed(0)
+    same = DemoNet(width=1)
+    assert all(torch.equal(a, b) for a, b in zip(seed_net.state_dict().values(), same.state_dict().values()))
+    wide = DemoNet(width=2)
+    convs = [m.out_channels for m in wide.features if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [8, 16, 32]
+    assert (wide.classifier[1].in_features, wide.classifier[1].out_features) == (512, 32)
+    assert sum(p.numel() for p in seed_net.parameters()) == 5842
+    assert wide(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
