@@ -123,9 +123,18 @@ def _model_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype == torch.float64 else x
 
 
+class _SeveralInputs(tuple):
+    """The inputs of a model of several inputs without labels (a ``.npz`` file's ``x0, x1, ...``
+    without ``y``): a plain tuple of two tensors would read as ``(inputs, labels)``."""
+
+
 def _tensors(obj: Any, where: str) -> TensorDataset:
     """A tensor of inputs, ``(inputs, labels)`` or ``((inputs_1, inputs_2, ...), labels)`` (a model of
     several inputs) as a data set of ``(inputs..., [labels])`` items, checked."""
+    if isinstance(obj, _SeveralInputs):
+        if any(len(t) != len(obj[0]) for t in obj):
+            raise OptionError(f"{where}: every input must have one row per sample (got {[len(t) for t in obj]} rows)")
+        return TensorDataset(*(_model_dtype(t) for t in obj))
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor) and (
             isinstance(obj[0], torch.Tensor) or _all_tensors(obj[0])):
         x, y = obj
@@ -155,20 +164,41 @@ def _read_pt(path: Path) -> Any:
 
 
 def _read_npz(path: Path) -> Any:
-    """A ``numpy.savez`` file as the objects a ``.pt`` file holds: ``x`` [``y``] [``x_test`` [``y_test``]]."""
+    """A ``numpy.savez`` file as the objects a ``.pt`` file holds: ``x`` [``y``] [``x_test``
+    [``y_test``]]; a model of several inputs numbers them ``x0, x1, ...`` (and ``x0_test, x1_test, ...``)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: torch.from_numpy(f[k].copy()) for k in f.files}
     except Exception as e:  # not a zip of arrays, or arrays of objects
         raise OptionError(f"--data {path}: cannot read it with numpy.load(allow_pickle=False): {str(e).splitlines()[0]}") from None
+
+    def inputs(tail: str) -> Any:
+        count = next(i for i in range(len(arrays) + 1) if f"x{i}{tail}" not in arrays)
+        if f"x{tail}" in arrays and count:
+            raise OptionError(f"--data {path}: both x{tail} and x0{tail}: name one input x{tail}, several x0{tail}, "
+                              f"x1{tail}, ...")
+        if f"x{tail}" in arrays:
+            return arrays[f"x{tail}"]
+        return _SeveralInputs(arrays[f"x{i}{tail}"] for i in range(count)) if count else None
+
+    def names(part: Any, tail: str) -> set[str]:
+        if part is None:
+            return set()
+        return {f"x{tail}"} if isinstance(part, torch.Tensor) else {f"x{i}{tail}" for i in range(len(part))}
+
+    train, test = inputs(""), inputs("_test")
+    known = {"y", "y_test"} | names(train, "") | names(test, "_test")
     keys = set(arrays)
-    if "x" not in keys or not keys <= {"x", "y", "x_test", "y_test"} or ("y_test" in keys and "x_test" not in keys):
-        raise OptionError(f"--data {path}: a .npz file holds arrays x, and optionally y, x_test, y_test (got {sorted(keys)})")
+    if train is None or not keys <= known or ("y_test" in keys and test is None):
+        raise OptionError(f"--data {path}: a .npz file holds arrays x, and optionally y, x_test, y_test; a model of "
+                          f"several inputs numbers them x0, x1, ... and x0_test, x1_test, ... (got {sorted(keys)})")
 
-    def part(x: str, y: str) -> Any:
-        return (arrays[x], arrays[y]) if y in arrays else arrays[x]
+    def part(x: Any, y: str) -> Any:
+        if y not in arrays:
+            return x
+        return (tuple(x) if isinstance(x, _SeveralInputs) else x, arrays[y])
 
-    return {"train": part("x", "y"), "test": part("x_test", "y_test")} if "x_test" in arrays else part("x", "y")
+    return {"train": part(train, "y"), "test": part(test, "y_test")} if test is not None else part(train, "y")
 
 
 def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
@@ -176,7 +206,8 @@ def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
     ``root``), a ``.pt`` file written by ``torch.save`` holding inputs (a tensor, one sample per
     row), ``(inputs, labels)``, ``((inputs_1, inputs_2, ...), labels)`` for a model of several
     inputs, or ``{"train": ..., "test": ...}`` of those, or a ``.npz`` file
-    (``numpy.savez``) of arrays ``x`` and optionally ``y``, ``x_test``, ``y_test``. A file without a
+    (``numpy.savez``) of arrays ``x`` and optionally ``y``, ``x_test``, ``y_test`` (several inputs:
+    ``x0, x1, ...`` and ``x0_test, x1_test, ...``, with or without labels). A file without a
     ``test`` part keeps its last fifth as ``held_out``; a search scores on the last fifth of ``train``
     (the last 1,000 of MNIST-5k's 4,000 images, the last 5,000 of MNIST's 60,000).
 
@@ -213,5 +244,6 @@ def open_data(source: str | Path, root: str | Path | None = None) -> DataSplits:
                            TensorDataset(*(t[cut:] for t in every.tensors)))
     if len(train) < 2:
         raise OptionError(f"--data {path}: its training part holds {len(train)} sample(s); at least 2 are needed")
-    labelled = not (isinstance(obj, torch.Tensor) or (isinstance(obj, dict) and isinstance(obj["train"], torch.Tensor)))
+    unlabelled = (torch.Tensor, _SeveralInputs)
+    labelled = not (isinstance(obj, unlabelled) or (isinstance(obj, dict) and isinstance(obj["train"], unlabelled)))
     return DataSplits(str(path), train, held_out, labelled, max(1, len(train) // 5))

@@ -165,7 +165,46 @@ def test_a_numpy_file_reads_as_the_same_splits(tmp_path):
     np.savez(tmp_path / "bad.npz", images=x.numpy())
     with pytest.raises(OptionError) as e:
         open_data(tmp_path / "bad.npz")
-    assert str(e.value) == f"--data {tmp_path / 'bad.npz'}: a .npz file holds arrays x, and optionally y, x_test, y_test (got ['images'])"
+    assert str(e.value) == (f"--data {tmp_path / 'bad.npz'}: a .npz file holds arrays x, and optionally y, x_test, y_test; "
+                            "a model of several inputs numbers them x0, x1, ... and x0_test, x1_test, ... (got ['images'])")
+    np.savez(tmp_path / "gap.npz", x0=x.numpy(), x2=x.numpy(), y=y.numpy())  # x1 missing: x2 is not an input
+    with pytest.raises(OptionError, match=r"numbers them x0, x1, \.\.\. and x0_test, x1_test, \.\.\. \(got \['x0', 'x2', 'y'\]\)$"):
+        open_data(tmp_path / "gap.npz")
+    np.savez(tmp_path / "both.npz", x=x.numpy(), x0=x.numpy())
+    with pytest.raises(OptionError) as e:
+        open_data(tmp_path / "both.npz")
+    assert str(e.value) == f"--data {tmp_path / 'both.npz'}: both x and x0: name one input x, several x0, x1, ..."
+
+
+def test_a_numpy_file_of_several_inputs_reads_as_the_pt_file_does(tmp_path):
+    """x0, x1 (+ y, x0_test, x1_test, y_test) read as ((x0, x1), y) does from a .pt file; without y
+    the inputs stay two inputs, unlabelled (a plain pair would read as inputs and labels)."""
+    import numpy as np
+
+    from evefx.data import rows
+
+    ids, y = token_data(100)
+    mask = torch.ones(ids.shape)
+    mask[::2, 8:] = 0
+    torch.save(((ids, mask), y), tmp_path / "two.pt")
+    np.savez(tmp_path / "two.npz", x0=ids.numpy(), x1=mask.double().numpy(), y=y.numpy())
+    pt, npz = open_data(tmp_path / "two.pt"), open_data(tmp_path / "two.npz")
+    assert npz.labelled and (len(npz.train), len(npz.held_out)) == (80, 20)
+    for a, b in zip(pt.train.tensors + pt.held_out.tensors, npz.train.tensors + npz.held_out.tensors):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    np.savez(tmp_path / "split.npz", x0=ids[:70].numpy(), x1=mask[:70].numpy(), x0_test=ids[70:].numpy(),
+             x1_test=mask[70:].numpy())
+    d = open_data(tmp_path / "split.npz")
+    assert not d.labelled and (len(d.train), len(d.held_out)) == (70, 30)
+    first = d.inputs("held_out", 2)
+    assert isinstance(first, tuple) and rows(first) == 2 and torch.equal(first[0], ids[70:72])
+    np.savez(tmp_path / "odd.npz", x0=ids.numpy(), x1=mask[:50].numpy())
+    with pytest.raises(OptionError) as e:
+        open_data(tmp_path / "odd.npz")
+    assert str(e.value) == f"--data {tmp_path / 'odd.npz'}: every input must have one row per sample (got [100, 50] rows)"
+    np.savez(tmp_path / "mixed.npz", x0=ids.numpy(), x1=mask.numpy(), y=y.numpy(), x_test=ids.numpy(), y_test=y.numpy())
+    with pytest.raises(OptionError, match="'train' and 'test' must both have labels or both not, with the same number of inputs"):
+        open_data(tmp_path / "mixed.npz")
 
 
 def test_a_token_model_exports_and_searches_on_its_integer_data(tmp_path):

@@ -52,7 +52,7 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
 _PTQ_DATA = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision, needs --data-root) or a .pt file "
                                       "holding inputs, (inputs, labels), ((inputs_1, inputs_2, ...), labels) for several inputs, or "
                                       "{'train': ..., 'test': ...}, or a .npz file (x, y, x_test, "
-                                      "y_test); calibrated on "
+                                      "y_test; several inputs x0, x1, ...); calibrated on "
                                       "the training part, scored on the held-out one (a file's last fifth)")
 
 

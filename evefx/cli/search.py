@@ -34,7 +34,7 @@ def search(
     model_kwargs: Optional[str] = MODEL_KWARGS,
     data: str = typer.Option("mnist5k", help="mnist5k (embedded), mnist (torchvision, needs --data-root) or a .pt file "
                              "holding (inputs, labels), ((inputs_1, inputs_2, ...), labels) for several inputs, or "
-                             "{'train': ..., 'test': ...}, or a .npz file (x, y, x_test, y_test); "
+                             "{'train': ..., 'test': ...}, or a .npz file (x, y, x_test, y_test; several inputs x0, x1, ...); "
                              "the search trains on the "
                              "training part and scores on its last fifth (MNIST-5k: last 1,000), never on the test part"),
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
