@@ -7,6 +7,7 @@ Example:
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -293,9 +294,13 @@ def never_pruned(gm: nn.Module) -> list[str]:
     return layers
 
 
-def load_checkpoint(module: nn.Module, path: str | Path, what: str = "checkpoint") -> None:
+def load_checkpoint(module: nn.Module, path: str | Path, what: str = "checkpoint",
+                    saved_from: str = "the model transformed with the same spec (evefx transform --out, or "
+                                      "torch.save(gm.state_dict()))") -> None:
     """Load the state_dict saved at ``path`` into ``module``, or raise one :class:`~evefx.EvefxError`
-    line saying what does not fit (a missing file, not a state_dict, keys of another model).
+    line saying what does not fit (a missing or unreadable file, not a state_dict, keys of another
+    model) and, with ``saved_from``, where a fitting one comes from. A training checkpoint
+    ``{"state_dict": ..., "epoch": ...}`` gives its ``state_dict``.
 
     Example:
         >>> load_checkpoint(gm, "out/demo/demo_w8a8.pt")
@@ -304,8 +309,13 @@ def load_checkpoint(module: nn.Module, path: str | Path, what: str = "checkpoint
 
     try:
         state = torch.load(path, map_location="cpu")
-    except (OSError, RuntimeError, EOFError, ValueError) as e:  # missing, unreadable or not a torch file
-        raise EvefxError(f"cannot read {what} {path}: {e}") from e
+    except pickle.UnpicklingError as e:  # not a torch file, or one holding objects besides tensors
+        raise EvefxError(f"cannot read {what} {path}: torch.load(weights_only=True) refused it; save the model's "
+                         "state_dict with torch.save") from e
+    except Exception as e:  # missing or unreadable
+        raise EvefxError(f"cannot read {what} {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     if not isinstance(state, dict):
         raise EvefxError(f"{what} {path} holds a {type(state).__name__}, not a state_dict (save model.state_dict())")
     try:
@@ -315,5 +325,4 @@ def load_checkpoint(module: nn.Module, path: str | Path, what: str = "checkpoint
         missing = [k for k in module.state_dict() if k not in state][:3]
         unexpected = [k for k in state if k not in module.state_dict()][:3]
         detail = "; ".join(p for p in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "") if p)
-        raise EvefxError(f"{what} {path} does not fit this model ({detail or first}): save it from the model "
-                         "transformed with the same spec (evefx transform --out, or torch.save(gm.state_dict()))") from e
+        raise EvefxError(f"{what} {path} does not fit this model ({detail or first}): save it from {saved_from}") from e

@@ -95,7 +95,7 @@ def search_from_spec(
         if weights is not None:
             from evefx.api import load_checkpoint
 
-            load_checkpoint(model, weights, "--weights")
+            load_checkpoint(model, weights, "--weights", saved_from="the float model (torch.save(model.state_dict()))")
         elif epochs > 0:
             fit(model, loader(), None, epochs, lr=3e-3, seed=spec.search.seed, progress=progress, description="float")
         gm = transform(model.eval(), spec, example)

@@ -24,20 +24,16 @@ def _ptq_setup(model: str, model_kwargs: Optional[str], checkpoint: Optional[Pat
                data_root: Optional[Path], calib_samples: int, batch_size: int):
     """Float model (checkpoint loaded), transformed copy, calibration batches (from the data's training
     part) and its labelled held-out part as batches (None without labels)."""
-    import torch
     from torch.utils.data import DataLoader
 
     import evefx
+    from evefx.api import load_checkpoint
     from evefx.data import open_data, rows, take
 
     float_model = load_model(model, parse_kwargs(model_kwargs))
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu")
-        try:
-            float_model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except (RuntimeError, AttributeError) as e:
-            raise EvefxError(f"--checkpoint {checkpoint} does not fit {model} (a state_dict of the float model is "
-                             f"expected): {e}") from e
+        load_checkpoint(float_model, checkpoint, "--checkpoint",
+                        saved_from=f"the float model {model} (torch.save(model.state_dict()))")
     float_model.eval()
     source = open_data(data, data_root)
     xs = source.inputs("train", calib_samples)

@@ -73,4 +73,35 @@ def test_quantize_user_errors_are_one_line(tmp_path):
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     wrong = runner.invoke(app, ["quantize", "--model", "examples.models:DemoNet", "--spec", str(spec), "--data", str(data),
                                 "--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "m.onnx")])
-    assert wrong.exit_code == 1 and "does not fit" in wrong.output
+    assert wrong.exit_code == 1 and wrong.output.startswith(f"error: --checkpoint {tmp_path / 'bad.pt'} does not fit this model (")
+    assert wrong.output.rstrip().endswith("save it from the float model examples.models:DemoNet (torch.save(model.state_dict()))")
+
+
+def test_quantize_checkpoints_that_cannot_be_read_are_one_line_errors_and_write_nothing(tmp_path):
+    """A missing file, a text file and a list gave tracebacks from `quantize --checkpoint`; a
+    training checkpoint {"epoch": ..., "state_dict": ...} is read as its state_dict."""
+    from evefx.api import load_checkpoint
+
+    _, data, spec, _ = _files(tmp_path, "passes:\n  - kind: quantize\n")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2], tmp_path / "list.pt")
+    expected = {"nope.pt": f"error: cannot read --checkpoint {tmp_path / 'nope.pt'}: [Errno 2] No such file or directory",
+                "text.pt": f"error: cannot read --checkpoint {tmp_path / 'text.pt'}: torch.load(weights_only=True) refused "
+                           "it; save the model's state_dict with torch.save",
+                "list.pt": f"error: --checkpoint {tmp_path / 'list.pt'} holds a list, not a state_dict (save model.state_dict())"}
+    for name, message in expected.items():
+        out = tmp_path / f"{name}.onnx"
+        result = runner.invoke(app, ["quantize", "--model", "examples.models:DemoNet", "--spec", str(spec), "--data",
+                                     str(data), "--checkpoint", str(tmp_path / name), "--out", str(out)])
+        assert result.exit_code == 1 and result.output.startswith(message), result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    torch.manual_seed(0)
+    model = DemoNet()
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, tmp_path / "wrapped.pt")
+    loaded = DemoNet()
+    load_checkpoint(loaded, tmp_path / "wrapped.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    ok = runner.invoke(app, ["quantize", "--model", "examples.models:DemoNet", "--spec", str(spec), "--data", str(data),
+                             "--checkpoint", str(tmp_path / "wrapped.pt"), "--out", str(tmp_path / "w.onnx"),
+                             "--calib-samples", "32"])
+    assert ok.exit_code == 0 and (tmp_path / "w.onnx").exists(), ok.output
