@@ -237,6 +237,33 @@ def test_bad_checkpoint_and_output_folder_are_one_line_errors(tmp_path):
     assert nofolder.exit_code == 1 and f"error: cannot write {tmp_path / 'no' / 'm.pt'}: " in nofolder.output
 
 
+def test_an_output_path_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    """`export --out FOLDER` said 'ONNX export failed ... replace that operation', `transform --out
+    FOLDER` 'check that its folder exists'. Files are refused as folders (--run-dir) likewise."""
+    import torch
+
+    from evefx import ExportError
+    from examples.models import DemoNet
+
+    demo, spiking = str(ROOT / "examples/specs/demo.yaml"), str(ROOT / "examples/specs/spiking.yaml")
+    for command in (["export", "--spec", demo, "--out", str(tmp_path)], ["transform", "--spec", demo, "--out", str(tmp_path)],
+                    ["quantize", "--spec", str(ROOT / "examples/specs/ptq.yaml"), "--out", str(tmp_path)]):
+        result = runner.invoke(app, [*command[:1], "--model", "examples.models:DemoNet", *command[1:]])
+        flat = "".join(result.output.replace("│", "").split())  # click's box wraps the message and the path
+        assert result.exit_code == 2 and f"Invalidvaluefor'--out':file'{tmp_path}'isadirectory." in flat, result.output
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, ["search", "--model", "examples.models:DemoNet", "--spec", demo, "--run-dir", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "Invalidvaluefor'--run-dir'" in "".join(result.output.replace("│", "").split())
+    gm = evefx.transform(DemoNet(), "passes: [{kind: quantize}]", torch.zeros(1, 1, 28, 28))
+    with pytest.raises(ExportError) as e:
+        evefx.export_onnx(gm, torch.zeros(1, 1, 28, 28), tmp_path)
+    assert str(e.value) == f"{tmp_path} is a folder; give the file to write, e.g. {tmp_path / 'model.onnx'}"
+    snn = evefx.transform(DemoNet(), spiking, torch.zeros(1, 1, 28, 28)).eval()
+    with pytest.raises(ExportError, match="is a folder; give the file to write, e.g. .*model.nir$"):
+        evefx.export_nir(snn, tmp_path, torch.zeros(1, 1, 28, 28), dt=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
 def test_model_refs_load_from_the_current_folder_without_editing_sys_path(monkeypatch):
     """Issue 13: the CLI put the current folder on sys.path to import examples.models."""
     from evefx.cli.models import load_model

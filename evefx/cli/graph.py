@@ -41,7 +41,7 @@ def validate(specs: list[Path] = typer.Argument(..., help="spec files (YAML or J
 
 
 @app.command()
-def schema(out: Optional[Path] = typer.Option(None, help="write the schema here instead of stdout")) -> None:
+def schema(out: Optional[Path] = typer.Option(None, dir_okay=False, help="write the schema here instead of stdout")) -> None:
     """Print (or write) the JSON Schema of evefx spec files."""
     text = json.dumps(json_schema(), indent=2) + "\n"
     if out is None:
@@ -71,8 +71,8 @@ def transform(
     model: str = MODEL, spec: Path = SPEC,
     input_shape: Optional[str] = INPUT_SHAPE,
     model_kwargs: Optional[str] = MODEL_KWARGS,
-    out: Optional[Path] = typer.Option(None, help="save the transformed module's state_dict here (.pt)"),
-    report: Optional[Path] = typer.Option(None, help="write the change report here (JSON)"),
+    out: Optional[Path] = typer.Option(None, dir_okay=False, help="save the transformed module's state_dict here (.pt)"),
+    report: Optional[Path] = typer.Option(None, dir_okay=False, help="write the change report here (JSON)"),
     data: Optional[str] = DATA_EXAMPLE,
     data_root: Optional[Path] = DATA_ROOT,
 ) -> None:
@@ -164,7 +164,7 @@ def inspect(
 @app.command()
 def export(
     model: str = MODEL, spec: Path = SPEC,
-    out: Path = typer.Option(..., help="the file to write (ONNX, or NIR with --format nir)"),
+    out: Path = typer.Option(..., dir_okay=False, help="the file to write (ONNX, or NIR with --format nir)"),
     format: str = typer.Option("onnx", "--format", help="onnx | nir (spiking models, for neuromorphic simulators)"),
     dt: float = typer.Option(1e-3, help="--format nir: seconds per time step (NIR's time constants are continuous)"),
     input_shape: Optional[str] = INPUT_SHAPE,

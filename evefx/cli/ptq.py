@@ -57,13 +57,13 @@ def quantize(
     model: str = MODEL,
     spec: Path = typer.Option(..., help="spec file with a quantize section (calibration, corrections)"),
     model_kwargs: Optional[str] = MODEL_KWARGS,
-    out: Path = typer.Option(..., help="the ONNX file to write"),
+    out: Path = typer.Option(..., dir_okay=False, help="the ONNX file to write"),
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
     data: str = _PTQ_DATA,
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
     calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
     batch_size: int = typer.Option(64, help="calibration batch size"),
-    report: Optional[Path] = typer.Option(None, help="write the calibration/correction/export figures here (JSON)"),
+    report: Optional[Path] = typer.Option(None, dir_okay=False, help="write the calibration/correction/export figures here (JSON)"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
 ) -> None:
     """Post-training quantization: transform, calibrate, correct (as the spec says), export with parity."""
@@ -109,8 +109,8 @@ def sensitivity_cmd(
     allocation: str = typer.Option("greedy", help="greedy or knapsack (exact) allocation for --budget"),
     calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
     batch_size: int = typer.Option(64, help="calibration batch size"),
-    png: Optional[Path] = typer.Option(None, help="write the bar chart here"),
-    overrides: Optional[Path] = typer.Option(None, help="write the overrides for --budget here (YAML)"),
+    png: Optional[Path] = typer.Option(None, dir_okay=False, help="write the bar chart here"),
+    overrides: Optional[Path] = typer.Option(None, dir_okay=False, help="write the overrides for --budget here (YAML)"),
 ) -> None:
     """Per-layer sensitivity: the metric with one layer at a time lowered (accuracy when labels are given)."""
     import torch

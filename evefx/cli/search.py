@@ -38,8 +38,8 @@ def search(
                              "the search trains on the "
                              "training part and scores on its last fifth (MNIST-5k: last 1,000), never on the test part"),
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
-    run_dir: Path = typer.Option(Path("out/search"), help="run folder (logs, checkpoints, best.yaml)"),
-    resume: Optional[Path] = typer.Option(None, help="resume the search in this run folder"),
+    run_dir: Path = typer.Option(Path("out/search"), file_okay=False, help="run folder (logs, checkpoints, best.yaml)"),
+    resume: Optional[Path] = typer.Option(None, file_okay=False, help="resume the search in this run folder"),
     weights: Optional[Path] = typer.Option(None, help="trained float weights of the model (else it is trained)"),
     epochs: int = typer.Option(3, help="float training epochs when no weights are given"),
     episodes: Optional[int] = typer.Option(None, min=1, help="episodes to play", show_default="search.episodes"),
@@ -87,7 +87,7 @@ def search(
 @app.command()
 def demo(
     epochs: int = typer.Option(5, help="training epochs of each run"),
-    out: Path = typer.Option(Path("out/demo"), help="folder for the demo's files"),
+    out: Path = typer.Option(Path("out/demo"), file_okay=False, help="folder for the demo's files"),
 ) -> None:
     """The main job: train DemoNet on MNIST-5k, then quantize, export, spike and prune it.
 

@@ -193,6 +193,8 @@ def export_nir(gm: nn.Module, path: str | os.PathLike | None = None, example_inp
         >>> report.node_types()
         {'Input': 1, 'Conv2d': 3, 'LIF': 4, 'Flatten': 1, 'Affine': 2, 'Output': 1}
     """
+    if path is not None and Path(path).is_dir():
+        raise ExportError(f"{path} is a folder; give the file to write, e.g. {Path(path) / 'model.nir'}")
     graph, rows = _build(gm, example_input, dt, rules)
     size = None
     if path is not None:

@@ -308,6 +308,8 @@ def export_onnx(
     if not isinstance(source, nn.Module):
         raise ExportError(f"export_onnx needs a torch.nn.Module (got {type(source).__name__})")
     inputs, path = _as_tuple(example_inputs), Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give the file to write, e.g. {path / 'model.onnx'}")
     packed, opset = _storage(source, weight_storage, opset)
     deployed = gm if isinstance(gm, Deployed) else deployable(gm)
     with _previous_file_kept(path):
