@@ -334,3 +334,18 @@ def test_export_reestimates_batchnorm_on_the_data_only(tmp_path):
                and files["--reestimate-bn"][k].shape == files["--no-reestimate-bn"][k].shape
                and not (files["--reestimate-bn"][k] == files["--no-reestimate-bn"][k]).all()]
     assert changed
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("quantize", "--batch-size", "0"),        # was a traceback (range() arg 3 must not be zero)
+    ("quantize", "--calib-samples", "0"),
+    ("export", "--calibrate-batches", "0"),
+    ("export", "--top1-min", "150"),          # was 'the exported file is wrong: max |diff| 0 > tolerance'
+])
+def test_counts_and_percentages_out_of_range_are_refused_by_name(tmp_path, command, option, value):
+    spec = str(ROOT / ("examples/specs/ptq.yaml" if command == "quantize" else "examples/specs/demo.yaml"))
+    result = runner.invoke(app, [command, "--model", "examples.models:DemoNet", "--spec", spec, "--out",
+                                 str(tmp_path / "m.onnx"), option, value])
+    flat = "".join(result.output.replace("│", "").split())
+    assert result.exit_code == 2 and f"Invalidvaluefor'{option}'" in flat, result.output
+    assert not (tmp_path / "m.onnx").exists()

@@ -170,7 +170,7 @@ def export(
     input_shape: Optional[str] = INPUT_SHAPE,
     model_kwargs: Optional[str] = MODEL_KWARGS,
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the transformed model (from training)"),
-    calibrate_batches: int = typer.Option(8, help="batches to calibrate quantizers when no checkpoint is given"),
+    calibrate_batches: int = typer.Option(8, min=1, help="batches to calibrate quantizers when no checkpoint is given"),
     data: Optional[str] = typer.Option(None, help="mnist5k, mnist (with --data-root), or a .pt/.npz file of inputs (or "
                                        "(inputs, labels), ((inputs_1, inputs_2, ...), labels) for several inputs): traced with its first "
                                        "input, calibrated on its training part, parity checked on 256 held-out inputs "
@@ -181,7 +181,7 @@ def export(
     tolerance: Optional[float] = typer.Option(None, help="a stated absolute tolerance for the outputs, replacing the "
                                               "one-step rules (for deep networks that amplify rounding ties; the "
                                               "op-by-op checks still apply)"),
-    top1_min: float = typer.Option(99.5, help="required top-1 agreement of PyTorch and onnxruntime, percent"),
+    top1_min: float = typer.Option(99.5, min=0.0, max=100.0, help="required top-1 agreement of PyTorch and onnxruntime, percent"),
     allow_unpruned: bool = typer.Option(False, help="export even when the spec's pruners have never pruned "
                                         "(the file is then the unpruned model)"),
     reestimate_bn: bool = typer.Option(False, help="re-estimate every BatchNorm's running statistics on the "

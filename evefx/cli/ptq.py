@@ -61,8 +61,8 @@ def quantize(
     checkpoint: Optional[Path] = typer.Option(None, help="state_dict of the trained float model"),
     data: str = _PTQ_DATA,
     data_root: Optional[Path] = typer.Option(None, help="folder of torchvision's MNIST"),
-    calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
-    batch_size: int = typer.Option(64, help="calibration batch size"),
+    calib_samples: int = typer.Option(512, min=1, help="calibration samples (from the training split)"),
+    batch_size: int = typer.Option(64, min=1, help="calibration batch size"),
     report: Optional[Path] = typer.Option(None, dir_okay=False, help="write the calibration/correction/export figures here (JSON)"),
     check: bool = typer.Option(True, help="check parity with onnxruntime"),
 ) -> None:
@@ -107,8 +107,8 @@ def sensitivity_cmd(
     what: str = typer.Option("weight", help="weight, activation or both"),
     budget: Optional[float] = typer.Option(None, help="average weight bits: print/write overrides for it"),
     allocation: str = typer.Option("greedy", help="greedy or knapsack (exact) allocation for --budget"),
-    calib_samples: int = typer.Option(512, help="calibration samples (from the training split)"),
-    batch_size: int = typer.Option(64, help="calibration batch size"),
+    calib_samples: int = typer.Option(512, min=1, help="calibration samples (from the training split)"),
+    batch_size: int = typer.Option(64, min=1, help="calibration batch size"),
     png: Optional[Path] = typer.Option(None, dir_okay=False, help="write the bar chart here"),
     overrides: Optional[Path] = typer.Option(None, dir_okay=False, help="write the overrides for --budget here (YAML)"),
 ) -> None:

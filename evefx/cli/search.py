@@ -41,7 +41,7 @@ def search(
     run_dir: Path = typer.Option(Path("out/search"), file_okay=False, help="run folder (logs, checkpoints, best.yaml)"),
     resume: Optional[Path] = typer.Option(None, file_okay=False, help="resume the search in this run folder"),
     weights: Optional[Path] = typer.Option(None, help="trained float weights of the model (else it is trained)"),
-    epochs: int = typer.Option(3, help="float training epochs when no weights are given"),
+    epochs: int = typer.Option(3, min=0, help="float training epochs when no weights are given"),
     episodes: Optional[int] = typer.Option(None, min=1, help="episodes to play", show_default="search.episodes"),
     seed: Optional[int] = typer.Option(None, help="seed of training and search", show_default="search.seed"),
     backend: Optional[Backend] = typer.Option(None, help="play the episodes here (local) or on Ray actors (ray)",
@@ -86,7 +86,7 @@ def search(
 
 @app.command()
 def demo(
-    epochs: int = typer.Option(5, help="training epochs of each run"),
+    epochs: int = typer.Option(5, min=0, help="training epochs of each run"),
     out: Path = typer.Option(Path("out/demo"), file_okay=False, help="folder for the demo's files"),
 ) -> None:
     """The main job: train DemoNet on MNIST-5k, then quantize, export, spike and prune it.
