@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 import traceback
@@ -182,7 +183,7 @@ def trace(model: nn.Module, options: TraceOptions | dict[str, Any] | None = None
 _SPATIAL = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
-def _shape_text(value: Any) -> str:
+def shape_text(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return str(tuple(value.shape))
     return type(value).__name__
@@ -206,6 +207,8 @@ class _ShapeRecorder(ShapeProp):
 
     hint: str = ""
     """What the error tells the user to do (set by :func:`propagate_shapes`)."""
+    record: bool = True
+    """Store each node's shape in ``node.meta`` (False: only find the failing layer)."""
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -214,7 +217,7 @@ class _ShapeRecorder(ShapeProp):
             raise  # a module's own error (a quantizer meeting NaN) already names the layer
         except Exception as e:
             args, _ = self.fetch_args_kwargs_from_env(n)
-            got = ", ".join(_shape_text(a) for a in args if isinstance(a, torch.Tensor)) or "no tensor"
+            got = ", ".join(shape_text(a) for a in args if isinstance(a, torch.Tensor)) or "no tensor"
             if n.op == "call_module":
                 module = self.module.get_submodule(str(n.target))
                 where = f"layer {n.target} ({type(module).__name__})"
@@ -228,6 +231,8 @@ class _ShapeRecorder(ShapeProp):
                 first = (str(e).strip().splitlines() or [""])[0]
                 detail = f"{where} fails on inputs of shape {got}: {type(e).__name__}: {first}"
             raise ShapeError(f"{detail}; {self.hint}") from e
+        if not self.record:
+            return result
         found = False
 
         def meta(obj: Any) -> Any:
@@ -244,21 +249,40 @@ class _ShapeRecorder(ShapeProp):
         return result
 
 
+def _check_input_count(gm: fx.GraphModule, given: int, what: str, fix: str) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # placeholders with a default have args
+    if not (len(required) <= given <= len(placeholders)):
+        count = f"{len(required)}" if len(required) == len(placeholders) else f"{len(required)} to {len(placeholders)}"
+        raise ShapeError(f"the model takes {count} input{'s' if len(placeholders) != 1 else ''} "
+                         f"({', '.join(n.name for n in placeholders)}), got {given} {what}; {fix}")
+
+
+def explain_failure(gm: fx.GraphModule, inputs: Sequence[Any], hint: str) -> None:
+    """Raise the :class:`ShapeError` line that names the layer where ``inputs`` fail in ``gm``
+    (the layer, the shape it got and the one it expects, then ``hint``); return when they run. It
+    runs on a copy in eval mode: the model's statistics and observers stay as they were.
+
+    Example:
+        >>> explain_failure(gm, (torch.zeros(2, 3, 28, 28),), "give batches of the traced shape")
+        ShapeError: layer features.0 (Conv2d) got an input of shape (2, 3, 28, 28) but expects (N, 1, H, W); give ...
+    """
+    _check_input_count(gm, len(inputs), "inputs in a batch", "give batches of one tensor per argument of forward "
+                       "(labels are dropped only when the batch is (inputs..., labels))")
+    twin = copy.deepcopy(gm)
+    recorder = _ShapeRecorder(twin)
+    recorder.extra_traceback, recorder.record, recorder.hint = False, False, hint
+    with eval_mode(twin), torch.no_grad():
+        recorder.run(*inputs)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Run ``gm`` once (eval mode, no grad) to store shapes in ``node.meta['tensor_meta']``.
 
     Module training flags are restored and no statistic is updated; a mismatch raises :class:`ShapeError`.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    required = [n for n in placeholders if not n.args]  # placeholders with a default have args
-    if not (len(required) <= len(example_inputs) <= len(placeholders)):
-        count = f"{len(required)}" if len(required) == len(placeholders) else f"{len(required)} to {len(placeholders)}"
-        raise ShapeError(
-            f"the model takes {count} input{'s' if len(placeholders) != 1 else ''} "
-            f"({', '.join(n.name for n in placeholders)}), got {len(example_inputs)} example inputs; "
-            f"give one example input per argument of forward"
-        )
-    shapes = ", ".join(_shape_text(x) for x in example_inputs)
+    _check_input_count(gm, len(example_inputs), "example inputs", "give one example input per argument of forward")
+    shapes = ", ".join(shape_text(x) for x in example_inputs)
     recorder = _ShapeRecorder(gm)
     recorder.extra_traceback = False  # fx.Interpreter would append the node's text and "Original traceback"
     recorder.hint = (f"example inputs {shapes} do not fit the model: give inputs of the shape it takes "

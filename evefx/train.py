@@ -95,7 +95,9 @@ def evaluate(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) 
             loss_sum += float(loss_fn(out, y))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
-    return {"accuracy": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+    if total == 0:  # 0% from an empty loader would read as a broken model
+        raise OptionError("evaluate: the data gave no batches (an empty loader or split); give a loader over (x, y) pairs")
+    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total}
 
 
 def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -173,6 +175,9 @@ def _fit(model: nn.Module, train: Iterable, val: Iterable | None, epochs: int, *
                 bar.update(task, advance=1, status=f"epoch {epoch} loss {loss_sum / seen:.4f}")
                 if max_steps is not None and steps >= max_steps:
                     break
+            if seen == 0:
+                raise OptionError("fit: the training data gave no batches (an empty loader or split); give a loader "
+                                  "over (x, y) pairs")
             row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                                    "train_accuracy": 100.0 * correct / max(seen, 1),
                                    "seconds": time.perf_counter() - start}

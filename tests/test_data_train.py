@@ -98,3 +98,15 @@ def test_a_model_of_two_inputs_trains_and_is_evaluated_from_batches_with_labels_
     path = tmp_path / "text.onnx"
     evefx.export_onnx(model.eval(), (tokens[:2], keep[:2]), path, real_inputs=(tokens, keep), kernels=False)
     assert onnx_accuracy(path, loader) == pytest.approx(evaluate(model, loader)["accuracy"])
+
+
+def test_fit_and_evaluate_refuse_data_that_gives_no_batches():
+    """An empty loader (a split that came out empty) read as 0% accuracy, and fit trained nothing silently."""
+    model = DemoNet()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    with pytest.raises(evefx.OptionError, match=r"^evaluate: the data gave no batches \(an empty loader or split\)"):
+        evaluate(model, empty)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(evefx.OptionError, match=r"^fit: the training data gave no batches \(an empty loader or split\)"):
+        fit(model, empty, epochs=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

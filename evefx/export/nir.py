@@ -145,8 +145,8 @@ def to_nir(gm: nn.Module, example_input: Any = None, *, dt: float = DEFAULT_DT,
 
 
 def _build(gm: nn.Module, example_input: Any, dt: float, rules=None) -> tuple[Any, list[dict[str, Any]]]:
-    if not dt > 0:
-        raise ExportError(f"NIR export: dt must be > 0 seconds per step (got {dt})")
+    if not isinstance(dt, (int, float)) or not dt > 0:
+        raise ExportError(f"NIR export: dt must be a number > 0, seconds per step (got {dt!r})")
     if not isinstance(gm, fx.GraphModule):
         raise ExportError(f"NIR export takes the fx.GraphModule evefx.transform returns, not a {type(gm).__name__}")
     args = _example_input(gm, example_input)

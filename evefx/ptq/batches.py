@@ -14,16 +14,31 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import fx, nn
 
+from evefx.errors import EvefxError, OptionError
 from evefx.graph import recorded_inputs
 from evefx.layers import eval_mode
 from evefx.modules import Quantizer
+from evefx.trace import explain_failure, shape_text
 
 __all__ = ["run_batch", "batch_size", "inputs_only", "progress_over", "quantizers_off"]
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
-    """``model(*batch)`` for a tuple or list of inputs, ``model(batch)`` for one."""
-    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    """``model(*batch)`` for a tuple or list of inputs, ``model(batch)`` for one. Inputs that fail
+    in a traced model raise the :class:`~evefx.errors.ShapeError` line naming the layer."""
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    try:
+        return model(*args)
+    except EvefxError:
+        raise
+    except Exception:
+        if isinstance(model, fx.GraphModule):
+            got = ", ".join(shape_text(a) for a in args)
+            traced = ", ".join(str(tuple(shape)) for _, shape, _ in recorded_inputs(model) if shape is not None)
+            traced = f" traced with {traced}" if traced else ""
+            explain_failure(model, args, f"calibration inputs {got} do not fit the model{traced}: "
+                                         "give batches of the inputs it takes")
+        raise
 
 
 def batch_size(batch: Any) -> int:
@@ -44,6 +59,10 @@ def inputs_only(batches: Iterable[Any], model: nn.Module | None = None) -> list[
         >>> inputs_only([(x, torch.tensor([1, 0]))]) == [x]
         >>> inputs_only([(tokens, mask)], text_model)   # two inputs: kept whole
     """
+    if batches is None or isinstance(batches, torch.Tensor):
+        # a tensor iterates over its samples, one model call per image: almost never what is meant
+        raise OptionError(f"calibration batches must be an iterable of batches (a list, a DataLoader), got "
+                          f"{'None' if batches is None else 'one tensor'}; e.g. list(x.split(64))")
     count = None
     if isinstance(model, fx.GraphModule):
         count = sum(1 for _, shape, _ in recorded_inputs(model) if shape is not None) or None

@@ -348,6 +348,15 @@ def test_export_does_not_touch_the_model():
         assert torch.equal(v, before[k]), k
 
 
+def test_a_dt_that_is_not_a_positive_number_is_an_export_error(tmp_path):
+    gm = spiking(make_net())
+    for dt in (None, 0.0, -1e-3, "1ms"):
+        with pytest.raises(ExportError) as e:
+            export_nir(gm, tmp_path / "m.nir", dt=dt)
+        assert str(e.value) == f"NIR export: dt must be a number > 0, seconds per step (got {dt!r})"
+    assert not (tmp_path / "m.nir").exists()
+
+
 # -- unsupported: errors that name the node ------------------------------------------------------------
 @pytest.mark.parametrize("change, words", [
     ({"reset": None}, ["soft reset", "neuron.reset"]),

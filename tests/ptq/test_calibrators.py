@@ -226,3 +226,24 @@ def test_batches_of_a_model_with_integer_inputs_are_told_from_labelled_ones():
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 0, 3, 2])
     demo = evefx.transform(DemoNet(), {"passes": [{"kind": "quantize"}]}, x[:1])
     assert inputs_only([(x, y)], demo)[0] is x and inputs_only([(x, y)])[0] is x
+
+
+def test_batches_that_do_not_fit_are_one_line_errors_and_leave_no_grid_from_them():
+    """calibrate with batches of the wrong shape or count raised torch's RuntimeError / TypeError,
+    and None or one tensor a TypeError or one call per sample."""
+    gm = transformed(tiny())
+    with pytest.raises(evefx.ShapeError) as e:
+        calibrate(gm, [torch.zeros(2, 3, 8, 8)])
+    assert str(e.value) == ("layer conv1 (QuantConv2d) got an input of shape (2, 3, 8, 8) but expects (N, 1, H, W); "
+                            "calibration inputs (2, 3, 8, 8) do not fit the model traced with (1, 1, 8, 8): give "
+                            "batches of the inputs it takes")
+    with pytest.raises(evefx.ShapeError) as e:
+        calibrate(gm, [(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))])
+    assert str(e.value) == ("the model takes 1 input (x), got 3 inputs in a batch; give batches of one tensor per "
+                            "argument of forward (labels are dropped only when the batch is (inputs..., labels))")
+    for wrong, what in ((None, "None"), (torch.zeros(4, 1, 8, 8), "one tensor")):
+        with pytest.raises(evefx.OptionError) as e:
+            evefx.post_training_quantize(gm, wrong, progress=False)
+        assert str(e.value) == (f"calibration batches must be an iterable of batches (a list, a DataLoader), got {what}; "
+                                "e.g. list(x.split(64))")
+    calibrate(gm, batches(2))  # the same model calibrates afterwards

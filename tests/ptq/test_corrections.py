@@ -264,8 +264,11 @@ def test_reestimate_bn_keeps_the_folded_weight_codes_and_the_activation_grids():
 def test_reestimate_bn_leaves_the_statistics_when_a_batch_fails():
     gm = transformed(tiny())
     stats = [t.clone() for t in (gm.conv1.bn.running_mean, gm.conv1.bn.running_var)]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(evefx.ShapeError) as e:  # torch's own RuntimeError before: no layer, no fix
         evefx.reestimate_bn(gm, [batches(1)[0], torch.zeros(2, 3, 8, 8)], progress=False)
+    assert str(e.value) == ("layer conv1 (QuantConv2d) got an input of shape (2, 3, 8, 8) but expects (N, 1, H, W); "
+                            "calibration inputs (2, 3, 8, 8) do not fit the model traced with (1, 1, 8, 8): give "
+                            "batches of the inputs it takes")
     assert torch.equal(gm.conv1.bn.running_mean, stats[0]) and torch.equal(gm.conv1.bn.running_var, stats[1])
     assert gm.conv1.bn.momentum == 0.1 and not gm.training
 
