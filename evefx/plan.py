@@ -33,7 +33,7 @@ from evefx.graph import LAYER_TYPES, layer_nodes, module_of
 from evefx.layers import channel_axis, out_channels, shape_of
 from evefx.spec import Section
 
-__all__ = ["PlannedLayer", "plan_section", "type_matches"]
+__all__ = ["PlannedLayer", "listed", "plan_section", "type_matches"]
 
 
 S = TypeVar("S", bound=Section)
@@ -114,11 +114,11 @@ def _check_selector_words(gm: fx.GraphModule, section: Section, spec_path: str, 
                              f"({glob.replace('.*', '*').strip('^$')!r}; or write select.regex); ")
                 raise PlanError(
                     f"{spec_path}.select.{field}: {glob!r} matches no layer; {regex}{_suggest(glob, names, 1)}"
-                    f"candidates: {_listed(names)}"
+                    f"candidates: {listed(names)}"
                 )
 
 
-def _listed(names: list[str], most: int = 20) -> str:
+def listed(names: list[str], most: int = 20) -> str:
     """``names`` comma-separated, the first ``most`` of them (a deep network has hundreds)."""
     if not names:
         return "(none)"
@@ -203,7 +203,7 @@ def _warn_traced_through(gm: fx.GraphModule, section: Section, spec_path: str,
               and (types is None or any(type_matches(kind, t) for t in types)) and section.select.matches_name(name)]
     if hidden:
         warnings.warn(
-            f"{spec_path}: {_listed(hidden)} {'is' if len(hidden) == 1 else 'are'} not called as layers in the "
+            f"{spec_path}: {listed(hidden)} {'is' if len(hidden) == 1 else 'are'} not called as layers in the "
             f"traced graph (a function reads their weights: a subclass that overrides forward, or a parent such "
             f"as torchvision's shifted_window_attention), so this section leaves them as they are; a pass reaches "
             f"a layer that is called as a module; select.names the layers you mean to silence this",

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import abc
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Generic, Literal
 
 from torch import fx, nn
 
-from evefx.errors import EvefxError, PassError
+from evefx.errors import EvefxError, EvefxWarning, PassError
 from evefx.graph import LAYER_TYPES, Role, describe_node, mark, marked, module_of
-from evefx.plan import PlannedLayer, S, plan_section
+from evefx.plan import PlannedLayer, S, listed, plan_section
 
 __all__ = ["Change", "PassResult", "Pass", "Sequential", "SectionPass"]
 
@@ -140,6 +141,26 @@ class SectionPass(Pass, Generic[S]):
             >>> self.mark(new_node, "fc1", "neuron", channel_axis=-1)
         """
         mark(node, pass_name=self.name, layer=layer, spec_path=self.spec_path, role=role, channel_axis=channel_axis)
+
+    def warn_skipped(self, gm: fx.GraphModule, layers: list[str], state: str) -> None:
+        """Warn that ``layers``, skipped because they were already ``state``, were taken by another
+        section of this pass: this section's settings never apply to them. Layers this same
+        section marked in an earlier transform are not named (re-running a spec changes nothing, by design).
+
+        Example:
+            >>> self.warn_skipped(gm, ["features.0"], "quantized")
+        """
+        by: dict[str, list[str]] = {}
+        for layer in layers:
+            paths = {n.meta["evefx"].spec_path for n in self.marked(gm, layer)} - {self.spec_path}
+            if paths:
+                by.setdefault(", ".join(sorted(paths)), []).append(layer)
+        for sections, names in by.items():
+            one = len(names) == 1
+            warnings.warn(f"{self.spec_path}: {listed(names)} {'is' if one else 'are'} already {state} by {sections}, so "
+                          f"this section leaves {'it as it is' if one else 'them as they are'}; give {sections} other "
+                          f"settings for some layers with its overrides, or select.names the layers each section takes",
+                          EvefxWarning, stacklevel=3)
 
     def marked(self, gm: fx.GraphModule, layer: str | None = None, role: str | None = None) -> list[fx.Node]:
         """The nodes this pass marked (any section of it), filtered by layer and role."""

@@ -44,10 +44,11 @@ class PrunePass(SectionPass[PruneSection]):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         changes: list[Change] = []
+        skipped: list[str] = []
         for layer, planned in self.plan(gm).items():
             node, module, section = planned.node, planned.module, planned.section
             if self.marked(gm, layer):
-                log.debug("%s: %s already has a pruner; skipped", self.spec_path, layer)
+                skipped.append(layer)
                 continue
             self.current_node = node
             if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -77,6 +78,7 @@ class PrunePass(SectionPass[PruneSection]):
                 + (f", {section.granularity})" if section.granularity != "channel" else ")"),
             ))
         self.current_node = None
+        self.warn_skipped(gm, skipped, "given a pruner")
         return PassResult(gm, bool(changes), tuple(changes))
 
     def ensures(self, gm: fx.GraphModule) -> None:

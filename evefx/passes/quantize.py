@@ -186,6 +186,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
         changes: list[Change] = []
         plan = self.plan(gm)
         names = list(plan)
+        skipped: list[str] = []
         for layer, planned in plan.items():
             node, module, section = planned.node, planned.module, planned.section
             keep = section.keep_first_last
@@ -196,7 +197,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
             act_cfg = self._kept(section.activation, keep) if is_last else section.activation
             input_cfg = self._kept(section.activation, keep) if is_first or is_last else section.activation
             if self.marked(gm, layer) or isinstance(module, QUANT_LAYER_TYPES):
-                log.debug("%s: %s is already quantized; skipped", self.spec_path, layer)
+                skipped.append(layer)
                 continue
             base = _base_type(module)
             if base is None:
@@ -251,6 +252,7 @@ class QuantizePass(SectionPass[QuantizeSection]):
                 changes += self._keep_input_bits(gm, node, layer, input_cfg.bits)
             self._link_input_quantizer(gm, node)
         self.current_node = None
+        self.warn_skipped(gm, skipped, "quantized")
         return PassResult(gm, bool(changes), tuple(changes))
 
     def _keep_input_bits(self, gm: fx.GraphModule, node: fx.Node, layer: str, bits: int) -> list[Change]:

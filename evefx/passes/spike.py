@@ -173,10 +173,11 @@ class SpikePass(SectionPass[SpikeSection]):
     def call(self, gm: fx.GraphModule) -> PassResult:
         changes: list[Change] = []
         analog: list[str] = []  # neurons_at: activations, and the layer has none to replace
+        skipped: list[str] = []
         timesteps = self.section.timesteps
         for layer, planned in self.plan(gm).items():
             if self.marked(gm, layer, role="neuron"):
-                log.debug("%s: %s already has a neuron; skipped", self.spec_path, layer)
+                skipped.append(layer)
                 continue
             section = planned.section
             if section.timesteps != timesteps:
@@ -210,6 +211,7 @@ class SpikePass(SectionPass[SpikeSection]):
         if analog:
             log.info("%s: neurons_at activations: %d selected layers without an activation stay analog (%s)",
                      self.spec_path, len(analog), ", ".join(analog[:5]) + (", ..." if len(analog) > 5 else ""))
+        self.warn_skipped(gm, skipped, "spiking")
         changes += self._encode(gm, timesteps)
         changes += self._decode(gm, timesteps)
         return PassResult(gm, bool(changes), tuple(changes))

@@ -79,3 +79,29 @@ def test_pre_and_postconditions_run(demo_net):
 
     Checked()(fx.symbolic_trace(demo_net))
     assert calls == ["requires", "call", "ensures"]
+
+
+@pytest.mark.parametrize("kind, state", [("quantize", "quantized"), ("spike", "spiking"), ("prune", "given a pruner")])
+def test_a_second_section_over_the_same_layers_warns_that_it_changes_nothing(kind, state):
+    """Two sections of one kind over the same layers: the second was a silent no-op (its settings,
+    e.g. other bits, never applied). Sections over different layers, and the same spec applied
+    again to its own result (idempotent by design), stay silent."""
+    import warnings
+
+    import evefx
+    from evefx.errors import EvefxWarning
+    from examples.models import DemoNet
+
+    x = torch.zeros(1, 1, 28, 28)
+    second = {"kind": kind, "select": {"names": ["features.3", "features.6"]}}
+    with pytest.warns(EvefxWarning) as caught:
+        evefx.transform(DemoNet(), {"schema_version": 1, "passes": [{"kind": kind}, second]}, x)
+    assert [str(w.message) for w in caught] == [
+        f"passes[1]: features.3, features.6 are already {state} by passes[0], so this section leaves them as they are; "
+        "give passes[0] other settings for some layers with its overrides, or select.names the layers each section takes"]
+    first = {"kind": kind, "select": {"names": ["features.*"]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvefxWarning)
+        spec = {"schema_version": 1, "passes": [first, {**second, "select": {"names": ["classifier.1"]}}]}
+        gm = evefx.transform(DemoNet(), spec, x)
+        assert not evefx.transform(gm, spec, x).report.modified
