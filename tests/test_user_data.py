@@ -198,6 +198,12 @@ def test_a_numpy_file_of_several_inputs_reads_as_the_pt_file_does(tmp_path):
     assert not d.labelled and (len(d.train), len(d.held_out)) == (70, 30)
     first = d.inputs("held_out", 2)
     assert isinstance(first, tuple) and rows(first) == 2 and torch.equal(first[0], ids[70:72])
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("schema_version: 1\npasses: [{kind: quantize}]\n")
+    for name in ("two.npz", "split.npz"):  # labelled (accuracy) and unlabelled (output error against float)
+        ranked = runner.invoke(app, ["sensitivity", "--model", "tests.helpers:TokenMaskNet", "--spec", str(plain),
+                                     "--data", str(tmp_path / name), "--calib-samples", "32", "--bits", "8,2"])
+        assert ranked.exit_code == 0 and "fc1" in ranked.output and "fc2" in ranked.output, ranked.output
     np.savez(tmp_path / "odd.npz", x0=ids.numpy(), x1=mask[:50].numpy())
     with pytest.raises(OptionError) as e:
         open_data(tmp_path / "odd.npz")

@@ -117,6 +117,7 @@ def sensitivity_cmd(
     import yaml
 
     import evefx
+    from evefx.ptq.batches import run_batch
     from evefx.train import evaluate
 
     try:
@@ -130,13 +131,13 @@ def sensitivity_cmd(
             def metric(m: Any) -> float:
                 return evaluate(m, labelled)["accuracy"]
         else:
-            x = torch.cat(calib)
-            with torch.no_grad():
-                y = float_model(x)
+            with torch.no_grad():  # batch by batch: a model of several inputs has tuples of tensors
+                ys = [run_batch(float_model, b) for b in calib]
+            count = sum(y.numel() for y in ys)
 
             def metric(m: Any) -> float:  # minus the output's mean squared error against the float model
                 with torch.no_grad():
-                    return -float((m(x) - y).square().mean())
+                    return -sum(float((run_batch(m, b) - y).square().sum()) for b, y in zip(calib, ys)) / count
         result = evefx.sensitivity(gm, metric, levels, what=what, inputs=calib[0])
         patch = result.to_overrides(budget, allocation) if budget is not None else None
     except EvefxError as e:
