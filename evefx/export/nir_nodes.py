@@ -274,28 +274,36 @@ class NodeBuilder:
             note = f"r=1/dt v_reset={_summary(reset)}"
         self.emit(n, node, note + f" v_th={_summary(th)}", arg=x)
 
-    def fold_gain(self, n: fx.Node, gain: float, x: fx.Node) -> None:
-        """A neuron's ``input_gain`` or a decoder's ``gain`` goes into the weights of the layer it
-        reads (NIR has no scaling node; the spike pass sets a gain only right after such a layer)."""
+    def weighted_source(self, x: fx.Node) -> tuple[str, Any]:
+        """The name and NIR node of the one conv/linear node ``x`` maps to (``("", None)`` when it
+        maps to anything else): what a BatchNorm or a gain folds into."""
         nir = self.nir
         names = self.src.get(x, [])
         prev = self.nodes.get(names[0]) if len(names) == 1 else None
-        if not isinstance(prev, (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Linear)) or any(a == names[0] for a, _ in self.edges):
+        if isinstance(prev, (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Linear)):
+            return names[0], prev
+        return "", None
+
+    def row(self, name: str) -> dict[str, Any]:
+        """The export table's row of the NIR node ``name``."""
+        return next(r for r in self.rows if r["name"] == name)
+
+    def fold_gain(self, n: fx.Node, gain: float, x: fx.Node) -> None:
+        """A neuron's ``input_gain`` or a decoder's ``gain`` goes into the weights of the layer it
+        reads (NIR has no scaling node; the spike pass sets a gain only right after such a layer)."""
+        name, prev = self.weighted_source(x)
+        if prev is None or any(a == name for a, _ in self.edges):
             raise ExportError(f"NIR export: {n.target} scales its input by {gain:g} but does not read a conv/linear "
                               f"layer to fold it into; transform with weight_scale_no_bn: 1")
         prev.weight = (prev.weight.astype(np.float64) * gain).astype(np.float32)
         if getattr(prev, "bias", None) is not None:
             prev.bias = (prev.bias.astype(np.float64) * gain).astype(np.float32)
-        for row in self.rows:
-            if row["name"] == names[0]:
-                row["note"] += f", x{gain:.4g} (the gain of {n.target})"
+        self.row(name)["note"] += f", x{gain:.4g} (the gain of {n.target})"
 
     def fold_bn(self, n: fx.Node, m: nn.Module, x: fx.Node) -> None:
         nir = self.nir
-        names = self.src.get(x, [])
-        prev = self.nodes.get(names[0]) if len(names) == 1 else None
-        if (not isinstance(prev, (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Linear)) or len(x.users) != 1
-                or self.owner.get(names[0]) is not x):
+        name, prev = self.weighted_source(x)
+        if prev is None or len(x.users) != 1 or self.owner.get(name) is not x:
             raise ExportError(f"NIR export: {n.target} ({type(m).__name__}) does not directly follow a conv/linear "
                               f"layer, so it cannot be folded; NIR has no BatchNorm node: put it right after a layer")
         if m.running_mean is None:
@@ -309,7 +317,6 @@ class NodeBuilder:
         w = prev.weight.astype(np.float64) * scale.reshape(-1, *([1] * (prev.weight.ndim - 1)))
         b = getattr(prev, "bias", None)
         b = (np.zeros(w.shape[0]) if b is None else b.astype(np.float64)) * scale + shift
-        name = names[0]
         if isinstance(prev, (nir.Conv1d, nir.Conv2d)):
             cls = type(prev)
             new = _conv(cls, input_shape=prev.input_shape, weight=w.astype(np.float32), stride=prev.stride,
@@ -319,11 +326,10 @@ class NodeBuilder:
         self.nodes[name] = new
         self.owner[name] = n
         self.src[n] = [name]
-        for row in self.rows:
-            if row["name"] == name:
-                row["type"] = type(new).__name__
-                row["source"] += f" + {n.target}"
-                row["note"] = f"{n.target} folded in"
+        row = self.row(name)
+        row["type"] = type(new).__name__
+        row["source"] += f" + {n.target}"
+        row["note"] = f"{n.target} folded in"
 
     def flatten(self, n: fx.Node, x: fx.Node, start: int, end: int) -> None:
         shape = self.step_shape(x)
